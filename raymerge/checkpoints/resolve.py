@@ -1,0 +1,57 @@
+"""Turning a model reference from a config into an open `CheckpointSource`.
+
+A local directory is used in place. Anything else that looks like a Hugging Face Hub id
+(`org/name`, optionally `@revision`) is fetched with `huggingface_hub.snapshot_download`
+(weights, JSON and tokenizer files only) into the usual HF cache, and then used as a local
+directory. `s3://` prefixes and DeepSpeed folders are further source kinds (see their modules).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from raymerge.checkpoints.local import LocalSource
+from raymerge.checkpoints.source import CheckpointError, CheckpointSource
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Everything a worker needs to open the same source the driver planned with (picklable)."""
+
+    path: str
+    revision: Optional[str] = None
+    allow_pickle: bool = False
+
+    def open(self) -> CheckpointSource:
+        return open_source(self.path, revision=self.revision, allow_pickle=self.allow_pickle)
+
+
+def open_source(path: str, *, revision: Optional[str] = None, allow_pickle: bool = False) -> CheckpointSource:
+    """Open a model reference; raise CheckpointError naming it when it cannot be found."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return LocalSource(local, allow_pickle=allow_pickle)
+    if path.startswith("s3://"):
+        raise CheckpointError(f"{path}: S3 model paths are not supported in this version")
+    if not _HUB_ID.match(path) or local.exists():
+        raise CheckpointError(f"model path not found: {path}")
+    return LocalSource(_download_from_hub(path, revision, allow_pickle), allow_pickle=allow_pickle)
+
+
+def _download_from_hub(repo_id: str, revision: Optional[str], allow_pickle: bool) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as err:  # noqa: BLE001 - hub errors come in many types; we report them all
+        raise CheckpointError(
+            f"model path not found: {repo_id} is not a local directory, and fetching it from the "
+            f"Hugging Face Hub failed: {type(err).__name__}: {err}"
+        ) from None

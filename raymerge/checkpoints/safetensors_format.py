@@ -1,0 +1,172 @@
+"""The safetensors container format: dtype codes, parsing a header, building one.
+
+A safetensors file is an 8-byte little-endian header length N, N bytes of JSON
+(`{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}`, offsets relative
+to the end of the header), then the raw tensor bytes.
+
+We parse headers ourselves (rather than through `safetensors.safe_open`) because the same code
+must read them from a local file, from an S3 ranged GET, or from bytes in memory, and must turn
+a corrupt file into an error that names the file. We *build* headers ourselves for one reason:
+the driver lays out every output shard from shapes and dtypes alone, so that any worker can
+write any tensor at its precomputed offset, in parallel, and the bytes do not depend on which
+worker wrote what. Files written this way are read back by `safetensors` itself in the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class HeaderError(ValueError):
+    """A safetensors header is unreadable or inconsistent."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors file: where its bytes are, relative to the file start."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes in one index of dimension 0 (the unit of a row-range read)."""
+        if not self.shape or self.shape[0] == 0:
+            return self.nbytes
+        return self.nbytes // self.shape[0]
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    try:
+        return CODES[dtype]
+    except KeyError:
+        raise HeaderError(f"dtype {dtype} cannot be stored in safetensors") from None
+
+
+def element_size(code: str) -> int:
+    return torch.empty((), dtype=DTYPES[code]).element_size()
+
+
+def header_length(prefix: bytes, where: str, file_size: int | None = None) -> int:
+    """Read the JSON header length from the first 8 bytes of a file."""
+    if len(prefix) < 8:
+        raise HeaderError(f"{where}: not a safetensors file (shorter than 8 bytes)")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n == 0 or n > MAX_HEADER_BYTES or (file_size is not None and 8 + n > file_size):
+        raise HeaderError(f"{where}: corrupt safetensors header (declared header length {n} bytes)")
+    return n
+
+
+def parse_header(
+    header_json: bytes, where: str, file_size: int | None = None
+) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Parse a header's JSON; return entries (offsets absolute in the file) and metadata."""
+    try:
+        raw = json.loads(header_json.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise HeaderError(f"{where}: corrupt safetensors header (invalid JSON: {err})") from None
+    if not isinstance(raw, dict):
+        raise HeaderError(f"{where}: corrupt safetensors header (not a JSON object)")
+    data_start = 8 + len(header_json)
+    metadata = raw.pop("__metadata__", None) or {}
+    entries: dict[str, TensorEntry] = {}
+    for name, info in raw.items():
+        try:
+            code, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise HeaderError(f"{where}: corrupt safetensors header entry for tensor {name!r}") from None
+        if code not in DTYPES:
+            raise HeaderError(f"{where}: tensor {name!r} has unsupported dtype {code!r}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - begin != numel * element_size(code) or begin < 0:
+            raise HeaderError(
+                f"{where}: tensor {name!r} has offsets {begin}..{end} that do not match "
+                f"shape {list(shape)} and dtype {code}"
+            )
+        if file_size is not None and data_start + end > file_size:
+            raise HeaderError(
+                f"{where}: truncated file: tensor {name!r} ends at byte {data_start + end} "
+                f"but the file has {file_size} bytes"
+            )
+        entries[name] = TensorEntry(name, code, shape, data_start + begin, data_start + end)
+    return entries, {str(k): str(v) for k, v in metadata.items()}
+
+
+def build_header(
+    tensors: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, dict[str, TensorEntry]]:
+    """Lay out tensors (name, dtype code, shape) in the given order.
+
+    Returns the full header (length prefix + JSON padded with spaces to 8-byte alignment) and
+    the entries with absolute file offsets.
+    """
+    body: dict[str, Any] = {}
+    if metadata:
+        body["__metadata__"] = metadata
+    relative: list[tuple[str, str, tuple[int, ...], int, int]] = []
+    offset = 0
+    for name, code, shape in tensors:
+        numel = 1
+        for d in shape:
+            numel *= d
+        size = numel * element_size(code)
+        body[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        relative.append((name, code, shape, offset, offset + size))
+        offset += size
+    text = json.dumps(body, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-(8 + len(text)) % 8)
+    header = struct.pack("<Q", len(text)) + text
+    start = len(header)
+    entries = {n: TensorEntry(n, c, s, start + b, start + e) for n, c, s, b, e in relative}
+    return header, entries
+
+
+def tensor_from_bytes(buf: bytes | bytearray | memoryview, code: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor viewing `buf` (little-endian, as safetensors stores it)."""
+    dtype = DTYPES[code]
+    if len(buf) == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a CPU tensor, contiguous, without copying when possible."""
+    t = tensor.detach().contiguous()
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())

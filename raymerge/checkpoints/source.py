@@ -1,0 +1,91 @@
+"""The checkpoint source interface: list tensors from headers alone, read one tensor (or rows).
+
+Every kind of input — a local Hugging Face directory, an S3 prefix, a DeepSpeed ZeRO folder —
+is a `CheckpointSource`. The runtime never touches files directly: the driver lists tensors
+(names, shapes, dtypes, where the bytes are) to plan the merge, and each worker opens the same
+source and reads only the tensors of its own operators.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """An input checkpoint is missing, unreadable or inconsistent; the message names the file."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What the headers say about one tensor of a checkpoint."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: str  # the file holding it, relative to the checkpoint root
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+# Files copied from a donor model next to the weights (tokenizer and generation settings).
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+class CheckpointSource(abc.ABC):
+    """A model checkpoint that tensors can be read from lazily."""
+
+    #: where the checkpoint lives, for messages (a path or URL)
+    location: str
+
+    @abc.abstractmethod
+    def tensors(self) -> dict[str, TensorInfo]:
+        """All tensors, from headers alone (no weights are read)."""
+
+    @abc.abstractmethod
+    def read(self, name: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Read tensor `name`, or rows [start, stop) of its first dimension, into memory."""
+
+    @abc.abstractmethod
+    def read_json(self, filename: str) -> Optional[dict[str, Any]]:
+        """A JSON file of the checkpoint (e.g. `config.json`), or None when absent."""
+
+    @abc.abstractmethod
+    def read_bytes(self, filename: str) -> Optional[bytes]:
+        """A small side file (tokenizer files), or None when absent."""
+
+    def config(self) -> dict[str, Any]:
+        cfg = self.read_json("config.json")
+        if cfg is None:
+            raise CheckpointError(f"{self.location}: no config.json")
+        return cfg
+
+    def close(self) -> None:
+        """Release open files or connections."""
+
+    def bytes_read(self) -> int:
+        """Tensor bytes read so far through this source (for I/O accounting)."""
+        return 0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.location!r})"

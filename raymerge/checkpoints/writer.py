@@ -1,0 +1,217 @@
+"""Writing a merged checkpoint: shard layout, parallel tensor writes, atomic publish.
+
+1. The driver lays out every output shard from names, shapes and dtypes alone
+   (`plan_shards`): a new shard starts when the next tensor would take the current one past
+   `max_shard_bytes` (as mergekit and `save_pretrained` do). File names follow the Hugging Face
+   convention: `model.safetensors` for one shard, else `model-0000i-of-0000N.safetensors` plus
+   `model.safetensors.index.json`.
+2. `StagedOutput.prepare` creates a staging folder beside the output (same filesystem, so the
+   final rename is atomic) and pre-allocates each shard with its header.
+3. Workers write each tensor's bytes at its precomputed offset (`ShardFileWriter`, `os.pwrite`),
+   in any order, from any process that sees the staging folder. The bytes therefore never
+   depend on how tensors were spread over workers.
+4. `StagedOutput.publish` writes the index, `config.json`, tokenizer files and model card into the
+   staging folder, fsyncs, and renames it onto the output path. Until that rename nothing at the
+   output path exists, so a crash never leaves something there that loads as a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+from raymerge.checkpoints.safetensors_format import TensorEntry, build_header, tensor_bytes
+
+DEFAULT_SHARD_BYTES = 5 * 1000**3
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "t": 1000**4, "tb": 1000**4}
+
+
+class OutputError(ValueError):
+    """The output path cannot be written (exists already, not writable, ...)."""
+
+
+def parse_size(value: int | str) -> int:
+    """Parse a byte size: 5000000000, "5GB", "500MB", "2GiB"; mergekit's "5B" means 5e9 bytes too."""
+    if isinstance(value, int):
+        size = value
+    else:
+        text = str(value).strip().lower().replace("_", "")
+        num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(num):]
+        if unit not in _UNITS or not num:
+            raise ValueError(f"cannot parse size {value!r} (use e.g. 5GB, 500MB, 2GiB or a number of bytes)")
+        size = int(float(num) * _UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return size
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    filename: str
+    header: bytes
+    entries: dict[str, TensorEntry]
+
+    @property
+    def size(self) -> int:
+        return max((e.end for e in self.entries.values()), default=len(self.header))
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    shards: tuple[ShardPlan, ...]
+    shard_of: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_tensor_bytes(self) -> int:
+        return sum(e.nbytes for s in self.shards for e in s.entries.values())
+
+    def entry(self, name: str) -> tuple[str, TensorEntry]:
+        shard = self.shards[self.shard_of[name]]
+        return shard.filename, shard.entries[name]
+
+    def index_json(self) -> Optional[str]:
+        if len(self.shards) == 1:
+            return None
+        weight_map = {n: self.shards[i].filename for n, i in self.shard_of.items()}
+        data = {"metadata": {"total_size": self.total_tensor_bytes}, "weight_map": weight_map}
+        return json.dumps(data, indent=2, sort_keys=False) + "\n"
+
+
+def plan_shards(
+    tensors: Iterable[tuple[str, str, tuple[int, ...]]], max_shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> OutputLayout:
+    """Group (name, dtype code, shape) tensors, in order, into shards of at most max_shard_bytes."""
+    from raymerge.checkpoints.safetensors_format import element_size
+
+    groups: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+    current = 0
+    for name, code, shape in tensors:
+        size = element_size(code)
+        for d in shape:
+            size *= d
+        if groups[-1] and current + size > max_shard_bytes:
+            groups.append([])
+            current = 0
+        groups[-1].append((name, code, shape))
+        current += size
+    if not groups[-1]:
+        groups.pop()
+    n = len(groups)
+    shards = []
+    shard_of: dict[str, int] = {}
+    metadata = {"format": "pt"}
+    for i, group in enumerate(groups):
+        filename = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        header, entries = build_header(group, metadata)
+        shards.append(ShardPlan(filename, header, entries))
+        for name, _, _ in group:
+            shard_of[name] = i
+    return OutputLayout(tuple(shards), shard_of)
+
+
+def holds_model(path: Path) -> bool:
+    return path.is_dir() and (
+        (path / "config.json").exists()
+        or any(path.glob("*.safetensors"))
+        or any(path.glob("*.bin"))
+        or (path / "model.safetensors.index.json").exists()
+    )
+
+
+class StagedOutput:
+    """A staging folder that becomes the output directory in one rename."""
+
+    def __init__(self, output: str | os.PathLike, *, overwrite: bool = False):
+        self.output = Path(output).absolute()
+        self.overwrite = overwrite
+        self.staging = self.output.parent / f".{self.output.name}.raymerge-staging"
+
+    def check_target(self) -> None:
+        """Fail early, before any work, if the output cannot be written."""
+        out = self.output
+        if out.exists():
+            if not out.is_dir():
+                raise OutputError(f"output path {out} exists and is not a directory")
+            if any(out.iterdir()) and not self.overwrite:
+                what = "already holds a model" if holds_model(out) else "exists and is not empty"
+                raise OutputError(f"output path {out} {what}; pass --overwrite (overwrite=True) to replace it")
+        parent = out.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputError(f"cannot create output folder {parent}: {err.strerror}") from None
+        if not os.access(parent, os.W_OK):
+            raise OutputError(f"output folder {parent} is not writable")
+
+    def prepare(self, layout: OutputLayout) -> None:
+        self.check_target()
+        if self.staging.exists():
+            shutil.rmtree(self.staging)
+        self.staging.mkdir(parents=True)
+        for shard in layout.shards:
+            with open(self.staging / shard.filename, "wb") as f:
+                f.write(shard.header)
+                f.truncate(shard.size)
+
+    def write_file(self, name: str, data: bytes | str) -> None:
+        path = self.staging / name
+        path.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+
+    def publish(self) -> Path:
+        """fsync the staged files and move them to the output path in one rename."""
+        for path in self.staging.iterdir():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        out = self.output
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.raymerge-old-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+        os.rename(self.staging, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return out
+
+    def abort(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+class ShardFileWriter:
+    """Writes tensors into pre-allocated shard files of a staging folder (one per worker)."""
+
+    def __init__(self, staging: str | os.PathLike):
+        self.staging = Path(staging)
+        self._fds: dict[str, int] = {}
+
+    def write(self, filename: str, entry: TensorEntry, tensor: torch.Tensor) -> int:
+        data = tensor_bytes(tensor.cpu())
+        if len(data) != entry.nbytes:
+            raise ValueError(
+                f"tensor {entry.name!r}: {len(data)} bytes computed but the layout expects {entry.nbytes} "
+                f"(shape {list(tensor.shape)} {tensor.dtype} vs {list(entry.shape)} {entry.dtype})"
+            )
+        fd = self._fds.get(filename)
+        if fd is None:
+            fd = self._fds[filename] = os.open(self.staging / filename, os.O_WRONLY)
+        pos = 0
+        while pos < len(data):
+            pos += os.pwrite(fd, data[pos:], entry.begin + pos)
+        return len(data)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.fsync(fd)
+            os.close(fd)
+        self._fds.clear()

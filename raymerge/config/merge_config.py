@@ -1,0 +1,278 @@
+"""Pydantic models of mergekit's merge YAML, and loading it with errors that name key and file.
+
+The accepted format is mergekit 0.1.5's: exactly one of `models:`, `slices:` or `modules:`;
+`merge_method`, `base_model`, `parameters`, `dtype`, `out_dtype`, `tokenizer_source`,
+`tokenizer`, `chat_template`. Parameter values are scalars, gradients (lists of numbers,
+interpolated over layers) or filter lists (`[{filter: mlp, value: ...}, {value: ...}]`).
+
+Unlike mergekit, unknown keys are errors (mergekit ignores them silently, so a typo such as
+`densty:` changes nothing and goes unnoticed). raymerge-only settings live under an optional
+top-level `raymerge:` key so that the rest of the file stays valid for mergekit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ScalarParameter = Union[bool, int, float, str]
+ScalarOrGradient = Union[ScalarParameter, list[ScalarParameter]]
+
+
+class ConfigError(ValueError):
+    """A merge config is invalid; the message names the file and the offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ConditionalParameter(_Strict):
+    value: ScalarOrGradient
+    filter: Optional[str] = None
+
+
+ParameterSetting = Union[list[ConditionalParameter], ConditionalParameter, ScalarOrGradient]
+Parameters = dict[str, ParameterSetting]
+
+
+class ModelRef(_Strict):
+    """A model reference: a local directory, `s3://bucket/prefix`, or a Hub id (`org/name[@rev]`)."""
+
+    path: str
+    revision: Optional[str] = None
+
+    @classmethod
+    def parse(cls, value: Any) -> "ModelRef":
+        if isinstance(value, ModelRef):
+            return value
+        if isinstance(value, dict):
+            return cls(**value)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"a model reference must be a non-empty string, got {value!r}")
+        text = value.strip()
+        if "+" in text and not text.startswith(("/", ".", "s3://")):
+            raise ValueError(
+                f"LoRA model references ('{text}') are not supported yet; merge the adapter into "
+                "its base with peft's merge_and_unload() and reference the result"
+            )
+        revision = None
+        if "@" in text and not text.startswith(("/", ".", "s3://")):
+            text, revision = text.rsplit("@", 1)
+        return cls(path=text, revision=revision)
+
+    def __str__(self) -> str:
+        return self.path if self.revision is None else f"{self.path}@{self.revision}"
+
+
+def _model_ref(v: Any) -> ModelRef:
+    return ModelRef.parse(v)
+
+
+class InputModel(_Strict):
+    model: ModelRef
+    parameters: Optional[Parameters] = None
+
+    _parse_model = field_validator("model", mode="before")(lambda cls, v: _model_ref(v))
+
+
+class InputSlice(_Strict):
+    model: ModelRef
+    layer_range: tuple[int, int]
+    parameters: Optional[Parameters] = None
+
+    _parse_model = field_validator("model", mode="before")(lambda cls, v: _model_ref(v))
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 0 or v[1] < v[0]:
+            raise ValueError(f"layer_range must be [start, end) with 0 <= start <= end, got {list(v)}")
+        return v
+
+
+class OutputSlice(_Strict):
+    sources: list[InputSlice] = Field(min_length=1)
+    base_model: Optional[ModelRef] = None
+    residual_weight: Optional[float] = None  # accepted for compatibility; mergekit ignores it too
+    parameters: Optional[Parameters] = None
+
+    @field_validator("base_model", mode="before")
+    @classmethod
+    def _parse_base(cls, v: Any) -> Any:
+        return None if v is None else _model_ref(v)
+
+    @model_validator(mode="after")
+    def _same_length(self) -> "OutputSlice":
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
+        if len(lengths) > 1:
+            raise ValueError(
+                "all sources of a slice must cover the same number of layers, got "
+                + ", ".join(f"{s.model}: {list(s.layer_range)}" for s in self.sources)
+            )
+        return self
+
+
+class OutputModule(_Strict):
+    slices: Optional[list[OutputSlice]] = None
+    models: Optional[list[InputModel]] = None
+    parameters: Optional[Parameters] = None
+
+
+class TokenizerSettings(_Strict):
+    source: Union[Literal["union", "base"], ModelRef, None] = None
+    tokens: Optional[dict[str, Any]] = None
+    pad_to_multiple_of: Optional[int] = None
+
+
+class RaymergeSettings(_Strict):
+    """raymerge-only options (mergekit ignores none of these: they live under `raymerge:`)."""
+
+    random_seed: Optional[int] = None
+    out_shard_size: Optional[Union[int, str]] = None
+
+
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
+
+
+class MergeConfig(_Strict):
+    merge_method: str
+    models: Optional[list[InputModel]] = None
+    slices: Optional[list[OutputSlice]] = None
+    modules: Optional[dict[str, OutputModule]] = None
+    base_model: Optional[ModelRef] = None
+    parameters: Optional[Parameters] = None
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    tokenizer_source: Union[Literal["union", "base"], ModelRef, None] = None
+    tokenizer: Optional[TokenizerSettings] = None
+    chat_template: Optional[str] = None
+    name: Optional[str] = None
+    raymerge: Optional[RaymergeSettings] = None
+
+    @field_validator("base_model", mode="before")
+    @classmethod
+    def _parse_base(cls, v: Any) -> Any:
+        return None if v is None else _model_ref(v)
+
+    @field_validator("tokenizer_source", mode="before")
+    @classmethod
+    def _parse_tok(cls, v: Any) -> Any:
+        if v is None or v in ("union", "base"):
+            return v
+        return _model_ref(v)
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and v not in DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {v!r}; use one of {', '.join(DTYPE_NAMES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> "MergeConfig":
+        present = [k for k in ("models", "slices", "modules") if getattr(self, k)]
+        if len(present) != 1:
+            raise ValueError(
+                "exactly one of 'models', 'slices' or 'modules' must be given"
+                + (f" (found {', '.join(present)})" if present else "")
+            )
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give either 'tokenizer_source' or 'tokenizer', not both")
+        if self.modules:
+            if len(self.modules) != 1:
+                raise ValueError(
+                    "multi-module configs (vision-language models) are not supported yet; "
+                    "use 'models:' or 'slices:'"
+                )
+            (module,) = self.modules.values()
+            if bool(module.slices) == bool(module.models):
+                raise ValueError("a module needs exactly one of 'slices' or 'models'")
+        return self
+
+    def referenced_models(self) -> list[ModelRef]:
+        """Every model the config names, base first, without duplicates, in config order."""
+        seen: list[ModelRef] = []
+
+        def add(m: Optional[ModelRef]) -> None:
+            if m is not None and m not in seen:
+                seen.append(m)
+
+        add(self.base_model)
+        for m in self._model_list() or []:
+            add(m.model)
+        for s in self._slice_list() or []:
+            add(s.base_model)
+            for src in s.sources:
+                add(src.model)
+        return seen
+
+    def _module(self) -> Optional[OutputModule]:
+        return next(iter(self.modules.values())) if self.modules else None
+
+    def _model_list(self) -> Optional[list[InputModel]]:
+        mod = self._module()
+        return self.models or (mod.models if mod else None)
+
+    def _slice_list(self) -> Optional[list[OutputSlice]]:
+        mod = self._module()
+        return self.slices or (mod.slices if mod else None)
+
+    def module_parameters(self) -> Optional[Parameters]:
+        mod = self._module()
+        return mod.parameters if mod else None
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json", exclude_none=True)
+        return yaml.safe_dump(_refs_to_str(data), sort_keys=False)
+
+
+def _refs_to_str(data: Any) -> Any:
+    """Turn dumped ModelRef dicts back into the `path[@rev]` strings of the YAML format."""
+    if isinstance(data, dict):
+        if set(data) <= {"path", "revision"} and "path" in data:
+            return data["path"] if data.get("revision") is None else f"{data['path']}@{data['revision']}"
+        return {k: _refs_to_str(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_refs_to_str(v) for v in data]
+    return data
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid merge config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "list[", "union[")))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not part of the mergekit format; check the spelling)"
+        lines.append(f"  {loc or '<top level>'}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<dict>") -> MergeConfig:
+    """Validate a config dict; raise ConfigError naming `source` and each bad key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid merge config {source}: expected a mapping at the top level")
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(config: Union[str, Path, dict[str, Any], MergeConfig]) -> tuple[MergeConfig, str]:
+    """Load a config from a YAML path, a dict or a MergeConfig; return it with its source label."""
+    if isinstance(config, MergeConfig):
+        return config, "<MergeConfig>"
+    if isinstance(config, dict):
+        return parse_config(config, "<dict>"), "<dict>"
+    path = Path(config)
+    if not path.is_file():
+        raise ConfigError(f"merge config not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"invalid YAML in {path}: {err}") from None
+    return parse_config(data, str(path)), str(path)

@@ -1,0 +1,137 @@
+"""Tiny demo checkpoints: the models `raymerge demo`, the tests and the benchmarks build for themselves.
+
+Nothing can be downloaded from a model hub in CI, so every model used here is made with a
+`transformers` config and `save_pretrained`, exactly the layout a real hub checkpoint has
+(`config.json`, safetensors shards, tokenizer files). Fine-tunes are the base plus seeded,
+structured perturbations, so task vectors are non-trivial (some coordinates agree in sign across
+fine-tunes, some conflict), which is what TIES/DARE-style methods act on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEMO_WORDS = (
+    "the a merge model layer weight sparse dense tensor ray cluster node worker shard token "
+    "attention mlp norm embed head rank vector task base tune prune slice plan graph bit"
+).split()
+
+
+def tiny_config(arch: str = "llama", **overrides: Any):
+    """A transformers config for a tiny decoder (hidden 64, 4 layers) of architecture `arch`."""
+    from transformers import AutoConfig
+
+    base: dict[str, Any] = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(DEMO_WORDS) + 8,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    base.update(overrides)
+    return AutoConfig.for_model(arch, **base)
+
+
+def save_tiny_tokenizer(path: str | Path) -> None:
+    """Save a small word-level fast tokenizer whose vocabulary is `DEMO_WORDS`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    vocab = {tok: i for i, tok in enumerate(specials + DEMO_WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    fast.save_pretrained(str(path))
+
+
+def build_tiny_model(
+    path: str | Path,
+    *,
+    arch: str = "llama",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    base: str | Path | None = None,
+    delta_scale: float = 0.02,
+    max_shard_size: str | int | None = None,
+    config_overrides: dict[str, Any] | None = None,
+) -> Path:
+    """Build and save a tiny causal LM at `path`.
+
+    With `base`, the model is a "fine-tune": the base's weights plus a seeded perturbation of
+    relative size `delta_scale` (half of it shared across all fine-tunes built from the same
+    base, so their task vectors partly agree). `max_shard_size` forces sharded safetensors.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if base is not None:
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+        shared = torch.Generator().manual_seed(12345)
+        own = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, p in sorted(model.named_parameters()):
+                scale = delta_scale * (p.abs().mean().item() + 1e-3)
+                common = torch.randn(p.shape, generator=shared) * scale
+                private = torch.randn(p.shape, generator=own) * scale
+                p.add_(0.5 * common + private)
+    else:
+        torch.manual_seed(seed)
+        config = tiny_config(arch, **(config_overrides or {}))
+        model = AutoModelForCausalLM.from_config(config)
+    model = model.to(dtype)
+    kwargs: dict[str, Any] = {"safe_serialization": True}
+    if max_shard_size is not None:
+        kwargs["max_shard_size"] = max_shard_size
+    model.save_pretrained(str(path), **kwargs)
+    save_tiny_tokenizer(path)
+    return path
+
+
+def build_demo_models(root: str | Path, *, arch: str = "llama", n_finetunes: int = 3) -> dict[str, Path]:
+    """Build a base model and `n_finetunes` fine-tunes under `root`; return their paths by name."""
+    root = Path(root)
+    paths = {"base": build_tiny_model(root / "base", arch=arch, seed=0)}
+    for i in range(n_finetunes):
+        name = f"ft{i + 1}"
+        paths[name] = build_tiny_model(root / name, arch=arch, seed=100 + i, base=paths["base"])
+    return paths
+
+
+def demo_config(paths: dict[str, Path], method: str = "ties") -> dict[str, Any]:
+    """A mergekit-format TIES config over the demo models (a per-layer gradient included)."""
+    fts = [k for k in paths if k != "base"]
+    return {
+        "merge_method": method,
+        "base_model": str(paths["base"]),
+        "models": [
+            {
+                "model": str(paths[name]),
+                "parameters": {"weight": 1.0, "density": [0.7, 0.5] if i == 0 else 0.5},
+            }
+            for i, name in enumerate(fts)
+        ],
+        "parameters": {"normalize": True},
+        "dtype": "float32",
+    }
+
+
+def write_yaml(config: dict[str, Any], path: str | Path) -> Path:
+    import yaml
+
+    path = Path(path)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def describe(paths: dict[str, Path]) -> str:
+    return json.dumps({k: str(v) for k, v in paths.items()}, indent=2)

@@ -1,0 +1,139 @@
+"""The merge-method registry: one `MethodSpec` per method name, each declaring its parameters.
+
+A method is a pure torch function (no I/O, no Ray) with the signature::
+
+    fn(inputs: list[Tensor], *, base_index: int | None,
+       model_params: list[dict[str, Any]], params: dict[str, Any],
+       generator: torch.Generator | None) -> Tensor
+
+- `inputs` are the input tensors for one output tensor, in config order, on one device and
+  already cast to the merge's working dtype.
+- `base_index` is the position of the base model's tensor in `inputs` (None without a base).
+- `model_params[i]` holds the resolved per-model parameters of `inputs[i]` (a parameter the
+  user did not set is absent, never None); `params` holds the resolved global parameters.
+  Defaults are applied by `MethodSpec.resolve`, so the function may index them directly.
+- `generator` is a CPU or device generator seeded from (random_seed, tensor name) for methods
+  with `random=True`, so results never depend on which worker ran the tensor.
+
+The runtime resolves parameters per tensor (gradients, filters) and calls `spec.fn`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+MethodFn = Callable[..., torch.Tensor]
+
+
+class MethodError(ValueError):
+    """A merge method was misconfigured (unknown name, missing or bad parameter)."""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter of a method.
+
+    `per_model` parameters are set per input model (mergekit's `tensor_parameters`), the others
+    globally. `required` parameters have no default. `check` validates one value and returns an
+    error message, or None when the value is fine.
+    """
+
+    name: str
+    default: Any = None
+    per_model: bool = False
+    required: bool = False
+    check: Callable[[Any], str | None] | None = None
+    doc: str = ""
+    # Per-model parameters are resolved for the base model too only when input_scope is True
+    # (mergekit's ParameterScope.INPUT, e.g. linear's `weight`); otherwise the base gets none.
+    input_scope: bool = False
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    fn: MethodFn
+    params: tuple[ParamSpec, ...] = ()
+    base: str = "optional"  # "required", "optional" or "none"
+    random: bool = False
+    min_models: int = 1
+    max_models: int | None = None
+    elementwise: bool = False  # True when output rows depend only on the same input rows
+    doc: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def param(self, name: str) -> ParamSpec | None:
+        for p in self.params:
+            if p.name == name:
+                return p
+        return None
+
+    def resolve(
+        self, model_params: list[dict[str, Any]], params: dict[str, Any], base_index: int | None
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Apply defaults and checks; raise MethodError naming the parameter on a bad value."""
+        out_models: list[dict[str, Any]] = []
+        for i, mp in enumerate(model_params):
+            resolved: dict[str, Any] = {}
+            for p in self.params:
+                if not p.per_model or (i == base_index and not p.input_scope):
+                    continue
+                if p.name in mp and mp[p.name] is not None:
+                    resolved[p.name] = mp[p.name]
+                elif p.required:
+                    raise MethodError(f"{self.name}: missing required per-model parameter {p.name!r}")
+                elif p.default is not None:
+                    resolved[p.name] = p.default
+                if p.name in resolved and p.check is not None:
+                    msg = p.check(resolved[p.name])
+                    if msg:
+                        raise MethodError(f"{self.name}: bad value for {p.name!r}: {msg}")
+            out_models.append(resolved)
+        out_params: dict[str, Any] = {}
+        for p in self.params:
+            if p.per_model:
+                continue
+            if p.name in params and params[p.name] is not None:
+                out_params[p.name] = params[p.name]
+            elif p.required:
+                raise MethodError(f"{self.name}: missing required parameter {p.name!r}")
+            else:
+                out_params[p.name] = p.default
+            if out_params[p.name] is not None and p.check is not None:
+                msg = p.check(out_params[p.name])
+                if msg:
+                    raise MethodError(f"{self.name}: bad value for {p.name!r}: {msg}")
+        return out_models, out_params
+
+    def known_params(self) -> set[str]:
+        return {p.name for p in self.params}
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"merge method {spec.name!r} registered twice")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    from raymerge import methods as _load  # noqa: F401  (importing the package registers all methods)
+
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise MethodError(
+            f"unknown merge_method {name!r}; available: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def available_methods() -> list[str]:
+    from raymerge import methods as _load  # noqa: F401
+
+    return sorted(_REGISTRY)

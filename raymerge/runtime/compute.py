@@ -1,0 +1,56 @@
+"""Computing one operator: read its inputs, run the merge method, cast the result.
+
+Pure torch plus checkpoint reads — no Ray — so a worker actor, a single-process run and the
+tests all go through exactly the same code.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from raymerge.checkpoints import CheckpointSource
+from raymerge.checkpoints.safetensors_format import DTYPES
+from raymerge.methods import get_method
+from raymerge.runtime.operators import DTYPES as NAMED_DTYPES
+from raymerge.runtime.operators import MergeOperator
+
+
+class OperatorError(RuntimeError):
+    """A merge method failed on one tensor; the message names the tensor."""
+
+
+def compute_operator(op: MergeOperator, sources: Sequence[CheckpointSource], device: torch.device | str = "cpu") -> torch.Tensor:
+    """The merged output tensor of `op`, on CPU, in the operator's output dtype."""
+    tensors = [sources[i.model].read(i.name) for i in op.inputs]
+    out_dtype = DTYPES[op.out_dtype]
+    if not all(t.is_floating_point() for t in tensors):
+        first = tensors[0]
+        if any(t.dtype != first.dtype or not torch.equal(t, first) for t in tensors[1:]):
+            raise OperatorError(f"non-floating tensor {op.name!r} differs between input models; cannot merge it")
+        return first
+    if op.work_dtype is not None:
+        work = NAMED_DTYPES[op.work_dtype]
+    else:
+        work = tensors[0].dtype
+        for t in tensors[1:]:
+            work = torch.promote_types(work, t.dtype)
+    tensors = [t.to(device=device, dtype=work) for t in tensors]
+    generator = None
+    if op.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(op.seed)
+    spec = get_method(op.method)
+    try:
+        result = spec.fn(
+            tensors,
+            base_index=op.base_index,
+            model_params=list(op.model_params),
+            params=dict(op.params),
+            generator=generator,
+        )
+    except Exception as err:  # noqa: BLE001 - reported with the tensor's name
+        raise OperatorError(f"merge_method {op.method!r} failed on tensor {op.name!r}: {type(err).__name__}: {err}") from err
+    if tuple(result.shape) != op.shape:
+        raise OperatorError(f"merge_method {op.method!r} returned shape {list(result.shape)} for {op.name!r}, expected {list(op.shape)}")
+    return result.to(device="cpu", dtype=out_dtype)

@@ -1,0 +1,315 @@
+"""From a merge config and the input headers to operators: one per output tensor.
+
+This is where mergekit's planning semantics live (checked against mergekit 0.1.5):
+- `models:` becomes one slice covering every layer of every listed model; a `base_model` not
+  listed is appended as the last input;
+- output layers are numbered consecutively across slices; within a slice, layer parameters use
+  t = i / (n - 1) (t = 1 for a one-layer slice);
+- tensors before the layers (embeddings) come from the first slice's sources, tensors after
+  them (final norm, lm_head) from the last slice's; both use t = 0;
+- per-model parameters are resolved with the input's own tensor name, global ones with the
+  output name; the base model gets per-model parameters only for input-scoped ones.
+
+Everything is resolved here, in the driver, from headers alone: a bad parameter, a missing
+tensor or a shape mismatch fails before any worker starts or anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from raymerge.checkpoints import CheckpointError, CheckpointSource, TensorInfo
+from raymerge.checkpoints.safetensors_format import dtype_code
+from raymerge.config import MergeConfig, ModelRef
+from raymerge.config.merge_config import ConfigError, InputSlice, OutputSlice, Parameters
+from raymerge.config.parameters import is_missing, resolve_parameter
+from raymerge.methods import MethodError, MethodSpec, available_methods, get_method
+from raymerge.runtime.layers import ModelLayout, parse_layer_name, split_layout
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+class MergePlanError(ValueError):
+    """The config cannot be applied to these models (missing tensor, shape mismatch, ...)."""
+
+
+@dataclass(frozen=True)
+class TensorInput:
+    model: int  # index into the list of model sources
+    name: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class MergeOperator:
+    """Everything a worker needs to produce one output tensor (picklable, small)."""
+
+    index: int
+    name: str
+    method: str
+    inputs: tuple[TensorInput, ...]
+    base_index: Optional[int]
+    model_params: tuple[dict[str, Any], ...]
+    params: dict[str, Any]
+    work_dtype: Optional[str]  # cast inputs to this (config `dtype`); None = promote input dtypes
+    out_dtype: str  # safetensors dtype code of the output
+    shape: tuple[int, ...]
+    seed: Optional[int]  # per-tensor seed for random methods
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(i.nbytes for i in self.inputs)
+
+    @property
+    def bytes_out(self) -> int:
+        from raymerge.checkpoints.safetensors_format import element_size
+
+        n = element_size(self.out_dtype)
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass
+class MergeProgram:
+    """The operators of a merge plus what the driver needs to publish the result."""
+
+    operators: list[MergeOperator]
+    models: list[ModelRef]
+    donor: int  # model whose config.json and tokenizer are used
+    layer_count: int
+    layer_sources: list[tuple[int, int]] = field(default_factory=list)  # (model, input layer) per output layer
+    changes_layers: bool = False
+
+
+def tensor_seed(random_seed: int, tensor_name: str) -> int:
+    """A 63-bit seed from (global seed, tensor name): independent of placement and order."""
+    digest = hashlib.sha256(f"{random_seed}:{tensor_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _all_param_names() -> set[str]:
+    names: set[str] = set()
+    for m in available_methods():
+        names |= get_method(m).known_params()
+    return names
+
+
+class _Planner:
+    def __init__(self, config: MergeConfig, sources: dict[ModelRef, CheckpointSource], source_label: str, random_seed: int):
+        self.config = config
+        self.label = source_label
+        try:
+            self.spec: MethodSpec = get_method(config.merge_method)
+        except MethodError as err:
+            raise ConfigError(f"{source_label}: merge_method: {err}") from None
+        self.models = list(sources)
+        self.model_index = {m: i for i, m in enumerate(self.models)}
+        self.sources = sources
+        self.headers: dict[ModelRef, dict[str, TensorInfo]] = {m: s.tensors() for m, s in sources.items()}
+        self.layouts: dict[ModelRef, ModelLayout] = {m: split_layout(h) for m, h in self.headers.items()}
+        self.random_seed = random_seed
+        self.operators: list[MergeOperator] = []
+        self.layer_sources: list[tuple[int, int]] = []
+        self._check_parameter_names()
+
+    # -- validation ------------------------------------------------------------------------
+    def _scopes(self) -> list[tuple[str, Optional[Parameters]]]:
+        cfg = self.config
+        scopes: list[tuple[str, Optional[Parameters]]] = [("parameters", cfg.parameters), ("modules.parameters", cfg.module_parameters())]
+        for i, m in enumerate(cfg._model_list() or []):
+            scopes.append((f"models[{i}].parameters", m.parameters))
+        for i, s in enumerate(cfg._slice_list() or []):
+            scopes.append((f"slices[{i}].parameters", s.parameters))
+            for j, src in enumerate(s.sources):
+                scopes.append((f"slices[{i}].sources[{j}].parameters", src.parameters))
+        return scopes
+
+    def _check_parameter_names(self) -> None:
+        known = self.spec.known_params()
+        everywhere = None
+        for where, scope in self._scopes():
+            for name in scope or {}:
+                if name in known:
+                    continue
+                everywhere = everywhere or _all_param_names()
+                if name not in everywhere:
+                    raise ConfigError(
+                        f"{self.label}: {where}.{name}: unknown parameter for merge_method "
+                        f"{self.spec.name!r} (known: {', '.join(sorted(known)) or 'none'})"
+                    )
+                # A parameter of another method: mergekit ignores it, and so do we.
+
+    # -- slices ----------------------------------------------------------------------------
+    def normalized_slices(self) -> list[OutputSlice]:
+        cfg = self.config
+        slices = cfg._slice_list()
+        if slices:
+            return slices
+        sources: list[InputSlice] = []
+        listed = False
+        for m in cfg._model_list() or []:
+            listed = listed or m.model == cfg.base_model
+            sources.append(InputSlice(model=m.model, layer_range=(0, self.layouts[m.model].num_layers), parameters=m.parameters))
+        if cfg.base_model is not None and not listed:
+            sources.append(InputSlice(model=cfg.base_model, layer_range=(0, self.layouts[cfg.base_model].num_layers)))
+        return [OutputSlice(sources=sources)]
+
+    def plan(self) -> list[MergeOperator]:
+        slices = self.normalized_slices()
+        for s_i, s in enumerate(slices):
+            for src in s.sources:
+                n = self.layouts[src.model].num_layers
+                if src.layer_range[1] > n:
+                    raise ConfigError(
+                        f"{self.label}: slices[{s_i}]: layer_range {list(src.layer_range)} of {src.model} "
+                        f"is past its {n} layers"
+                    )
+        first, last = slices[0], slices[-1]
+        first_model = first.sources[0].model
+        for name in self.layouts[first_model].pre:
+            self._plan_tensor(name, [(src, name) for src in first.sources], first, t=0.0)
+        out_layer = 0
+        for s in slices:
+            n = s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
+            for offset in range(n):
+                t = offset / (n - 1) if n > 1 else 1.0
+                lead = s.sources[0]
+                in_layer = lead.layer_range[0] + offset
+                self.layer_sources.append((self.model_index[lead.model], in_layer))
+                for name in self.layouts[lead.model].layers.get(in_layer, ()):
+                    parsed = parse_layer_name(name)
+                    assert parsed is not None
+                    inputs = [(src, parsed.with_index(src.layer_range[0] + offset)) for src in s.sources]
+                    self._plan_tensor(parsed.with_index(out_layer), inputs, s, t=t)
+                out_layer += 1
+        last_model = last.sources[0].model
+        for name in self.layouts[last_model].post:
+            self._plan_tensor(name, [(src, name) for src in last.sources], last, t=0.0)
+        return self.operators
+
+    # -- one tensor --------------------------------------------------------------------------
+    def _plan_tensor(self, out_name: str, inputs: list[tuple[InputSlice, str]], out_slice: OutputSlice, t: float) -> None:
+        cfg = self.config
+        base = out_slice.base_model or cfg.base_model
+        infos: list[TensorInfo] = []
+        for src, name in inputs:
+            info = self.headers[src.model].get(name)
+            if info is None:
+                loc = self.sources[src.model].location
+                raise MergePlanError(f"tensor {name!r} is missing in model {loc} (needed for output tensor {out_name!r})")
+            infos.append(info)
+        shapes = {i.shape for i in infos}
+        if len(shapes) > 1:
+            detail = ", ".join(f"{self.sources[s.model].location}: {list(i.shape)}" for (s, _), i in zip(inputs, infos))
+            raise MergePlanError(f"shape mismatch for tensor {out_name!r}: {detail}")
+        base_index = next((k for k, (src, _) in enumerate(inputs) if src.model == base), None)
+        if self.spec.base == "required" and base_index is None:
+            raise ConfigError(f"{self.label}: merge_method {self.spec.name!r} needs a base_model")
+        n_inputs = len(inputs)
+        if n_inputs < self.spec.min_models or (self.spec.max_models is not None and n_inputs > self.spec.max_models):
+            want = f"{self.spec.min_models}" + (
+                f"..{self.spec.max_models}" if self.spec.max_models != self.spec.min_models else ""
+            )
+            raise ConfigError(f"{self.label}: merge_method {self.spec.name!r} takes {want} input models, got {n_inputs}")
+
+        def scopes_for(src: Optional[InputSlice]) -> list[Optional[Parameters]]:
+            out: list[Optional[Parameters]] = []
+            if src is not None:
+                out += [s.parameters for s in out_slice.sources if s.model == src.model]
+            return out + [out_slice.parameters, cfg.module_parameters(), cfg.parameters]
+
+        params: dict[str, Any] = {}
+        for p in self.spec.params:
+            if p.per_model:
+                continue
+            v = resolve_parameter(p.name, scopes_for(None), out_name, t)
+            if not is_missing(v):
+                params[p.name] = v
+        model_params: list[dict[str, Any]] = []
+        for k, (src, name) in enumerate(inputs):
+            mp: dict[str, Any] = {}
+            for p in self.spec.params:
+                if not p.per_model or (k == base_index and not p.input_scope):
+                    continue
+                v = resolve_parameter(p.name, scopes_for(src), name, t)
+                if not is_missing(v):
+                    mp[p.name] = v
+            model_params.append(mp)
+        try:
+            model_params, params = self.spec.resolve(model_params, params, base_index)
+        except MethodError as err:
+            raise ConfigError(f"{self.label}: tensor {out_name!r}: {err}") from None
+
+        in_dtypes = [i.dtype for i in infos]
+        work = DTYPES[cfg.dtype] if cfg.dtype else _promote(in_dtypes)
+        if not all(d.is_floating_point for d in in_dtypes):
+            out = in_dtypes[0]  # integer buffers are copied, never merged
+        else:
+            out = DTYPES[cfg.out_dtype] if cfg.out_dtype else work
+        self.operators.append(
+            MergeOperator(
+                index=len(self.operators),
+                name=out_name,
+                method=self.spec.name,
+                inputs=tuple(TensorInput(self.model_index[s.model], n, i.nbytes) for (s, n), i in zip(inputs, infos)),
+                base_index=base_index,
+                model_params=tuple(model_params),
+                params=params,
+                work_dtype=cfg.dtype,
+                out_dtype=dtype_code(out),
+                shape=infos[0].shape,
+                seed=tensor_seed(self.random_seed, out_name) if self.spec.random else None,
+            )
+        )
+
+
+def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def build_program(
+    config: MergeConfig, sources: dict[ModelRef, CheckpointSource], *, source_label: str = "<config>", random_seed: int = 0
+) -> MergeProgram:
+    """Resolve every output tensor of `config` over the opened `sources` (keyed by reference)."""
+    planner = _Planner(config, sources, source_label, random_seed)
+    ops = planner.plan()
+    if not ops:
+        raise MergePlanError("the merge produces no tensors (are the layer ranges empty?)")
+    names = [o.name for o in ops]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise MergePlanError(f"output tensor {dup!r} would be written twice")
+    models = planner.models
+    donor = models.index(config.base_model) if config.base_model is not None else 0
+    n_out = len(planner.layer_sources)
+    donor_layers = planner.layouts[models[donor]].num_layers
+    return MergeProgram(
+        operators=ops,
+        models=models,
+        donor=donor,
+        layer_count=n_out,
+        layer_sources=planner.layer_sources,
+        changes_layers=bool(config._slice_list()) or n_out != donor_layers,
+    )
+
+
+def check_sources_compatible(sources: dict[ModelRef, CheckpointSource], allow_mixed: bool = False) -> None:
+    """Refuse to merge models of different architectures (mergekit's --allow-crimes to override)."""
+    if allow_mixed:
+        return
+    archs: dict[str, list[str]] = {}
+    for ref, src in sources.items():
+        cfg = src.read_json("config.json") or {}
+        arch = ",".join(cfg.get("architectures") or [cfg.get("model_type", "?")])
+        archs.setdefault(arch, []).append(src.location)
+    if len(archs) > 1:
+        detail = "; ".join(f"{a}: {', '.join(locs)}" for a, locs in archs.items())
+        raise MergePlanError(f"models have different architectures ({detail}); pass --allow-mixed-architectures to merge anyway")
