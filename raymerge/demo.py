@@ -72,6 +72,9 @@ def build_tiny_model(
     base, so their task vectors partly agree). `max_shard_size` forces sharded safetensors.
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     path = Path(path)
     if base is not None:

@@ -57,10 +57,11 @@ class MethodSpec:
     name: str
     fn: MethodFn
     params: tuple[ParamSpec, ...] = ()
-    base: str = "optional"  # "required", "optional" or "none"
+    base: str = "optional"  # "required", "optional" or "none" (a base model is an ordinary input)
     random: bool = False
     min_models: int = 1
     max_models: int | None = None
+    non_base_models: tuple[int, int | None] | None = None  # (min, max) inputs besides the base
     elementwise: bool = False  # True when output rows depend only on the same input rows
     doc: str = ""
     extra: dict[str, Any] = field(default_factory=dict)

@@ -192,6 +192,26 @@ class _Planner:
             self._plan_tensor(name, [(src, name) for src in last.sources], last, t=0.0)
         return self.operators
 
+    def _check_input_count(self, n_inputs: int, base_index: Optional[int]) -> None:
+        spec = self.spec
+
+        def bounds(lo: int, hi: Optional[int]) -> str:
+            return f"exactly {lo}" if lo == hi else (f"at least {lo}" if hi is None else f"{lo} to {hi}")
+
+        if n_inputs < spec.min_models or (spec.max_models is not None and n_inputs > spec.max_models):
+            raise ConfigError(
+                f"{self.label}: merge_method {spec.name!r} takes {bounds(spec.min_models, spec.max_models)} "
+                f"input models, got {n_inputs}"
+            )
+        if spec.non_base_models is not None:
+            lo, hi = spec.non_base_models
+            n = n_inputs - (base_index is not None)
+            if n < lo or (hi is not None and n > hi):
+                raise ConfigError(
+                    f"{self.label}: merge_method {spec.name!r} takes {bounds(lo, hi)} models besides "
+                    f"the base_model, got {n}"
+                )
+
     # -- one tensor --------------------------------------------------------------------------
     def _plan_tensor(self, out_name: str, inputs: list[tuple[InputSlice, str]], out_slice: OutputSlice, t: float) -> None:
         cfg = self.config
@@ -208,14 +228,11 @@ class _Planner:
             detail = ", ".join(f"{self.sources[s.model].location}: {list(i.shape)}" for (s, _), i in zip(inputs, infos))
             raise MergePlanError(f"shape mismatch for tensor {out_name!r}: {detail}")
         base_index = next((k for k, (src, _) in enumerate(inputs) if src.model == base), None)
+        if self.spec.base == "none":
+            base_index = None  # e.g. linear: the base model is an ordinary weighted input
         if self.spec.base == "required" and base_index is None:
             raise ConfigError(f"{self.label}: merge_method {self.spec.name!r} needs a base_model")
-        n_inputs = len(inputs)
-        if n_inputs < self.spec.min_models or (self.spec.max_models is not None and n_inputs > self.spec.max_models):
-            want = f"{self.spec.min_models}" + (
-                f"..{self.spec.max_models}" if self.spec.max_models != self.spec.min_models else ""
-            )
-            raise ConfigError(f"{self.label}: merge_method {self.spec.name!r} takes {want} input models, got {n_inputs}")
+        self._check_input_count(len(inputs), base_index)
 
         def scopes_for(src: Optional[InputSlice]) -> list[Optional[Parameters]]:
             out: list[Optional[Parameters]] = []

@@ -1,0 +1,13 @@
+"""Merge methods: pure torch functions behind one registry (see `registry` for the contract).
+
+Importing this package registers every built-in method.
+"""
+
+from raymerge.methods.registry import MethodError, MethodSpec, ParamSpec, available_methods, get_method, register
+
+from raymerge.methods import linear as _linear  # noqa: E402,F401  (registers linear, passthrough)
+from raymerge.methods import model_stock as _model_stock  # noqa: E402,F401
+from raymerge.methods import slerp as _slerp  # noqa: E402,F401  (registers slerp, nuslerp)
+from raymerge.methods import task_arithmetic as _task_arithmetic  # noqa: E402,F401
+
+__all__ = ["MethodError", "MethodSpec", "ParamSpec", "available_methods", "get_method", "register"]

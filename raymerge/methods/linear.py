@@ -1,0 +1,58 @@
+"""Linear (model soup) and passthrough: weighted averages and plain copies."""
+
+from __future__ import annotations
+
+import torch
+
+from raymerge.methods import checks
+from raymerge.methods.registry import MethodSpec, ParamSpec, register
+
+
+def linear(inputs, *, base_index, model_params, params, generator):
+    """sum_i w_i * x_i, divided by sum_i w_i when `normalize`; computed in float32 (float64 for
+    float64 inputs) and returned in the input dtype, as mergekit does."""
+    first = inputs[0]
+    work = torch.float64 if first.dtype == torch.float64 else torch.float32
+    weights = [float(mp["weight"]) for mp in model_params]
+    total = sum(weights)
+    if params["normalize"] and abs(total) < 1e-12:
+        raise ValueError(f"weights {weights} sum to zero; set normalize: false or change a weight")
+    result = torch.zeros_like(first, dtype=work)
+    for tensor, weight in zip(inputs, weights):
+        result.add_(tensor.to(work), alpha=weight)
+    if params["normalize"]:
+        result.div_(torch.tensor(weights, dtype=work).sum())
+    return result.to(first.dtype)
+
+
+def passthrough(inputs, *, base_index, model_params, params, generator):
+    """Copy the single input, optionally multiplied by `scale`."""
+    scale = model_params[0].get("scale")
+    return inputs[0] if scale is None else inputs[0] * scale
+
+
+register(
+    MethodSpec(
+        name="linear",
+        fn=linear,
+        params=(
+            ParamSpec("weight", per_model=True, required=True, input_scope=True, check=checks.number, doc="weight of this model"),
+            ParamSpec("normalize", True, check=checks.boolean, doc="divide by the sum of weights"),
+        ),
+        base="none",
+        elementwise=True,
+        doc="weighted average of the models (model soups, arXiv 2203.05482)",
+    )
+)
+
+register(
+    MethodSpec(
+        name="passthrough",
+        fn=passthrough,
+        params=(ParamSpec("scale", per_model=True, input_scope=True, check=checks.number, doc="multiply the tensor by this"),),
+        base="none",
+        max_models=1,
+        elementwise=True,
+        doc="copy tensors from one model; with slices, stacks layers (frankenmerges)",
+    )
+)

@@ -1,0 +1,46 @@
+"""Model Stock (arXiv 2403.19522): interpolate between the base and the average of the
+fine-tunes by t = N cos / (1 + (N - 1) cos), cos being the mean pairwise cosine between the
+fine-tunes' task vectors (over the whole tensor, or per row with `filter_wise`)."""
+
+from __future__ import annotations
+
+import torch
+
+from raymerge.methods import checks
+from raymerge.methods.registry import MethodSpec, ParamSpec, register
+
+
+def model_stock(inputs, *, base_index, model_params, params, generator):
+    w0 = inputs[base_index]
+    ws = [x for i, x in enumerate(inputs) if i != base_index]
+    shape = w0.shape
+    if params["filter_wise"]:
+        if w0.dim() == 1:
+            w0, ws = w0.unsqueeze(0), [w.unsqueeze(0) for w in ws]
+    else:
+        w0, ws = w0.reshape(-1), [w.reshape(-1) for w in ws]
+    offsets = [w - w0 for w in ws]
+    cosines = []
+    for i, a in enumerate(offsets):
+        for b in offsets[i + 1 :]:
+            norms = (torch.norm(a, dim=-1) * torch.norm(b, dim=-1)).clamp(min=1e-6)
+            cosines.append(((a * b).sum(dim=-1) / norms).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    n = len(ws)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6  # no finite estimate there: keep the base
+    t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(denominator), denominator))
+    average = sum(ws) / n
+    return (t * average + (1 - t) * w0).reshape(shape)
+
+
+register(
+    MethodSpec(
+        name="model_stock",
+        fn=model_stock,
+        params=(ParamSpec("filter_wise", False, check=checks.boolean, doc="one interpolation factor per row"),),
+        base="required",
+        min_models=3,
+        doc="Model Stock: move from the base towards the fine-tunes' average by their geometry",
+    )
+)

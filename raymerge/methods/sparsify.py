@@ -1,0 +1,141 @@
+"""Sparsifying a task vector (delta): magnitude, magnitude with outliers, random (DARE), DELLA.
+
+Pure torch. The selections reproduce mergekit 0.1.5's masks, with two deliberate differences:
+- the k largest elements are found by selection (`kthvalue`, O(n)) instead of a full sort, and
+  among elements *exactly equal* to the threshold the ones with the lowest index are kept
+  (mergekit's unstable argsort leaves that choice unspecified);
+- random masks draw from the generator passed in (seeded per tensor), never the global one.
+
+Rescaling after masking is either mergekit's norm matching (`"l1"`: scale so the L1 norm of the
+kept delta equals the full delta's) or the papers' (`"inverse_density"`: DARE divides every kept
+element by its keep probability, 1 / (1 - p); DELLA by its own per-element probability).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+RESCALE_MODES = ("l1", "inverse_density")
+
+
+def stable_rank_below(values: torch.Tensor, r: int) -> torch.Tensor:
+    """Mask of the elements of flat `values` whose rank in a stable ascending sort is < r.
+
+    Equal values rank by index, so the result is deterministic. O(n) via `kthvalue`.
+    """
+    n = values.numel()
+    if r <= 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    if r >= n:
+        return torch.ones_like(values, dtype=torch.bool)
+    pivot = values.kthvalue(r).values  # the value at rank r - 1
+    below = values < pivot
+    equal = values == pivot
+    room = r - int(below.sum())
+    return below | (equal & (equal.cumsum(0) <= room))
+
+
+def _magnitudes(tensor: torch.Tensor) -> torch.Tensor:
+    w = tensor.abs().reshape(-1)
+    return w.float() if w.dtype in (torch.float16, torch.bfloat16) else w
+
+
+def rescale_l1(tensor: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Scale `masked` so its L1 norm equals `tensor`'s (unchanged when either norm is ~0)."""
+    before = tensor.abs().sum()
+    after = masked.abs().sum()
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
+def magnitude(tensor: torch.Tensor, density: float, rescale: Optional[str] = None) -> torch.Tensor:
+    """Keep the `density` fraction of largest-magnitude elements (at least one when density > 0)."""
+    if density >= 1:
+        return tensor
+    if density <= 0 or tensor.numel() == 0:
+        return torch.zeros_like(tensor)
+    k = max(1, int(density * tensor.numel()))
+    keep = stable_rank_below(-_magnitudes(tensor), k)
+    return _apply(tensor, keep.reshape(tensor.shape).to(tensor.dtype), rescale, density)
+
+
+def magnitude_outliers(
+    tensor: torch.Tensor, density: float, gamma: float, rescale: Optional[str] = None
+) -> torch.Tensor:
+    """Model Breadcrumbs: drop the `gamma` fraction of largest elements, then the smallest ones,
+    keeping `density` of the elements (the outlier cut shrinks when needed to reach density)."""
+    if density >= 1:
+        return tensor
+    n = tensor.numel()
+    target = int(density * n)
+    n_top = int(gamma * n)
+    n_bottom = max(0, n - target - n_top)
+    w = _magnitudes(tensor)
+    keep = stable_rank_below(w, n_bottom + target) & ~stable_rank_below(w, n_bottom)
+    return _apply(tensor, keep.reshape(tensor.shape).to(tensor.dtype), rescale, density)
+
+
+def _random_dtype(tensor: torch.Tensor) -> torch.dtype:
+    # torch.bernoulli has no float16 kernel on CPU; mergekit upcasts to float32 there too.
+    if tensor.device.type != "cpu" or tensor.dtype == torch.bfloat16:
+        return tensor.dtype
+    return torch.float32
+
+
+def bernoulli(
+    tensor: torch.Tensor, density: float, generator: Optional[torch.Generator], rescale: Optional[str] = None
+) -> torch.Tensor:
+    """DARE: keep each element independently with probability `density` (= 1 - p)."""
+    if density >= 1:
+        return tensor
+    work = _random_dtype(tensor)
+    probs = torch.full_like(tensor, density, dtype=work)
+    mask = torch.bernoulli(probs, generator=generator)
+    return _apply(tensor.to(work), mask, rescale, density).to(tensor.dtype)
+
+
+def della_magprune(
+    tensor: torch.Tensor,
+    density: float,
+    epsilon: float,
+    generator: Optional[torch.Generator],
+    rescale: Optional[str] = None,
+) -> torch.Tensor:
+    """DELLA MagPrune: per row, keep probabilities rise linearly with magnitude rank from
+    density - epsilon (smallest) to density + epsilon (largest)."""
+    if density >= 1:
+        return tensor
+    if density <= 0:
+        return torch.zeros_like(tensor)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(f"epsilon ({epsilon}) must keep density +/- epsilon inside (0, 1) (density {density})")
+    shape = tensor.shape
+    work = _random_dtype(tensor)
+    rows = tensor.unsqueeze(0) if tensor.dim() < 2 else tensor
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    ranks = order.argsort(dim=1).to(work)  # 0-based; rank + 1 in the paper, same after normalising
+    lo = ranks.min(dim=1, keepdim=True).values
+    hi = ranks.max(dim=1, keepdim=True).values
+    rank_norm = torch.nan_to_num((ranks - lo) / (hi - lo), nan=0.5).clamp(0, 1)  # nan: one-element rows
+    probs = (density - epsilon) + rank_norm * 2 * epsilon
+    mask = torch.bernoulli(probs, generator=generator).to(work)
+    rows = rows.to(work)
+    if rescale == "inverse_density":
+        result = rows * mask / probs
+    else:
+        result = _apply(rows, mask, rescale, density)
+    return result.to(tensor.dtype).reshape(shape)
+
+
+def _apply(tensor: torch.Tensor, mask: torch.Tensor, rescale: Optional[str], density: float) -> torch.Tensor:
+    masked = tensor * mask
+    if rescale is None:
+        return masked
+    if rescale == "l1":
+        return rescale_l1(tensor, masked)
+    if rescale == "inverse_density":
+        return masked / density
+    raise ValueError(f"unknown rescale mode {rescale!r} (expected one of {', '.join(RESCALE_MODES)})")
