@@ -1,0 +1,105 @@
+"""Shared fixtures: one local Ray session for the whole run, and tiny models built once.
+
+Ray: started once per test session with 2 CPUs and token auth off (loopback only). Tests that
+need a multi-node `ray.cluster_utils.Cluster` use the `fake_cluster` fixture, which shuts the
+shared session down and brings it back afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _start_local_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray with 2 CPUs, shared by every test that merges."""
+    import ray
+
+    _start_local_ray()
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def fake_cluster():
+    """A 2-node `ray.cluster_utils.Cluster` (1 CPU each) on this machine; yields the cluster."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        _start_local_ray()
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+def _build_family(root: Path, arch: str, dtype_name: str, n: int = 3) -> dict[str, Path]:
+    import torch
+
+    from raymerge.demo import build_tiny_model
+
+    dtype = getattr(torch, dtype_name)
+    folder = root / f"{arch}-{dtype_name}"
+    paths = {"base": build_tiny_model(folder / "base", arch=arch, seed=0, dtype=dtype)}
+    for i in range(n):
+        # ft2 is saved sharded, so sharded inputs are exercised by every merge test.
+        shard = "200KB" if i == 1 else None
+        paths[f"ft{i + 1}"] = build_tiny_model(
+            folder / f"ft{i + 1}", arch=arch, seed=100 + i, dtype=dtype, base=paths["base"], max_shard_size=shard
+        )
+    return paths
+
+
+@pytest.fixture(scope="session")
+def llama_models(model_root) -> dict[str, Path]:
+    """A tiny float32 llama base and three fine-tunes (ft2 sharded)."""
+    return _build_family(model_root, "llama", "float32")
+
+
+@pytest.fixture(scope="session")
+def qwen2_models(model_root) -> dict[str, Path]:
+    """A tiny float32 qwen2 base (attention biases) and three fine-tunes."""
+    return _build_family(model_root, "qwen2", "float32")
+
+
+@pytest.fixture(scope="session")
+def llama_bf16_models(model_root) -> dict[str, Path]:
+    """A tiny bfloat16 llama base and three fine-tunes."""
+    return _build_family(model_root, "llama", "bfloat16")
+
+
+def load_state(path: Path) -> dict:
+    """Every tensor of a saved model folder, by name (sharded or not)."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
