@@ -170,8 +170,7 @@ class _Planner:
                         f"is past its {n} layers"
                     )
         first, last = slices[0], slices[-1]
-        first_model = first.sources[0].model
-        for name in self.layouts[first_model].pre:
+        for name in _ordered_union(self.layouts[src.model].pre for src in first.sources):
             self._plan_tensor(name, [(src, name) for src in first.sources], first, t=0.0)
         out_layer = 0
         for s in slices:
@@ -181,14 +180,18 @@ class _Planner:
                 lead = s.sources[0]
                 in_layer = lead.layer_range[0] + offset
                 self.layer_sources.append((self.model_index[lead.model], in_layer))
-                for name in self.layouts[lead.model].layers.get(in_layer, ()):
+                # Every tensor any source has in this layer: one missing elsewhere is an error.
+                names = _ordered_union(
+                    [parse_layer_name(n).with_index(0) for n in self.layouts[src.model].layers.get(src.layer_range[0] + offset, ())]  # type: ignore[union-attr]
+                    for src in s.sources
+                )
+                for name in names:
                     parsed = parse_layer_name(name)
                     assert parsed is not None
                     inputs = [(src, parsed.with_index(src.layer_range[0] + offset)) for src in s.sources]
                     self._plan_tensor(parsed.with_index(out_layer), inputs, s, t=t)
                 out_layer += 1
-        last_model = last.sources[0].model
-        for name in self.layouts[last_model].post:
+        for name in _ordered_union(self.layouts[src.model].post for src in last.sources):
             self._plan_tensor(name, [(src, name) for src in last.sources], last, t=0.0)
         return self.operators
 
@@ -283,6 +286,15 @@ class _Planner:
                 seed=tensor_seed(self.random_seed, out_name) if self.spec.random else None,
             )
         )
+
+
+def _ordered_union(lists) -> list[str]:
+    """Names from several lists, each once, in first-seen order."""
+    seen: dict[str, None] = {}
+    for names in lists:
+        for n in names:
+            seen.setdefault(n, None)
+    return list(seen)
 
 
 def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
