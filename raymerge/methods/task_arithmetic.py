@@ -9,7 +9,7 @@ by `lambda` and added to the base.
 Options beyond mergekit (defaults keep mergekit 0.1.5's behaviour):
 - `rescale_mode: inverse_density` rescales kept elements as the DARE paper does, by 1 / (1 - p)
   (DELLA: by each element's own keep probability) instead of mergekit's L1 norm matching.
-- `trim_scope: model` (ties, breadcrumbs_ties) picks the kept elements over each model's whole task
+- `trim_scope: model` (ties) picks the kept elements over each model's whole task
   vector, as the TIES paper does, instead of per tensor. The runtime then finds one magnitude
   threshold per model before merging and passes it in as the `_trim_threshold` per-model value.
 """

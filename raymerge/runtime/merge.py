@@ -19,6 +19,7 @@ from raymerge.checkpoints.model_files import merged_model_config, model_card, to
 from raymerge.checkpoints.source import CheckpointError
 from raymerge.checkpoints.writer import DEFAULT_SHARD_BYTES
 from raymerge.config import ConfigError, MergeConfig, ModelRef, load_config
+from raymerge.runtime.global_trim import apply_model_trim, uses_model_trim
 from raymerge.runtime.executor import ExecutionStats, ensure_ray, run_operators
 from raymerge.runtime.operators import MergeProgram, build_program, check_sources_compatible
 
@@ -195,6 +196,8 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
 
     ensure_ray(options.address)
     t_ray = time.perf_counter()
+    if uses_model_trim(program.operators):
+        program.operators, _ = apply_model_trim(program.operators, specs, [str(m) for m in program.models], label)
     stats: ExecutionStats
     try:
         staged.prepare(layout)
