@@ -177,5 +177,5 @@ def _apply(tensor: torch.Tensor, mask: torch.Tensor, rescale: Optional[str], den
     if rescale == "l1":
         return rescale_l1(tensor, masked)
     if rescale == "inverse_density":
-        return masked / density
+        return masked / density if density > 0 else masked  # density 0: nothing kept, no 0/0
     raise ValueError(f"unknown rescale mode {rescale!r} (expected one of {', '.join(RESCALE_MODES)})")

@@ -56,7 +56,7 @@ def sparsify_delta(delta: torch.Tensor, kind: Optional[str], mp: dict[str, Any],
 
 
 def _rescale_model_scope(delta: torch.Tensor, masked: torch.Tensor, rescale: str, density: float) -> torch.Tensor:
-    return rescale_l1(delta, masked) if rescale == "l1" else masked / density
+    return rescale_l1(delta, masked) if rescale == "l1" else (masked / density if density > 0 else masked)
 
 
 def sign_consensus(deltas: torch.Tensor) -> torch.Tensor:
