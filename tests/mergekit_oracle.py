@@ -10,8 +10,14 @@ This module owns everything about *running the reference implementation*:
   benchmark) serialise on an ``fcntl`` lock next to the venv; a venv only counts as built once a
   marker file is written after a successful ``import mergekit`` of the right version, so a
   half-built venv (killed build) is wiped and rebuilt.
+  When the tests run from a virtualenv, ``--system-site-packages`` would expose only the base
+  interpreter's packages, so the running interpreter's site-packages are added with a ``.pth``
+  file, and pip only runs once the new venv imports that same torch. A folder at the venv path
+  that is not a virtualenv is never deleted; a hand-made venv that already runs mergekit 0.1.5
+  is adopted as it is.
 * `mergekit_command()` / `mergekit_env()` / `run_mergekit()` run ``mergekit-yaml`` on CPU,
-  quiet, with a fixed random seed.
+  quiet, with a fixed random seed; `run_mergekit_many()` runs mergekit-yaml's own command for
+  several configs in one process (one merge per config, the imports paid once).
 * `load_tensors()` and `assert_tensors_close()` compare merged checkpoints tensor by tensor.
 
 Environment:
@@ -23,12 +29,13 @@ from __future__ import annotations
 
 import fcntl
 import importlib.metadata
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +62,16 @@ def _venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
-def _installed_mergekit_version(python: Path) -> str | None:
-    """The mergekit version importable by `python`, or None if `import mergekit` fails."""
+def _installed_mergekit_version(python: Path, deep: bool = False) -> str | None:
+    """The mergekit version importable by `python`, or None if `import mergekit` fails.
+
+    `deep` also imports the ``mergekit-yaml`` entry point (torch, transformers, ...: seconds),
+    which is what a merge needs; the shallow check is for an already verified venv.
+    """
     if not python.exists():
         return None
-    code = "import mergekit, importlib.metadata as m; print(m.version('mergekit'))"
+    module = "mergekit.scripts.run_yaml" if deep else "mergekit"
+    code = f"import {module}, importlib.metadata as m; print(m.version('mergekit'))"
     try:
         proc = subprocess.run(
             [str(python), "-c", code], capture_output=True, text=True, timeout=300, env=mergekit_env()
@@ -75,22 +87,93 @@ def _is_ready(venv: Path) -> bool:
     return (venv / _MARKER).exists() and _installed_mergekit_version(_venv_python(venv)) == MERGEKIT_VERSION
 
 
+def _adopt(venv: Path) -> bool:
+    """Accept a venv made by hand (no marker) that already runs mergekit==0.1.5, instead of
+    wiping it: RAYMERGE_MERGEKIT_VENV may point at a user's own venv."""
+    if (venv / _MARKER).exists() or not (venv / "pyvenv.cfg").exists():
+        return False
+    if _installed_mergekit_version(_venv_python(venv), deep=True) != MERGEKIT_VERSION:
+        return False
+    (venv / _MARKER).write_text(f"mergekit=={MERGEKIT_VERSION}\n(adopted: built outside raymerge)\n")
+    return True
+
+
 def _run_logged(cmd: list[str], log: list[str]) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S)
     log.append(f"$ {' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip()[-2000:]
-        raise RuntimeError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
+        last = tail.splitlines()[-1] if tail else ""
+        # the last line first: pytest's skip summary shows only a reason's first line
+        raise RuntimeError(f"{last} (exit {proc.returncode}: {' '.join(cmd)})\n{tail}")
+
+
+def _running_site_dirs() -> list[str]:
+    """The site-packages folders of the interpreter running this code (where torch lives)."""
+    import site
+    import sysconfig
+
+    dirs: list[str] = []
+    for d in [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()]:
+        if d not in dirs and Path(d).is_dir():
+            dirs.append(d)
+    if site.ENABLE_USER_SITE and Path(site.getusersitepackages()).is_dir():
+        dirs.append(site.getusersitepackages())
+    return dirs
+
+
+def _bridge_site_packages(python: Path, log: list[str]) -> None:
+    """Make the running interpreter's packages (torch above all) visible inside the new venv.
+
+    ``--system-site-packages`` exposes the *base* interpreter's site-packages only. When the
+    tests run from a virtualenv (``.ci/setup.sh`` into a venv), torch lives in that venv's
+    site-packages, which the oracle venv would not see: pip would then install the pinned torch
+    itself, from PyPI the multi-GB CUDA build. A ``.pth`` file appending those folders to the
+    oracle venv's ``sys.path`` (after its own site-packages, so its own installs still win)
+    makes pip, and mergekit, use the running interpreter's torch.
+    """
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"cannot locate the new venv's site-packages: {proc.stderr[-2000:]}")
+    target = Path(proc.stdout.strip().splitlines()[-1])
+    dirs = _running_site_dirs()
+    (target / "raymerge-parent-site.pth").write_text("".join(f"{d}\n" for d in dirs))
+    log.append(f"bridged site-packages into {target}: {dirs}")
+
+
+def _check_torch_visible(python: Path, pins: list[str], log: list[str]) -> None:
+    """Refuse to run pip unless the venv already imports the running interpreter's torch.
+
+    Then pip sees the pinned torch as installed and never downloads one (a CUDA build, from
+    PyPI); without this check a venv that cannot see torch would make pip fetch it.
+    """
+    if not pins:
+        raise RuntimeError("torch is not installed in the running interpreter; refusing to let pip pick one")
+    code = "import torch, importlib.metadata as m; print(m.version('torch')); print(torch.__file__)"
+    proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=300, env=mergekit_env())
+    lines = proc.stdout.strip().splitlines()
+    log.append(f"torch seen by the venv: {lines}")
+    ours = Path(torch.__file__).resolve()
+    if proc.returncode != 0 or len(lines) < 2 or f"torch=={lines[-2]}" not in pins or Path(lines[-1]).resolve() != ours:
+        raise RuntimeError(
+            f"the venv does not use the installed torch ({', '.join(pins)} at {ours}): "
+            f"{(proc.stderr or proc.stdout).strip()[-1000:]}"
+        )
 
 
 def _build(venv: Path) -> None:
     """Create the venv at `venv` (caller holds the lock) and install mergekit into it."""
     if venv.exists():
+        # Only ever delete a (half-built) virtualenv, never a folder that holds something else.
+        if not venv.is_dir() or not ((venv / "pyvenv.cfg").exists() or not any(venv.iterdir())):
+            raise RuntimeError(f"{venv} exists and is not a virtualenv; refusing to delete it (set RAYMERGE_MERGEKIT_VENV)")
         shutil.rmtree(venv)
     venv.parent.mkdir(parents=True, exist_ok=True)
     log: list[str] = []
     _run_logged([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], log)
     python = _venv_python(venv)
+    _bridge_site_packages(python, log)
 
     # Pin torch to the version the system interpreter already has: pip then treats it as
     # satisfied (it is visible through --system-site-packages) and can never swap it for a
@@ -101,6 +184,7 @@ def _build(venv: Path) -> None:
             pins.append(f"{dist}=={importlib.metadata.version(dist)}")
         except importlib.metadata.PackageNotFoundError:
             pass
+    _check_torch_visible(python, pins, log)
     constraints = venv / "raymerge-constraints.txt"
     constraints.write_text("".join(f"{p}\n" for p in pins))
     _run_logged(
@@ -108,9 +192,10 @@ def _build(venv: Path) -> None:
          "-c", str(constraints), f"mergekit=={MERGEKIT_VERSION}"],
         log,
     )
-    version = _installed_mergekit_version(python)
+    version = _installed_mergekit_version(python, deep=True)
     if version != MERGEKIT_VERSION:
         raise RuntimeError(f"after install, `import mergekit` gives version {version!r}\n" + "\n".join(log)[-3000:])
+    _check_torch_visible(python, pins, log)  # pip kept the running interpreter's torch
     (venv / _MARKER).write_text(f"mergekit=={MERGEKIT_VERSION}\n" + "".join(f"{p}\n" for p in pins))
 
 
@@ -129,7 +214,7 @@ def mergekit_python() -> Path | None:
             with open(venv.parent / f".{venv.name}.lock", "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be building it right now
                 try:
-                    if not _is_ready(venv):
+                    if not _is_ready(venv) and not _adopt(venv):
                         _build(venv)
                 finally:
                     fcntl.flock(lock, fcntl.LOCK_UN)
@@ -157,13 +242,9 @@ def mergekit_env() -> dict[str, str]:
     return env
 
 
-def mergekit_command(config_path: Path, out_dir: Path, *extra_args: str) -> list[str]:
-    """argv for ``mergekit-yaml CONFIG OUT`` from the oracle venv, deterministic and on CPU."""
-    python = mergekit_python()
-    if python is None:
-        raise RuntimeError(mergekit_unavailable_reason() or "mergekit venv unavailable")
+def mergekit_args(config_path: Path, out_dir: Path, *extra_args: str) -> list[str]:
+    """The arguments of ``mergekit-yaml CONFIG OUT``: deterministic, on CPU, quiet."""
     return [
-        str(python.parent / "mergekit-yaml"),
         str(config_path),
         str(out_dir),
         "--random-seed", "0",
@@ -172,6 +253,18 @@ def mergekit_command(config_path: Path, out_dir: Path, *extra_args: str) -> list
         "--quiet",
         *extra_args,
     ]
+
+
+def _require_python() -> Path:
+    python = mergekit_python()
+    if python is None:
+        raise RuntimeError(mergekit_unavailable_reason() or "mergekit venv unavailable")
+    return python
+
+
+def mergekit_command(config_path: Path, out_dir: Path, *extra_args: str) -> list[str]:
+    """argv for ``mergekit-yaml CONFIG OUT`` from the oracle venv, deterministic and on CPU."""
+    return [str(_require_python().parent / "mergekit-yaml"), *mergekit_args(config_path, out_dir, *extra_args)]
 
 
 def write_config(config: Mapping[str, Any], path: Path) -> Path:
@@ -208,6 +301,58 @@ def run_mergekit(config: Mapping[str, Any], out_dir: Path, *extra_args: str, tim
             f"--- stderr ---\n{proc.stderr[-6000:]}\n--- stdout ---\n{proc.stdout[-2000:]}"
         )
     return out_dir
+
+
+# Runs mergekit-yaml's own click command once per job, all in one interpreter: the same code path
+# and options as separate `mergekit-yaml` processes, without paying ~5 s of imports per config.
+_BATCH_DRIVER = r"""
+import json, sys, traceback
+from mergekit.scripts.run_yaml import main
+jobs = json.load(open(sys.argv[1]))
+errors = []
+for argv in jobs:
+    try:
+        main.main(args=argv, standalone_mode=False)
+        errors.append(None)
+    except SystemExit as exc:
+        errors.append(None if exc.code in (0, None) else f"mergekit-yaml exited with {exc.code}")
+    except BaseException:
+        errors.append(traceback.format_exc()[-6000:])
+    with open(sys.argv[2], "w") as f:
+        json.dump(errors, f)
+"""
+
+
+def run_mergekit_many(
+    jobs: Sequence[tuple[Mapping[str, Any], Path]], *extra_args: str, timeout: float = 1800
+) -> dict[Path, str | None]:
+    """Run mergekit-yaml once per (config, out_dir) job, all in one mergekit process.
+
+    Each config is written as YAML beside its `out_dir`. Returns, per out_dir, None when that
+    merge succeeded or the error (a traceback) when it failed; one failing config does not stop
+    the others. Raises only if the driver process itself dies.
+    """
+    python = _require_python()
+    argvs = []
+    for config, out_dir in jobs:
+        out_dir = Path(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        config_path = write_config(config, out_dir.parent / f"{out_dir.name}.mergekit.yml")
+        argvs.append(mergekit_args(config_path, out_dir, *extra_args))
+    with tempfile.TemporaryDirectory() as tmp:
+        jobs_file, results_file = Path(tmp) / "jobs.json", Path(tmp) / "results.json"
+        jobs_file.write_text(json.dumps(argvs))
+        proc = subprocess.run(
+            [str(python), "-c", _BATCH_DRIVER, str(jobs_file), str(results_file)],
+            capture_output=True, text=True, env=mergekit_env(), timeout=timeout, cwd=tmp,
+        )
+        errors = json.loads(results_file.read_text()) if results_file.exists() else []
+    if proc.returncode != 0 or len(errors) != len(argvs):
+        raise RuntimeError(
+            f"mergekit batch driver failed ({proc.returncode}) after {len(errors)}/{len(argvs)} merges\n"
+            f"--- stderr ---\n{proc.stderr[-6000:]}\n--- stdout ---\n{proc.stdout[-2000:]}"
+        )
+    return {Path(out): err for (_, out), err in zip(jobs, errors)}
 
 
 def load_tensors(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,628 @@
+"""Benchmark: raymerge vs mergekit 0.1.5 on a synthetic ~250M-parameter bf16 llama and three fine-tunes.
+
+    python examples/benchmark_merge.py [--workdir DIR] [--params 250M] [--methods ties,linear]
+                                       [--workers N] [--repeat N] [--skip-mergekit]
+
+What it does:
+
+1. Builds (once; cached under --workdir, default ~/.cache/raymerge/bench) a llama-shaped base
+   model and three fine-tunes in bfloat16: config.json, sharded safetensors written directly
+   (no transformers model is instantiated) and a tiny tokenizer. Tensors are generated shard by
+   shard from per-tensor seeds, so at most one shard of each model is in memory at a time.
+   Fine-tune = base + 0.5 * shared perturbation + own perturbation (about 10% of the weight's
+   scale), so TIES' sign election has real work to do.
+2. For each method (TIES: density 0.5, normalize; linear: weights 0.5/0.3/0.2; both with
+   ``dtype: bfloat16``) runs each tool in its own subprocess, on a warm page cache (every
+   input file is read once just before each run), writing to --workdir/out.
+3. Prints a table and the speedups against the targets (on a 2-core machine: TIES >= 5x,
+   linear >= 1.5x faster than mergekit; peak RSS no higher than mergekit's).
+
+What is measured:
+
+* ``wall s``: the merge itself, timed inside the subprocess, with imports and (raymerge) Ray
+  startup excluded: ``raymerge.merge(...)`` after an explicit ``ray.init`` (so it includes
+  planning, starting the worker actors, merging and publishing with fsync), and mergekit-yaml's
+  own command after ``import mergekit`` (config parsing, merging, writing, tokenizer copy).
+* ``Ray start s``: raymerge's ``ray.init`` alone. ``total s``: the whole subprocess, from
+  spawn to exit (interpreter start, imports, Ray start and shutdown included).
+* ``GB/s``: input bytes (the safetensors files of the models the config reads, the same
+  number for both tools) divided by ``wall s``. raymerge's own ``bytes_read`` is printed too.
+* ``peak RSS``: the largest *simultaneous* sum of RSS over the tool's merge processes, polled
+  every 50 ms with psutil: mergekit's single process; raymerge's driver plus its Ray worker
+  processes (``ray::*`` workers, idle ones included). Ray's own daemons (gcs_server, raylet,
+  dashboard/runtime-env agents, log monitor) are not merge processes; their RSS is printed
+  separately (``Ray daemons``), and ``peak RSS all`` adds them. RSS counts shared pages (the
+  torch libraries each Python process maps) once per process, so ``peak PSS`` (proportional
+  set size from /proc/PID/smaps_rollup, polled every 0.5 s) is printed as well: it is what the
+  processes together really take. Cross-checks from the kernel's exact per-process peaks:
+  mergekit's own and raymerge's driver (VmHWM), raymerge's largest worker
+  (``MergeResult.peak_worker_rss_bytes``, the workers' ru_maxrss).
+* mergekit runs as ``mergekit-yaml CONFIG OUT --random-seed 0 --device cpu --no-cuda --quiet
+  --lazy-unpickle`` (its low-memory CPU settings: synchronous writes, the default, are its
+  low-memory mode; ``--low-cpu-memory`` and ``--read-to-gpu`` only concern accelerators;
+  ``--lazy-unpickle`` only affects pickled inputs and is harmless here), torch using all cores.
+  Add flags with --mergekit-args (e.g. ``--async-write`` for speed at higher memory).
+* raymerge runs with one worker per CPU (``--workers`` to change), each worker with
+  cpu_count / workers torch threads.
+
+mergekit comes from tests/mergekit_oracle.py's venv (built on first use, ~40 s, needs a package
+index), or from --mergekit-python, or is skipped (--skip-mergekit, RAYMERGE_NO_MERGEKIT=1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+GEN_VERSION = 1
+SHARD_BYTES = 200 * 1024 * 1024
+TARGETS = {"ties": 5.0, "linear": 1.5}  # minimum speedup over mergekit, on 2 cores
+MERGEKIT_FLAGS = ["--lazy-unpickle"]
+RAY_DAEMONS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+REPO = Path(__file__).resolve().parent.parent
+
+
+# -- sizes -------------------------------------------------------------------------------------
+def parse_count(text: str) -> int:
+    text = text.strip().upper()
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}.get(text[-1:], 1)
+    return int(float(text[:-1] if text[-1:] in "KMBG" else text) * scale)
+
+
+def human(n: float, unit: str = "B") -> str:
+    for suffix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}"
+
+
+def model_shape(target: int) -> dict[str, int]:
+    """A llama shape (head dim 64, GQA 2:1, MLP 2.75x) with about `target` parameters."""
+    vocab = 32000 if target >= 100_000_000 else 8192
+    hidden = int(min(8192, max(256, 256 * round(4 * math.sqrt(target / 250e6)))))
+    heads = hidden // 64
+    kv_heads = max(1, heads // 2)
+    inter = 256 * max(1, round(2.75 * hidden / 256))
+    per_layer = 2 * hidden * hidden + 2 * hidden * kv_heads * 64 + 3 * hidden * inter + 2 * hidden
+    layers = max(1, round((target - 2 * vocab * hidden - hidden) / per_layer))
+    return dict(hidden=hidden, inter=inter, heads=heads, kv_heads=kv_heads, layers=layers, vocab=vocab)
+
+
+def tensor_shapes(s: dict[str, int]) -> list[tuple[str, tuple[int, ...]]]:
+    """Every tensor of the model, in the order Hugging Face saves a llama."""
+    h, kv = s["hidden"], s["kv_heads"] * 64
+    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (s["vocab"], h))]
+    for i in range(s["layers"]):
+        p = f"model.layers.{i}."
+        out += [
+            (p + "input_layernorm.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (h, h)),
+            (p + "self_attn.k_proj.weight", (kv, h)),
+            (p + "self_attn.v_proj.weight", (kv, h)),
+            (p + "self_attn.o_proj.weight", (h, h)),
+            (p + "post_attention_layernorm.weight", (h,)),
+            (p + "mlp.gate_proj.weight", (s["inter"], h)),
+            (p + "mlp.up_proj.weight", (s["inter"], h)),
+            (p + "mlp.down_proj.weight", (h, s["inter"])),
+        ]
+    out += [("model.norm.weight", (h,)), ("lm_head.weight", (s["vocab"], h))]
+    return out
+
+
+def llama_config(s: dict[str, int]) -> dict[str, Any]:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": s["hidden"],
+        "intermediate_size": s["inter"],
+        "num_hidden_layers": s["layers"],
+        "num_attention_heads": s["heads"],
+        "num_key_value_heads": s["kv_heads"],
+        "head_dim": 64,
+        "vocab_size": s["vocab"],
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "bfloat16",
+    }
+
+
+# -- synthetic models ------------------------------------------------------------------------
+MODELS = ("base", "ft1", "ft2", "ft3")
+
+
+def _generator(name: str, role: str):
+    import torch
+
+    seed = int.from_bytes(hashlib.sha256(f"{GEN_VERSION}:{role}:{name}".encode()).digest()[:8], "little") >> 1
+    return torch.Generator().manual_seed(seed)
+
+
+def _tensors_for(name: str, shape: tuple[int, ...]) -> dict[str, Any]:
+    """This tensor in all four models (bf16): base, and base + shared/2 + own perturbation."""
+    import torch
+
+    if len(shape) == 1:  # norms: around 1
+        base = 1.0 + 0.05 * torch.randn(shape, generator=_generator(name, "base"))
+        scale = 0.01
+    else:
+        base = torch.randn(shape, generator=_generator(name, "base")).mul_(0.02)
+        scale = 0.002
+    out = {"base": base.to(torch.bfloat16)}
+    shared = torch.randn(shape, generator=_generator(name, "shared")).mul_(0.5 * scale)
+    for ft in MODELS[1:]:
+        delta = torch.randn(shape, generator=_generator(name, ft)).mul_(scale).add_(shared)
+        out[ft] = delta.add_(base).to(torch.bfloat16)
+        del delta
+    return out
+
+
+def build_models(workdir: Path, params: int) -> tuple[dict[str, Path], dict[str, int]]:
+    """Build (or reuse) the four models; returns their folders and the shape."""
+    from safetensors.torch import save_file
+
+    from raymerge.demo import save_tiny_tokenizer
+
+    shape = model_shape(params)
+    tag = f"llama-{params / 1e6:.0f}M-bf16-v{GEN_VERSION}"
+    root = workdir / "models" / tag
+    paths = {m: root / m for m in MODELS}
+    if (root / ".complete").exists():
+        return paths, shape
+    if root.exists():
+        shutil.rmtree(root)
+    tensors = tensor_shapes(shape)
+    n_params = sum(math.prod(s) for _, s in tensors)
+    print(f"building 4 synthetic bf16 models of {n_params / 1e6:.1f}M parameters under {root} ...", flush=True)
+    t0 = time.perf_counter()
+    # group tensors into shards of about SHARD_BYTES (bf16)
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, s in tensors:
+        nbytes = 2 * math.prod(s)
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, s))
+        size += nbytes
+    for p in paths.values():
+        p.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        buffers: dict[str, dict[str, Any]] = {m: {} for m in MODELS}
+        for name, s in shard:
+            for m, t in _tensors_for(name, s).items():
+                buffers[m][name] = t
+            weight_map[name] = fname
+        for m in MODELS:
+            save_file(buffers[m], str(paths[m] / fname), metadata={"format": "pt"})
+        del buffers
+    index = {"metadata": {"total_size": 2 * n_params}, "weight_map": weight_map}
+    for m, p in paths.items():
+        (p / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (p / "config.json").write_text(json.dumps(llama_config(shape), indent=2))
+        save_tiny_tokenizer(p)
+    (root / ".complete").write_text(json.dumps({"params": n_params, **shape}))
+    print(f"  built in {time.perf_counter() - t0:.1f} s ({len(shards)} shards per model)", flush=True)
+    return paths, shape
+
+
+def merge_configs(paths: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    base = str(paths["base"])
+    fts = [str(paths[m]) for m in MODELS[1:]]
+    return {
+        "ties": {
+            "merge_method": "ties",
+            "base_model": base,
+            "models": [{"model": m, "parameters": {"weight": w, "density": 0.5}} for m, w in zip(fts, (1.0, 0.8, 0.6))],
+            "parameters": {"normalize": True},
+            "dtype": "bfloat16",
+        },
+        "linear": {
+            "merge_method": "linear",
+            "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(fts, (0.5, 0.3, 0.2))],
+            "dtype": "bfloat16",
+        },
+    }
+
+
+def input_files(config: dict[str, Any]) -> list[Path]:
+    models = {config["base_model"]} if config.get("base_model") else set()
+    models |= {m["model"] for m in config["models"]}
+    return sorted(f for m in models for f in Path(m).glob("*.safetensors"))
+
+
+def warm_page_cache(files: list[Path]) -> None:
+    for f in files:
+        with open(f, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
+
+
+# -- process-tree memory monitor -------------------------------------------------------------
+def _pss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class TreeMonitor(threading.Thread):
+    """Polls the RSS (every `interval` s) and PSS (every `pss_interval` s) of a process tree.
+
+    Processes are split into the merge processes (the root, and Ray worker processes: names
+    starting with ``ray::`` other than Ray's agents) and everything else (Ray's daemons).
+    """
+
+    def __init__(self, pid: int, interval: float = 0.05, pss_interval: float = 0.5):
+        super().__init__(daemon=True)
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.interval, self.pss_interval = interval, pss_interval
+        self.peak_rss = self.peak_rss_all = self.peak_pss = self.peak_pss_all = self.peak_daemons = 0
+        self.max_workers = 0
+        self._halt = threading.Event()
+
+    def _procs(self):
+        import psutil
+
+        try:
+            procs = [self.root] + self.root.children(recursive=True)
+        except psutil.Error:
+            return [], []
+        merge, daemons = [], []
+        for p in procs:
+            try:
+                name = p.name()
+            except psutil.Error:
+                continue
+            is_worker = name.startswith("ray::") and name not in RAY_DAEMONS
+            (merge if p.pid == self.root.pid or is_worker else daemons).append(p)
+        return merge, daemons
+
+    @staticmethod
+    def _rss(procs) -> int:
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except Exception:  # noqa: BLE001 - exited meanwhile
+                pass
+        return total
+
+    def run(self) -> None:
+        last_pss = 0.0
+        while not self._halt.is_set():
+            merge, daemons = self._procs()
+            rss, rss_d = self._rss(merge), self._rss(daemons)
+            self.peak_rss = max(self.peak_rss, rss)
+            self.peak_daemons = max(self.peak_daemons, rss_d)
+            self.peak_rss_all = max(self.peak_rss_all, rss + rss_d)
+            self.max_workers = max(self.max_workers, len(merge) - 1)
+            now = time.monotonic()
+            if now - last_pss >= self.pss_interval:
+                last_pss = now
+                pss = sum(_pss(p.pid) for p in merge)
+                self.peak_pss = max(self.peak_pss, pss)
+                self.peak_pss_all = max(self.peak_pss_all, pss + sum(_pss(p.pid) for p in daemons))
+            self._halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+# -- running one tool in a subprocess --------------------------------------------------------
+# Peak RSS of a subprocess is read from /proc/self/status (VmHWM), not getrusage's ru_maxrss:
+# Linux carries ru_maxrss over fork + exec, so a child of this (large) benchmark process would
+# report at least the parent's RSS. VmHWM belongs to the process image and starts afresh at exec.
+MERGEKIT_DRIVER = r"""
+import json, sys, time
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+t0 = time.perf_counter()
+from mergekit.scripts.run_yaml import main
+t1 = time.perf_counter()
+main.main(args=json.loads(sys.argv[1]), standalone_mode=False)
+t2 = time.perf_counter()
+with open(sys.argv[2], "w") as f:
+    json.dump({"import_s": t1 - t0, "merge_s": t2 - t1, "maxrss": hwm()}, f)
+"""
+
+
+def vm_hwm() -> int:
+    """This process's peak RSS (VmHWM) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def child_raymerge(config_path: str, out: str, workers: Optional[int], result_path: str) -> None:
+    """Runs inside the raymerge subprocess: ray.init timed apart from the merge."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    t0 = time.perf_counter()
+    import ray
+
+    import raymerge
+
+    t1 = time.perf_counter()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    t2 = time.perf_counter()
+    result = raymerge.merge(config_path, out, workers=workers, overwrite=True, quiet=True)
+    t3 = time.perf_counter()
+    ray.shutdown()
+    with open(result_path, "w") as f:
+        json.dump(
+            {
+                "import_s": t1 - t0,
+                "ray_start_s": t2 - t1,
+                "merge_s": t3 - t2,
+                "timings": result.timings,
+                "bytes_read": result.bytes_read,
+                "workers": result.workers,
+                "peak_worker_rss": result.peak_worker_rss_bytes,
+                "driver_maxrss": vm_hwm(),
+            },
+            f,
+        )
+
+
+def run_tool(tool: str, cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = Path(tmp) / "result.json"
+        cmd = [c.replace("{RESULT}", str(result_path)) for c in cmd]
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp)
+        monitor = TreeMonitor(proc.pid)
+        monitor.start()
+        output = proc.communicate()[0]
+        total = time.perf_counter() - start
+        monitor.stop()
+        if proc.returncode != 0 or not result_path.exists():
+            raise RuntimeError(f"{tool} failed ({proc.returncode}):\n{output[-4000:]}")
+        data = json.loads(result_path.read_text())
+    data.update(
+        total_s=total,
+        peak_rss=monitor.peak_rss,
+        peak_rss_all=monitor.peak_rss_all,
+        peak_pss=monitor.peak_pss,
+        peak_pss_all=monitor.peak_pss_all,
+        peak_daemons=monitor.peak_daemons,
+        procs=monitor.max_workers,
+    )
+    return data
+
+
+def find_mergekit(explicit: Optional[str]) -> tuple[Optional[str], str]:
+    """The python of an environment with mergekit 0.1.5, or None and why not."""
+    if explicit:
+        return explicit, f"--mergekit-python {explicit}"
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        import mergekit_oracle
+    except ImportError:
+        mergekit_oracle = None
+    if mergekit_oracle is not None:
+        print("locating mergekit 0.1.5 (tests/mergekit_oracle.py builds its venv on first use) ...", flush=True)
+        python = mergekit_oracle.mergekit_python()
+        if python is not None:
+            return str(python), f"venv {mergekit_oracle.venv_path()}"
+        return None, mergekit_oracle.mergekit_unavailable_reason() or "unavailable"
+    try:
+        import importlib.metadata
+
+        if importlib.metadata.version("mergekit") == "0.1.5":
+            return sys.executable, "this interpreter"
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return None, "mergekit 0.1.5 not installed"
+
+
+def mergekit_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("PYTHONPATH", None)
+    env.pop("VIRTUAL_ENV", None)
+    return env
+
+
+# -- comparing outputs -----------------------------------------------------------------------
+def compare_outputs(a: Path, b: Path) -> str:
+    """Max abs difference and share of differing elements between two merged checkpoints."""
+    import torch
+    from safetensors import safe_open
+
+    def index(folder: Path) -> dict[str, Path]:
+        out = {}
+        for f in folder.glob("*.safetensors"):
+            with safe_open(str(f), "pt") as st:
+                out.update({k: f for k in st.keys()})
+        return out
+
+    ia, ib = index(a), index(b)
+    if set(ia) != set(ib):
+        return f"tensor names differ ({len(set(ia) ^ set(ib))} not in both)"
+    worst, differing, total = 0.0, 0, 0
+    for name in sorted(ia):
+        with safe_open(str(ia[name]), "pt") as sa, safe_open(str(ib[name]), "pt") as sb:
+            x, y = sa.get_tensor(name), sb.get_tensor(name)
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return f"{name}: {x.dtype}{list(x.shape)} vs {y.dtype}{list(y.shape)}"
+        d = (x.to(torch.float32) - y.to(torch.float32)).abs()
+        worst = max(worst, float(d.max()))
+        differing += int((d > 0).sum())
+        total += d.numel()
+    return f"max abs diff {worst:.3g}, {100 * differing / total:.3f}% of elements differ"
+
+
+# -- main ------------------------------------------------------------------------------------
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "raymerge" / "bench")
+    ap.add_argument("--params", default="250M", help="model size, e.g. 250M (default), 50M, 1B")
+    ap.add_argument("--methods", default="ties,linear", help="comma-separated: ties, linear")
+    ap.add_argument("--workers", type=int, default=None, help="raymerge workers (default: one per CPU)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per tool and method (best time, worst memory)")
+    ap.add_argument("--skip-mergekit", action="store_true", help="only run raymerge")
+    ap.add_argument("--mergekit-python", default=None, help="python of an environment with mergekit 0.1.5")
+    ap.add_argument("--mergekit-args", default="", help="extra mergekit-yaml flags, e.g. '--async-write'")
+    ap.add_argument("--no-check", action="store_true", help="do not compare the two tools' outputs")
+    ap.add_argument("--_child", nargs=4, metavar=("CONFIG", "OUT", "WORKERS", "RESULT"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args._child:
+        config, out, workers, result = args._child
+        child_raymerge(config, out, int(workers) or None, result)
+        return 0
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - set(TARGETS)
+    if unknown:
+        ap.error(f"unknown method(s) {sorted(unknown)}; choose from {sorted(TARGETS)}")
+    workdir = args.workdir.expanduser()
+    paths, shape = build_models(workdir, parse_count(args.params))
+    configs = merge_configs(paths)
+    n_params = sum(math.prod(s) for _, s in tensor_shapes(shape))
+
+    mk_python, mk_where = (None, "--skip-mergekit") if args.skip_mergekit else find_mergekit(args.mergekit_python)
+    if mk_python is None and not args.skip_mergekit:
+        print(f"mergekit skipped: {mk_where}")
+    mk_flags = MERGEKIT_FLAGS + args.mergekit_args.split()
+    mk_base = ["--random-seed", "0", "--device", "cpu", "--no-cuda", "--quiet"]
+
+    out_root = workdir / "out"
+    cfg_root = workdir / "configs"
+    cfg_root.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    checks: dict[str, str] = {}
+    env_rm = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
+    print(f"{os.cpu_count()} CPUs; model {n_params / 1e6:.1f}M parameters, {shape['layers']} layers, bf16; "
+          f"raymerge workers: {args.workers or 'one per CPU'}; mergekit: {mk_where}")
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"warning: load average {load:.2f} before starting: other processes will distort the timings")
+    for rep in range(args.repeat):
+        for method in methods:
+            config_path = cfg_root / f"{method}.yaml"
+            config_path.write_text(yaml.safe_dump(configs[method], sort_keys=False))
+            files = input_files(configs[method])
+            tools = (["mergekit"] if mk_python else []) + ["raymerge"]
+            for tool in tools:
+                out = out_root / f"{tool}-{method}"
+                shutil.rmtree(out, ignore_errors=True)
+                os.sync()  # no writeback of an earlier run's output during this one
+                warm_page_cache(files)
+                if tool == "mergekit":
+                    cmd = [mk_python, "-c", MERGEKIT_DRIVER,
+                           json.dumps([str(config_path), str(out), *mk_base, *mk_flags]), "{RESULT}"]
+                    data = run_tool(tool, cmd, mergekit_env())
+                else:
+                    cmd = [sys.executable, str(Path(__file__).resolve()), "--_child",
+                           str(config_path), str(out), str(args.workers or 0), "{RESULT}"]
+                    data = run_tool(tool, cmd, env_rm)
+                data["input_bytes"] = sum(f.stat().st_size for f in files)
+                rows.setdefault((tool, method), []).append(data)
+                print(f"  [{rep + 1}/{args.repeat}] {tool:8s} {method:6s} wall {data['merge_s']:.2f} s, "
+                      f"total {data['total_s']:.2f} s, peak RSS {human(data['peak_rss'])}", flush=True)
+            if rep == 0 and mk_python and not args.no_check:
+                checks[method] = compare_outputs(out_root / f"raymerge-{method}", out_root / f"mergekit-{method}")
+    report(rows, methods, mk_python is not None, checks, mk_flags, mk_base)
+    print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}")
+    shutil.rmtree(out_root, ignore_errors=True)
+    return 0
+
+
+def report(rows, methods, with_mergekit: bool, checks: dict[str, str], mk_flags: list[str], mk_base: list[str]) -> None:
+    def best(tool: str, method: str) -> Optional[dict[str, Any]]:
+        runs = rows.get((tool, method))
+        if not runs:
+            return None
+        fastest = min(runs, key=lambda r: r["merge_s"])
+        out = dict(fastest)
+        for key in ("peak_rss", "peak_rss_all", "peak_pss", "peak_pss_all", "peak_daemons"):
+            out[key] = max(r[key] for r in runs)
+        out["merge_median"] = statistics.median(r["merge_s"] for r in runs)
+        return out
+
+    print()
+    header = (f"{'tool':9s} {'method':7s} {'wall s':>8s} {'Ray start s':>11s} {'total s':>8s} {'GB read/s':>9s} "
+              f"{'peak RSS':>10s} {'peak PSS':>10s} {'Ray daemons':>11s} {'peak RSS all':>12s}")
+    print(header)
+    print("-" * len(header))
+    summary = []
+    for method in methods:
+        res = {tool: best(tool, method) for tool in ("mergekit", "raymerge")}
+        for tool, r in res.items():
+            if r is None:
+                continue
+            gbps = r["input_bytes"] / 1e9 / r["merge_s"]
+            ray_s = f"{r['ray_start_s']:.2f}" if "ray_start_s" in r else "-"
+            daemons = human(r["peak_daemons"]) if tool == "raymerge" else "-"
+            print(f"{tool:9s} {method:7s} {r['merge_s']:8.2f} {ray_s:>11s} {r['total_s']:8.2f} {gbps:9.2f} "
+                  f"{human(r['peak_rss']):>10s} {human(r['peak_pss']):>10s} {daemons:>11s} {human(r['peak_rss_all']):>12s}")
+        rm, mk = res["raymerge"], res["mergekit"]
+        if rm is not None:
+            t = rm["timings"]
+            summary.append(
+                f"raymerge {method}: {rm['workers']} workers; inside merge(): plan {t['plan']:.2f} s, merge {t['merge']:.2f} s "
+                f"(actor start included), publish {t['publish']:.2f} s (fsync); read {human(rm['bytes_read'])}; "
+                f"exact peaks: driver {human(rm['driver_maxrss'])} (VmHWM), largest worker {human(rm['peak_worker_rss'])} (ru_maxrss)"
+            )
+        if rm is not None and mk is not None:
+            speed = mk["merge_s"] / rm["merge_s"]
+            speed_total = mk["total_s"] / rm["total_s"]
+            target = TARGETS[method]
+            summary.append(
+                f"{method}: speedup raymerge vs mergekit {speed:.2f}x on wall s (target >= {target}x: "
+                f"{'MET' if speed >= target else 'MISSED'}); {speed_total:.2f}x on total s"
+            )
+            summary.append(
+                f"{method}: peak RSS raymerge {human(rm['peak_rss'])} vs mergekit {human(mk['peak_rss'])} "
+                f"(target <=: {'MET' if rm['peak_rss'] <= mk['peak_rss'] else 'MISSED'}); PSS {human(rm['peak_pss'])} vs "
+                f"{human(mk['peak_pss'])} ({'MET' if rm['peak_pss'] <= mk['peak_pss'] else 'MISSED'}); with Ray daemons "
+                f"{human(rm['peak_rss_all'])}; mergekit exact peak (VmHWM) {human(mk['maxrss'])}"
+            )
+        if method in checks:
+            summary.append(f"{method}: raymerge vs mergekit output: {checks[method]}")
+    print()
+    for line in summary:
+        print(line)
+    print()
+    print("wall s: the merge call only (imports and Ray start excluded; raymerge's worker start included);")
+    print("total s: the whole subprocess (interpreter, imports, Ray start/shutdown). GB read/s: input bytes / wall s.")
+    print("peak RSS/PSS: largest simultaneous sum over the merge processes (mergekit: its process; raymerge: driver +")
+    print("Ray worker processes), polled every 50 ms (PSS every 0.5 s); Ray daemons: gcs_server, raylet, agents, ...")
+    if with_mergekit:
+        print(f"mergekit-yaml flags: {' '.join(mk_base + mk_flags)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
