@@ -27,6 +27,8 @@ What is measured:
   spawn to exit (interpreter start, imports, Ray start and shutdown included).
 * ``GB/s``: input bytes (the safetensors files of the models the config reads, the same
   number for both tools) divided by ``wall s``. raymerge's own ``bytes_read`` is printed too.
+* Timed runs (``--repeat``, best reported) are not watched; memory comes from one more run
+  per tool and method with the poller below on (polling many processes every 50 ms takes CPU).
 * ``peak RSS``: the largest *simultaneous* sum of RSS over the tool's merge processes, polled
   every 50 ms with psutil: mergekit's single process; raymerge's driver plus its Ray worker
   processes (``ray::*`` workers, idle ones included). Ray's own daemons (gcs_server, raylet,
@@ -393,17 +395,21 @@ def child_raymerge(config_path: str, out: str, workers: Optional[int], result_pa
         )
 
 
-def run_tool(tool: str, cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
+def run_tool(tool: str, cmd: list[str], env: dict[str, str], monitor_memory: bool) -> dict[str, Any]:
+    """One run of a tool. Memory is polled only when `monitor_memory`: the poller costs CPU
+    (more for raymerge's many processes), so timed runs go unwatched."""
     with tempfile.TemporaryDirectory() as tmp:
         result_path = Path(tmp) / "result.json"
         cmd = [c.replace("{RESULT}", str(result_path)) for c in cmd]
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp)
         monitor = TreeMonitor(proc.pid)
-        monitor.start()
+        if monitor_memory:
+            monitor.start()
         output = proc.communicate()[0]
         total = time.perf_counter() - start
-        monitor.stop()
+        if monitor_memory:
+            monitor.stop()
         if proc.returncode != 0 or not result_path.exists():
             raise RuntimeError(f"{tool} failed ({proc.returncode}):\n{output[-4000:]}")
         data = json.loads(result_path.read_text())
@@ -415,6 +421,7 @@ def run_tool(tool: str, cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
         peak_pss_all=monitor.peak_pss_all,
         peak_daemons=monitor.peak_daemons,
         procs=monitor.max_workers,
+        monitored=monitor_memory,
     )
     return data
 
@@ -488,7 +495,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--params", default="250M", help="model size, e.g. 250M (default), 50M, 1B")
     ap.add_argument("--methods", default="ties,linear", help="comma-separated: ties, linear")
     ap.add_argument("--workers", type=int, default=None, help="raymerge workers (default: one per CPU)")
-    ap.add_argument("--repeat", type=int, default=1, help="runs per tool and method (best time, worst memory)")
+    ap.add_argument("--repeat", type=int, default=1, help="timed runs per tool and method (best time is reported); one more run per tool and method measures memory")
     ap.add_argument("--skip-mergekit", action="store_true", help="only run raymerge")
     ap.add_argument("--mergekit-python", default=None, help="python of an environment with mergekit 0.1.5")
     ap.add_argument("--mergekit-args", default="", help="extra mergekit-yaml flags, e.g. '--async-write'")
@@ -529,7 +536,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     load = os.getloadavg()[0]
     if load > 0.5:
         print(f"warning: load average {load:.2f} before starting: other processes will distort the timings")
-    for rep in range(args.repeat):
+    # `--repeat` timed runs, then one more run per tool and method that polls memory.
+    for rep in range(args.repeat + 1):
+        memory_run = rep == args.repeat
         for method in methods:
             config_path = cfg_root / f"{method}.yaml"
             config_path.write_text(yaml.safe_dump(configs[method], sort_keys=False))
@@ -543,15 +552,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                 if tool == "mergekit":
                     cmd = [mk_python, "-c", MERGEKIT_DRIVER,
                            json.dumps([str(config_path), str(out), *mk_base, *mk_flags]), "{RESULT}"]
-                    data = run_tool(tool, cmd, mergekit_env())
+                    data = run_tool(tool, cmd, mergekit_env(), memory_run)
                 else:
                     cmd = [sys.executable, str(Path(__file__).resolve()), "--_child",
                            str(config_path), str(out), str(args.workers or 0), "{RESULT}"]
-                    data = run_tool(tool, cmd, env_rm)
+                    data = run_tool(tool, cmd, env_rm, memory_run)
                 data["input_bytes"] = sum(f.stat().st_size for f in files)
                 rows.setdefault((tool, method), []).append(data)
-                print(f"  [{rep + 1}/{args.repeat}] {tool:8s} {method:6s} wall {data['merge_s']:.2f} s, "
-                      f"total {data['total_s']:.2f} s, peak RSS {human(data['peak_rss'])}", flush=True)
+                what = "memory run" if memory_run else f"{rep + 1}/{args.repeat}"
+                memory = f", peak RSS {human(data['peak_rss'])}" if memory_run else ""
+                print(f"  [{what}] {tool:8s} {method:6s} wall {data['merge_s']:.2f} s, total {data['total_s']:.2f} s{memory}", flush=True)
             if rep == 0 and mk_python and not args.no_check:
                 checks[method] = compare_outputs(out_root / f"raymerge-{method}", out_root / f"mergekit-{method}")
     report(rows, methods, mk_python is not None, checks, mk_flags, mk_base)
@@ -565,11 +575,12 @@ def report(rows, methods, with_mergekit: bool, checks: dict[str, str], mk_flags:
         runs = rows.get((tool, method))
         if not runs:
             return None
-        fastest = min(runs, key=lambda r: r["merge_s"])
+        timed = [r for r in runs if not r["monitored"]] or runs
+        fastest = min(timed, key=lambda r: r["merge_s"])
         out = dict(fastest)
         for key in ("peak_rss", "peak_rss_all", "peak_pss", "peak_pss_all", "peak_daemons"):
-            out[key] = max(r[key] for r in runs)
-        out["merge_median"] = statistics.median(r["merge_s"] for r in runs)
+            out[key] = max(r[key] for r in runs if r["monitored"])
+        out["merge_median"] = statistics.median(r["merge_s"] for r in timed)
         return out
 
     print()
@@ -616,6 +627,7 @@ def report(rows, methods, with_mergekit: bool, checks: dict[str, str], mk_flags:
     for line in summary:
         print(line)
     print()
+    print("times: best of the --repeat runs, which run without the memory poller; memory: one extra polled run.")
     print("wall s: the merge call only (imports and Ray start excluded; raymerge's worker start included);")
     print("total s: the whole subprocess (interpreter, imports, Ray start/shutdown). GB read/s: input bytes / wall s.")
     print("peak RSS/PSS: largest simultaneous sum over the merge processes (mergekit: its process; raymerge: driver +")

@@ -8,6 +8,9 @@ from raymerge.methods import checks
 from raymerge.methods.registry import MethodSpec, ParamSpec, register
 
 
+CHUNK = 1 << 16  # elements accumulated at once: the float32 accumulator stays in cache
+
+
 def linear(inputs, *, base_index, model_params, params, generator):
     """sum_i w_i * x_i, divided by sum_i w_i when `normalize`; computed in float32 (float64 for
     float64 inputs) and returned in the input dtype, as mergekit does."""
@@ -17,12 +20,19 @@ def linear(inputs, *, base_index, model_params, params, generator):
     total = sum(weights)
     if params["normalize"] and abs(total) < 1e-12:
         raise ValueError(f"weights {weights} sum to zero; set normalize: false or change a weight")
-    result = torch.zeros_like(first, dtype=work)
-    for tensor, weight in zip(inputs, weights):
-        result.add_(tensor.to(work), alpha=weight)
-    if params["normalize"]:
-        result.div_(torch.tensor(weights, dtype=work).sum())
-    return result.to(first.dtype)
+    divisor = torch.tensor(weights, dtype=work).sum() if params["normalize"] else None
+    flat = [t.reshape(-1) for t in inputs]
+    out = torch.empty_like(flat[0])
+    acc = torch.empty(min(CHUNK, out.numel()), dtype=work, device=first.device)
+    for a in range(0, out.numel(), CHUNK):
+        b = min(a + CHUNK, out.numel())
+        part = acc[: b - a].zero_()
+        for tensor, weight in zip(flat, weights):
+            part.add_(tensor[a:b], alpha=weight)
+        if divisor is not None:
+            part.div_(divisor)
+        out[a:b] = part
+    return out.reshape(first.shape)
 
 
 def passthrough(inputs, *, base_index, model_params, params, generator):

@@ -20,22 +20,32 @@ import torch
 RESCALE_MODES = ("l1", "inverse_density")
 
 
+_INT_VIEW = {
+    torch.float16: (torch.int16, 0),
+    torch.bfloat16: (torch.int16, 0),
+    torch.float32: (torch.int32, 16),
+    torch.float64: (torch.int64, 48),
+}
+
+
 def kth_smallest_magnitude(w: torch.Tensor, r: int) -> torch.Tensor:
     """The value at ascending rank r - 1 (1 <= r <= n) of flat, non-negative float `w`.
 
     Radix select: for non-negative floats the bit pattern orders like the value, so one
-    `bincount` over the top 16 bits finds the bucket holding rank r - 1, and `kthvalue` runs
-    only on that bucket. About 3x faster than `kthvalue` on the whole tensor, and exact.
+    `bincount` over the top 16 bits finds the bucket holding rank r - 1. For 16-bit floats the
+    bucket *is* the value; for wider floats `kthvalue` runs only on that bucket. Exact, and
+    several times faster than `kthvalue` (let alone a sort) on the whole tensor.
     """
-    if w.dtype == torch.float32:
-        high = w.view(torch.int32) >> 16
-    elif w.dtype == torch.float64:
-        high = w.view(torch.int64) >> 48
-    else:
+    if w.dtype not in _INT_VIEW:
         return w.kthvalue(r).values
+    int_dtype, shift = _INT_VIEW[w.dtype]
+    bits = w.view(int_dtype)
+    high = (bits >> shift) if shift else bits
     counts = torch.bincount(high.reshape(-1), minlength=1 << 15)
     cumulative = counts.cumsum(0)
     bucket = int(torch.searchsorted(cumulative, torch.tensor(r, dtype=cumulative.dtype)))
+    if shift == 0:
+        return torch.tensor(bucket, dtype=int_dtype).view(w.dtype).to(w.device)
     before = int(cumulative[bucket - 1]) if bucket > 0 else 0
     candidates = w[high == bucket]
     return candidates.kthvalue(r - before).values
@@ -51,7 +61,7 @@ def stable_rank_below(w: torch.Tensor, r: int) -> torch.Tensor:
         return torch.ones_like(w, dtype=torch.bool)
     pivot = kth_smallest_magnitude(w, r)
     upto = w <= pivot
-    if int(upto.sum()) == r:  # the usual case: the pivot value occurs once
+    if int(torch.count_nonzero(upto)) == r:  # the pivot value occurs once (or its copies all fit)
         return upto
     return _with_ties(w < pivot, w == pivot, r)
 
@@ -66,20 +76,26 @@ def top_k_mask(w: torch.Tensor, k: int) -> torch.Tensor:
         return torch.ones_like(w, dtype=torch.bool)
     pivot = kth_smallest_magnitude(w, n - k + 1)  # the k-th largest
     from_pivot = w >= pivot
-    if int(from_pivot.sum()) == k:  # the usual case: the pivot value occurs once
+    if int(torch.count_nonzero(from_pivot)) == k:  # the pivot value occurs once (or its copies all fit)
         return from_pivot
     return _with_ties(w > pivot, w == pivot, k)
 
 
 def _with_ties(strict: torch.Tensor, equal: torch.Tensor, r: int) -> torch.Tensor:
-    """`strict` plus the first (r - |strict|) elements of `equal`, by index."""
-    room = r - int(strict.sum())
-    return strict | (equal & (equal.cumsum(0) <= room))
+    """`strict` plus the first (r - |strict|) elements of `equal`, by index.
+
+    `nonzero` lists indices in ascending order; cheaper than a cumulative sum over the whole
+    tensor, which matters for 16-bit weights, where the threshold value repeats almost always.
+    """
+    room = r - int(torch.count_nonzero(strict))
+    first = equal.nonzero().reshape(-1)[:room]
+    strict[first] = True
+    return strict
 
 
 def _magnitudes(tensor: torch.Tensor) -> torch.Tensor:
-    w = tensor.abs().reshape(-1)
-    return w.float() if w.dtype in (torch.float16, torch.bfloat16) else w
+    """|tensor|, flat. 16-bit floats stay 16-bit: their order is exact and selection is faster."""
+    return tensor.abs().reshape(-1)
 
 
 def rescale_l1(tensor: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
