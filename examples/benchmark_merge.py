@@ -375,8 +375,11 @@ def child_raymerge(config_path: str, out: str, workers: Optional[int], result_pa
 
     t1 = time.perf_counter()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    warm = os.environ.get("RAYMERGE_BENCH_WARM") == "1"
+    if warm:  # a first merge starts the worker pool and keeps it; the timed merge reuses it
+        raymerge.merge(config_path, out, workers=workers, overwrite=True, quiet=True, keep_workers=True)
     t2 = time.perf_counter()
-    result = raymerge.merge(config_path, out, workers=workers, overwrite=True, quiet=True)
+    result = raymerge.merge(config_path, out, workers=workers, overwrite=True, quiet=True, keep_workers=warm)
     t3 = time.perf_counter()
     ray.shutdown()
     with open(result_path, "w") as f:
@@ -500,6 +503,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--mergekit-python", default=None, help="python of an environment with mergekit 0.1.5")
     ap.add_argument("--mergekit-args", default="", help="extra mergekit-yaml flags, e.g. '--async-write'")
     ap.add_argument("--no-check", action="store_true", help="do not compare the two tools' outputs")
+    ap.add_argument("--warm-pool", action="store_true",
+                    help="time raymerge's second merge in one process, reusing the worker pool (keep_workers=True), "
+                         "as a sweep or pipeline would; the first merge is not timed")
     ap.add_argument("--_child", nargs=4, metavar=("CONFIG", "OUT", "WORKERS", "RESULT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -531,8 +537,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
     checks: dict[str, str] = {}
     env_rm = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
+    if args.warm_pool:
+        env_rm["RAYMERGE_BENCH_WARM"] = "1"
     print(f"{os.cpu_count()} CPUs; model {n_params / 1e6:.1f}M parameters, {shape['layers']} layers, bf16; "
-          f"raymerge workers: {args.workers or 'one per CPU'}; mergekit: {mk_where}")
+          f"raymerge workers: {args.workers or 'one per CPU'}{' (warm pool: second merge timed)' if args.warm_pool else ''}; "
+          f"mergekit: {mk_where}")
     load = os.getloadavg()[0]
     if load > 0.5:
         print(f"warning: load average {load:.2f} before starting: other processes will distort the timings")

@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 from raymerge.checkpoints import CheckpointError, OutputError
 from raymerge.config import ConfigError, MergeConfig
 from raymerge.methods import MethodError, available_methods
-from raymerge.runtime.merge import MergeOptions, MergeResult
+from raymerge.runtime.merge import MergeOptions, MergeResult, PlanReport
 
 __all__ = [
     "CheckpointError",
@@ -26,6 +26,9 @@ __all__ = [
     "OutputError",
     "available_methods",
     "merge",
+    "plan",
+    "PlanReport",
+    "shutdown_workers",
 ]
 
 
@@ -41,6 +44,10 @@ def merge(
     out_shard_size: Union[int, str, None] = None,
     allow_pickle: bool = False,
     allow_mixed_architectures: bool = False,
+    cluster: Union[str, Path, None] = None,
+    planner: str = "milp",
+    plan_time_limit: float = 10.0,
+    keep_workers: bool = False,
 ) -> MergeResult:
     """Merge the models described by a mergekit-format config and publish the result at `output`.
 
@@ -55,9 +62,15 @@ def merge(
         out_shard_size: largest output shard, e.g. "5GB" (the default) or a number of bytes.
         allow_pickle: accept `pytorch_model*.bin` inputs (loaded with `weights_only=True`).
         allow_mixed_architectures: merge models whose `config.json` architectures differ.
+        cluster: a `clusters/` profile whose bandwidths (and address) the planner uses.
+        planner: "milp" (default: PuLP/HiGHS, never worse than the greedy) or "lpt" (greedy).
+        plan_time_limit: seconds the MILP may take.
+        keep_workers: keep the worker actors for the next merge of this process (saves the
+            worker start, about a second per worker process; `shutdown_workers()` ends them).
 
     Returns:
-        A `MergeResult`: output path, tensor count, bytes read/written, timings, peak memory.
+        A `MergeResult`: output path, tensor count, bytes read/written, timings, peak memory,
+        and `plan`: the planner's predicted makespan next to the measured one.
 
     Raises:
         ConfigError, CheckpointError, OutputError, MergePlanError: before anything is written.
@@ -73,5 +86,39 @@ def merge(
         out_shard_size=out_shard_size,
         allow_pickle=allow_pickle,
         allow_mixed_architectures=allow_mixed_architectures,
+        cluster=cluster,
+        planner=planner,
+        plan_time_limit=plan_time_limit,
+        keep_workers=keep_workers,
     )
     return run_merge(config, output, options)
+
+
+def plan(
+    config: Union[str, Path, dict[str, Any], MergeConfig],
+    *,
+    cluster: Union[str, Path, None] = None,
+    workers: Optional[int] = None,
+    planner: str = "milp",
+    time_limit: float = 10.0,
+    allow_pickle: bool = False,
+    allow_mixed_architectures: bool = False,
+) -> PlanReport:
+    """Plan a merge without running it: from safetensors headers, or from `config.json` alone
+    for models given as folders without weights (shape-only), so large merges can be planned
+    anywhere. `cluster`: a `clusters/` profile (default: this machine, `workers` CPU slots or
+    GPUs). Returns a `PlanReport` (`.summary()`, `.plan`, `.problem`)."""
+    from raymerge.runtime.merge import plan_only
+
+    options = MergeOptions(
+        workers=workers, cluster=cluster, planner=planner, plan_time_limit=time_limit,
+        allow_pickle=allow_pickle, allow_mixed_architectures=allow_mixed_architectures,
+    )
+    return plan_only(config, options)
+
+
+def shutdown_workers() -> None:
+    """End the worker actors kept by `merge(..., keep_workers=True)`."""
+    from raymerge.runtime.executor import shutdown_pool
+
+    shutdown_pool()

@@ -1,4 +1,4 @@
-"""The `raymerge` command line: `merge`, `demo` and `methods`.
+"""The `raymerge` command line: `merge`, `plan`, `demo` and `methods`.
 
 Thin by design: parse arguments, call the public API, print the summary. Errors that come from
 the user's inputs (config, model paths, output path) print one clear message and exit with 2;
@@ -24,7 +24,9 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from raymerge.runtime.compute import OperatorError
     from raymerge.runtime.operators import MergePlanError
 
-    return (ConfigError, CheckpointError, HeaderError, OutputError, MethodError, MergePlanError, OperatorError)
+    from planners import PlanError, ProblemError
+
+    return (ConfigError, CheckpointError, HeaderError, OutputError, MethodError, MergePlanError, OperatorError, PlanError, ProblemError)
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -36,6 +38,30 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--random-seed", type=int, default=None, metavar="SEED",
                    help="seed of random methods (DARE, DELLA); each tensor is seeded from (SEED, tensor name). Default 0")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_input_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept pytorch_model*.bin inputs (loaded with torch.load(weights_only=True))")
+    p.add_argument("--allow-mixed-architectures", action="store_true",
+                   help="accept models whose config.json architectures differ (mergekit's --allow-crimes)")
+
+
+def _add_plan_options(p: argparse.ArgumentParser, for_merge: bool) -> None:
+    g = p.add_argument_group("planning")
+    g.add_argument("--cluster", default=None, metavar="PROFILE",
+                   help="cluster profile (clusters/*.yaml): workers, memory, bandwidths. "
+                        + ("Merging uses its bandwidths and address; the workers are the live ones"
+                           if for_merge else "Default: this machine (clusters/local.yaml)"))
+    g.add_argument("--planner", choices=["milp", "lpt"], default="milp",
+                   help="milp: PuLP mixed-integer program (HiGHS, else CBC), never worse than lpt (default); "
+                        "lpt: longest-processing-time greedy")
+    g.add_argument("--plan-time-limit", type=float, default=10.0, metavar="S",
+                   help="seconds the MILP solver may take (default 10)")
+    g.add_argument("--gantt", default=None, metavar="PNG",
+                   help="draw the planned schedule to this image (needs matplotlib: pip install 'raymerge[gantt]')")
+    g.add_argument("--json", default=None, metavar="FILE", dest="plan_json",
+                   help="write the plan (assignments, makespan, bound, gap, solver) as JSON")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,11 +85,30 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it already holds a model")
     m.add_argument("--out-shard-size", default=None, metavar="SIZE",
                    help="largest output shard, e.g. 5GB (default), 500MB, 2GiB or bytes")
-    m.add_argument("--allow-pickle", action="store_true",
-                   help="accept pytorch_model*.bin inputs (loaded with torch.load(weights_only=True))")
-    m.add_argument("--allow-mixed-architectures", action="store_true",
-                   help="merge models whose config.json architectures differ (mergekit's --allow-crimes)")
+    _add_input_options(m)
+    m.add_argument("--plan-only", action="store_true",
+                   help="print the placement plan for --cluster (default: this machine) and stop: nothing is "
+                        "read but headers, nothing is written, Ray is not started")
     _add_run_options(m)
+    _add_plan_options(m, for_merge=True)
+
+    pl = sub.add_parser(
+        "plan",
+        help="plan a merge on a cluster (from headers or config.json shapes) without running it",
+        description=(
+            "Plan the merge of CONFIG on the cluster of --cluster: which worker computes each output tensor "
+            "(or each row part of a large one), chosen by a mixed-integer program that minimises the makespan "
+            "under worker memory and network bandwidth. Models may be folders holding only config.json "
+            "(shape-only), so a 70B plan can be made on a laptop: e.g. "
+            "`raymerge plan examples/plan_70b.yaml --cluster clusters/aws-4x8-a100.yaml --gantt plan.png`. "
+            "Prints a table per worker, the predicted makespan, the lower bound, the gap, the solver and its status."
+        ),
+    )
+    pl.add_argument("config", help="merge config (mergekit YAML format)")
+    pl.add_argument("--workers", type=int, default=None, metavar="N",
+                    help="without --cluster: plan for N workers on this machine (default: one per GPU, else per CPU)")
+    _add_input_options(pl)
+    _add_plan_options(pl, for_merge=False)
 
     d = sub.add_parser(
         "demo",
@@ -86,13 +131,45 @@ def build_parser() -> argparse.ArgumentParser:
 def _merge(args: argparse.Namespace) -> int:
     import raymerge
 
+    if args.plan_only:
+        return _plan(args)
     result = raymerge.merge(
         args.config, args.output, workers=args.workers, overwrite=args.overwrite, random_seed=args.random_seed,
         quiet=args.quiet, address=args.address, out_shard_size=args.out_shard_size,
         allow_pickle=args.allow_pickle, allow_mixed_architectures=args.allow_mixed_architectures,
+        cluster=args.cluster, planner=args.planner, plan_time_limit=args.plan_time_limit,
     )
     print(result.summary())
+    if result.plan is not None and result.plan.report is not None:
+        _write_plan_outputs(args, result.plan.report)
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import raymerge
+
+    report = raymerge.plan(
+        args.config, cluster=args.cluster, workers=args.workers, planner=args.planner,
+        time_limit=args.plan_time_limit, allow_pickle=args.allow_pickle,
+        allow_mixed_architectures=args.allow_mixed_architectures,
+    )
+    print(report.summary())
+    _write_plan_outputs(args, report)
+    return 0
+
+
+def _write_plan_outputs(args: argparse.Namespace, report) -> None:
+    """--json and --gantt, for `plan`, `merge --plan-only` and a real merge alike."""
+    import json
+
+    if args.plan_json:
+        Path(args.plan_json).write_text(json.dumps(report.plan.to_dict(), indent=1) + "\n")
+        print(f"plan written to {args.plan_json}")
+    if args.gantt:
+        from raymerge.gantt import draw_gantt
+
+        title = f"{Path(args.config).name} on {report.topology.description}"
+        print(f"schedule drawn to {draw_gantt(report.plan, report.problem, args.gantt, title=title)}")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -136,7 +213,7 @@ def _methods(_: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"merge": _merge, "demo": _demo, "methods": _methods}[args.command]
+    handler = {"merge": _merge, "plan": _plan, "demo": _demo, "methods": _methods}[args.command]
     try:
         return handler(args)
     except _user_error_types() as err:

@@ -4,6 +4,13 @@ A local directory is used in place. Anything else that looks like a Hugging Face
 (`org/name`, optionally `@revision`) is fetched with `huggingface_hub.snapshot_download`
 (weights, JSON and tokenizer files only) into the usual HF cache, and then used as a local
 directory. `s3://` prefixes and DeepSpeed folders are further source kinds (see their modules).
+
+Planning may go without weights: with `shape_only=True`, a directory holding a `config.json`
+but no weight files (or a path to a `config.json` itself) opens as a `ShapeOnlySource`, which
+lists the tensors the model would have and refuses to read them. It is opt-in (only
+`raymerge plan` asks for it) so that a merge of a directory without weights still fails early
+with the usual "no weights found" error. A directory that does have weights opens as a
+`LocalSource` either way: real headers beat reconstructed ones.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from raymerge.checkpoints.local import LocalSource
+from raymerge.checkpoints.shapes import CONFIG_FILE, ShapeOnlySource
 from raymerge.checkpoints.source import CheckpointError, CheckpointSource
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -27,16 +35,43 @@ class SourceSpec:
     path: str
     revision: Optional[str] = None
     allow_pickle: bool = False
+    shape_only: bool = False
 
     def open(self) -> CheckpointSource:
-        return open_source(self.path, revision=self.revision, allow_pickle=self.allow_pickle)
+        return open_source(
+            self.path, revision=self.revision, allow_pickle=self.allow_pickle, shape_only=self.shape_only
+        )
 
 
-def open_source(path: str, *, revision: Optional[str] = None, allow_pickle: bool = False) -> CheckpointSource:
-    """Open a model reference; raise CheckpointError naming it when it cannot be found."""
+def _config_without_weights(directory: Path) -> bool:
+    """A directory with a config.json and no weight files (*.safetensors, *.bin, an index)."""
+    if not (directory / CONFIG_FILE).is_file():
+        return False
+    return not any(True for p in ("*.safetensors", "*.bin", "*.index.json") for _ in directory.glob(p))
+
+
+def open_source(
+    path: str, *, revision: Optional[str] = None, allow_pickle: bool = False, shape_only: bool = False
+) -> CheckpointSource:
+    """Open a model reference; raise CheckpointError naming it when it cannot be found.
+
+    `shape_only`: accept a config.json without weights (see the module docstring).
+    """
     local = Path(path).expanduser()
     if local.is_dir():
-        return LocalSource(local, allow_pickle=allow_pickle)
+        config_only = _config_without_weights(local)
+        if shape_only and config_only:
+            return ShapeOnlySource(local)
+        try:
+            return LocalSource(local, allow_pickle=allow_pickle)
+        except CheckpointError as err:
+            if not config_only:
+                raise
+            raise CheckpointError(
+                f"{err}; it holds only a {CONFIG_FILE}: use `raymerge plan` for shape-only planning"
+            ) from None
+    if shape_only and local.is_file() and local.name == CONFIG_FILE:
+        return ShapeOnlySource(local)
     if path.startswith("s3://"):
         raise CheckpointError(f"{path}: S3 model paths are not supported in this version")
     if not _HUB_ID.match(path) or local.exists():

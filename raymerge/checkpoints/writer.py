@@ -195,11 +195,18 @@ class ShardFileWriter:
         self.staging = Path(staging)
         self._fds: dict[str, int] = {}
 
-    def write(self, filename: str, entry: TensorEntry, tensor: torch.Tensor) -> int:
+    def write(self, filename: str, entry: TensorEntry, tensor: torch.Tensor, rows: Optional[tuple[int, int]] = None) -> int:
+        """Write `tensor` as the tensor `entry` of `filename`, or as its rows [start, stop) when
+        `rows` is given (a part of a row-split operator). Returns the bytes written."""
         data = tensor_bytes(tensor.cpu())
-        if len(data) != entry.nbytes:
+        expected, offset = entry.nbytes, entry.begin
+        if rows is not None:
+            start, stop = rows
+            expected, offset = (stop - start) * entry.row_bytes, entry.begin + start * entry.row_bytes
+        if len(data) != expected:
+            part = "" if rows is None else f" rows {rows[0]}:{rows[1]}"
             raise ValueError(
-                f"tensor {entry.name!r}: {len(data)} bytes computed but the layout expects {entry.nbytes} "
+                f"tensor {entry.name!r}{part}: {len(data)} bytes computed but the layout expects {expected} "
                 f"(shape {list(tensor.shape)} {tensor.dtype} vs {list(entry.shape)} {entry.dtype})"
             )
         fd = self._fds.get(filename)
@@ -207,7 +214,7 @@ class ShardFileWriter:
             fd = self._fds[filename] = os.open(self.staging / filename, os.O_WRONLY)
         pos = 0
         while pos < len(data):
-            pos += os.pwrite(fd, data[pos:], entry.begin + pos)
+            pos += os.pwrite(fd, data[pos:], offset + pos)
         return len(data)
 
     def close(self) -> None:

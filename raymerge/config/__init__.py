@@ -10,6 +10,7 @@ from raymerge.config.merge_config import (
     parse_config,
 )
 from raymerge.config.parameters import evaluate_setting
+from raymerge.config.cluster import ClusterProfile, load_cluster, local_profile
 
 __all__ = [
     "ConfigError",
@@ -20,4 +21,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "evaluate_setting",
+    "ClusterProfile",
+    "load_cluster",
+    "local_profile",
 ]

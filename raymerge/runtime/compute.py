@@ -6,7 +6,7 @@ tests all go through exactly the same code.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -21,9 +21,15 @@ class OperatorError(RuntimeError):
     """A merge method failed on one tensor; the message names the tensor."""
 
 
-def compute_operator(op: MergeOperator, sources: Sequence[CheckpointSource], device: torch.device | str = "cpu") -> torch.Tensor:
-    """The merged output tensor of `op`, on CPU, in the operator's output dtype."""
-    tensors = [sources[i.model].read(i.name) for i in op.inputs]
+def compute_operator(
+    op: MergeOperator,
+    sources: Sequence[CheckpointSource],
+    device: torch.device | str = "cpu",
+    rows: Optional[tuple[int, int]] = None,
+) -> torch.Tensor:
+    """The merged output tensor of `op` (or its rows [start, stop) for a part of a row-split
+    operator, which only elementwise methods allow), on CPU, in the operator's output dtype."""
+    tensors = [sources[i.model].read(i.name, rows=rows) for i in op.inputs]
     out_dtype = DTYPES[op.out_dtype]
     if not all(t.is_floating_point() for t in tensors):
         first = tensors[0]
@@ -51,6 +57,7 @@ def compute_operator(op: MergeOperator, sources: Sequence[CheckpointSource], dev
         )
     except Exception as err:  # noqa: BLE001 - reported with the tensor's name
         raise OperatorError(f"merge_method {op.method!r} failed on tensor {op.name!r}: {type(err).__name__}: {err}") from err
-    if tuple(result.shape) != op.shape:
-        raise OperatorError(f"merge_method {op.method!r} returned shape {list(result.shape)} for {op.name!r}, expected {list(op.shape)}")
+    expected = op.shape if rows is None else (rows[1] - rows[0], *op.shape[1:])
+    if tuple(result.shape) != expected:
+        raise OperatorError(f"merge_method {op.method!r} returned shape {list(result.shape)} for {op.name!r}, expected {list(expected)}")
     return result.to(device="cpu", dtype=out_dtype)

@@ -1,9 +1,16 @@
-"""Running merge operators on a pool of Ray worker actors, with a progress bar.
+"""Running a plan on a pool of Ray worker actors, with a progress bar.
 
-Scheduling: operators are sorted largest first (by input bytes) and handed out in small batches
-to whichever worker is free (dynamic longest-processing-time list scheduling); each worker has
-at most two batches queued, so a slow worker never holds a backlog. Where tensors go never
-changes the output bytes: every operator writes at its precomputed offset.
+The pool: one actor per GPU when the cluster has GPUs, else one per CPU slot (`workers=N`
+overrides). Starting an actor costs a Python process and a torch import (about a second on a
+small CPU machine), so a pool can outlive a merge: `acquire_pool(..., keep=True)` keeps it for
+the next merge of this driver process (sweeps, pipelines); by default it is released (`release`)
+when the merge ends, so it never holds CPU slots the caller may want for other Ray work.
+
+Execution: the plan fixes which worker runs each part and in what order; each worker's parts
+are sent in small batches, at most two queued per worker. Where parts go never changes the
+output bytes: every part writes at its precomputed offset. The measured makespan (first batch
+sent to last batch done) is returned next to each worker's busy seconds, so the planner's
+prediction can be checked.
 
 Ray is started locally when no cluster is given (`address=None` and no `RAY_ADDRESS`); with an
 address, the pool is spread over the cluster's nodes. The output staging folder must then be on
@@ -16,13 +23,14 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from tqdm.auto import tqdm
 
 from raymerge.checkpoints import OutputLayout, SourceSpec
+from raymerge.runtime.costs import part_rows
 from raymerge.runtime.operators import MergeOperator
-from raymerge.runtime.worker import BatchStats, MergeWorkerImpl, WriteTarget
+from raymerge.runtime.worker import BatchStats, MergeWorkerImpl, WorkerInfo, WorkItem, WriteTarget
 
 BATCH_BYTES = 64 * 1024 * 1024
 BATCH_OPS = 16
@@ -36,6 +44,7 @@ class ExecutionStats:
     bytes_read: int = 0
     bytes_written: int = 0
     operators: int = 0
+    parts: int = 0
     peak_worker_rss_bytes: int = 0
     peak_device_bytes: int = 0
     per_worker_seconds: dict[int, float] = field(default_factory=dict)
@@ -48,7 +57,7 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) ->
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = {"logging_level": "WARNING", "log_to_driver": True}
+    kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True}
     if address is None:
         kwargs.update(include_dashboard=False, num_cpus=num_cpus)
     ray.init(address=address, **kwargs)
@@ -65,58 +74,151 @@ def default_worker_count() -> tuple[int, dict]:
     return max(1, int(res.get("CPU", 1))), {"num_cpus": 1}
 
 
-def make_batches(ops: Sequence[MergeOperator], layout: OutputLayout) -> deque:
-    """Largest-first batches of (operator, write target), each a few MB or a few ops."""
-    ordered = sorted(ops, key=lambda o: (-(o.bytes_in + o.bytes_out), o.index))
-    batches: deque = deque()
-    current: list[tuple[MergeOperator, WriteTarget]] = []
-    size = 0
-    for op in ordered:
+class WorkerPool:
+    """Merge worker actors, what each reported about itself, and its calibration cache."""
+
+    def __init__(self, n: int, resources: dict, threads: int):
+        import ray
+
+        actor_cls = ray.remote(MergeWorkerImpl).options(max_concurrency=1, **resources)
+        self.key = (ray.get_runtime_context().get_job_id(), n, tuple(sorted(resources.items())), threads)
+        self.actors = [actor_cls.remote(i, threads) for i in range(n)]
+        self._infos: Optional[list[WorkerInfo]] = None
+        self.calibration: dict[Any, list[float]] = {}  # cost key -> seconds per element, per worker
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def infos(self) -> list[WorkerInfo]:
+        import ray
+
+        if self._infos is None:
+            self._infos = ray.get([a.describe.remote() for a in self.actors])
+        return self._infos
+
+    def calibrate(self, samples: dict[Any, MergeOperator]) -> list[list[float]]:
+        """Per worker, seconds per element of each sample's method (cached by key)."""
+        import ray
+
+        missing = [k for k in samples if k not in self.calibration]
+        if missing:
+            ops = [samples[k] for k in missing]
+            rows = ray.get([a.calibrate.remote(ops) for a in self.actors])
+            for j, k in enumerate(missing):
+                self.calibration[k] = [row[j] for row in rows]
+        return [[self.calibration[k][w] for k in samples] for w in range(len(self.actors))]
+
+    def begin(self, sources: Sequence[SourceSpec], staging: str) -> None:
+        import ray
+
+        ray.get([a.begin.remote(list(sources), staging) for a in self.actors])
+
+    def finish(self) -> list[int]:
+        import ray
+
+        return ray.get([a.finish.remote() for a in self.actors])
+
+    def kill(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+
+_kept_pool: Optional[WorkerPool] = None
+
+
+def acquire_pool(workers: Optional[int] = None) -> WorkerPool:
+    """The kept pool when it matches (same Ray session, size and resources), else a new one
+    (the kept one, if any, is shut down first so it does not hold the CPU slots)."""
+    global _kept_pool
+    import ray
+
+    n_default, resources = default_worker_count()
+    n = max(1, workers or n_default)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    threads = 1 if "num_gpus" in resources else max(1, cpus // n)
+    key = (ray.get_runtime_context().get_job_id(), n, tuple(sorted(resources.items())), threads)
+    if _kept_pool is not None:
+        if _kept_pool.key == key and _kept_pool.actors:
+            pool, _kept_pool = _kept_pool, None
+            return pool
+        shutdown_pool()
+    return WorkerPool(n, resources, threads)
+
+
+def release_pool(pool: WorkerPool, keep: bool) -> None:
+    """Keep `pool` for the next merge of this process, or shut its actors down."""
+    global _kept_pool
+    if keep and pool.actors:
+        if _kept_pool is not None and _kept_pool is not pool:
+            _kept_pool.kill()
+        _kept_pool = pool
+    else:
+        pool.kill()
+
+
+def shutdown_pool() -> None:
+    """Shut down the worker pool kept by `keep_workers=True`, if any."""
+    global _kept_pool
+    if _kept_pool is not None:
+        try:
+            _kept_pool.kill()
+        except Exception:  # noqa: BLE001 - Ray may already be shut down
+            pass
+        _kept_pool = None
+
+
+def work_items(plan, ops: Sequence[MergeOperator], layout: OutputLayout, worker_names: Sequence[str]) -> list[list[WorkItem]]:
+    """Each worker's parts (by worker index, in plan order) as work items."""
+    by_name = {op.name: op for op in ops}
+    index = {name: i for i, name in enumerate(worker_names)}
+    queues: list[list[WorkItem]] = [[] for _ in worker_names]
+    for a in plan.assignments:
+        op = by_name[a.operator]
         filename, entry = layout.entry(op.name)
-        cost = op.bytes_in + op.bytes_out
+        queues[index[a.worker]].append(WorkItem(op, WriteTarget(filename, entry), part_rows(op, a.part, a.of)))
+    return queues
+
+
+def batches_of(items: Sequence[WorkItem]) -> deque:
+    """Consecutive items grouped into batches of at most BATCH_BYTES input bytes or BATCH_OPS."""
+    batches: deque = deque()
+    current: list[WorkItem] = []
+    size = 0
+    for item in items:
+        cost = item.bytes_in
         if current and (size + cost > BATCH_BYTES or len(current) >= BATCH_OPS):
             batches.append(current)
             current, size = [], 0
-        current.append((op, WriteTarget(filename, entry)))
+        current.append(item)
         size += cost
     if current:
         batches.append(current)
     return batches
 
 
-def run_operators(
-    ops: Sequence[MergeOperator],
-    sources: Sequence[SourceSpec],
-    layout: OutputLayout,
-    staging: str,
-    *,
-    workers: Optional[int] = None,
-    quiet: bool = False,
-) -> ExecutionStats:
-    """Compute and write every operator on a pool of Ray actors; return measured statistics."""
+def run_plan(pool: WorkerPool, queues: Sequence[Sequence[WorkItem]], operators: int, *, quiet: bool = False) -> ExecutionStats:
+    """Run each worker's queue on its actor (`begin` must have been called); measured stats."""
     import ray
 
-    n_default, resources = default_worker_count()
-    n = workers or n_default
-    n = max(1, min(n, len(ops)))
-    cpu_per_worker = max(1, int(ray.cluster_resources().get("CPU", 1)) // n) if "num_gpus" not in resources else 1
-    actor_cls = ray.remote(MergeWorkerImpl).options(max_concurrency=1, **resources)
-    start = time.perf_counter()
-    actors = [actor_cls.remote(i, list(sources), staging, cpu_per_worker) for i in range(n)]
-    stats = ExecutionStats(workers=n, seconds=0.0)
-    batches = make_batches(ops, layout)
-    total_bytes = sum(o.bytes_in for o in ops)
+    n = len(pool)
+    stats = ExecutionStats(workers=n, seconds=0.0, operators=operators)
+    pending_batches = [batches_of(q) for q in queues]
+    total_bytes = sum(item.bytes_in for q in queues for item in q)
+    total_parts = sum(len(q) for q in queues)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"merging on {n} worker(s)", disable=quiet, dynamic_ncols=True)
     pending: dict = {}
-    in_flight = {i: 0 for i in range(n)}
-    done_ops = 0
+    in_flight = [0] * n
+    done_parts = 0
+    start = time.perf_counter()
     try:
-        while batches or pending:
+        while any(pending_batches) or pending:
             for i in range(n):
-                while batches and in_flight[i] < IN_FLIGHT_PER_WORKER:
-                    batch = batches.popleft()
-                    ref = actors[i].run.remote(batch)
-                    pending[ref] = (i, batch)
+                while pending_batches[i] and in_flight[i] < IN_FLIGHT_PER_WORKER:
+                    batch = pending_batches[i].popleft()
+                    pending[pool.actors[i].run.remote(batch)] = (i, batch)
                     in_flight[i] += 1
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
@@ -125,18 +227,14 @@ def run_operators(
                 result: BatchStats = ray.get(ref)
                 stats.bytes_read += result.bytes_read
                 stats.bytes_written += result.bytes_written
-                stats.operators += result.operators
+                stats.parts += result.operators
                 stats.peak_worker_rss_bytes = max(stats.peak_worker_rss_bytes, result.peak_rss_bytes)
                 stats.peak_device_bytes = max(stats.peak_device_bytes, result.peak_device_bytes)
                 stats.per_worker_seconds[i] = stats.per_worker_seconds.get(i, 0.0) + result.seconds
-                done_ops += result.operators
-                bar.update(sum(op.bytes_in for op, _ in batch))
-                bar.set_postfix_str(f"{done_ops}/{len(ops)} tensors", refresh=False)
-        peaks = ray.get([a.finish.remote() for a in actors])
-        stats.peak_worker_rss_bytes = max([stats.peak_worker_rss_bytes, *peaks])
+                done_parts += result.operators
+                bar.update(sum(item.bytes_in for item in batch))
+                bar.set_postfix_str(f"{done_parts}/{total_parts} parts", refresh=False)
     finally:
         bar.close()
-        for a in actors:
-            ray.kill(a)
     stats.seconds = time.perf_counter() - start
     return stats

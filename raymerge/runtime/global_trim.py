@@ -106,10 +106,10 @@ def _bin_of_kth_largest(counts: torch.Tensor, k: int) -> tuple[int, int]:
     return counts.numel() - 1 - j, k - above
 
 
-def _run_batches(ops: Sequence[MergeOperator], specs: Sequence[SourceSpec], high_bins: Optional[dict[int, int]]) -> dict[int, torch.Tensor]:
+def _run_batches(ops: Sequence[MergeOperator], actors: Sequence, high_bins: Optional[dict[int, int]]) -> dict[int, torch.Tensor]:
+    """Histogram batches spread round-robin over the merge worker actors (already begun)."""
     import ray
 
-    remote = ray.remote(num_cpus=1)(histogram_batch)
     batches: list[list[MergeOperator]] = [[]]
     size = 0
     for op in ops:
@@ -119,19 +119,21 @@ def _run_batches(ops: Sequence[MergeOperator], specs: Sequence[SourceSpec], high
         batches[-1].append(op)
         size += op.bytes_in
     totals: dict[int, torch.Tensor] = {}
-    for part in ray.get([remote.remote(b, list(specs), high_bins) for b in batches if b]):
+    refs = [actors[i % len(actors)].histogram.remote(b, high_bins) for i, b in enumerate(b for b in batches if b)]
+    for part in ray.get(refs):
         for m, c in part.items():
             totals[m] = totals[m] + c if m in totals else c
     return totals
 
 
 def apply_model_trim(
-    ops: list[MergeOperator], specs: Sequence[SourceSpec], model_names: Sequence[str], label: str
+    ops: list[MergeOperator], actors: Sequence, model_names: Sequence[str], label: str
 ) -> tuple[list[MergeOperator], dict[int, float]]:
-    """Find each model's whole-model threshold on Ray workers; return operators carrying it."""
+    """Find each model's whole-model threshold on the merge worker actors (their job begun with
+    this merge's sources); return operators carrying it."""
     densities = model_densities(ops, model_names, label)
     trimmed = [op for op in ops if op.params.get("trim_scope") == "model"]
-    high = _run_batches(trimmed, specs, None)
+    high = _run_batches(trimmed, actors, None)
     thresholds: dict[int, float] = {}
     wanted: dict[int, int] = {}
     chosen: dict[int, int] = {}
@@ -145,7 +147,7 @@ def apply_model_trim(
             k = max(1, int(density * total))
             chosen[m], wanted[m] = _bin_of_kth_largest(high[m], k)
     if chosen:
-        low = _run_batches(trimmed, specs, chosen)
+        low = _run_batches(trimmed, actors, chosen)
         for m, hb in chosen.items():
             lb, _ = _bin_of_kth_largest(low[m], wanted[m])
             thresholds[m] = struct.unpack("<f", struct.pack("<i", (hb << 16) | lb))[0]

@@ -1,4 +1,9 @@
-"""A whole merge, end to end: config -> headers -> operators -> workers -> atomic publish.
+"""A whole merge, end to end: config -> headers -> operators -> plan -> workers -> atomic publish.
+
+The worker pool starts, calibrates the job's methods, and the planner (`runtime.planning`)
+places every operator — or its row parts — on a worker; the executor runs that plan and the
+result reports the predicted and the measured makespan side by side. `plan_only` makes the
+same plan from headers (or config.json shapes) and a cluster profile, starting nothing.
 
 Everything that can fail from metadata alone (config errors, missing models or tensors, shape
 mismatches, an output path that already holds a model) fails here, in the driver, before Ray
@@ -9,6 +14,7 @@ is ever published half-written.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +25,17 @@ from raymerge.checkpoints.model_files import merged_model_config, model_card, to
 from raymerge.checkpoints.source import CheckpointError
 from raymerge.checkpoints.writer import DEFAULT_SHARD_BYTES
 from raymerge.config import ConfigError, MergeConfig, ModelRef, load_config
+from raymerge.runtime.costs import representative_ops
+from raymerge.runtime.executor import WorkerPool, acquire_pool, ensure_ray, release_pool, run_plan, work_items
 from raymerge.runtime.global_trim import apply_model_trim, uses_model_trim
-from raymerge.runtime.executor import ExecutionStats, ensure_ray, run_operators
+from raymerge.runtime.planning import (
+    Topology,
+    calibrated_costs,
+    plan_merge,
+    plan_summary,
+    topology_from_profile,
+    topology_from_workers,
+)
 from raymerge.runtime.operators import MergeProgram, build_program, check_sources_compatible
 
 GB = 1e9
@@ -40,6 +55,7 @@ class MergeResult:
     peak_worker_rss_bytes: int = 0
     peak_device_bytes: int = 0
     files: list[str] = field(default_factory=list)
+    plan: Optional["PlanOutcome"] = None
 
     @property
     def read_gbps(self) -> float:
@@ -50,14 +66,41 @@ class MergeResult:
         t = self.timings
         line = (
             f"merged {self.tensors} tensors into {self.output} in {self.seconds:.1f} s "
-            f"(plan {t.get('plan', 0):.1f} s, Ray start {t.get('ray', 0):.1f} s, merge {t.get('merge', 0):.1f} s, "
+            f"(plan {t.get('plan', 0):.1f} s, Ray start {t.get('ray', 0):.1f} s, workers {t.get('workers', 0):.1f} s, "
+            f"merge {t.get('merge', 0):.1f} s, "
             f"publish {t.get('publish', 0):.1f} s): read {human_bytes(self.bytes_read)} at "
             f"{self.read_gbps:.2f} GB/s, wrote {human_bytes(self.bytes_written)}; {self.workers} worker(s), "
             f"peak worker memory {human_bytes(self.peak_worker_rss_bytes)} RSS"
         )
         if self.peak_device_bytes:
             line += f", {human_bytes(self.peak_device_bytes)} GPU"
+        if self.plan is not None:
+            line += "\n" + self.plan.summary()
         return line
+
+
+@dataclass
+class PlanOutcome:
+    """What the planner predicted for a merge and what the workers then took (seconds)."""
+
+    predicted_makespan: float
+    measured_makespan: float
+    lower_bound: float
+    gap: float
+    solver: str
+    status: str
+    solve_seconds: float
+    parts: int
+    predicted_busy: dict[str, float] = field(default_factory=dict)
+    measured_busy: dict[str, float] = field(default_factory=dict)
+    report: Optional["PlanReport"] = field(default=None, repr=False)  # the plan itself, for --gantt/--json
+
+    def summary(self) -> str:
+        error = (self.measured_makespan - self.predicted_makespan) / self.predicted_makespan if self.predicted_makespan > 0 else 0.0
+        return (
+            f"plan: {self.parts} parts, solver {self.solver} ({self.status}, gap {self.gap:.1%}, {self.solve_seconds:.2f} s); "
+            f"predicted makespan {self.predicted_makespan:.2f} s, measured {self.measured_makespan:.2f} s ({error:+.0%})"
+        )
 
 
 def human_bytes(n: float) -> str:
@@ -77,13 +120,17 @@ class MergeOptions:
     out_shard_size: Union[int, str, None] = None
     allow_pickle: bool = False
     allow_mixed_architectures: bool = False
+    cluster: Union[str, Path, None] = None
+    planner: str = "milp"
+    plan_time_limit: float = 10.0
+    keep_workers: bool = False
 
 
-def open_sources(refs: list[ModelRef], allow_pickle: bool) -> dict[ModelRef, tuple[SourceSpec, CheckpointSource]]:
+def open_sources(refs: list[ModelRef], allow_pickle: bool, shape_only: bool = False) -> dict[ModelRef, tuple[SourceSpec, CheckpointSource]]:
     opened: dict[ModelRef, tuple[SourceSpec, CheckpointSource]] = {}
     try:
         for ref in refs:
-            spec = SourceSpec(ref.path, ref.revision, allow_pickle)
+            spec = SourceSpec(ref.path, ref.revision, allow_pickle, shape_only=shape_only)
             opened[ref] = (spec, spec.open())
     except Exception:
         for _, src in opened.values():
@@ -168,12 +215,77 @@ def _published_files(
     return files
 
 
+@dataclass
+class PlanReport:
+    """A plan made without running anything: for `raymerge plan` and `merge --plan-only`."""
+
+    plan: Any  # planners.Plan
+    problem: Any  # planners.MergeProblem
+    topology: Topology
+    tensors: int
+    bytes_in: int
+
+    def summary(self) -> str:
+        return (
+            f"{self.plan.load_table(self.problem)}\n"
+            f"{plan_summary(self.plan, self.problem, self.topology)}\n"
+            f"inputs {human_bytes(self.bytes_in)} for {self.tensors} output tensors"
+        )
+
+
+def _prepare(cfg: MergeConfig, label: str, options: MergeOptions, *, shape_only: bool = False):
+    """Program, source specs and the small files to publish; every metadata check happens here."""
+    settings = cfg.raymerge
+    seed = options.random_seed if options.random_seed is not None else (settings.random_seed if settings and settings.random_seed is not None else 0)
+    opened = open_sources(cfg.referenced_models(), options.allow_pickle, shape_only=shape_only)
+    try:
+        sources = {ref: src for ref, (_, src) in opened.items()}
+        check_sources_compatible(sources, allow_mixed=options.allow_mixed_architectures)
+        program = build_program(cfg, sources, source_label=label, random_seed=seed)
+        extra_files = None if shape_only else _published_files(cfg, label, program, opened, options.allow_pickle)
+    finally:
+        for _, src in opened.values():
+            src.close()
+    specs = [opened[m][0] for m in program.models]
+    return program, specs, extra_files
+
+
+def _offline_topology(options: MergeOptions) -> Topology:
+    from raymerge.config import load_cluster, local_profile
+
+    if options.cluster is not None:
+        return topology_from_profile(load_cluster(options.cluster), str(options.cluster))
+    gpus, gpu_memory = 0, 0
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpus = torch.cuda.device_count()
+            gpu_memory = torch.cuda.get_device_properties(0).total_memory
+    except Exception:  # noqa: BLE001 - no usable GPU
+        pass
+    cpus = options.workers or os.cpu_count() or 1
+    if gpus and options.workers:
+        gpus = options.workers
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    profile = local_profile(cpus=cpus, memory_bytes=memory, gpus=gpus, gpu_memory_bytes=gpu_memory)
+    return topology_from_profile(profile, "this machine (clusters/local.yaml)")
+
+
+def plan_only(config: Union[str, Path, dict[str, Any], MergeConfig], options: MergeOptions) -> PlanReport:
+    """Plan a merge from headers (or config.json shapes) without starting Ray or reading weights."""
+    cfg, label = load_config(config)
+    program, _, _ = _prepare(cfg, label, options, shape_only=True)
+    topology = _offline_topology(options)
+    plan, problem = plan_merge(program.operators, topology, planner=options.planner, time_limit=options.plan_time_limit)
+    return PlanReport(plan, problem, topology, len(program.operators), sum(op.bytes_in for op in program.operators))
+
+
 def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Union[str, Path], options: MergeOptions) -> MergeResult:
     """Run one merge; see `raymerge.merge` for the user-facing description."""
     t0 = time.perf_counter()
     cfg, label = load_config(config)
     settings = cfg.raymerge
-    seed = options.random_seed if options.random_seed is not None else (settings.random_seed if settings and settings.random_seed is not None else 0)
     shard_size = options.out_shard_size or (settings.out_shard_size if settings else None) or DEFAULT_SHARD_BYTES
     try:
         shard_bytes = parse_size(shard_size)
@@ -181,37 +293,47 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
         raise ConfigError(f"out_shard_size: {err}") from None
     staged = StagedOutput(output, overwrite=options.overwrite)
     staged.check_target()
-    opened = open_sources(cfg.referenced_models(), options.allow_pickle)
-    try:
-        sources = {ref: src for ref, (_, src) in opened.items()}
-        check_sources_compatible(sources, allow_mixed=options.allow_mixed_architectures)
-        program = build_program(cfg, sources, source_label=label, random_seed=seed)
-        extra_files = _published_files(cfg, label, program, opened, options.allow_pickle)
-    finally:
-        for _, src in opened.values():
-            src.close()
+    profile = None
+    if options.cluster is not None:
+        from raymerge.config import load_cluster
+
+        profile = load_cluster(options.cluster)
+    program, specs, extra_files = _prepare(cfg, label, options)
     layout = plan_shards([(op.name, op.out_dtype, op.shape) for op in program.operators], shard_bytes)
-    specs = [opened[m][0] for m in program.models]
     t_plan = time.perf_counter()
 
-    ensure_ray(options.address)
+    ensure_ray(options.address or (profile.address if profile is not None else None))
     t_ray = time.perf_counter()
-    if uses_model_trim(program.operators):
-        program.operators, _ = apply_model_trim(program.operators, specs, [str(m) for m in program.models], label)
-    stats: ExecutionStats
+    pool = acquire_pool(options.workers)
+    keep = options.keep_workers
     try:
         staged.prepare(layout)
-        stats = run_operators(program.operators, specs, layout, str(staged.staging), workers=options.workers, quiet=options.quiet)
+        pool.begin(specs, str(staged.staging))
+        if uses_model_trim(program.operators):
+            program.operators, _ = apply_model_trim(program.operators, pool.actors, [str(m) for m in program.models], label)
+        samples = representative_ops(program.operators)
+        measured = pool.calibrate(samples)
+        table, speeds = calibrated_costs(list(samples), measured)
+        topology = topology_from_workers(pool.infos(), speeds, profile, description=_pool_description(pool, options))
+        plan, problem = plan_merge(program.operators, topology, table, planner=options.planner, time_limit=options.plan_time_limit)
+        t_planned = time.perf_counter()
+        queues = work_items(plan, program.operators, layout, [w.name for w in problem.workers])
+        stats = run_plan(pool, queues, len(program.operators), quiet=options.quiet)
+        peaks = pool.finish()
+        stats.peak_worker_rss_bytes = max([stats.peak_worker_rss_bytes, *peaks])
         t_merge = time.perf_counter()
         index = layout.index_json()
         if index is not None:
             staged.write_file("model.safetensors.index.json", index)
-        for name, data in extra_files.items():
+        for name, data in (extra_files or {}).items():
             staged.write_file(name, data)
         out = staged.publish()
     except BaseException:
+        keep = False  # a failed job may leave work queued on the actors
         staged.abort()
         raise
+    finally:
+        release_pool(pool, keep)
     t_end = time.perf_counter()
     return MergeResult(
         output=out,
@@ -220,8 +342,24 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
         bytes_written=stats.bytes_written,
         workers=stats.workers,
         seconds=t_end - t0,
-        timings={"plan": t_plan - t0, "ray": t_ray - t_plan, "merge": t_merge - t_ray, "publish": t_end - t_merge},
+        timings={
+            "plan": t_plan - t0, "ray": t_ray - t_plan, "workers": t_planned - t_ray,
+            "merge": t_merge - t_planned, "publish": t_end - t_merge,
+        },
         peak_worker_rss_bytes=stats.peak_worker_rss_bytes,
         peak_device_bytes=stats.peak_device_bytes,
         files=sorted(p.name for p in out.iterdir()),
+        plan=PlanOutcome(
+            predicted_makespan=plan.makespan, measured_makespan=stats.seconds, lower_bound=plan.lower_bound,
+            gap=plan.gap, solver=plan.solver, status=plan.status, solve_seconds=plan.solve_seconds,
+            parts=len(plan.assignments), predicted_busy={w.name: plan.loads.get(w.name, 0.0) for w in problem.workers},
+            measured_busy={problem.workers[i].name: s for i, s in sorted(stats.per_worker_seconds.items())},
+            report=PlanReport(plan, problem, topology, len(program.operators), sum(op.bytes_in for op in program.operators)),
+        ),
     )
+
+
+def _pool_description(pool: WorkerPool, options: MergeOptions) -> str:
+    nodes = len({i.node_id for i in pool.infos()})
+    where = "local Ray" if (options.address or os.environ.get("RAY_ADDRESS")) is None else "Ray cluster"
+    return f"{where}, {len(pool)} worker(s) on {nodes} node(s), calibrated"

@@ -1,8 +1,9 @@
 """The merge worker: a long-lived Ray actor that computes operators and writes their bytes.
 
-One actor per GPU when the cluster has GPUs, else one per CPU slot. An actor opens each input
-model's source once (headers only), reads just the tensors of the operators it is sent, merges
-them on its device and writes each result at its precomputed offset in the staged shard files.
+One actor per GPU when the cluster has GPUs, else one per CPU slot. For each merge (a job) an
+actor opens each input model's source once (headers only), reads just the tensors — or row
+ranges of them, for parts of split operators — it is sent, merges them on its device and writes
+each result at its precomputed offset in the staged shard files.
 Only small metadata (operators in, statistics out) crosses the Ray object store: never weights.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import os
 import resource
+import socket
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -19,6 +21,7 @@ import torch
 from raymerge.checkpoints import CheckpointSource, ShardFileWriter, SourceSpec
 from raymerge.checkpoints.safetensors_format import TensorEntry
 from raymerge.runtime.compute import compute_operator
+from raymerge.runtime.costs import measure_seconds_per_element
 from raymerge.runtime.operators import MergeOperator
 
 
@@ -26,6 +29,19 @@ from raymerge.runtime.operators import MergeOperator
 class WriteTarget:
     filename: str
     entry: TensorEntry
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One part to compute: the whole operator (`rows` None) or rows [start, stop) of it."""
+
+    op: MergeOperator
+    target: WriteTarget
+    rows: Optional[tuple[int, int]] = None
+
+    @property
+    def bytes_in(self) -> int:
+        return self.op.bytes_in if self.rows is None else self.op.bytes_in * (self.rows[1] - self.rows[0]) // self.op.shape[0]
 
 
 @dataclass
@@ -39,18 +55,35 @@ class BatchStats:
     peak_device_bytes: int
 
 
+@dataclass(frozen=True)
+class WorkerInfo:
+    """Where a worker runs and what it has (memory: the GPU's, or the whole node's RAM)."""
+
+    worker_id: int
+    node_id: str
+    host: str
+    pid: int
+    device: str
+    memory_bytes: int
+
+
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 class MergeWorkerImpl:
-    """The worker's logic, usable without Ray (the Ray actor class wraps it)."""
+    """The worker's logic, usable without Ray (the Ray actor class wraps it).
 
-    def __init__(self, worker_id: int, sources: Sequence[SourceSpec], staging: str, threads: Optional[int] = None):
+    A worker outlives one merge: `begin` points it at a job's sources and staging folder, `run`
+    computes batches of parts, `finish` closes the job's files. `calibrate` times the job's
+    methods on synthetic tensors for the planner; `histogram` serves whole-model TIES trimming.
+    """
+
+    def __init__(self, worker_id: int, threads: Optional[int] = None):
         self.worker_id = worker_id
-        self._specs = list(sources)
+        self._specs: list[SourceSpec] = []
         self._sources: dict[int, CheckpointSource] = {}
-        self._writer = ShardFileWriter(staging)
+        self._writer: Optional[ShardFileWriter] = None
         if threads:
             torch.set_num_threads(threads)
         self.device = self._pick_device()
@@ -61,34 +94,65 @@ class MergeWorkerImpl:
             return torch.device("cuda")
         return torch.device("cpu")
 
-    def _source_list(self, op: MergeOperator) -> list[CheckpointSource]:
+    def describe(self) -> WorkerInfo:
+        node_id = "local"
+        try:
+            import ray
+
+            if ray.is_initialized():
+                node_id = ray.get_runtime_context().get_node_id()
+        except Exception:  # noqa: BLE001 - outside Ray the node is this machine
+            pass
+        if self.device.type == "cuda":
+            memory = torch.cuda.get_device_properties(self.device).total_memory
+        else:
+            memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return WorkerInfo(self.worker_id, node_id, socket.gethostname(), os.getpid(), self.device.type, int(memory))
+
+    def calibrate(self, ops: Sequence[MergeOperator]) -> list[float]:
+        """Seconds per output element of each operator's method on this worker."""
+        return [measure_seconds_per_element(op, self.device) for op in ops]
+
+    def begin(self, sources: Sequence[SourceSpec], staging: str) -> None:
+        self._close_job()
+        self._specs = list(sources)
+        self._writer = ShardFileWriter(staging)
+
+    def _opened(self, op: MergeOperator) -> dict[int, CheckpointSource]:
         for i in {inp.model for inp in op.inputs}:
             if i not in self._sources:
                 self._sources[i] = self._specs[i].open()
-        return self._sources  # type: ignore[return-value]  # indexed by model number
+        return self._sources
 
-    def run(self, batch: Sequence[tuple[MergeOperator, WriteTarget]]) -> BatchStats:
+    def run(self, batch: Sequence[WorkItem]) -> BatchStats:
+        if self._writer is None:
+            raise RuntimeError("MergeWorker.run called before begin()")
         start = time.perf_counter()
         read_before = sum(s.bytes_read() for s in self._sources.values())
         written = 0
-        for op, target in batch:
-            sources = self._source_list(op)
-            result = compute_operator(op, sources, self.device)  # type: ignore[arg-type]
-            written += self._writer.write(target.filename, target.entry, result)
+        for item in batch:
+            sources = self._opened(item.op)
+            result = compute_operator(item.op, sources, self.device, rows=item.rows)  # type: ignore[arg-type]
+            written += self._writer.write(item.target.filename, item.target.entry, result, rows=item.rows)
             del result
         read = sum(s.bytes_read() for s in self._sources.values()) - read_before
         device_peak = torch.cuda.max_memory_allocated() if self.device.type == "cuda" else 0
         return BatchStats(self.worker_id, len(batch), read, written, time.perf_counter() - start, _peak_rss_bytes(), device_peak)
 
-    def finish(self) -> int:
-        """Flush and close output files; returns this process's peak RSS in bytes."""
-        self._writer.close()
+    def histogram(self, ops: Sequence[MergeOperator], high_bins: Optional[dict[int, int]] = None) -> dict[int, torch.Tensor]:
+        from raymerge.runtime.global_trim import histogram_batch
+
+        return histogram_batch(ops, self._specs, high_bins)
+
+    def _close_job(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         for s in self._sources.values():
             s.close()
         self._sources.clear()
+
+    def finish(self) -> int:
+        """Flush and close this job's output and input files; returns this process's peak RSS."""
+        self._close_job()
         return _peak_rss_bytes()
-
-    def node(self) -> str:
-        import socket
-
-        return f"{socket.gethostname()}:{os.getpid()}"

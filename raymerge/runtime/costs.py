@@ -1,0 +1,216 @@
+"""The cost model: what one merge operator costs, as the planner's `planners.Operator`.
+
+An operator's cost has three parts, which `planners.problem` combines with a worker's figures:
+
+- bytes read (its inputs, as stored) and bytes written (its output);
+- compute seconds on a speed-1.0 worker: `elements x seconds_per_element(method, inputs, dtype)`.
+  Every method here is linear in the tensor's elements (elementwise merges are memory-bound;
+  TIES/DARE/breadcrumbs add a selection or random mask per model, SLERP and model stock a few
+  reductions), so one coefficient per (method, number of inputs, working dtype) describes it.
+  Offline (`raymerge plan`) the coefficients come from `REFERENCE_NS_PER_INPUT_ELEMENT`,
+  measured on one core of the development VM (speed 1.0 in `clusters/` profiles). When merging
+  for real, every worker first *calibrates*: it runs each (method, inputs, dtype) of the job on
+  synthetic tensors (`measure_seconds_per_element`), and the planner uses those figures.
+- peak memory: the inputs in the working dtype, the output, and method-specific temporaries
+  (`EXTRA_COPIES`: full-size working copies a method holds at once; estimates from the code).
+
+Row splits: an operator may be split row-wise into 2, 4 or 8 parts when its method is
+elementwise and deterministic (`MethodSpec.elementwise`, no random seed): each part then reads
+and computes only its rows and writes them at their offset, so the output bytes are identical.
+Only operators of at least `SPLIT_MIN_BYTES` are offered splits (smaller ones gain nothing).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+import planners
+import torch
+
+from raymerge.checkpoints.safetensors_format import DTYPES as SAFETENSORS_DTYPES
+from raymerge.checkpoints.safetensors_format import element_size
+from raymerge.methods import get_method
+from raymerge.runtime.operators import DTYPES, MergeOperator
+
+SPLIT_DEGREES = (1, 2, 4, 8)
+SPLIT_MIN_BYTES = 64 * 1024 * 1024
+
+# Nanoseconds per element of each input tensor on one core of the reference machine (the 2-core
+# development VM; torch 2.13 CPU, 1 thread), bfloat16 working dtype, three fine-tunes plus a base
+# where the method takes one (slerp/nuslerp: two models). Measured with `python -m
+# raymerge.runtime.costs` and rounded; repeated runs on the VM vary by about 20%.
+REFERENCE_NS_PER_INPUT_ELEMENT: dict[str, float] = {
+    "linear": 0.8,
+    "passthrough": 0.3,  # returns its input: the cost is the dtype cast and the write
+    "task_arithmetic": 3.4,
+    "ties": 15.0,
+    "dare_ties": 20.0,
+    "dare_linear": 14.0,
+    "breadcrumbs": 16.0,
+    "breadcrumbs_ties": 22.0,
+    "della": 95.0,
+    "della_linear": 85.0,
+    "slerp": 3.2,
+    "nuslerp": 2.2,
+    "model_stock": 3.6,
+}
+DEFAULT_NS_PER_INPUT_ELEMENT = 20.0  # methods without a measurement (registered later)
+OPERATOR_OVERHEAD_S = 1e-3  # per operator: opening inputs, a Python call or two, a ranged write
+
+# Full-size working copies (in the working dtype) a method holds besides its inputs and output.
+EXTRA_COPIES: dict[str, float] = {"linear": 0.0, "passthrough": 0.0, "slerp": 4.0, "nuslerp": 4.0, "model_stock": 4.0}
+TASK_VECTOR_EXTRA = 2.0  # + one delta per model: the sparsified deltas, |delta| and a mask
+DELLA_EXTRA = 6.0  # argsort ranks are int64
+
+CALIBRATION_SHAPE = (256, 4096)  # 1M elements: long enough to time, short enough to be instant
+
+
+@dataclass(frozen=True)
+class CostKey:
+    """Operators that cost the same per element: method, number of inputs, working dtype."""
+
+    method: str
+    inputs: int
+    dtype: str  # safetensors code, e.g. "BF16"
+
+
+def working_dtype_code(op: MergeOperator, input_dtypes: Optional[Sequence[str]] = None) -> str:
+    """The dtype an operator computes in: the config's `dtype`, else the output dtype."""
+    if op.work_dtype is not None:
+        torch_dtype = DTYPES[op.work_dtype]
+        for code, dt in SAFETENSORS_DTYPES.items():
+            if dt == torch_dtype:
+                return code
+    return op.out_dtype
+
+
+def cost_key(op: MergeOperator) -> CostKey:
+    return CostKey(op.method, len(op.inputs), working_dtype_code(op))
+
+
+def elements(op: MergeOperator) -> int:
+    return math.prod(op.shape) if op.shape else 1
+
+
+def offline_seconds_per_element(key: CostKey) -> float:
+    """Seconds per output element on the reference core, from the measured table."""
+    ns = REFERENCE_NS_PER_INPUT_ELEMENT.get(key.method, DEFAULT_NS_PER_INPUT_ELEMENT)
+    return ns * 1e-9 * key.inputs
+
+
+def split_degrees(op: MergeOperator) -> tuple[int, ...]:
+    """Row splits allowed for `op` (always includes 1)."""
+    spec = get_method(op.method)
+    if not spec.elementwise or op.seed is not None or len(op.shape) < 2:
+        return (1,)
+    if op.bytes_in + op.bytes_out < SPLIT_MIN_BYTES:
+        return (1,)
+    return tuple(d for d in SPLIT_DEGREES if d <= op.shape[0])
+
+
+def part_rows(op: MergeOperator, part: int, of: int) -> Optional[tuple[int, int]]:
+    """Rows [start, stop) of part `part` of `op` split `of` ways (None: the whole tensor)."""
+    if of == 1:
+        return None
+    rows = op.shape[0]
+    return (rows * part // of, rows * (part + 1) // of)
+
+
+def peak_memory(op: MergeOperator) -> float:
+    """Estimated bytes a worker holds while computing `op` (see the module docstring)."""
+    n = elements(op)
+    work = element_size(working_dtype_code(op))
+    spec = get_method(op.method)
+    if op.method in EXTRA_COPIES:
+        extra = EXTRA_COPIES[op.method]
+    elif spec.extra.get("sparsification") == "della":
+        extra = DELLA_EXTRA + len(op.inputs)
+    else:
+        extra = TASK_VECTOR_EXTRA + len(op.inputs)
+    return (len(op.inputs) + extra) * n * work + op.bytes_out
+
+
+def planner_operator(
+    op: MergeOperator, seconds_per_element: Mapping[CostKey, float], input_location: Optional[str] = None
+) -> planners.Operator:
+    """`op` as the planner sees it; `seconds_per_element` on a speed-1.0 worker by cost key."""
+    key = cost_key(op)
+    per_element = seconds_per_element.get(key)
+    if per_element is None:
+        per_element = offline_seconds_per_element(key)
+    return planners.Operator(
+        name=op.name,
+        bytes_read=float(op.bytes_in),
+        bytes_written=float(op.bytes_out),
+        compute_s=OPERATOR_OVERHEAD_S + elements(op) * per_element,
+        peak_memory=peak_memory(op),
+        split_degrees=split_degrees(op),
+        input_location=input_location,
+    )
+
+
+def representative_ops(ops: Sequence[MergeOperator]) -> dict[CostKey, MergeOperator]:
+    """One operator per cost key (the largest), whose parameters calibration uses."""
+    out: dict[CostKey, MergeOperator] = {}
+    for op in ops:
+        key = cost_key(op)
+        if key not in out or elements(op) > elements(out[key]):
+            out[key] = op
+    return out
+
+
+def measure_seconds_per_element(op: MergeOperator, device: torch.device | str = "cpu", repeats: int = 2) -> float:
+    """Time `op`'s method on synthetic inputs of `CALIBRATION_SHAPE` in its working dtype (best
+    of `repeats`, after one warm-up run); seconds per output element."""
+    dtype = SAFETENSORS_DTYPES[working_dtype_code(op)]
+    if not dtype.is_floating_point:
+        return 0.0
+    g = torch.Generator(device="cpu").manual_seed(0)
+    base = torch.randn(CALIBRATION_SHAPE, generator=g)
+    inputs = [(base + 0.01 * torch.randn(CALIBRATION_SHAPE, generator=g)).to(device=device, dtype=dtype) for _ in op.inputs]
+    spec = get_method(op.method)
+    params: dict[str, Any] = dict(op.params)
+    best = math.inf
+    for i in range(repeats + 1):
+        generator = torch.Generator(device=device).manual_seed(i) if op.seed is not None else None
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        spec.fn(inputs, base_index=op.base_index, model_params=list(op.model_params), params=params, generator=generator)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        if i > 0:
+            best = min(best, time.perf_counter() - start)
+    return best / math.prod(CALIBRATION_SHAPE)
+
+
+def _print_reference_table() -> None:  # pragma: no cover - a measuring tool, run by hand
+    """Measure REFERENCE_NS_PER_INPUT_ELEMENT on this machine (1 thread, bf16, 3 fine-tunes + base)."""
+    from raymerge.runtime.operators import TensorInput
+
+    torch.set_num_threads(1)
+    for name in REFERENCE_NS_PER_INPUT_ELEMENT:
+        spec = get_method(name)
+        n = 1 if spec.max_models == 1 else (2 if name in ("slerp", "nuslerp") else 4)
+        base_index = 0 if spec.base == "required" else None
+        model_params = tuple(
+            {p.name: (0.5 if p.name in ("weight", "density", "t") else p.default) for p in spec.params if p.per_model}
+            for _ in range(n)
+        )
+        params = {p.name: (0.5 if p.name == "t" else p.default) for p in spec.params if not p.per_model}
+        op = MergeOperator(
+            index=0, name="calibration", method=name,
+            inputs=tuple(TensorInput(i, "calibration", 0) for i in range(n)),
+            base_index=base_index, model_params=model_params, params=params,
+            work_dtype="bfloat16", out_dtype="BF16", shape=CALIBRATION_SHAPE,
+            seed=0 if spec.random else None,
+        )
+        ns = measure_seconds_per_element(op) * 1e9 / n
+        print(f'    "{name}": {ns:.1f},')
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _print_reference_table()

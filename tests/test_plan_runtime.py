@@ -1,0 +1,236 @@
+"""The planner inside raymerge: the cost model, topologies, plans executed by the workers
+(row-split parts included, bytes unchanged), predicted vs measured makespan, `raymerge plan`
+and `merge --plan-only`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import planners
+import pytest
+
+import raymerge
+import raymerge.runtime.costs as costs
+import raymerge.runtime.merge as merge_module
+from raymerge.cli import main as cli_main
+from raymerge.config import load_config
+from raymerge.runtime.merge import open_sources
+from raymerge.runtime.operators import build_program
+from raymerge.runtime.planning import (
+    Topology,
+    build_problem,
+    calibrated_costs,
+    plan_merge,
+    topology_from_workers,
+)
+from raymerge.runtime.worker import WorkerInfo
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def linear_config(p: dict[str, Path]) -> dict:
+    return {
+        "merge_method": "linear",
+        "models": [{"model": str(p[k]), "parameters": {"weight": w}} for k, w in (("ft1", 0.5), ("ft2", 0.3), ("ft3", 0.2))],
+        "dtype": "float32",
+    }
+
+
+def program_of(cfg: dict):
+    config, label = load_config(cfg)
+    opened = open_sources(config.referenced_models(), False)
+    try:
+        return build_program(config, {r: s for r, (_, s) in opened.items()}, source_label=label)
+    finally:
+        for _, s in opened.values():
+            s.close()
+
+
+def file_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix in (".safetensors", ".json")}
+
+
+# -- cost model --------------------------------------------------------------------------------
+
+
+def test_cost_model_scales_with_elements_and_method(llama_models, monkeypatch):
+    ops = {op.name: op for op in program_of(linear_config(llama_models)).operators}
+    emb, norm = ops["model.embed_tokens.weight"], ops["model.norm.weight"]
+    a, b = costs.planner_operator(emb, {}), costs.planner_operator(norm, {})
+    assert a.bytes_read == emb.bytes_in and a.bytes_written == emb.bytes_out
+    assert a.compute_s > b.compute_s > 0
+    assert a.peak_memory >= emb.bytes_in  # at least the inputs are held
+    # Calibrated figures replace the table's.
+    key = costs.cost_key(emb)
+    faster = costs.planner_operator(emb, {key: 1e-12})
+    assert faster.compute_s < a.compute_s
+    # Row splits: only for elementwise, deterministic methods on big enough 2-D tensors.
+    assert a.split_degrees == (1,)  # tiny tensors are never worth splitting
+    monkeypatch.setattr(costs, "SPLIT_MIN_BYTES", 0)
+    assert costs.split_degrees(emb) == (1, 2, 4, 8)
+    assert costs.split_degrees(norm) == (1,)  # 1-D
+    ties = program_of({**linear_config(llama_models), "merge_method": "ties", "base_model": str(llama_models["base"]),
+                       "models": [{"model": str(llama_models["ft1"]), "parameters": {"weight": 1, "density": 0.5}}]})
+    ties_emb = next(op for op in ties.operators if op.name == "model.embed_tokens.weight")
+    assert costs.split_degrees(ties_emb) == (1,)  # per-tensor trim needs the whole tensor
+    assert costs.planner_operator(ties_emb, {}).compute_s > a.compute_s / 3 * 2  # TIES costs more per input
+
+
+def test_part_rows_cover_the_tensor_exactly(llama_models):
+    op = next(o for o in program_of(linear_config(llama_models)).operators if o.name == "model.embed_tokens.weight")
+    for of in (1, 2, 4, 8):
+        parts = [costs.part_rows(op, p, of) for p in range(of)]
+        if of == 1:
+            assert parts == [None]
+            continue
+        assert parts[0][0] == 0 and parts[-1][1] == op.shape[0]
+        assert all(parts[i][1] == parts[i + 1][0] for i in range(of - 1))
+
+
+def test_calibrated_costs_take_the_median_worker():
+    keys = ["a", "b"]
+    table, speeds = calibrated_costs(keys, [[1.0, 2.0], [2.0, 4.0], [1.0, 2.0]])
+    assert table == {"a": 1.0, "b": 2.0}
+    assert speeds == [1.0, 0.5, 1.0]
+
+
+def test_topology_from_workers_splits_node_memory_among_cpu_workers():
+    infos = [WorkerInfo(i, "n1" if i < 2 else "n2", "h", 1, "cpu", 10_000) for i in range(3)]
+    topo = topology_from_workers(infos, [1.0, 1.0, 2.0])
+    assert [w.node for w in topo.workers] == ["node0", "node0", "node1"]
+    assert topo.workers[0].memory_bytes == pytest.approx(10_000 * 0.8 / 2)
+    assert topo.workers[2].memory_bytes == pytest.approx(10_000 * 0.8)
+    assert topo.workers[2].speed == 2.0
+    assert topo.inputs == "remote" and topo.input_location() is None  # several nodes
+    single = topology_from_workers(infos[:2], [1.0, 1.0])
+    assert single.input_location() == "node0"
+
+
+def test_infeasible_operator_is_named(llama_models):
+    ops = program_of(linear_config(llama_models)).operators
+    tiny = Topology((planners.Worker("w0", "n0", 1000.0, 1.0, 1e9),), (planners.Node("n0", 1e9),), None, "remote", "test")
+    with pytest.raises(planners.InfeasibleError, match="does not fit on any worker"):
+        plan_merge(ops, tiny)
+
+
+def test_milp_plan_on_profile_is_never_worse_than_lpt(llama_models):
+    from raymerge.config import load_cluster
+    from raymerge.runtime.planning import topology_from_profile
+
+    ops = program_of(linear_config(llama_models)).operators
+    topo = topology_from_profile(load_cluster(REPO / "clusters" / "cpu-8x16.yaml"), "cpu-8x16")
+    milp, problem = plan_merge(ops, topo, planner="milp", time_limit=5)
+    lpt, _ = plan_merge(ops, topo, planner="lpt")
+    assert milp.makespan <= lpt.makespan * (1 + 1e-9)
+    assert 0 <= milp.gap <= 1 and milp.lower_bound <= milp.makespan
+    planners.validate(problem, milp)
+
+
+# -- plans executed by the workers ---------------------------------------------------------------
+
+
+def _force_splits(monkeypatch) -> list:
+    """Make every splittable operator split 4 ways, parts dealt round-robin over the workers."""
+    monkeypatch.setattr(costs, "SPLIT_MIN_BYTES", 0)
+    real = merge_module.plan_merge
+    used: list = []
+
+    def split_everything(ops, topology, table=None, **kw):
+        plan, problem = real(ops, topology, table, **kw)
+        names = [w.name for w in problem.workers]
+        assignments, k = [], 0
+        for op in problem.operators:
+            of = 4 if 4 in op.split_degrees else 1
+            for part in range(of):
+                assignments.append(planners.Assignment(op.name, part, of, names[k % len(names)]))
+                k += 1
+        forced = planners.plan.make_plan(problem, assignments, solver="test", status="heuristic",
+                                         solve_seconds=0.0, lower_bound=planners.lower_bound(problem))
+        used.append(forced)
+        return forced, problem
+
+    monkeypatch.setattr(merge_module, "plan_merge", split_everything)
+    return used
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_row_split_parts_give_identical_bytes(ray_session, llama_models, tmp_path, monkeypatch, method):
+    cfg = linear_config(llama_models)
+    if method == "task_arithmetic":
+        cfg = {**cfg, "merge_method": "task_arithmetic", "base_model": str(llama_models["base"])}
+    whole = raymerge.merge(cfg, tmp_path / "whole", workers=1, quiet=True, out_shard_size="300KB")
+    used = _force_splits(monkeypatch)
+    split = raymerge.merge(cfg, tmp_path / "split", workers=2, quiet=True, out_shard_size="300KB")
+    assert used and any(a.of == 4 for a in used[0].assignments)
+    assert split.plan.parts > split.tensors  # parts really were split
+    assert file_bytes(split.output) == file_bytes(whole.output)
+
+
+def test_result_reports_predicted_and_measured_makespan(ray_session, llama_models, tmp_path):
+    result = raymerge.merge(linear_config(llama_models), tmp_path / "out", workers=2, quiet=True)
+    p = result.plan
+    assert p is not None and p.predicted_makespan > 0 and p.measured_makespan > 0
+    assert p.solver in ("lpt", "highs", "cbc") and p.status in ("optimal", "within_gap", "time_limit", "heuristic")
+    assert len(p.predicted_busy) == 2 and set(p.measured_busy) <= set(p.predicted_busy)
+    text = result.summary()
+    assert "predicted makespan" in text and "measured" in text
+
+
+def test_kept_worker_pool_is_reused(ray_session, llama_models, tmp_path):
+    from raymerge.runtime import executor
+
+    cfg = linear_config(llama_models)
+    try:
+        a = raymerge.merge(cfg, tmp_path / "a", workers=1, quiet=True, keep_workers=True)
+        pool = executor._kept_pool
+        assert pool is not None and len(pool) == 1
+        b = raymerge.merge(cfg, tmp_path / "b", workers=1, quiet=True, keep_workers=True)
+        assert executor._kept_pool is pool  # same actors
+        assert file_bytes(a.output) == file_bytes(b.output)
+    finally:
+        raymerge.shutdown_workers()
+    assert executor._kept_pool is None
+
+
+# -- raymerge plan / merge --plan-only ---------------------------------------------------------------
+
+
+def test_cli_plan_from_headers_with_profile_and_json(llama_models, tmp_path, capsys):
+    cfg_path = tmp_path / "linear.yaml"
+    cfg_path.write_text(json.dumps(linear_config(llama_models)))
+    out_json = tmp_path / "plan.json"
+    rc = cli_main(["plan", str(cfg_path), "--cluster", str(REPO / "clusters" / "aws-4x8-a100.yaml"), "--json", str(out_json)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "predicted makespan" in text and "lower bound" in text and "gap" in text and "solver" in text
+    assert "gpu-3/w7" in text  # one row per worker of the profile
+    data = json.loads(out_json.read_text())
+    assert len({a["operator"] for a in data["assignments"]}) == len(program_of(linear_config(llama_models)).operators)
+
+
+def test_merge_plan_only_starts_nothing_and_writes_nothing(llama_models, tmp_path, capsys, monkeypatch):
+    import ray
+
+    def no_ray(*a, **k):
+        raise AssertionError("--plan-only must not start Ray")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    cfg_path = tmp_path / "linear.yaml"
+    cfg_path.write_text(json.dumps(linear_config(llama_models)))
+    out = tmp_path / "out"
+    assert cli_main(["merge", str(cfg_path), str(out), "--plan-only", "--workers", "3"]) == 0
+    assert not out.exists()
+    text = capsys.readouterr().out
+    assert "3 workers / 1 node(s)" in text and "predicted makespan" in text
+
+
+def test_llama70b_plan_from_config_json_alone(monkeypatch):
+    monkeypatch.chdir(REPO)  # the example's model paths are relative to the repository root
+    report = raymerge.plan("examples/plan_70b.yaml", cluster="clusters/aws-4x8-a100.yaml", time_limit=10)
+    assert report.tensors == 723 and len(report.problem.workers) == 32
+    assert report.plan.gap <= 0.02 and report.plan.status in ("optimal", "within_gap")
+    assert report.bytes_in == pytest.approx(4 * 70_553_706_496 * 2)  # four bf16 70B inputs
+    planners.validate(report.problem, report.plan)
+    with pytest.raises(raymerge.CheckpointError, match="shape-only|config.json"):
+        raymerge.merge("examples/plan_70b.yaml", "/tmp/never-written", quiet=True)
