@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -161,6 +162,7 @@ class StagedOutput:
             with open(self.staging / shard.filename, "wb") as f:
                 f.write(shard.header)
                 f.truncate(shard.size)
+                _reserve(f.fileno(), shard.size, self.staging / shard.filename)
 
     def write_file(self, name: str, data: bytes | str) -> None:
         path = self.staging / name
@@ -186,6 +188,18 @@ class StagedOutput:
 
     def abort(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _reserve(fd: int, size: int, path: Path) -> None:
+    """Allocate the shard's blocks now: a full disk fails here, before any work, and workers'
+    writes then only fill blocks. Filesystems without fallocate (some network ones) skip it."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise OutputError(f"not enough disk space for {path} ({size} bytes)") from None
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
 
 
 class ShardFileWriter:
