@@ -389,6 +389,7 @@ def child_raymerge(config_path: str, out: str, workers: Optional[int], result_pa
                 "ray_start_s": t2 - t1,
                 "merge_s": t3 - t2,
                 "timings": result.timings,
+                "plan": result.plan.summary() if result.plan else "",
                 "bytes_read": result.bytes_read,
                 "workers": result.workers,
                 "peak_worker_rss": result.peak_worker_rss_bytes,
@@ -612,10 +613,13 @@ def report(rows, methods, with_mergekit: bool, checks: dict[str, str], mk_flags:
         if rm is not None:
             t = rm["timings"]
             summary.append(
-                f"raymerge {method}: {rm['workers']} workers; inside merge(): plan {t['plan']:.2f} s, merge {t['merge']:.2f} s "
-                f"(actor start included), publish {t['publish']:.2f} s (fsync); read {human(rm['bytes_read'])}; "
+                f"raymerge {method}: {rm['workers']} workers; inside merge(): plan {t['plan']:.2f} s, worker start + "
+                f"calibration + placement {t.get('workers', 0):.2f} s, merge {t['merge']:.2f} s, publish {t['publish']:.2f} s "
+                f"(fsync); read {human(rm['bytes_read'])}; "
                 f"exact peaks: driver {human(rm['driver_maxrss'])} (VmHWM), largest worker {human(rm['peak_worker_rss'])} (ru_maxrss)"
             )
+            if rm.get("plan"):
+                summary.append(f"raymerge {method}: {rm['plan']}")
         if rm is not None and mk is not None:
             speed = mk["merge_s"] / rm["merge_s"]
             speed_total = mk["total_s"] / rm["total_s"]

@@ -234,3 +234,39 @@ def test_llama70b_plan_from_config_json_alone(monkeypatch):
     planners.validate(report.problem, report.plan)
     with pytest.raises(raymerge.CheckpointError, match="shape-only|config.json"):
         raymerge.merge("examples/plan_70b.yaml", "/tmp/never-written", quiet=True)
+
+
+def test_idle_worker_takes_unsent_batches_and_bytes_stay_identical(ray_session, llama_models, tmp_path, monkeypatch):
+    cfg = linear_config(llama_models)
+    reference = raymerge.merge(cfg, tmp_path / "ref", workers=1, quiet=True, out_shard_size="300KB")
+    real = merge_module.plan_merge
+
+    def all_on_first_worker(ops, topology, table=None, **kw):
+        plan, problem = real(ops, topology, table, **kw)
+        first = problem.workers[0].name
+        assignments = [planners.Assignment(op.name, 0, 1, first) for op in problem.operators]
+        return planners.plan.make_plan(problem, assignments, solver="test", status="heuristic", solve_seconds=0.0,
+                                       lower_bound=planners.lower_bound(problem)), problem
+
+    monkeypatch.setattr(merge_module, "plan_merge", all_on_first_worker)
+    monkeypatch.setattr("raymerge.runtime.executor.BATCH_OPS", 1)  # many batches to share
+    lopsided = raymerge.merge(cfg, tmp_path / "lopsided", workers=2, quiet=True, out_shard_size="300KB")
+    assert lopsided.plan.moved_parts > 0
+    assert "moved at run time" in lopsided.summary()
+    assert file_bytes(lopsided.output) == file_bytes(reference.output)
+
+
+def test_steal_takes_the_last_batch_of_the_busiest_allowed_worker():
+    from collections import deque
+    from types import SimpleNamespace
+
+    from raymerge.runtime.executor import _steal
+
+    def batch(*sizes):
+        return [SimpleNamespace(bytes_in=s) for s in sizes]
+
+    queues = [deque(), deque([batch(5), batch(1)]), deque([batch(10), batch(9), batch(2)])]
+    taken = _steal(queues, 0, lambda thief, owner: True)
+    assert [i.bytes_in for i in taken] == [2] and len(queues[2]) == 2
+    assert _steal(queues, 0, lambda thief, owner: owner == 1)[0].bytes_in == 1
+    assert _steal([deque(), deque()], 0, lambda t, o: True) is None

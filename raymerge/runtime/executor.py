@@ -7,7 +7,8 @@ the next merge of this driver process (sweeps, pipelines); by default it is rele
 when the merge ends, so it never holds CPU slots the caller may want for other Ray work.
 
 Execution: the plan fixes which worker runs each part and in what order; each worker's parts
-are sent in small batches, at most two queued per worker. Where parts go never changes the
+are sent in small batches, at most two queued per worker. Costs are predictions, so a worker
+that runs out of work early takes batches not yet sent from the most loaded one (reported). Where parts go never changes the
 output bytes: every part writes at its precomputed offset. The measured makespan (first batch
 sent to last batch done) is returned next to each worker's busy seconds, so the planner's
 prediction can be checked.
@@ -45,6 +46,7 @@ class ExecutionStats:
     bytes_written: int = 0
     operators: int = 0
     parts: int = 0
+    stolen_parts: int = 0  # parts run by another worker than planned (see run_plan)
     peak_worker_rss_bytes: int = 0
     peak_device_bytes: int = 0
     per_worker_seconds: dict[int, float] = field(default_factory=dict)
@@ -199,8 +201,34 @@ def batches_of(items: Sequence[WorkItem]) -> deque:
     return batches
 
 
-def run_plan(pool: WorkerPool, queues: Sequence[Sequence[WorkItem]], operators: int, *, quiet: bool = False) -> ExecutionStats:
-    """Run each worker's queue on its actor (`begin` must have been called); measured stats."""
+def _steal(pending_batches: list[deque], thief: int, may_take_from) -> Optional[list[WorkItem]]:
+    """The last unsent batch of the worker with the most unsent input bytes that `thief` may
+    take from (None when nobody has a batch to spare)."""
+    best, best_bytes = None, 0
+    for j, queue in enumerate(pending_batches):
+        if j == thief or not queue or not may_take_from(thief, j):
+            continue
+        left = sum(item.bytes_in for batch in queue for item in batch)
+        if left > best_bytes:
+            best, best_bytes = j, left
+    return None if best is None else pending_batches[best].pop()
+
+
+def run_plan(
+    pool: WorkerPool,
+    queues: Sequence[Sequence[WorkItem]],
+    operators: int,
+    *,
+    quiet: bool = False,
+    may_take_from=None,
+) -> ExecutionStats:
+    """Run each worker's queue on its actor (`begin` must have been called); measured stats.
+
+    The plan is followed as made, with one correction for reality: a worker that has finished
+    its own queue while another still has batches waiting to be sent takes the last of them
+    (`may_take_from(thief, owner)` says which workers may: e.g. not onto less memory). The
+    batches moved are counted in `ExecutionStats.stolen_parts`.
+    """
     import ray
 
     n = len(pool)
@@ -216,8 +244,16 @@ def run_plan(pool: WorkerPool, queues: Sequence[Sequence[WorkItem]], operators: 
     try:
         while any(pending_batches) or pending:
             for i in range(n):
-                while pending_batches[i] and in_flight[i] < IN_FLIGHT_PER_WORKER:
-                    batch = pending_batches[i].popleft()
+                while in_flight[i] < IN_FLIGHT_PER_WORKER:
+                    if pending_batches[i]:
+                        batch = pending_batches[i].popleft()
+                    elif may_take_from is not None and in_flight[i] == 0:
+                        batch = _steal(pending_batches, i, may_take_from)
+                        if batch is None:
+                            break
+                        stats.stolen_parts += len(batch)
+                    else:
+                        break
                     pending[pool.actors[i].run.remote(batch)] = (i, batch)
                     in_flight[i] += 1
             ready, _ = ray.wait(list(pending), num_returns=1)

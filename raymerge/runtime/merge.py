@@ -91,6 +91,7 @@ class PlanOutcome:
     status: str
     solve_seconds: float
     parts: int
+    moved_parts: int = 0  # parts taken over at run time by a worker that ran out of work
     predicted_busy: dict[str, float] = field(default_factory=dict)
     measured_busy: dict[str, float] = field(default_factory=dict)
     report: Optional["PlanReport"] = field(default=None, repr=False)  # the plan itself, for --gantt/--json
@@ -99,7 +100,8 @@ class PlanOutcome:
         error = (self.measured_makespan - self.predicted_makespan) / self.predicted_makespan if self.predicted_makespan > 0 else 0.0
         return (
             f"plan: {self.parts} parts, solver {self.solver} ({self.status}, gap {self.gap:.1%}, {self.solve_seconds:.2f} s); "
-            f"predicted makespan {self.predicted_makespan:.2f} s, measured {self.measured_makespan:.2f} s ({error:+.0%})"
+            f"predicted makespan {self.predicted_makespan:.2f} s, measured {self.measured_makespan:.2f} s ({error:+.0%}); "
+            f"{self.moved_parts} part(s) moved at run time"
         )
 
 
@@ -318,7 +320,9 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
         plan, problem = plan_merge(program.operators, topology, table, planner=options.planner, time_limit=options.plan_time_limit)
         t_planned = time.perf_counter()
         queues = work_items(plan, program.operators, layout, [w.name for w in problem.workers])
-        stats = run_plan(pool, queues, len(program.operators), quiet=options.quiet)
+        memory = [w.memory_bytes for w in problem.workers]
+        stats = run_plan(pool, queues, len(program.operators), quiet=options.quiet,
+                         may_take_from=lambda thief, owner: memory[thief] >= memory[owner])
         peaks = pool.finish()
         stats.peak_worker_rss_bytes = max([stats.peak_worker_rss_bytes, *peaks])
         t_merge = time.perf_counter()
@@ -352,7 +356,7 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
         plan=PlanOutcome(
             predicted_makespan=plan.makespan, measured_makespan=stats.seconds, lower_bound=plan.lower_bound,
             gap=plan.gap, solver=plan.solver, status=plan.status, solve_seconds=plan.solve_seconds,
-            parts=len(plan.assignments), predicted_busy={w.name: plan.loads.get(w.name, 0.0) for w in problem.workers},
+            parts=len(plan.assignments), moved_parts=stats.stolen_parts, predicted_busy={w.name: plan.loads.get(w.name, 0.0) for w in problem.workers},
             measured_busy={problem.workers[i].name: s for i, s in sorted(stats.per_worker_seconds.items())},
             report=PlanReport(plan, problem, topology, len(program.operators), sum(op.bytes_in for op in program.operators)),
         ),
