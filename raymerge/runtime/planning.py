@@ -25,7 +25,7 @@ import planners
 from raymerge.runtime.costs import CostKey, cost_key, planner_operator
 from raymerge.runtime.operators import MergeOperator
 
-LOCAL_READ_BANDWIDTH = 5e9  # bytes/s: reading from the page cache / a local NVMe disk
+LOCAL_READ_BANDWIDTH = 2e9  # bytes/s per worker: page cache or local NVMe, page faults included
 LOCAL_NETWORK_BANDWIDTH = 20e9  # one machine: "network" is memory-to-disk, not a bottleneck
 CLUSTER_NETWORK_BANDWIDTH = 1.25e9  # 10 GbE, when several nodes and no profile says otherwise
 CPU_MEMORY_SHARE = 0.8  # of a node's RAM, split among its CPU workers
