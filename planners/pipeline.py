@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from planners.plan import InfeasibleError, PlanError, _fmt_bytes
-from planners.problem import ProblemError, Worker, _positive, _unique
+from planners.problem import ProblemError, Worker, _check_name, _positive, _unique
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,7 @@ class Layer:
     memory_bytes: float
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ProblemError(f"layer name must be a non-empty string, got {self.name!r}")
+        _check_name("layer", self.name)
         _positive("layer", self.name, "compute_s", self.compute_s, allow_zero=True)
         _positive("layer", self.name, "memory_bytes", self.memory_bytes, allow_zero=True)
 

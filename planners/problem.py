@@ -81,8 +81,7 @@ class Operator:
     input_location: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ProblemError(f"operator name must be a non-empty string, got {self.name!r}")
+        _check_name("operator", self.name)
         for attr in ("bytes_read", "bytes_written", "compute_s", "peak_memory"):
             _positive("operator", self.name, attr, getattr(self, attr), allow_zero=True)
         degrees = tuple(self.split_degrees)
@@ -104,8 +103,7 @@ class Worker:
     read_bandwidth: float
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ProblemError(f"worker name must be a non-empty string, got {self.name!r}")
+        _check_name("worker", self.name)
         _positive("worker", self.name, "memory_bytes", self.memory_bytes)
         _positive("worker", self.name, "speed", self.speed)
         _positive("worker", self.name, "read_bandwidth", self.read_bandwidth)
@@ -119,9 +117,13 @@ class Node:
     network_bandwidth: float
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ProblemError(f"node name must be a non-empty string, got {self.name!r}")
+        _check_name("node", self.name)
         _positive("node", self.name, "network_bandwidth", self.network_bandwidth)
+
+
+def _check_name(kind: str, name: object) -> None:
+    if not isinstance(name, str) or not name:
+        raise ProblemError(f"{kind} name must be a non-empty string, got {name!r}")
 
 
 def _unique(kind: str, names: Iterable[str]) -> None:

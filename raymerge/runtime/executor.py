@@ -83,7 +83,7 @@ class WorkerPool:
         import ray
 
         actor_cls = ray.remote(MergeWorkerImpl).options(max_concurrency=1, **resources)
-        self.key = (ray.get_runtime_context().get_job_id(), n, tuple(sorted(resources.items())), threads)
+        self.key = _pool_key(n, resources, threads)
         self.actors = [actor_cls.remote(i, threads) for i in range(n)]
         self._infos: Optional[list[WorkerInfo]] = None
         self.calibration: dict[Any, list[float]] = {}  # cost key -> seconds per element, per worker
@@ -131,6 +131,13 @@ class WorkerPool:
 _kept_pool: Optional[WorkerPool] = None
 
 
+def _pool_key(n: int, resources: dict, threads: int) -> tuple:
+    """What a kept pool must match to be reused: Ray session (job), size, resources, threads."""
+    import ray
+
+    return (ray.get_runtime_context().get_job_id(), n, tuple(sorted(resources.items())), threads)
+
+
 def acquire_pool(workers: Optional[int] = None) -> WorkerPool:
     """The kept pool when it matches (same Ray session, size and resources), else a new one
     (the kept one, if any, is shut down first so it does not hold the CPU slots)."""
@@ -141,9 +148,8 @@ def acquire_pool(workers: Optional[int] = None) -> WorkerPool:
     n = max(1, workers or n_default)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     threads = 1 if "num_gpus" in resources else max(1, cpus // n)
-    key = (ray.get_runtime_context().get_job_id(), n, tuple(sorted(resources.items())), threads)
     if _kept_pool is not None:
-        if _kept_pool.key == key and _kept_pool.actors:
+        if _kept_pool.key == _pool_key(n, resources, threads) and _kept_pool.actors:
             pool, _kept_pool = _kept_pool, None
             return pool
         shutdown_pool()

@@ -19,11 +19,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import struct
-from typing import Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
-from raymerge.checkpoints import CheckpointSource, SourceSpec
+from raymerge.checkpoints import CheckpointSource
 from raymerge.config import ConfigError
 from raymerge.methods.task_arithmetic import TRIM_THRESHOLD
 from raymerge.runtime.operators import DTYPES, MergeOperator
@@ -57,7 +57,7 @@ def model_densities(ops: Sequence[MergeOperator], model_names: Sequence[str], la
     return out
 
 
-def magnitude_bits(op: MergeOperator, k: int, sources: Sequence[CheckpointSource]) -> Optional[torch.Tensor]:
+def magnitude_bits(op: MergeOperator, k: int, sources: Mapping[int, CheckpointSource]) -> Optional[torch.Tensor]:
     """|x_k - base| of one operator's input k as int32 float32 bit patterns (None: not floating)."""
     base = sources[op.inputs[op.base_index].model].read(op.inputs[op.base_index].name)
     x = sources[op.inputs[k].model].read(op.inputs[k].name)
@@ -69,32 +69,28 @@ def magnitude_bits(op: MergeOperator, k: int, sources: Sequence[CheckpointSource
 
 
 def histogram_batch(
-    ops: Sequence[MergeOperator], specs: Sequence[SourceSpec], high_bins: Optional[dict[int, int]] = None
+    ops: Sequence[MergeOperator],
+    sources_for: Callable[[MergeOperator], Mapping[int, CheckpointSource]],
+    high_bins: Optional[dict[int, int]] = None,
 ) -> dict[int, torch.Tensor]:
     """Per model, counts of magnitudes by high 16 bits, or (with `high_bins`) by low 16 bits
-    among the magnitudes whose high bits equal that model's chosen bin."""
-    opened: dict[int, CheckpointSource] = {}
+    among the magnitudes whose high bits equal that model's chosen bin. `sources_for(op)` gives
+    the open sources by model number (the worker's own, opened once per job)."""
     counts: dict[int, torch.Tensor] = {}
-    try:
-        for op in ops:
-            for i in {inp.model for inp in op.inputs}:
-                if i not in opened:
-                    opened[i] = specs[i].open()
-            for k, inp in enumerate(op.inputs):
-                if k == op.base_index or (high_bins is not None and inp.model not in high_bins):
-                    continue
-                bits = magnitude_bits(op, k, opened)  # type: ignore[arg-type]
-                if bits is None:
-                    continue
-                if high_bins is None:
-                    c = torch.bincount(bits >> 16, minlength=HIGH_BINS)
-                else:
-                    low = bits[(bits >> 16) == high_bins[inp.model]] & 0xFFFF
-                    c = torch.bincount(low, minlength=LOW_BINS)
-                counts[inp.model] = counts[inp.model] + c if inp.model in counts else c
-    finally:
-        for s in opened.values():
-            s.close()
+    for op in ops:
+        sources = sources_for(op)
+        for k, inp in enumerate(op.inputs):
+            if k == op.base_index or (high_bins is not None and inp.model not in high_bins):
+                continue
+            bits = magnitude_bits(op, k, sources)
+            if bits is None:
+                continue
+            if high_bins is None:
+                c = torch.bincount(bits >> 16, minlength=HIGH_BINS)
+            else:
+                low = bits[(bits >> 16) == high_bins[inp.model]] & 0xFFFF
+                c = torch.bincount(low, minlength=LOW_BINS)
+            counts[inp.model] = counts[inp.model] + c if inp.model in counts else c
     return counts
 
 

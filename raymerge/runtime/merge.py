@@ -28,6 +28,7 @@ from raymerge.config import ConfigError, MergeConfig, ModelRef, load_config
 from raymerge.runtime.costs import representative_ops
 from raymerge.runtime.executor import WorkerPool, acquire_pool, ensure_ray, release_pool, run_plan, work_items
 from raymerge.runtime.global_trim import apply_model_trim, uses_model_trim
+from raymerge.runtime.worker import host_memory_bytes
 from raymerge.runtime.planning import (
     Topology,
     calibrated_costs,
@@ -224,8 +225,14 @@ class PlanReport:
     plan: Any  # planners.Plan
     problem: Any  # planners.MergeProblem
     topology: Topology
-    tensors: int
-    bytes_in: int
+
+    @property
+    def tensors(self) -> int:
+        return len(self.problem.operators)
+
+    @property
+    def bytes_in(self) -> int:
+        return int(sum(op.bytes_read for op in self.problem.operators))
 
     def summary(self) -> str:
         return (
@@ -269,8 +276,7 @@ def _offline_topology(options: MergeOptions) -> Topology:
     cpus = options.workers or os.cpu_count() or 1
     if gpus and options.workers:
         gpus = options.workers
-    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    profile = local_profile(cpus=cpus, memory_bytes=memory, gpus=gpus, gpu_memory_bytes=gpu_memory)
+    profile = local_profile(cpus=cpus, memory_bytes=host_memory_bytes(), gpus=gpus, gpu_memory_bytes=gpu_memory)
     return topology_from_profile(profile, "this machine (clusters/local.yaml)")
 
 
@@ -280,7 +286,7 @@ def plan_only(config: Union[str, Path, dict[str, Any], MergeConfig], options: Me
     program, _, _ = _prepare(cfg, label, options, shape_only=True)
     topology = _offline_topology(options)
     plan, problem = plan_merge(program.operators, topology, planner=options.planner, time_limit=options.plan_time_limit)
-    return PlanReport(plan, problem, topology, len(program.operators), sum(op.bytes_in for op in program.operators))
+    return PlanReport(plan, problem, topology)
 
 
 def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Union[str, Path], options: MergeOptions) -> MergeResult:
@@ -358,7 +364,7 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
             gap=plan.gap, solver=plan.solver, status=plan.status, solve_seconds=plan.solve_seconds,
             parts=len(plan.assignments), moved_parts=stats.stolen_parts, predicted_busy={w.name: plan.loads.get(w.name, 0.0) for w in problem.workers},
             measured_busy={problem.workers[i].name: s for i, s in sorted(stats.per_worker_seconds.items())},
-            report=PlanReport(plan, problem, topology, len(program.operators), sum(op.bytes_in for op in program.operators)),
+            report=PlanReport(plan, problem, topology),
         ),
     )
 

@@ -67,6 +67,11 @@ class WorkerInfo:
     memory_bytes: int
 
 
+def host_memory_bytes() -> int:
+    """This machine's physical RAM."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -106,7 +111,7 @@ class MergeWorkerImpl:
         if self.device.type == "cuda":
             memory = torch.cuda.get_device_properties(self.device).total_memory
         else:
-            memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            memory = host_memory_bytes()
         return WorkerInfo(self.worker_id, node_id, socket.gethostname(), os.getpid(), self.device.type, int(memory))
 
     def calibrate(self, ops: Sequence[MergeOperator]) -> list[float]:
@@ -142,7 +147,7 @@ class MergeWorkerImpl:
     def histogram(self, ops: Sequence[MergeOperator], high_bins: Optional[dict[int, int]] = None) -> dict[int, torch.Tensor]:
         from raymerge.runtime.global_trim import histogram_batch
 
-        return histogram_batch(ops, self._specs, high_bins)
+        return histogram_batch(ops, self._opened, high_bins)
 
     def _close_job(self) -> None:
         if self._writer is not None:
