@@ -138,3 +138,82 @@ def write_yaml(config: dict[str, Any], path: str | Path) -> Path:
 
 def describe(paths: dict[str, Path]) -> str:
     return json.dumps({k: str(v) for k, v in paths.items()}, indent=2)
+
+
+def demo_text(n_docs: int = 40, words_per_doc: int = 200, seed: int = 0) -> str:
+    """Text with learnable structure for calibration and for training a tiny model: the next
+    word is, 90% of the time, one of two successors of the previous *two* words (a second-order
+    Markov chain, the same for every seed; the seed picks the documents). Learning ~1,300
+    contexts takes most of a tiny model's capacity, so pruning damage shows in its perplexity.
+    Documents are separated by blank lines."""
+    import random
+
+    table = random.Random(1234)
+    successors = {(a, b): table.sample(DEMO_WORDS, 2) for a in DEMO_WORDS for b in DEMO_WORDS}
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        out = [rng.choice(DEMO_WORDS), rng.choice(DEMO_WORDS)]
+        while len(out) < words_per_doc:
+            context = (out[-2], out[-1])
+            out.append(rng.choice(successors[context]) if rng.random() < 0.9 else rng.choice(DEMO_WORDS))
+        docs.append(" ".join(out))
+    return "\n\n".join(docs) + "\n"
+
+
+def build_trained_model(
+    path: str | Path, text: str, *, steps: int = 300, seqlen: int = 32, batch: int = 16, seed: int = 0,
+    arch: str = "llama", config_overrides: dict[str, Any] | None = None, outlier_features: bool = False,
+) -> Path:
+    """Train a tiny model on `text` (next-token loss, AdamW) and save it with its tokenizer:
+    a model whose perplexity means something, for pruning tests and benchmarks. With
+    `outlier_features`, see `add_outlier_features`."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    path = Path(path)
+    save_tiny_tokenizer(path)
+    tok = PreTrainedTokenizerFast.from_pretrained(str(path))
+    ids = torch.tensor(tok(text.replace("\n\n", " </s> "))["input_ids"])
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **(config_overrides or {})))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - seqlen - 1, (batch,), generator=gen)
+        x = torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    if outlier_features:
+        add_outlier_features(model, seed=seed)
+    model.save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+def add_outlier_features(model, *, count: int = 6, scale: float = 30.0, seed: int = 0) -> None:
+    """Give a llama-style model a few large-activation input features, as LLMs have, without
+    changing what it computes: per decoder layer, some features of each norm's output are scaled
+    up by `scale` (the norm weight) and the matching input columns of the projections that read
+    them are scaled down by the same factor; likewise some intermediate MLP features (up_proj rows
+    and down_proj columns). The outputs are unchanged up to rounding, but those inputs now have
+    large activations and small weights: what tells activation-aware pruning (Wanda, SparseGPT)
+    from magnitude pruning."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            pairs = [
+                (layer.input_layernorm.weight, [attn.q_proj, attn.k_proj, attn.v_proj]),
+                (layer.post_attention_layernorm.weight, [mlp.gate_proj, mlp.up_proj]),
+            ]
+            for norm_weight, readers in pairs:
+                idx = torch.randperm(norm_weight.shape[0], generator=gen)[:count]
+                norm_weight[idx] *= scale
+                for lin in readers:
+                    lin.weight[:, idx] /= scale
+            idx = torch.randperm(mlp.up_proj.weight.shape[0], generator=gen)[:count]
+            mlp.up_proj.weight[idx, :] *= scale
+            mlp.down_proj.weight[:, idx] /= scale

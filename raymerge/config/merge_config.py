@@ -40,10 +40,16 @@ Parameters = dict[str, ParameterSetting]
 
 
 class ModelRef(_Strict):
-    """A model reference: a local directory, `s3://bucket/prefix`, or a Hub id (`org/name[@rev]`)."""
+    """A model reference: a local directory, `s3://bucket/prefix`, or a Hub id (`org/name[@rev]`).
+
+    `config_from` (raymerge only, written as `model: {path: ..., config_from: ...}`): for a
+    DeepSpeed ZeRO checkpoint folder, the local Hugging Face model directory whose config.json
+    and tokenizer files to use when the checkpoint has none.
+    """
 
     path: str
     revision: Optional[str] = None
+    config_from: Optional[str] = None
 
     @classmethod
     def parse(cls, value: Any) -> "ModelRef":
@@ -241,13 +247,21 @@ def _refs_to_str(data: Any) -> Any:
     return data
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid merge config {source}:"]
+def format_validation_error(
+    err: ValidationError, source: str, what: str = "merge config",
+    unknown_key: str = "unknown key (not part of the mergekit format; check the spelling)",
+    prefix: str = "",
+) -> str:
+    """One line per error: the dotted key path (under `prefix`) and what is wrong with it."""
+    lines = [f"invalid {what} {source}:"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith(("function-", "list[", "union[")))
+        parts = [str(p) for p in e["loc"] if not str(p).startswith(("function-", "list[", "union[", "literal["))]
+        loc = ".".join([prefix, *parts] if prefix else parts)
         msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (not part of the mergekit format; check the spelling)"
+        if e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+        elif e["type"] == "extra_forbidden":
+            msg = unknown_key
         lines.append(f"  {loc or '<top level>'}: {msg}")
     return "\n".join(lines)
 
@@ -259,7 +273,7 @@ def parse_config(data: Any, source: str = "<dict>") -> MergeConfig:
     try:
         return MergeConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source)) from None
 
 
 def load_config(config: Union[str, Path, dict[str, Any], MergeConfig]) -> tuple[MergeConfig, str]:

@@ -76,6 +76,30 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def pick_device() -> torch.device:
+    """The GPU Ray gave this actor, else the CPU."""
+    if torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES", "") != "":
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def worker_info(worker_id: int, device: torch.device) -> WorkerInfo:
+    """Where this process runs and the memory it has (the GPU's, or the whole node's RAM)."""
+    node_id = "local"
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node_id = ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - outside Ray the node is this machine
+        pass
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = host_memory_bytes()
+    return WorkerInfo(worker_id, node_id, socket.gethostname(), os.getpid(), device.type, int(memory))
+
+
 class MergeWorkerImpl:
     """The worker's logic, usable without Ray (the Ray actor class wraps it).
 
@@ -95,24 +119,10 @@ class MergeWorkerImpl:
 
     @staticmethod
     def _pick_device() -> torch.device:
-        if torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES", "") != "":
-            return torch.device("cuda")
-        return torch.device("cpu")
+        return pick_device()
 
     def describe(self) -> WorkerInfo:
-        node_id = "local"
-        try:
-            import ray
-
-            if ray.is_initialized():
-                node_id = ray.get_runtime_context().get_node_id()
-        except Exception:  # noqa: BLE001 - outside Ray the node is this machine
-            pass
-        if self.device.type == "cuda":
-            memory = torch.cuda.get_device_properties(self.device).total_memory
-        else:
-            memory = host_memory_bytes()
-        return WorkerInfo(self.worker_id, node_id, socket.gethostname(), os.getpid(), self.device.type, int(memory))
+        return worker_info(self.worker_id, self.device)
 
     def calibrate(self, ops: Sequence[MergeOperator]) -> list[float]:
         """Seconds per output element of each operator's method on this worker."""
@@ -161,3 +171,10 @@ class MergeWorkerImpl:
         """Flush and close this job's output and input files; returns this process's peak RSS."""
         self._close_job()
         return _peak_rss_bytes()
+
+    def upload_files(self, target, staging: str, filenames: Sequence[str]) -> int:
+        """Upload finished shards of `staging` to an S3 output (`checkpoints.s3.S3Target`) with
+        this process's own credentials; returns the bytes uploaded."""
+        from raymerge.checkpoints.s3 import upload_files
+
+        return upload_files(target, staging, filenames)

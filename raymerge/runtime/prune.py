@@ -1,0 +1,455 @@
+"""A whole prune, end to end: config -> calibration windows -> stage actors -> masks -> publish.
+
+1. Everything that can be checked from the config, the headers and the calibration text is
+   checked first, in the driver, before Ray starts: the modules to prune exist, an N:M pattern
+   divides every pruned width, the sparsities are valid, the calibration text yields enough
+   windows of a length the model allows, the output path is writable.
+2. Stage workers start (one per GPU, else one per CPU slot, at most one per layer; `workers=`
+   overrides). The decoder layers are cut into contiguous stages by the planner's pipeline
+   problem (`planners.plan_pipeline`: layer compute and resident memory against each worker's
+   memory), so the model never has to fit on one worker. Each worker loads only its layers; the
+   first also the embeddings, the last the final norm and head.
+3. Calibration micro-batches flow through the stages as Ray object references (the driver never
+   holds activations). Sequential mode: the first stage prunes its layers one after another,
+   then its pruned outputs feed the next stage, and so on (the papers' order; a stage waits for
+   the ones before it). Parallel mode: one dense pass, pipelined over micro-batches, collects
+   every layer's statistics; then all stages prune at once. OWL first makes a dense pass for
+   the outlier ratios. Magnitude pruning needs no calibration pass at all.
+4. Each worker writes its layers' tensors into the staging shards as soon as a layer is pruned;
+   the first stage copies the tensors outside the layers. Perplexity on the held-out windows is
+   measured before and after; the report, config and tokenizer are written and the staging
+   folder is renamed onto the output: nothing is published unless everything succeeded.
+
+`in_process=True` runs the same stage code in the driver as a single stage, without Ray: the
+reference the distributed runs are tested against.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from tqdm.auto import tqdm
+
+import planners
+from raymerge.calibration import CalibrationError, CalibrationWindows, load_calibration, resolve_seqlen
+from raymerge.checkpoints import CheckpointError, CheckpointSource, SourceSpec, StagedOutput, parse_size, plan_shards
+from raymerge.checkpoints.model_files import tokenizer_files
+from raymerge.checkpoints.safetensors_format import dtype_code
+from raymerge.checkpoints.writer import DEFAULT_SHARD_BYTES
+from raymerge.config.merge_config import ConfigError
+from raymerge.config.prune_config import Owl, PruneConfig, load_prune_config
+from raymerge.pruning.decoder import ModelShape, describe_model
+from raymerge.pruning.layerwise import explicit_sparsities, owl_sparsities, uniform_sparsities
+from raymerge.pruning.report import REPORT_FILE, PruneReport, perplexity
+from raymerge.pruning.stage import DTYPES, ModuleResult, PruneSettings
+from raymerge.runtime.executor import default_worker_count, ensure_ray
+from raymerge.runtime.planning import topology_from_workers
+from raymerge.runtime.prune_worker import PruneWorkerImpl
+
+STATISTIC_BYTES = {"norms": 8, "hessian": 4}  # per element of a module's statistic (see statistics.py)
+
+
+@dataclass
+class PruneOptions:
+    workers: Optional[int] = None  # stage workers; None: one per GPU, else per CPU slot
+    in_process: bool = False  # one stage in the driver, no Ray
+    address: Optional[str] = None
+    overwrite: bool = False
+    quiet: bool = False
+    plot: Union[str, Path, None] = None
+
+
+@dataclass
+class PruneResult:
+    output: Path
+    report: PruneReport
+    seconds: float
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    peak_worker_rss_bytes: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        r = self.report
+        where = "in process" if len(self.stages) <= 1 and self.stages and self.stages[0].get("worker") == "driver" else (
+            f"{len(self.stages)} stage worker{'s' if len(self.stages) != 1 else ''}"
+        )
+        return (
+            f"pruned {r.pruned_numel:,} weights ({r.method}, {r.pattern}, {r.mode}) to {r.achieved_sparsity:.2%} "
+            f"zeros into {self.output} in {self.seconds:.1f} s on {where}; "
+            f"peak worker RSS {self.peak_worker_rss_bytes / 2**30:.2f} GiB"
+        )
+
+
+class PruneError(ValueError):
+    """A prune cannot run as configured (the message says why, naming the module or file)."""
+
+
+# -- checks that need only the config, headers and text ------------------------------------------------
+def _model_shape(cfg: PruneConfig, model_config: dict[str, Any], label: str) -> ModelShape:
+    try:
+        return describe_model(model_config, cfg.modules)
+    except CheckpointError as err:
+        raise ConfigError(f"{label}: {err}") from None
+
+
+def _check_widths(cfg: PruneConfig, shape: ModelShape, label: str) -> None:
+    nm = cfg.nm
+    if nm is None:
+        return
+    for module, (_, width) in shape.module_shapes.items():
+        if width % nm[1]:
+            raise ConfigError(
+                f"{label}: pattern {cfg.pattern} needs every pruned module's input width to be a multiple of "
+                f"{nm[1]}, but {module} has {width} inputs; choose another pattern or leave it out with `modules:`"
+            )
+
+
+def _check_tensors(shape: ModelShape, tensors: dict, location: str) -> None:
+    for i in range(shape.num_layers):
+        for module, dims in shape.module_shapes.items():
+            name = f"{shape.layers_path}.{i}.{module}.weight"
+            info = tensors.get(name)
+            if info is None:
+                raise CheckpointError(f"{location}: tensor {name} not found (the config.json says it exists)")
+            if tuple(info.shape) != tuple(dims):
+                raise CheckpointError(f"{location}: tensor {name} has shape {list(info.shape)}, expected {list(dims)}")
+
+
+def _fixed_sparsities(cfg: PruneConfig, n_layers: int, label: str) -> Optional[list[float]]:
+    """Per-layer sparsities known before any pass (None for OWL, which needs the dense pass)."""
+    if isinstance(cfg.layerwise, Owl):
+        return None
+    if isinstance(cfg.layerwise, list):
+        if len(cfg.layerwise) != n_layers:
+            raise ConfigError(
+                f"{label}: layerwise: {len(cfg.layerwise)} sparsities given, the model has {n_layers} decoder layers"
+            )
+        return explicit_sparsities(cfg.layerwise, n_layers)
+    return uniform_sparsities(n_layers, cfg.target_sparsity)
+
+
+def _tokenizer(source: CheckpointSource):
+    from transformers import AutoTokenizer
+
+    files = tokenizer_files(source)
+    if not any(name.startswith("tokenizer") or name in ("vocab.json",) for name in files):
+        raise CheckpointError(f"{source.location}: no tokenizer files (needed to tokenize the calibration text)")
+    with tempfile.TemporaryDirectory(prefix="raymerge-tok-") as tmp:
+        for name, data in files.items():
+            Path(tmp, name).write_bytes(data)
+        return AutoTokenizer.from_pretrained(tmp)
+
+
+# -- talking to the stage workers -----------------------------------------------------------------------
+class _Driver:
+    """Calls on stage workers: Ray actors (futures) or in-process objects (immediate values)."""
+
+    def __init__(self, workers: list[Any], remote: bool) -> None:
+        self.workers, self.remote = workers, remote
+
+    def call(self, worker: Any, method: str, *args: Any) -> Any:
+        fn = getattr(worker, method)
+        return fn.remote(*args) if self.remote else fn(*args)
+
+    def get(self, handles: Any, desc: Optional[str] = None, quiet: bool = True) -> Any:
+        if not self.remote:
+            return handles
+        import ray
+
+        if isinstance(handles, list) and desc and not quiet:
+            pending = list(handles)
+            with tqdm(total=len(pending), desc=desc, unit="step", leave=False) as bar:
+                while pending:
+                    done, pending = ray.wait(pending, num_returns=1)
+                    bar.update(len(done))
+        return ray.get(handles)
+
+    def kill(self) -> None:
+        if self.remote:
+            import ray
+
+            for w in self.workers:
+                ray.kill(w)
+
+
+@dataclass(frozen=True)
+class _StagePlan:
+    worker: int
+    first: int
+    last: int
+
+
+def _start_workers(n: int) -> tuple[list[Any], list[Any]]:
+    """Start `n` stage actors spread over the cluster; return them and what each reported."""
+    import ray
+
+    res = ray.cluster_resources()
+    gpus = int(res.get("GPU", 0))
+    if gpus > 0:
+        resources, threads = {"num_gpus": 1, "num_cpus": 1}, None
+    else:
+        cpus = max(1, int(res.get("CPU", 1)) // n)
+        resources, threads = {"num_cpus": cpus}, cpus
+    actor = ray.remote(PruneWorkerImpl).options(max_concurrency=1, scheduling_strategy="SPREAD", **resources)
+    actors = [actor.remote(i, threads) for i in range(n)]
+    infos = ray.get([a.describe.remote() for a in actors])
+    return actors, infos
+
+
+def plan_stages(shape: ModelShape, infos: Sequence[Any], settings: PruneSettings, mode: str) -> list[_StagePlan]:
+    """Contiguous layer blocks per worker from the planner's pipeline problem."""
+    topology = topology_from_workers(infos, [1.0] * len(infos))
+    element = DTYPES[settings.dtype].itemsize
+    stat_bytes = 0
+    kind = settings.statistic
+    if kind is not None and mode == "parallel":
+        stat_bytes = sum(
+            (width * width if kind == "hessian" else width) * STATISTIC_BYTES[kind]
+            for _, width in shape.module_shapes.values()
+        )
+    layers = [
+        planners.Layer(f"layer{i}", compute_s=float(shape.layer_params), memory_bytes=float(shape.layer_params * element + stat_bytes))
+        for i in range(shape.num_layers)
+    ]
+    try:
+        plan = planners.plan_pipeline(planners.PipelineProblem(tuple(layers), topology.workers))
+    except planners.InfeasibleError as err:
+        raise PruneError(f"the model's layers do not fit on the stage workers: {err}") from None
+    index = {w.name: i for i, w in enumerate(topology.workers)}
+    return [_StagePlan(index[s.worker], s.first, s.last) for s in plan.stages]
+
+
+# -- the flows ------------------------------------------------------------------------------------------
+class _Pipeline:
+    def __init__(self, driver: _Driver, stages: list[Any], batch_size: int, quiet: bool) -> None:
+        self.d, self.stages, self.batch_size, self.quiet = driver, stages, batch_size, quiet
+
+    def batches(self, windows: torch.Tensor) -> list[torch.Tensor]:
+        return list(windows.split(self.batch_size))
+
+    def dense_pass(self, windows: torch.Tensor, collect: Sequence[str] = (), desc: str = "dense pass") -> None:
+        """Push windows through all stages, collecting statistics; keep no outputs."""
+        handles = []
+        last = len(self.stages) - 1
+        for ids in self.batches(windows):
+            h = self.d.call(self.stages[0], "embed", ids)
+            for k, s in enumerate(self.stages):
+                h = self.d.call(s, "forward", h, tuple(collect), k < last)
+            handles.append(h)
+        self.d.get(handles, desc, self.quiet)
+
+    def nll(self, windows: torch.Tensor, desc: str) -> tuple[float, int]:
+        handles = []
+        for ids in self.batches(windows):
+            h = self.d.call(self.stages[0], "embed", ids)
+            for s in self.stages:
+                h = self.d.call(s, "forward", h, ())
+            handles.append(self.d.call(self.stages[-1], "loss", h, ids))
+        parts = self.d.get(handles, desc, self.quiet)
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+    def features(self, windows: torch.Tensor) -> torch.Tensor:
+        handles = []
+        for ids in self.batches(windows):
+            h = self.d.call(self.stages[0], "embed", ids)
+            for s in self.stages:
+                h = self.d.call(s, "forward", h, ())
+            handles.append(self.d.call(self.stages[-1], "features", h))
+        return torch.cat(self.d.get(handles, "curation features", self.quiet))
+
+    def prune_sequential(self, windows: torch.Tensor, sparsities: list[list[dict[int, float]]]) -> None:
+        for ids in self.batches(windows):
+            self.d.call(self.stages[0], "store", self.d.call(self.stages[0], "embed", ids))
+        prev = None
+        handles = []
+        last = len(self.stages) - 1
+        for k, s in enumerate(self.stages):
+            if prev is not None:
+                self.d.call(s, "store_all", prev)
+            prev = self.d.call(s, "prune_sequential", sparsities[k], k < last)
+            handles.append(prev)
+        self.d.get(handles, "pruning stages", self.quiet)
+
+    def prune_collected(self, sparsities: list[dict[int, float]]) -> None:
+        handles = [self.d.call(s, "prune_collected", sp) for s, sp in zip(self.stages, sparsities)]
+        self.d.get(handles, "pruning stages", self.quiet)
+
+
+def _per_stage(plans: list[_StagePlan], values: list[float]) -> list[dict[int, float]]:
+    return [{i: values[i] for i in range(p.first, p.last + 1)} for p in plans]
+
+
+def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Union[str, Path], options: PruneOptions) -> PruneResult:
+    """Run one prune; see `raymerge.prune` for the user-facing description."""
+    t0 = time.perf_counter()
+    cfg, label = load_prune_config(config)
+    try:
+        shard_bytes = parse_size(cfg.out_shard_size or DEFAULT_SHARD_BYTES)
+    except ValueError as err:
+        raise ConfigError(f"{label}: out_shard_size: {err}") from None
+    staged = StagedOutput(output, overwrite=options.overwrite)
+    staged.check_target()
+    spec = SourceSpec(cfg.model.path, cfg.model.revision)
+    source = spec.open()
+    try:
+        model_config = source.config()
+        tensors = source.tensors()
+        shape = _model_shape(cfg, model_config, label)
+        _check_tensors(shape, tensors, source.location)
+        _check_widths(cfg, shape, label)
+        fixed = _fixed_sparsities(cfg, shape.num_layers, label)
+        windows = None
+        if cfg.calibration is not None:
+            try:
+                resolve_seqlen(cfg.calibration.seqlen, shape.max_positions)
+                tokenizer = _tokenizer(source)
+                if cfg.calibration.curate is None:
+                    windows = load_calibration(cfg.calibration, tokenizer, shape.max_positions)
+            except CalibrationError as err:
+                raise ConfigError(f"{label}: calibration: {err}") from None
+        extra_files = _published_files(cfg, source)
+    finally:
+        source.close()
+    layout = plan_shards([(name, dtype_code(info.dtype), info.shape) for name, info in tensors.items()], shard_bytes)
+    settings = PruneSettings(
+        method=cfg.method, modules=shape.modules, nm=cfg.nm, blocksize=cfg.sparsegpt.blocksize,
+        dampening=cfg.sparsegpt.dampening, dtype=cfg.dtype,
+    )
+    t_checked = time.perf_counter()
+
+    driver: Optional[_Driver] = None
+    try:
+        if options.in_process:
+            driver = _Driver([PruneWorkerImpl(0)], remote=False)
+            plans = [_StagePlan(0, 0, shape.num_layers - 1)]
+            infos = [None]
+        else:
+            ensure_ray(options.address)
+            n = options.workers or default_worker_count()[0]
+            actors, infos = _start_workers(max(1, min(n, shape.num_layers)))
+            driver = _Driver(actors, remote=True)
+            plans = plan_stages(shape, infos, settings, cfg.mode)
+            unused = [a for i, a in enumerate(actors) if i not in {p.worker for p in plans}]
+            for a in unused:
+                import ray
+
+                ray.kill(a)
+            driver.workers = [actors[p.worker] for p in plans]
+        stages = driver.workers
+        staged.prepare(layout)
+        last = len(plans) - 1
+        loaded = [
+            driver.call(w, "load", model_config, spec, p.first, p.last, settings, k == 0, k == last, str(staged.staging), layout)
+            for k, (w, p) in enumerate(zip(stages, plans))
+        ]
+        stage_bytes = driver.get(loaded)
+        pipe = _Pipeline(driver, stages, cfg.batch_size, options.quiet)
+        if cfg.calibration is not None and windows is None:  # curation: pick windows by activations
+            windows = _curated_windows(cfg, tokenizer, shape, pipe, label)
+        t_loaded = time.perf_counter()
+
+        nll_before = pipe.nll(windows.heldout, "perplexity (dense)") if _evaluates(cfg, windows) else None
+        kind = settings.statistic
+        if fixed is None:  # OWL
+            assert isinstance(cfg.layerwise, Owl) and windows is not None
+            collect = ("norms",) if cfg.mode == "sequential" or kind is None else tuple(dict.fromkeys(("norms", kind)))
+            pipe.dense_pass(windows.calibration, collect, "OWL dense pass")
+            ratios: dict[int, float] = {}
+            for part in driver.get([driver.call(s, "outlier_ratios", cfg.layerwise.owl.m) for s in stages]):
+                ratios.update(part)
+            layer_sparsities = owl_sparsities([ratios[i] for i in range(shape.num_layers)], cfg.target_sparsity, cfg.layerwise.owl.lam)
+            if cfg.mode == "sequential":
+                driver.get([driver.call(s, "clear_statistics") for s in stages])
+        else:
+            layer_sparsities = fixed
+            if kind is not None and cfg.mode == "parallel":
+                pipe.dense_pass(windows.calibration, (kind,), "calibration pass")
+        per_stage = _per_stage(plans, layer_sparsities)
+        if kind is not None and cfg.mode == "sequential":
+            pipe.prune_sequential(windows.calibration, per_stage)
+        else:
+            pipe.prune_collected(per_stage)
+        nll_after = pipe.nll(windows.heldout, "perplexity (pruned)") if _evaluates(cfg, windows) else None
+        t_pruned = time.perf_counter()
+
+        copies = _copy_lists(shape, tensors, plans)
+        driver.get([driver.call(s, "copy", names) for s, names in zip(stages, copies)])
+        finished = driver.get([driver.call(s, "finish") for s in stages])
+        results: list[ModuleResult] = [r for part in finished for r in part[0]]
+        report = PruneReport.build(
+            results, method=cfg.method, pattern=cfg.pattern, mode=cfg.mode, target=cfg.target_sparsity,
+            model_parameters=sum(info.numel for info in tensors.values()),
+            stages=[
+                {"worker": "driver" if info is None else f"{info.host}:{info.pid}", "device": "cpu" if info is None else info.device,
+                 "layers": [p.first, p.last], "resident_bytes": b, "busy_seconds": round(f[2], 3)}
+                for p, info, b, f in zip(plans, [infos[p.worker] for p in plans], stage_bytes, finished)
+            ],
+        )
+        if nll_before is not None and nll_after is not None:
+            report.perplexity_before = perplexity(*nll_before)
+            report.perplexity_after = perplexity(*nll_after)
+            report.eval_tokens = nll_after[1]
+        if windows is not None:
+            report.calibration = {"nsamples": windows.nsamples, "seqlen": windows.seqlen, "eval_windows": int(windows.heldout.shape[0])}
+        index = layout.index_json()
+        if index is not None:
+            staged.write_file("model.safetensors.index.json", index)
+        for name, data in extra_files.items():
+            staged.write_file(name, data)
+        staged.write_file(REPORT_FILE, report.to_json())
+        out = staged.publish()
+    except BaseException:
+        staged.abort()
+        raise
+    finally:
+        if driver is not None:
+            driver.kill()
+    if options.plot is not None:
+        report.plot(options.plot)
+    t_end = time.perf_counter()
+    return PruneResult(
+        output=out, report=report, seconds=t_end - t0, stages=report.stages,
+        peak_worker_rss_bytes=max(f[1] for f in finished),
+        timings={"checks": t_checked - t0, "load": t_loaded - t_checked, "prune": t_pruned - t_loaded, "write": t_end - t_pruned},
+    )
+
+
+def _evaluates(cfg: PruneConfig, windows: Optional[CalibrationWindows]) -> bool:
+    return cfg.evaluate and windows is not None and windows.heldout.shape[0] > 0
+
+
+def _curated_windows(cfg: PruneConfig, tokenizer, shape: ModelShape, pipe: _Pipeline, label: str) -> CalibrationWindows:
+    try:
+        return load_calibration(cfg.calibration, tokenizer, shape.max_positions, features=pipe.features)
+    except CalibrationError as err:
+        raise ConfigError(f"{label}: calibration: {err}") from None
+
+
+def _copy_lists(shape: ModelShape, tensors: dict, plans: list[_StagePlan]) -> list[list[str]]:
+    """Per stage, the tensors it copies unchanged: its layers' unpruned tensors; the first stage
+    also everything outside the decoder layers."""
+    pruned = {f"{shape.layers_path}.{i}.{m}.weight" for i in range(shape.num_layers) for m in shape.modules}
+    root = shape.layers_path + "."
+    out: list[list[str]] = [[] for _ in plans]
+    for name in tensors:
+        if name in pruned:
+            continue
+        k = 0
+        if name.startswith(root):
+            layer = int(name[len(root):].split(".", 1)[0])
+            k = next(j for j, p in enumerate(plans) if p.first <= layer <= p.last)
+        out[k].append(name)
+    return out
+
+
+def _published_files(cfg: PruneConfig, source: CheckpointSource) -> dict[str, Union[str, bytes]]:
+    files: dict[str, Union[str, bytes]] = {"config.json": json.dumps(source.config(), indent=2) + "\n"}
+    files.update(tokenizer_files(source))
+    files["raymerge_prune.yml"] = cfg.to_yaml()
+    return files

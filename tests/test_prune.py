@@ -1,0 +1,297 @@
+"""Pruning end to end: the pipeline against direct implementations, distributed against single
+process, perplexity on a trained tiny model, N:M, OWL, the report, the CLI and bad inputs.
+
+The fixture model is trained for a few hundred steps on a second-order Markov "language"
+(`raymerge.demo.demo_text`) and then given a few large-activation input features by a
+function-preserving rescaling (`add_outlier_features`), as real LLMs have; random weights would
+make perplexity meaningless.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from raymerge.config import ConfigError
+from raymerge.runtime.prune import PruneOptions, run_prune
+from tests.conftest import load_state
+
+LAYERS = "model.layers"
+MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    from raymerge.demo import build_trained_model, demo_text
+
+    root = tmp_path_factory.mktemp("pruning")
+    (root / "calib.txt").write_text(demo_text(24, 200, seed=1))
+    model = build_trained_model(root / "model", demo_text(200, 200, seed=0), steps=250, outlier_features=True)
+    return {"model": model, "calib": root / "calib.txt", "root": root}
+
+
+def _config(trained, method="wanda", **overrides):
+    cfg = {
+        "model": str(trained["model"]),
+        "method": method,
+        "sparsity": 0.5,
+        "calibration": {"dataset": str(trained["calib"]), "nsamples": 16, "seqlen": 64, "eval_samples": 8},
+        "batch_size": 4,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def _prune(trained, tmp_path, name="out", options=None, **cfg):
+    opts = options or PruneOptions(in_process=True, quiet=True)
+    return run_prune(_config(trained, **cfg), tmp_path / name, opts)
+
+
+def _weights(state, layer, module):
+    return state[f"{LAYERS}.{layer}.{module}.weight"]
+
+
+# -- direct single-process references -------------------------------------------------------------------
+def _reference(trained, method, sparsity=0.5, nm=None, mode="sequential"):
+    """Each formula applied directly to the transformers model: per layer, hooks on its linear
+    modules collect the inputs of a full-model forward over the calibration windows (after the
+    earlier layers were pruned, in sequential mode), then every module of the layer is pruned."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raymerge.calibration import load_calibration
+    from raymerge.config.calibration import CalibrationConfig
+    from raymerge.pruning import sparsegpt_prune
+
+    model = AutoModelForCausalLM.from_pretrained(str(trained["model"]), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(trained["model"]))
+    calib = CalibrationConfig(dataset=str(trained["calib"]), nsamples=16, seqlen=64, eval_samples=8)
+    windows = load_calibration(calib, tok, 128).calibration
+    layers = model.model.layers
+
+    def stats_of(layer_indices):
+        sq = {}
+        hess = {}
+        handles = []
+        for i in layer_indices:
+            for name in MODULES:
+                lin = layers[i].get_submodule(name)
+
+                def hook(mod, args, key=(i, name)):
+                    x = args[0].reshape(-1, args[0].shape[-1])
+                    sq[key] = sq.get(key, 0) + x.double().square().sum(0)
+                    hess[key] = hess.get(key, 0) + x.float().T @ x.float()
+
+                handles.append(lin.register_forward_pre_hook(hook))
+        with torch.no_grad():
+            for ids in windows.split(4):
+                model(input_ids=ids, use_cache=False)
+        for h in handles:
+            h.remove()
+        return sq, hess
+
+    def prune_layer(i, sq, hess):
+        for name in MODULES:
+            lin = layers[i].get_submodule(name)
+            w = lin.weight.data
+            if method == "magnitude":
+                scores = w.abs()
+            else:
+                scores = w.abs() * sq[(i, name)].sqrt().float()
+            if method == "sparsegpt":
+                new, _ = sparsegpt_prune(w, hess[(i, name)], sparsity, pattern=nm)
+                lin.weight.data = new
+                continue
+            mask = torch.zeros_like(w, dtype=torch.bool)
+            if nm is not None:
+                n, m = nm
+                groups = scores.reshape(w.shape[0], -1, m)
+                order = torch.sort(groups, dim=-1, stable=True).indices[..., :n]
+                mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True).reshape(w.shape)
+            elif method == "wanda":
+                k = int(w.shape[1] * sparsity)
+                order = torch.sort(scores, dim=1, stable=True).indices[:, :k]
+                mask.scatter_(1, order, True)
+            else:
+                k = int(w.numel() * sparsity)
+                order = torch.sort(scores.flatten(), stable=True).indices[:k]
+                mask.view(-1)[order] = True
+            lin.weight.data = w.masked_fill(mask, 0)
+
+    n = len(layers)
+    if mode == "parallel":
+        sq, hess = stats_of(range(n))
+        for i in range(n):
+            prune_layer(i, sq, hess)
+    else:
+        for i in range(n):
+            sq, hess = stats_of([i]) if method != "magnitude" else ({}, {})
+            prune_layer(i, sq, hess)
+    return {f"{LAYERS}.{i}.{m}.weight": layers[i].get_submodule(m).weight.data for i in range(n) for m in MODULES}
+
+
+@pytest.mark.parametrize(
+    "method,mode,pattern",
+    [
+        ("magnitude", "sequential", "unstructured"),
+        ("wanda", "sequential", "unstructured"),
+        ("wanda", "parallel", "unstructured"),
+        ("wanda", "sequential", "2:4"),
+        ("sparsegpt", "sequential", "unstructured"),
+        ("sparsegpt", "parallel", "4:8"),
+    ],
+)
+def test_pipeline_matches_direct_implementation(trained, tmp_path, method, mode, pattern):
+    nm = None if pattern == "unstructured" else tuple(int(x) for x in pattern.split(":"))
+    extra = {"pattern": pattern} if nm else {}
+    if nm:
+        extra["sparsity"] = nm[0] / nm[1]
+    result = _prune(trained, tmp_path, method=method, mode=mode, **extra)
+    got = load_state(result.output)
+    want = _reference(trained, method, nm=nm, mode=mode)
+    for name, w in want.items():
+        assert torch.equal(got[name] == 0, w == 0), f"{name}: masks differ"
+        if method == "sparsegpt":
+            torch.testing.assert_close(got[name], w, rtol=1e-4, atol=1e-5)
+        else:
+            assert torch.equal(got[name], w), f"{name}: weights differ"
+
+
+def test_exact_sparsity_per_row_and_group(trained, tmp_path):
+    wanda = load_state(_prune(trained, tmp_path, "w", method="wanda").output)
+    for i in range(4):
+        for m in MODULES:
+            w = _weights(wanda, i, m)
+            zeros_per_row = (w == 0).sum(dim=1)
+            assert torch.all(zeros_per_row == w.shape[1] // 2), f"layer {i} {m}"
+    result = _prune(trained, tmp_path, "nm", method="sparsegpt", pattern="2:4", sparsity=None)
+    nm = load_state(result.output)
+    for i in range(4):
+        for m in MODULES:
+            groups = (_weights(nm, i, m) == 0).reshape(-1, 4).sum(dim=1)
+            assert torch.all(groups == 2), f"layer {i} {m}: a 4-group without exactly 2 zeros"
+    assert result.report.nm_valid is True
+    assert result.report.achieved_sparsity == pytest.approx(0.5)
+
+
+def test_untouched_tensors_keep_their_bytes_and_model_loads(trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result = _prune(trained, tmp_path, method="wanda")
+    src, out = load_state(trained["model"]), load_state(result.output)
+    pruned = {f"{LAYERS}.{i}.{m}.weight" for i in range(4) for m in MODULES}
+    assert set(src) == set(out)
+    for name in src:
+        if name not in pruned:
+            assert torch.equal(src[name], out[name]), name
+        else:  # kept weights are the input's own values
+            kept = out[name] != 0
+            assert torch.equal(out[name][kept], src[name][kept]), name
+    model = AutoModelForCausalLM.from_pretrained(str(result.output))
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[4, 5, 6, 7]])).logits).all()
+    report = json.loads((result.output / "prune_report.json").read_text())
+    assert report["achieved_sparsity"] == pytest.approx(0.5)
+    assert len(report["layers"]) == 4 and len(report["modules"]) == 4 * len(MODULES)
+    assert (result.output / "raymerge_prune.yml").is_file()
+
+
+def test_perplexity_activation_aware_beats_magnitude(trained, tmp_path):
+    ppl = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        report = _prune(trained, tmp_path, method, method=method).report
+        ppl[method] = report.perplexity_after
+        dense = report.perplexity_before
+    assert dense < ppl["sparsegpt"] and dense < ppl["wanda"]
+    assert ppl["wanda"] < ppl["magnitude"], ppl
+    assert ppl["sparsegpt"] < ppl["magnitude"], ppl
+
+
+def test_owl_layerwise_sparsity(trained, tmp_path):
+    result = _prune(trained, tmp_path, method="wanda", sparsity=0.6, layerwise={"owl": {"lambda": 0.1, "m": 3}},
+                    options=PruneOptions(in_process=True, quiet=True, plot=tmp_path / "layers.png"))
+    targets = [row.target for row in result.report.layers]
+    assert len(set(targets)) > 1, "OWL gave every layer the same sparsity"
+    assert sum(targets) / len(targets) == pytest.approx(0.6, abs=1e-9)
+    assert max(targets) - min(targets) == pytest.approx(0.2, abs=1e-9)
+    for row in result.report.layers:
+        assert row.achieved == pytest.approx(row.target, abs=1 / 64)
+    assert (tmp_path / "layers.png").stat().st_size > 1000
+
+
+def test_explicit_layer_list_and_module_selection(trained, tmp_path):
+    result = _prune(trained, tmp_path, method="magnitude", sparsity=None, layerwise=[0.1, 0.2, 0.3, 0.4],
+                    modules=[r"mlp\..*"], calibration=None)
+    out, src = load_state(result.output), load_state(trained["model"])
+    for i, s in enumerate([0.1, 0.2, 0.3, 0.4]):
+        w = _weights(out, i, "mlp.up_proj")
+        assert (w == 0).sum().item() == int(w.numel() * s)
+        assert torch.equal(_weights(out, i, "self_attn.q_proj"), _weights(src, i, "self_attn.q_proj"))
+    assert result.report.perplexity_before is None  # no calibration text, no perplexity
+
+
+def test_distributed_stages_match_single_process(trained, tmp_path, fake_cluster):
+    for method, mode in (("wanda", "sequential"), ("sparsegpt", "parallel")):
+        single = _prune(trained, tmp_path, f"{method}-1", method=method, mode=mode)
+        multi = _prune(trained, tmp_path, f"{method}-3", method=method, mode=mode,
+                       options=PruneOptions(workers=2, quiet=True))
+        assert len(multi.stages) == 2 and multi.stages[0]["layers"] == [0, 1] and multi.stages[1]["layers"] == [2, 3]
+        a, b = load_state(single.output), load_state(multi.output)
+        for name in a:
+            assert torch.equal(a[name] == 0, b[name] == 0), f"{method}: {name} masks differ"
+        if method == "wanda":
+            for name in a:
+                assert torch.equal(a[name], b[name]), name
+        assert multi.report.perplexity_after == pytest.approx(single.report.perplexity_after, rel=1e-5)
+
+
+def test_cli_prune_prints_report(trained, tmp_path, capsys):
+    import yaml
+
+    from raymerge.cli import main
+
+    cfg = tmp_path / "prune.yaml"
+    cfg.write_text(yaml.safe_dump(_config(trained, method="wanda", pattern="4:8", sparsity=None)))
+    rc = main(["prune", str(cfg), str(tmp_path / "out"), "--in-process", "--quiet", "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "N:M ok" in text and "perplexity on" in text and "pruned" in text
+    assert json.loads((tmp_path / "r.json").read_text())["nm_valid"] is True
+
+
+# -- bad inputs: a clear error, nothing published -------------------------------------------------------
+def _fails(trained, tmp_path, match, exc=ConfigError, **cfg):
+    out = tmp_path / "never"
+    with pytest.raises(exc, match=match):
+        run_prune(_config(trained, **cfg), out, PruneOptions(in_process=True, quiet=True))
+    assert not out.exists()
+    assert not list(tmp_path.glob(".never*")), "a staging folder was left behind"
+
+
+def test_no_calibration_text(trained, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n ")
+    _fails(trained, tmp_path, "no calibration text", calibration={"dataset": str(empty), "seqlen": 32})
+    _fails(trained, tmp_path, "calibration: required for method wanda", calibration=None)
+    _fails(trained, tmp_path, "not found", calibration={"dataset": str(tmp_path / "missing.txt")})
+
+
+def test_seqlen_longer_than_the_model_allows(trained, tmp_path):
+    _fails(trained, tmp_path, r"calibration.seqlen=4096 is longer than the model's max_position_embeddings=128",
+           calibration={"dataset": str(trained["calib"]), "seqlen": 4096})
+
+
+def test_nm_pattern_that_does_not_divide_the_width(trained, tmp_path):
+    _fails(trained, tmp_path, r"multiple of 5, but self_attn.q_proj has 64 inputs", pattern="2:5", sparsity=None)
+    _fails(trained, tmp_path, r"pattern.*0 < N < M", pattern="4:2", sparsity=None)
+
+
+def test_sparsity_outside_range(trained, tmp_path):
+    _fails(trained, tmp_path, r"sparsity: must be in \[0, 1\), got 1.0", sparsity=1.0)
+    _fails(trained, tmp_path, r"sparsity: must be in \[0, 1\), got -0.1", sparsity=-0.1)
+    _fails(trained, tmp_path, r"layer 2: sparsity must be in \[0, 1\)", sparsity=None, layerwise=[0.1, 0.2, 1.5, 0.1])
+    _fails(trained, tmp_path, r"4 sparsities given|3 sparsities given, the model has 4", sparsity=None, layerwise=[0.1, 0.2, 0.3])
+    _fails(trained, tmp_path, r"modules: pattern 'attn.nothing' matches no linear module", modules=["attn.nothing"])
