@@ -5,6 +5,8 @@ Public API::
     import raymerge
     result = raymerge.merge("ties.yaml", "out/merged", workers=4)
     print(result.summary())
+    pruned = raymerge.prune("wanda.yaml", "out/pruned")
+    print(pruned.report.table())
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ __all__ = [
     "merge",
     "plan",
     "PlanReport",
+    "prune",
     "shutdown_workers",
 ]
 
@@ -48,12 +51,14 @@ def merge(
     planner: str = "milp",
     plan_time_limit: float = 10.0,
     keep_workers: bool = False,
+    s3_endpoint_url: Optional[str] = None,
 ) -> MergeResult:
     """Merge the models described by a mergekit-format config and publish the result at `output`.
 
     Args:
         config: path to a YAML file, a dict in the same format, or a `MergeConfig`.
-        output: directory to create; refused if it already holds a model unless `overwrite`.
+        output: directory to create, or `s3://bucket/prefix` (shards are uploaded by the workers,
+            `config.json` last); refused if it already holds a model unless `overwrite`.
         workers: number of worker actors (default: one per GPU, else one per CPU slot).
         overwrite: replace an existing output directory (only once the new one is complete).
         random_seed: seed of random methods (DARE, DELLA); with the tensor name it seeds each tensor.
@@ -67,6 +72,8 @@ def merge(
         plan_time_limit: seconds the MILP may take.
         keep_workers: keep the worker actors for the next merge of this process (saves the
             worker start, about a second per worker process; `shutdown_workers()` ends them).
+        s3_endpoint_url: endpoint of an S3-compatible store for `s3://` models and output
+            (default: AWS, or `AWS_ENDPOINT_URL`); credentials come from boto3's default chain.
 
     Returns:
         A `MergeResult`: output path, tensor count, bytes read/written, timings, peak memory,
@@ -90,6 +97,7 @@ def merge(
         planner=planner,
         plan_time_limit=plan_time_limit,
         keep_workers=keep_workers,
+        s3_endpoint_url=s3_endpoint_url,
     )
     return run_merge(config, output, options)
 
@@ -103,6 +111,7 @@ def plan(
     time_limit: float = 10.0,
     allow_pickle: bool = False,
     allow_mixed_architectures: bool = False,
+    s3_endpoint_url: Optional[str] = None,
 ) -> PlanReport:
     """Plan a merge without running it: from safetensors headers, or from `config.json` alone
     for models given as folders without weights (shape-only), so large merges can be planned
@@ -113,6 +122,7 @@ def plan(
     options = MergeOptions(
         workers=workers, cluster=cluster, planner=planner, plan_time_limit=time_limit,
         allow_pickle=allow_pickle, allow_mixed_architectures=allow_mixed_architectures,
+        s3_endpoint_url=s3_endpoint_url,
     )
     return plan_only(config, options)
 
@@ -122,3 +132,46 @@ def shutdown_workers() -> None:
     from raymerge.runtime.executor import shutdown_pool
 
     shutdown_pool()
+
+
+def prune(
+    config: Union[str, Path, dict[str, Any]],
+    output: Union[str, Path],
+    *,
+    workers: Optional[int] = None,
+    in_process: bool = False,
+    overwrite: bool = False,
+    quiet: bool = False,
+    address: Optional[str] = None,
+    plot: Union[str, Path, None] = None,
+    s3_endpoint_url: Optional[str] = None,
+):
+    """Prune the model of a prune config (see `raymerge.config.prune_config`) and publish it.
+
+    Args:
+        config: path to a YAML file, or a dict in the same format.
+        output: directory to create; refused if it already holds a model unless `overwrite`.
+        workers: stage workers the decoder layers are spread over, each holding a contiguous
+            block (default: one per GPU, else one per CPU slot; never more than the layers).
+        in_process: run everything in this process, one stage, no Ray.
+        overwrite: replace an existing output directory (only once the new one is complete).
+        quiet: no progress bars.
+        address: Ray cluster address (default: `RAY_ADDRESS`, else a local Ray).
+        plot: write a per-layer sparsity chart (PNG) here.
+        s3_endpoint_url: endpoint of an S3-compatible store for an `s3://` model.
+
+    Returns:
+        A `PruneResult`: output path, `report` (per-layer target and achieved sparsity, N:M
+        validity, perplexity before/after; also written as `prune_report.json` in the output),
+        stages, timings and peak worker memory.
+
+    Raises:
+        ConfigError, CheckpointError, OutputError: before anything is written.
+    """
+    from raymerge.runtime.prune import PruneOptions, run_prune
+
+    options = PruneOptions(
+        workers=workers, in_process=in_process, address=address, overwrite=overwrite, quiet=quiet, plot=plot,
+        s3_endpoint_url=s3_endpoint_url,
+    )
+    return run_prune(config, output, options)

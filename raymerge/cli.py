@@ -1,4 +1,4 @@
-"""The `raymerge` command line: `merge`, `plan`, `demo` and `methods`.
+"""The `raymerge` command line: `merge`, `prune`, `plan`, `demo` and `methods`.
 
 Thin by design: parse arguments, call the public API, print the summary. Errors that come from
 the user's inputs (config, model paths, output path) print one clear message and exit with 2;
@@ -25,8 +25,12 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from raymerge.runtime.operators import MergePlanError
 
     from planners import PlanError, ProblemError
+    from raymerge.calibration import CalibrationError
+    from raymerge.pruning import PruningError
+    from raymerge.runtime.prune import PruneError
 
-    return (ConfigError, CheckpointError, HeaderError, OutputError, MethodError, MergePlanError, OperatorError, PlanError, ProblemError)
+    return (ConfigError, CheckpointError, HeaderError, OutputError, MethodError, MergePlanError, OperatorError, PlanError,
+            ProblemError, CalibrationError, PruningError, PruneError)
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -81,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     m.add_argument("config", help="merge config (mergekit YAML format)")
-    m.add_argument("output", help="output directory (a Hugging Face model folder)")
+    m.add_argument("output", help="output directory (a Hugging Face model folder), or s3://bucket/prefix")
+    m.add_argument("--s3-endpoint-url", default=None, metavar="URL",
+                   help="endpoint of an S3-compatible store for s3:// models and output (default: AWS, or "
+                        "$AWS_ENDPOINT_URL); credentials come from boto3's default chain")
     m.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it already holds a model")
     m.add_argument("--out-shard-size", default=None, metavar="SIZE",
                    help="largest output shard, e.g. 5GB (default), 500MB, 2GiB or bytes")
@@ -91,6 +98,31 @@ def build_parser() -> argparse.ArgumentParser:
                         "read but headers, nothing is written, Ray is not started")
     _add_run_options(m)
     _add_plan_options(m, for_merge=True)
+
+    pr = sub.add_parser(
+        "prune",
+        help="prune a model with magnitude, Wanda or SparseGPT (unstructured or N:M) using calibration text",
+        description=(
+            "Prune the model of CONFIG (a prune YAML: model, method, sparsity, pattern, layerwise, modules, mode, "
+            "calibration; see README) and publish the sparse checkpoint at OUTPUT with prune_report.json. The "
+            "decoder layers are spread over stage workers (contiguous blocks, sized by the pipeline planner) and "
+            "calibration activations flow through them, so no worker holds the whole model. Prints per-layer "
+            "target and achieved sparsity and perplexity before/after on held-out calibration text."
+        ),
+    )
+    pr.add_argument("config", help="prune config (YAML)")
+    pr.add_argument("output", help="output directory (a Hugging Face model folder)")
+    pr.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it already holds a model")
+    pr.add_argument("--workers", type=int, default=None, metavar="N",
+                    help="stage workers (default: one per GPU in the cluster, else one per CPU slot; at most one per layer)")
+    pr.add_argument("--in-process", action="store_true", help="run in this process as a single stage, without Ray")
+    pr.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
+    pr.add_argument("--plot", default=None, metavar="PNG", help="write a per-layer sparsity chart (needs matplotlib)")
+    pr.add_argument("--json", default=None, metavar="FILE", dest="report_json",
+                    help="also write the report (prune_report.json in OUTPUT) to FILE")
+    pr.add_argument("--s3-endpoint-url", default=None, metavar="URL",
+                    help="endpoint of an S3-compatible store for an s3:// model (default: AWS, or $AWS_ENDPOINT_URL)")
+    pr.add_argument("--quiet", action="store_true", help="no progress bars")
 
     pl = sub.add_parser(
         "plan",
@@ -138,10 +170,27 @@ def _merge(args: argparse.Namespace) -> int:
         quiet=args.quiet, address=args.address, out_shard_size=args.out_shard_size,
         allow_pickle=args.allow_pickle, allow_mixed_architectures=args.allow_mixed_architectures,
         cluster=args.cluster, planner=args.planner, plan_time_limit=args.plan_time_limit,
+        s3_endpoint_url=args.s3_endpoint_url,
     )
     print(result.summary())
     if result.plan is not None and result.plan.report is not None:
         _write_plan_outputs(args, result.plan.report)
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    import raymerge
+
+    result = raymerge.prune(
+        args.config, args.output, workers=args.workers, in_process=args.in_process, overwrite=args.overwrite,
+        quiet=args.quiet, address=args.address, plot=args.plot, s3_endpoint_url=args.s3_endpoint_url,
+    )
+    print(result.report.table())
+    print(result.summary())
+    if args.plot:
+        print(f"per-layer sparsity chart: {args.plot}")
+    if args.report_json:
+        Path(args.report_json).write_text(result.report.to_json())
     return 0
 
 
@@ -152,6 +201,7 @@ def _plan(args: argparse.Namespace) -> int:
         args.config, cluster=args.cluster, workers=args.workers, planner=args.planner,
         time_limit=args.plan_time_limit, allow_pickle=args.allow_pickle,
         allow_mixed_architectures=args.allow_mixed_architectures,
+        s3_endpoint_url=getattr(args, "s3_endpoint_url", None),
     )
     print(report.summary())
     _write_plan_outputs(args, report)
@@ -213,7 +263,7 @@ def _methods(_: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"merge": _merge, "plan": _plan, "demo": _demo, "methods": _methods}[args.command]
+    handler = {"merge": _merge, "prune": _prune, "plan": _plan, "demo": _demo, "methods": _methods}[args.command]
     try:
         return handler(args)
     except _user_error_types() as err:

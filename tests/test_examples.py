@@ -27,7 +27,23 @@ def _parameter_names(cfg) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+MERGE_EXAMPLES = sorted(p for p in EXAMPLES.glob("*.yaml") if not p.name.startswith("prune_"))
+PRUNE_EXAMPLES = sorted(EXAMPLES.glob("prune_*.yaml"))
+
+
+@pytest.mark.parametrize("path", PRUNE_EXAMPLES, ids=lambda p: p.name)
+def test_prune_example_configs_are_valid(path):
+    from raymerge.config.prune_config import load_prune_config
+
+    cfg, _ = load_prune_config(path)
+    assert cfg.calibration is not None and 0 < cfg.target_sparsity < 1
+
+
+def test_prune_examples_exist():
+    assert len(PRUNE_EXAMPLES) >= 2
+
+
+@pytest.mark.parametrize("path", MERGE_EXAMPLES, ids=lambda p: p.name)
 def test_example_configs_are_valid(path):
     cfg, _ = load_config(path)
     spec = get_method(cfg.merge_method)

@@ -295,3 +295,47 @@ def test_sparsity_outside_range(trained, tmp_path):
     _fails(trained, tmp_path, r"layer 2: sparsity must be in \[0, 1\)", sparsity=None, layerwise=[0.1, 0.2, 1.5, 0.1])
     _fails(trained, tmp_path, r"4 sparsities given|3 sparsities given, the model has 4", sparsity=None, layerwise=[0.1, 0.2, 0.3])
     _fails(trained, tmp_path, r"modules: pattern 'attn.nothing' matches no linear module", modules=["attn.nothing"])
+
+
+@pytest.mark.parametrize(
+    "arch,overrides",
+    [("llama", {}), ("mistral", {}), ("qwen2", {}), ("gemma2", {"head_dim": 16}), ("phi3", {"pad_token_id": 0}),
+     ("llama", {"tie_word_embeddings": True})],
+    ids=["llama", "mistral", "qwen2", "gemma2", "phi3", "llama-tied"],
+)
+def test_decoder_blocks_reproduce_the_model(model_root, arch, overrides):
+    """Blocks built from config.json and the checkpoint, chained, give the transformers model's
+    logits exactly: embeddings, per-layer arguments (sliding windows), norm, head, soft-capping."""
+    from transformers import AutoModelForCausalLM
+
+    from raymerge.checkpoints import open_source
+    from raymerge.demo import build_tiny_model
+    from raymerge.pruning.decoder import DecoderBlock
+
+    name = arch + "".join(f"-{k}" for k in overrides)
+    path = model_root / "blocks" / name
+    if not (path / "config.json").exists():
+        build_tiny_model(path, arch=arch, seed=3, config_overrides=overrides)
+    src = open_source(str(path))
+    cfg = src.config()
+    ids = torch.randint(0, 30, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()(ids).logits
+    first = DecoderBlock(cfg, src, 0, 1, embed=True)
+    second = DecoderBlock(cfg, src, 2, 3, head=True)
+    got = second.logits(second.forward(first.forward(first.embed(ids))))
+    assert torch.equal(got, want)
+    assert all(p.is_meta for p in first.model.lm_head.parameters()) or cfg.get("tie_word_embeddings")
+    src.close()
+
+
+def test_curated_calibration(trained, tmp_path):
+    calib = {"dataset": str(trained["calib"]), "nsamples": 8, "seqlen": 32, "eval_samples": 4,
+             "curate": {"candidates": 24, "clusters": 4}}
+    a = _prune(trained, tmp_path, "a", method="wanda", calibration=calib)
+    b = _prune(trained, tmp_path, "b", method="wanda", calibration=calib)
+    plain = _prune(trained, tmp_path, "c", method="wanda", calibration={k: v for k, v in calib.items() if k != "curate"})
+    assert a.report.calibration["nsamples"] == 8
+    sa, sb, sc = load_state(a.output), load_state(b.output), load_state(plain.output)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa), "curation is not deterministic"
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa), "curation picked the same windows as no curation"

@@ -3,7 +3,16 @@
 A local directory is used in place. Anything else that looks like a Hugging Face Hub id
 (`org/name`, optionally `@revision`) is fetched with `huggingface_hub.snapshot_download`
 (weights, JSON and tokenizer files only) into the usual HF cache, and then used as a local
-directory. `s3://` prefixes and DeepSpeed folders are further source kinds (see their modules).
+directory. `s3://bucket/prefix` opens an `s3.S3Source` (ranged GETs; `SourceSpec.s3_endpoint_url`
+names an S3-compatible store).
+
+A local directory written by DeepSpeed's `engine.save_checkpoint` (it holds a `latest` file, or
+`global_step*` folders with `*model_states.pt` files, or is such a tag folder itself) opens as a
+`deepspeed.DeepSpeedSource`, unless it also holds Hugging Face weights (`*.safetensors`,
+`pytorch_model*.bin`): the Trainer's `checkpoint-N/` may carry both, and then the saved model is
+used as before; point at its `global_stepN/` folder to read the ZeRO fp32 weights instead. Its
+`config.json` and tokenizer come from the checkpoint or from `config_from` (`ModelRef.config_from`,
+a local Hugging Face directory), which no other kind of source accepts.
 
 Planning may go without weights: with `shape_only=True`, a directory holding a `config.json`
 but no weight files (or a path to a `config.json` itself) opens as a `ShapeOnlySource`, which
@@ -20,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from raymerge.checkpoints.deepspeed import DeepSpeedSource, is_deepspeed_checkpoint
 from raymerge.checkpoints.local import LocalSource
 from raymerge.checkpoints.shapes import CONFIG_FILE, ShapeOnlySource
 from raymerge.checkpoints.source import CheckpointError, CheckpointSource
@@ -36,10 +46,13 @@ class SourceSpec:
     revision: Optional[str] = None
     allow_pickle: bool = False
     shape_only: bool = False
+    s3_endpoint_url: Optional[str] = None  # for s3:// paths (None: AWS, or AWS_ENDPOINT_URL); no credentials here
+    config_from: Optional[str] = None  # DeepSpeed checkpoints: where config.json and the tokenizer are
 
     def open(self) -> CheckpointSource:
         return open_source(
-            self.path, revision=self.revision, allow_pickle=self.allow_pickle, shape_only=self.shape_only
+            self.path, revision=self.revision, allow_pickle=self.allow_pickle, shape_only=self.shape_only,
+            s3_endpoint_url=self.s3_endpoint_url, config_from=self.config_from,
         )
 
 
@@ -50,14 +63,30 @@ def _config_without_weights(directory: Path) -> bool:
     return not any(True for p in ("*.safetensors", "*.bin", "*.index.json") for _ in directory.glob(p))
 
 
+def _is_deepspeed_folder(directory: Path) -> bool:
+    """A DeepSpeed checkpoint (or tag) folder without Hugging Face weights next to it."""
+    if any(True for p in ("*.safetensors", "pytorch_model*.bin") for _ in directory.glob(p)):
+        return False
+    return is_deepspeed_checkpoint(directory)
+
+
 def open_source(
-    path: str, *, revision: Optional[str] = None, allow_pickle: bool = False, shape_only: bool = False
+    path: str, *, revision: Optional[str] = None, allow_pickle: bool = False, shape_only: bool = False,
+    s3_endpoint_url: Optional[str] = None, config_from: Optional[str] = None,
 ) -> CheckpointSource:
     """Open a model reference; raise CheckpointError naming it when it cannot be found.
 
     `shape_only`: accept a config.json without weights (see the module docstring).
+    `s3_endpoint_url`: the S3 endpoint for `s3://` paths (S3-compatible stores).
+    `config_from`: for DeepSpeed checkpoints, a Hugging Face directory with config.json/tokenizer.
     """
     local = Path(path).expanduser()
+    if local.is_dir() and _is_deepspeed_folder(local):
+        return DeepSpeedSource(local, allow_pickle=allow_pickle, config_from=config_from)
+    if config_from is not None:
+        raise CheckpointError(
+            f"{path}: config_from applies only to DeepSpeed checkpoint folders (this is not one); remove it"
+        )
     if local.is_dir():
         config_only = _config_without_weights(local)
         if shape_only and config_only:
@@ -73,7 +102,9 @@ def open_source(
     if shape_only and local.is_file() and local.name == CONFIG_FILE:
         return ShapeOnlySource(local)
     if path.startswith("s3://"):
-        raise CheckpointError(f"{path}: S3 model paths are not supported in this version")
+        from raymerge.checkpoints.s3 import S3Source
+
+        return S3Source(path, endpoint_url=s3_endpoint_url, allow_pickle=allow_pickle)
     if not _HUB_ID.match(path) or local.exists():
         raise CheckpointError(f"model path not found: {path}")
     return LocalSource(_download_from_hub(path, revision, allow_pickle), allow_pickle=allow_pickle)

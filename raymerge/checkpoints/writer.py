@@ -13,6 +13,10 @@
 4. `StagedOutput.publish` writes the index, `config.json`, tokenizer files and model card into the
    staging folder, fsyncs, and renames it onto the output path. Until that rename nothing at the
    output path exists, so a crash never leaves something there that loads as a model.
+
+`open_output` picks the sink: a local directory, or an `s3://bucket/prefix`, which stages the
+same way in a local folder and then uploads (shards by the workers, `config.json` last; see
+`raymerge.checkpoints.s3`).
 """
 
 from __future__ import annotations
@@ -158,11 +162,7 @@ class StagedOutput:
         if self.staging.exists():
             shutil.rmtree(self.staging)
         self.staging.mkdir(parents=True)
-        for shard in layout.shards:
-            with open(self.staging / shard.filename, "wb") as f:
-                f.write(shard.header)
-                f.truncate(shard.size)
-                _reserve(f.fileno(), shard.size, self.staging / shard.filename)
+        allocate_shards(self.staging, layout)
 
     def write_file(self, name: str, data: bytes | str) -> None:
         path = self.staging / name
@@ -188,6 +188,28 @@ class StagedOutput:
 
     def abort(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def allocate_shards(folder: Path, layout: OutputLayout) -> None:
+    """Create each shard of `layout` in `folder`: its header, then its full size reserved."""
+    for shard in layout.shards:
+        with open(folder / shard.filename, "wb") as f:
+            f.write(shard.header)
+            f.truncate(shard.size)
+            _reserve(f.fileno(), shard.size, folder / shard.filename)
+
+
+def open_output(output: str | os.PathLike, *, overwrite: bool = False, s3_endpoint_url: Optional[str] = None):
+    """The staged output for `output`: a local directory (`StagedOutput`) or an
+    `s3://bucket/prefix` (`s3.S3StagedOutput`: local staging, uploads, `config.json` last)."""
+    text = str(output)
+    if isinstance(output, os.PathLike) and text.startswith("s3:/") and not text.startswith("s3://"):
+        text = "s3://" + text[len("s3:/"):]  # Path("s3://b/p") collapses the double slash
+    if text.startswith("s3://"):
+        from raymerge.checkpoints.s3 import S3StagedOutput
+
+        return S3StagedOutput(text, overwrite=overwrite, endpoint_url=s3_endpoint_url)
+    return StagedOutput(output, overwrite=overwrite)
 
 
 def _reserve(fd: int, size: int, path: Path) -> None:

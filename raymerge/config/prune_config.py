@@ -1,7 +1,8 @@
 """Pydantic model of the prune YAML, and loading it with errors that name the key and the file.
 
 ```yaml
-model: ./my-model              # local directory, Hub id (org/name[@rev]) or s3:// prefix
+model: ./my-model              # local directory, Hub id (org/name[@rev]), s3:// prefix, or
+                               # {path: ./zero_ckpt, config_from: ./hf_dir} for a DeepSpeed folder
 method: wanda                  # magnitude | wanda | sparsegpt
 sparsity: 0.5                  # fraction of each pruned matrix set to zero, in [0, 1)
 pattern: unstructured          # or an N:M pattern such as "2:4" or "4:8" (then sparsity = N/M)
@@ -73,6 +74,7 @@ class PruneConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
     evaluate: bool = True
     out_shard_size: Union[int, str, None] = None
+    allow_pickle: bool = False  # accept pytorch_model*.bin and DeepSpeed ZeRO folders (torch pickles)
 
     @field_validator("model", mode="before")
     @classmethod

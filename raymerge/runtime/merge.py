@@ -8,7 +8,8 @@ same plan from headers (or config.json shapes) and a cluster profile, starting n
 Everything that can fail from metadata alone (config errors, missing models or tensors, shape
 mismatches, an output path that already holds a model) fails here, in the driver, before Ray
 starts a worker or a byte is written. Any later failure removes the staging folder, so nothing
-is ever published half-written.
+is ever published half-written. An `s3://bucket/prefix` output stages locally the same way; the
+workers then upload the shards and the driver writes `config.json` last (`checkpoints.s3`).
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from raymerge.checkpoints import CheckpointSource, SourceSpec, StagedOutput, parse_size, plan_shards
+from raymerge.checkpoints import CheckpointSource, SourceSpec, parse_size, plan_shards
 from raymerge.checkpoints.model_files import merged_model_config, model_card, tokenizer_files
 from raymerge.checkpoints.source import CheckpointError
-from raymerge.checkpoints.writer import DEFAULT_SHARD_BYTES
+from raymerge.checkpoints.s3 import S3StagedOutput, resolve_endpoint_url
+from raymerge.checkpoints.writer import DEFAULT_SHARD_BYTES, open_output
 from raymerge.config import ConfigError, MergeConfig, ModelRef, load_config
 from raymerge.runtime.costs import representative_ops
 from raymerge.runtime.executor import WorkerPool, acquire_pool, ensure_ray, release_pool, run_plan, work_items
@@ -46,7 +48,7 @@ GB = 1e9
 class MergeResult:
     """What a merge produced and how long it took (all sizes in bytes, times in seconds)."""
 
-    output: Path
+    output: Union[Path, str]  # a local directory, or the s3:// URL of an S3 output
     tensors: int
     bytes_read: int
     bytes_written: int
@@ -127,13 +129,16 @@ class MergeOptions:
     planner: str = "milp"
     plan_time_limit: float = 10.0
     keep_workers: bool = False
+    s3_endpoint_url: Optional[str] = None  # S3-compatible store for s3:// inputs and output
 
 
-def open_sources(refs: list[ModelRef], allow_pickle: bool, shape_only: bool = False) -> dict[ModelRef, tuple[SourceSpec, CheckpointSource]]:
+def open_sources(
+    refs: list[ModelRef], allow_pickle: bool, shape_only: bool = False, s3_endpoint_url: Optional[str] = None,
+) -> dict[ModelRef, tuple[SourceSpec, CheckpointSource]]:
     opened: dict[ModelRef, tuple[SourceSpec, CheckpointSource]] = {}
     try:
         for ref in refs:
-            spec = SourceSpec(ref.path, ref.revision, allow_pickle, shape_only=shape_only)
+            spec = SourceSpec(ref.path, ref.revision, allow_pickle, shape_only=shape_only, s3_endpoint_url=s3_endpoint_url, config_from=ref.config_from)
             opened[ref] = (spec, spec.open())
     except Exception:
         for _, src in opened.values():
@@ -180,7 +185,7 @@ def _chat_template_file(config: MergeConfig, label: str) -> Optional[str]:
 
 def _published_files(
     config: MergeConfig, label: str, program: MergeProgram, specs: dict[ModelRef, tuple[SourceSpec, CheckpointSource]],
-    allow_pickle: bool,
+    allow_pickle: bool, s3_endpoint_url: Optional[str] = None,
 ) -> dict[str, bytes | str]:
     """config.json, tokenizer files, chat template, model card and config copy, by file name."""
     donor_ref = program.models[program.donor]
@@ -201,7 +206,7 @@ def _published_files(
     elif tok_ref in specs:
         files.update(tokenizer_files(specs[tok_ref][1]))
     else:
-        src = SourceSpec(tok_ref.path, tok_ref.revision, allow_pickle).open()
+        src = SourceSpec(tok_ref.path, tok_ref.revision, allow_pickle, s3_endpoint_url=s3_endpoint_url).open()
         try:
             files.update(tokenizer_files(src))
         finally:
@@ -246,12 +251,12 @@ def _prepare(cfg: MergeConfig, label: str, options: MergeOptions, *, shape_only:
     """Program, source specs and the small files to publish; every metadata check happens here."""
     settings = cfg.raymerge
     seed = options.random_seed if options.random_seed is not None else (settings.random_seed if settings and settings.random_seed is not None else 0)
-    opened = open_sources(cfg.referenced_models(), options.allow_pickle, shape_only=shape_only)
+    opened = open_sources(cfg.referenced_models(), options.allow_pickle, shape_only=shape_only, s3_endpoint_url=options.s3_endpoint_url)
     try:
         sources = {ref: src for ref, (_, src) in opened.items()}
         check_sources_compatible(sources, allow_mixed=options.allow_mixed_architectures)
         program = build_program(cfg, sources, source_label=label, random_seed=seed)
-        extra_files = None if shape_only else _published_files(cfg, label, program, opened, options.allow_pickle)
+        extra_files = None if shape_only else _published_files(cfg, label, program, opened, options.allow_pickle, options.s3_endpoint_url)
     finally:
         for _, src in opened.values():
             src.close()
@@ -292,6 +297,9 @@ def plan_only(config: Union[str, Path, dict[str, Any], MergeConfig], options: Me
 def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Union[str, Path], options: MergeOptions) -> MergeResult:
     """Run one merge; see `raymerge.merge` for the user-facing description."""
     t0 = time.perf_counter()
+    # The driver resolves the S3 endpoint (option, else AWS_ENDPOINT_URL[_S3]) so that workers,
+    # whose environment may differ, get it through the source specs and the output target.
+    options = replace(options, s3_endpoint_url=resolve_endpoint_url(options.s3_endpoint_url))
     cfg, label = load_config(config)
     settings = cfg.raymerge
     shard_size = options.out_shard_size or (settings.out_shard_size if settings else None) or DEFAULT_SHARD_BYTES
@@ -299,7 +307,7 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
         shard_bytes = parse_size(shard_size)
     except ValueError as err:
         raise ConfigError(f"out_shard_size: {err}") from None
-    staged = StagedOutput(output, overwrite=options.overwrite)
+    staged = open_output(output, overwrite=options.overwrite, s3_endpoint_url=options.s3_endpoint_url)
     staged.check_target()
     profile = None
     if options.cluster is not None:
@@ -331,6 +339,8 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
                          may_take_from=lambda thief, owner: memory[thief] >= memory[owner])
         peaks = pool.finish()
         stats.peak_worker_rss_bytes = max([stats.peak_worker_rss_bytes, *peaks])
+        if isinstance(staged, S3StagedOutput):
+            staged.upload_shards(pool.actors)  # complete shards, uploaded by the workers; config.json comes last
         t_merge = time.perf_counter()
         index = layout.index_json()
         if index is not None:
@@ -358,7 +368,7 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
         },
         peak_worker_rss_bytes=stats.peak_worker_rss_bytes,
         peak_device_bytes=stats.peak_device_bytes,
-        files=sorted(p.name for p in out.iterdir()),
+        files=sorted(p.name for p in out.iterdir()) if isinstance(out, Path) else list(staged.published),
         plan=PlanOutcome(
             predicted_makespan=plan.makespan, measured_makespan=stats.seconds, lower_bound=plan.lower_bound,
             gap=plan.gap, solver=plan.solver, status=plan.status, solve_seconds=plan.solve_seconds,

@@ -40,6 +40,7 @@ import planners
 from raymerge.calibration import CalibrationError, CalibrationWindows, load_calibration, resolve_seqlen
 from raymerge.checkpoints import CheckpointError, CheckpointSource, SourceSpec, StagedOutput, parse_size, plan_shards
 from raymerge.checkpoints.model_files import tokenizer_files
+from raymerge.checkpoints.s3 import resolve_endpoint_url
 from raymerge.checkpoints.safetensors_format import dtype_code
 from raymerge.checkpoints.writer import DEFAULT_SHARD_BYTES
 from raymerge.config.merge_config import ConfigError
@@ -63,6 +64,7 @@ class PruneOptions:
     overwrite: bool = False
     quiet: bool = False
     plot: Union[str, Path, None] = None
+    s3_endpoint_url: Optional[str] = None  # S3-compatible store for an s3:// model
 
 
 @dataclass
@@ -295,7 +297,11 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
         raise ConfigError(f"{label}: out_shard_size: {err}") from None
     staged = StagedOutput(output, overwrite=options.overwrite)
     staged.check_target()
-    spec = SourceSpec(cfg.model.path, cfg.model.revision)
+    # The driver resolves the S3 endpoint so workers get it in the spec (not their environment).
+    spec = SourceSpec(
+        cfg.model.path, cfg.model.revision, allow_pickle=cfg.allow_pickle,
+        s3_endpoint_url=resolve_endpoint_url(options.s3_endpoint_url), config_from=cfg.model.config_from,
+    )
     source = spec.open()
     try:
         model_config = source.config()
