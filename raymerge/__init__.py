@@ -31,6 +31,7 @@ __all__ = [
     "plan",
     "PlanReport",
     "prune",
+    "optimize",
     "shutdown_workers",
 ]
 
@@ -52,6 +53,8 @@ def merge(
     plan_time_limit: float = 10.0,
     keep_workers: bool = False,
     s3_endpoint_url: Optional[str] = None,
+    scan_nonfinite: bool = False,
+    resume: Optional[bool] = None,
 ) -> MergeResult:
     """Merge the models described by a mergekit-format config and publish the result at `output`.
 
@@ -74,10 +77,19 @@ def merge(
             worker start, about a second per worker process; `shutdown_workers()` ends them).
         s3_endpoint_url: endpoint of an S3-compatible store for `s3://` models and output
             (default: AWS, or `AWS_ENDPOINT_URL`); credentials come from boto3's default chain.
+        scan_nonfinite: before any work, read every input tensor the merge uses once and fail
+            on the first one holding NaN or Inf (costs a full read of the inputs).
+        resume: reuse the finished shards of an interrupted run of this merge, kept in the
+            staging folder beside `output` (each checked against its recorded sha256). None
+            (default): automatically when that folder was made by this very merge (same config,
+            inputs, raymerge version and shard size), else it is discarded; True: the same, but
+            a folder from a different merge is an `OutputError` instead of being discarded;
+            False: always start afresh. The output is byte-identical either way.
 
     Returns:
         A `MergeResult`: output path, tensor count, bytes read/written, timings, peak memory,
-        and `plan`: the planner's predicted makespan next to the measured one.
+        `plan`: the planner's predicted makespan next to the measured one, and what a resume
+        reused (`reused_shards`) and how many worker actors were replaced (`worker_restarts`).
 
     Raises:
         ConfigError, CheckpointError, OutputError, MergePlanError: before anything is written.
@@ -98,6 +110,8 @@ def merge(
         plan_time_limit=plan_time_limit,
         keep_workers=keep_workers,
         s3_endpoint_url=s3_endpoint_url,
+        scan_nonfinite=scan_nonfinite,
+        resume=resume,
     )
     return run_merge(config, output, options)
 
@@ -175,3 +189,31 @@ def prune(
         s3_endpoint_url=s3_endpoint_url,
     )
     return run_prune(config, output, options)
+
+
+def optimize(
+    config: Union[str, Path, dict[str, Any]],
+    output: Union[str, Path],
+    *,
+    stages: int = 1,
+    in_process: bool = False,
+    address: Optional[str] = None,
+    quiet: bool = False,
+    materialize: bool = False,
+):
+    """Search merge coefficients or layerwise sparsities with Optuna (`raymerge search` on the
+    command line; the config format is in `raymerge.config.search_config`). Named `optimize`
+    because `raymerge.search` is the package that implements it.
+
+    Each of the study's `concurrency` trials at a time runs on its own set of `stages` resident
+    stage workers, which hold the input models' layers and re-merge (or re-mask) them in memory
+    per trial; nothing is written per trial. `output` receives the study journal (rerunning
+    continues the study), `best.yaml` (ready to run with `raymerge merge`/`prune`), and plots;
+    `materialize` also writes the best model to `output/best-model`.
+
+    Returns a `SearchResult` (`.study`, `.best_configs`, `.summary()`).
+    """
+    from raymerge.search.study import SearchOptions, run_search
+
+    options = SearchOptions(stages=stages, in_process=in_process, address=address, quiet=quiet, materialize=materialize)
+    return run_search(config, output, options)

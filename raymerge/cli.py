@@ -1,4 +1,4 @@
-"""The `raymerge` command line: `merge`, `prune`, `plan`, `demo` and `methods`.
+"""The `raymerge` command line: `merge`, `prune`, `search`, `plan`, `demo` and `methods`.
 
 Thin by design: parse arguments, call the public API, print the summary. Errors that come from
 the user's inputs (config, model paths, output path) print one clear message and exit with 2;
@@ -28,9 +28,10 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from raymerge.calibration import CalibrationError
     from raymerge.pruning import PruningError
     from raymerge.runtime.prune import PruneError
+    from raymerge.search.space import SearchSpaceError
 
     return (ConfigError, CheckpointError, HeaderError, OutputError, MethodError, MergePlanError, OperatorError, PlanError,
-            ProblemError, CalibrationError, PruningError, PruneError)
+            ProblemError, CalibrationError, PruningError, PruneError, SearchSpaceError)
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -92,7 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it already holds a model")
     m.add_argument("--out-shard-size", default=None, metavar="SIZE",
                    help="largest output shard, e.g. 5GB (default), 500MB, 2GiB or bytes")
+    m.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                   help="reuse the finished shards of an interrupted run of the same merge (its staging folder beside "
+                        "OUTPUT; each shard is checked against its recorded sha256). Default: automatic, when the "
+                        "staging folder was made by this very merge (same config, inputs, version, shard size), else "
+                        "it is discarded; --resume: refuse to discard one from a different merge; --no-resume: "
+                        "always start afresh")
     _add_input_options(m)
+    m.add_argument("--scan-nonfinite", action="store_true",
+                   help="before any work, read every input tensor once and stop at the first holding NaN or Inf "
+                        "(costs a full read of the inputs)")
     m.add_argument("--plan-only", action="store_true",
                    help="print the placement plan for --cluster (default: this machine) and stop: nothing is "
                         "read but headers, nothing is written, Ray is not started")
@@ -123,6 +133,26 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--s3-endpoint-url", default=None, metavar="URL",
                     help="endpoint of an S3-compatible store for an s3:// model (default: AWS, or $AWS_ENDPOINT_URL)")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    se = sub.add_parser(
+        "search",
+        help="search merge coefficients or layerwise sparsities with Optuna, trials evaluated in memory on Ray",
+        description=(
+            "Run (or continue) the Optuna study of CONFIG (a search YAML: `merge:` with ranges such as "
+            "{low: 0, high: 1} in place of numbers, or `prune:` with `space:`; `objective`, `evaluation`, `study`; "
+            "see README). Resident stage workers hold the input models' layers and re-merge or re-mask them per "
+            "trial; nothing is written to disk per trial. OUT receives study.journal (rerun to continue), "
+            "best.yaml (ready for `raymerge merge`/`prune`) and plots."
+        ),
+    )
+    se.add_argument("config", help="search config (YAML)")
+    se.add_argument("output", help="folder for the study journal, best config(s) and plots")
+    se.add_argument("--stages", type=int, default=1, metavar="N",
+                    help="stage workers per trial; the model's layers are split over them (default 1)")
+    se.add_argument("--in-process", action="store_true", help="evaluate in this process, one trial at a time, without Ray")
+    se.add_argument("--materialize", action="store_true", help="also write the best model to OUT/best-model")
+    se.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
+    se.add_argument("--quiet", action="store_true", help="no progress bar")
 
     pl = sub.add_parser(
         "plan",
@@ -170,7 +200,7 @@ def _merge(args: argparse.Namespace) -> int:
         quiet=args.quiet, address=args.address, out_shard_size=args.out_shard_size,
         allow_pickle=args.allow_pickle, allow_mixed_architectures=args.allow_mixed_architectures,
         cluster=args.cluster, planner=args.planner, plan_time_limit=args.plan_time_limit,
-        s3_endpoint_url=args.s3_endpoint_url,
+        s3_endpoint_url=args.s3_endpoint_url, scan_nonfinite=args.scan_nonfinite, resume=args.resume,
     )
     print(result.summary())
     if result.plan is not None and result.plan.report is not None:
@@ -191,6 +221,19 @@ def _prune(args: argparse.Namespace) -> int:
         print(f"per-layer sparsity chart: {args.plot}")
     if args.report_json:
         Path(args.report_json).write_text(result.report.to_json())
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    import raymerge
+
+    result = raymerge.optimize(args.config, args.output, stages=args.stages, in_process=args.in_process,
+                               address=args.address, quiet=args.quiet, materialize=args.materialize)
+    print(result.summary())
+    for path in result.plots:
+        print(f"plot: {path}")
+    if result.materialized is not None:
+        print(f"best model: {result.materialized}")
     return 0
 
 
@@ -263,7 +306,7 @@ def _methods(_: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"merge": _merge, "prune": _prune, "plan": _plan, "demo": _demo, "methods": _methods}[args.command]
+    handler = {"merge": _merge, "prune": _prune, "search": _search, "plan": _plan, "demo": _demo, "methods": _methods}[args.command]
     try:
         return handler(args)
     except _user_error_types() as err:

@@ -103,3 +103,16 @@ def load_state(path: Path) -> dict:
     for f in sorted(Path(path).glob("*.safetensors")):
         out.update(load_file(str(f)))
     return out
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """A tiny llama trained for a few hundred steps on `demo_text` (a second-order Markov
+    language), with a few large-activation input features added by a function-preserving
+    rescaling, as LLMs have (`raymerge.demo.add_outlier_features`); and held-out text."""
+    from raymerge.demo import build_trained_model, demo_text
+
+    root = tmp_path_factory.mktemp("trained")
+    (root / "calib.txt").write_text(demo_text(24, 200, seed=1))
+    model = build_trained_model(root / "model", demo_text(200, 200, seed=0), steps=250, outlier_features=True)
+    return {"model": model, "calib": root / "calib.txt", "root": root}

@@ -27,7 +27,8 @@ def _parameter_names(cfg) -> set[str]:
     return names
 
 
-MERGE_EXAMPLES = sorted(p for p in EXAMPLES.glob("*.yaml") if not p.name.startswith("prune_"))
+MERGE_EXAMPLES = sorted(p for p in EXAMPLES.glob("*.yaml") if not p.name.startswith(("prune_", "search_")))
+SEARCH_EXAMPLES = sorted(EXAMPLES.glob("search_*.yaml"))
 PRUNE_EXAMPLES = sorted(EXAMPLES.glob("prune_*.yaml"))
 
 
@@ -37,6 +38,17 @@ def test_prune_example_configs_are_valid(path):
 
     cfg, _ = load_prune_config(path)
     assert cfg.calibration is not None and 0 < cfg.target_sparsity < 1
+
+
+@pytest.mark.parametrize("path", SEARCH_EXAMPLES, ids=lambda p: p.name)
+def test_search_example_configs_are_valid(path):
+    from raymerge.config.search_config import load_search_config
+    from raymerge.search.space import SearchSpace
+
+    cfg, _ = load_search_config(path)
+    if cfg.merge is not None:
+        assert SearchSpace(cfg.merge).dimensions
+        load_config(SearchSpace(cfg.merge).fill({d.name: d.low for d in SearchSpace(cfg.merge).dimensions}))
 
 
 def test_prune_examples_exist():

@@ -24,16 +24,6 @@ MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory) -> dict[str, Path]:
-    from raymerge.demo import build_trained_model, demo_text
-
-    root = tmp_path_factory.mktemp("pruning")
-    (root / "calib.txt").write_text(demo_text(24, 200, seed=1))
-    model = build_trained_model(root / "model", demo_text(200, 200, seed=0), steps=250, outlier_features=True)
-    return {"model": model, "calib": root / "calib.txt", "root": root}
-
-
 def _config(trained, method="wanda", **overrides):
     cfg = {
         "model": str(trained["model"]),

@@ -30,7 +30,8 @@ Outputs (`S3StagedOutput`, same protocol as `writer.StagedOutput`):
 1. `check_target` (before any work): the bucket is listable, the prefix holds no objects unless
    `overwrite`, and a small probe object put and deleted under the prefix proves it writable.
 2. `prepare`: shards are laid out and pre-allocated in a local staging folder, as for local
-   outputs (`tempfile.gettempdir()`, or `$RAYMERGE_STAGING_DIR`); workers write tensors there
+   outputs (`tempfile.gettempdir()`, or `$RAYMERGE_STAGING_DIR`; the folder is named after the
+   target URL, so a rerun after a crash resumes from it: `runtime.recovery`); workers write tensors there
    at their offsets. With workers on several nodes, that folder must be on storage every node
    sees (set `RAYMERGE_STAGING_DIR` to a shared filesystem): the same requirement as for local
    outputs. The local disk needs room for the whole output.
@@ -57,6 +58,7 @@ endpoint unreachable) — never a credential.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -67,7 +69,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Collection, Iterable, Optional, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import torch
@@ -582,7 +584,9 @@ class S3StagedOutput:
         self.output = str(s3)
         self.overwrite = overwrite
         root = Path(os.environ.get(STAGING_ENV) or tempfile.gettempdir())
-        self.staging = root / f"raymerge-staging-{uuid.uuid4().hex[:12]}"
+        # Named after the target, so a rerun after a crash finds it again (resume: runtime.recovery).
+        key = hashlib.sha256(f"{endpoint_url or ''} {self.output}".encode()).hexdigest()[:16]
+        self.staging = root / f"raymerge-staging-{key}"
         self.published: list[str] = []
         self._existing: set[str] = set()
         self._shards: list[tuple[str, int]] = []
@@ -626,14 +630,12 @@ class S3StagedOutput:
         except _s3_failures() as err:
             raise self._fail(err, probe) from None
 
-    def prepare(self, layout) -> None:
-        from raymerge.checkpoints.writer import allocate_shards
+    def prepare(self, layout, keep: Collection[str] = ()) -> None:
+        """As `writer.StagedOutput.prepare` (`keep`: the finished shards of a resumed merge)."""
+        from raymerge.checkpoints.writer import reset_staging
 
         self.check_target()
-        if self.staging.exists():
-            shutil.rmtree(self.staging)
-        self.staging.mkdir(parents=True)
-        allocate_shards(self.staging, layout)
+        reset_staging(self.staging, layout, keep)
         self._shards = [(s.filename, s.size) for s in layout.shards]
 
     def write_file(self, name: str, data: bytes | str) -> None:

@@ -116,12 +116,17 @@ def parse_header(
                 f"{where}: tensor {name!r} has offsets {begin}..{end} that do not match "
                 f"shape {list(shape)} and dtype {code}"
             )
-        if file_size is not None and data_start + end > file_size:
-            raise HeaderError(
-                f"{where}: truncated file: tensor {name!r} ends at byte {data_start + end} "
-                f"but the file has {file_size} bytes"
-            )
         entries[name] = TensorEntry(name, code, shape, data_start + begin, data_start + end)
+    if file_size is not None:
+        # Checked against the file's size when it is opened, so a truncated download fails up
+        # front; the tensor named is the first one (by offset) whose bytes are not all there.
+        cut = [e for e in entries.values() if e.end > file_size]
+        if cut:
+            first = min(cut, key=lambda e: (e.begin, e.name))
+            raise HeaderError(
+                f"{where}: truncated file: tensor {first.name!r} ends at byte {first.end} "
+                f"but the file has {file_size} bytes ({len(cut)} tensor(s) past the end)"
+            )
     return entries, {str(k): str(v) for k, v in metadata.items()}
 
 

@@ -28,7 +28,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Collection, Iterable, Optional
 
 import torch
 
@@ -157,12 +157,11 @@ class StagedOutput:
         if not os.access(parent, os.W_OK):
             raise OutputError(f"output folder {parent} is not writable")
 
-    def prepare(self, layout: OutputLayout) -> None:
+    def prepare(self, layout: OutputLayout, keep: Collection[str] = ()) -> None:
+        """A fresh staging folder with every shard allocated; with `keep` (a resumed merge: the
+        shards verified finished), the folder stays and only the other shards are allocated anew."""
         self.check_target()
-        if self.staging.exists():
-            shutil.rmtree(self.staging)
-        self.staging.mkdir(parents=True)
-        allocate_shards(self.staging, layout)
+        reset_staging(self.staging, layout, keep)
 
     def write_file(self, name: str, data: bytes | str) -> None:
         path = self.staging / name
@@ -190,9 +189,22 @@ class StagedOutput:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def allocate_shards(folder: Path, layout: OutputLayout) -> None:
-    """Create each shard of `layout` in `folder`: its header, then its full size reserved."""
+def reset_staging(folder: Path, layout: OutputLayout, keep: Collection[str] = ()) -> None:
+    """Wipe and recreate `folder` with every shard of `layout` allocated; with `keep`, leave the
+    folder and those shards as they are and allocate the others anew."""
+    if not keep:
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+    allocate_shards(folder, layout, skip=keep)
+
+
+def allocate_shards(folder: Path, layout: OutputLayout, skip: Collection[str] = ()) -> None:
+    """Create each shard of `layout` in `folder` (but those named in `skip`): its header, then
+    its full size reserved."""
     for shard in layout.shards:
+        if shard.filename in skip:
+            continue
         with open(folder / shard.filename, "wb") as f:
             f.write(shard.header)
             f.truncate(shard.size)
@@ -212,6 +224,43 @@ def open_output(output: str | os.PathLike, *, overwrite: bool = False, s3_endpoi
     return StagedOutput(output, overwrite=overwrite)
 
 
+def free_bytes(path: Path) -> int:
+    """Free bytes for an unprivileged writer on the filesystem of `path` (or of its nearest
+    existing parent, for a folder not created yet)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _human(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def check_disk_space(staging: Path, layout: OutputLayout, extra_bytes: int = 0) -> None:
+    """Fail before any work when the staging folder's filesystem cannot hold the output (its
+    shards, headers included, plus `extra_bytes` of small files). Space already allocated to a
+    shard of an existing staging folder counts as available. `_reserve` stays the second line
+    of defence (another writer may take the space between this check and the allocation)."""
+    staging = Path(staging)
+    needed = extra_bytes
+    for shard in layout.shards:
+        try:
+            held = (staging / shard.filename).stat().st_blocks * 512
+        except OSError:
+            held = 0
+        needed += max(0, shard.size - held)
+    free = free_bytes(staging)
+    if needed > free:
+        raise OutputError(
+            f"not enough disk space for the output: its {len(layout.shards)} shard(s) and small files need "
+            f"{_human(needed)} in the staging folder {staging}, whose filesystem has {_human(free)} free"
+        )
+
+
 def _reserve(fd: int, size: int, path: Path) -> None:
     """Allocate the shard's blocks now: a full disk fails here, before any work, and workers'
     writes then only fill blocks. Filesystems without fallocate (some network ones) skip it."""
@@ -225,11 +274,17 @@ def _reserve(fd: int, size: int, path: Path) -> None:
 
 
 class ShardFileWriter:
-    """Writes tensors into pre-allocated shard files of a staging folder (one per worker)."""
+    """Writes tensors into pre-allocated shard files of a staging folder (one per worker).
+
+    The shards already allocated are opened at once, so a worker of an interrupted merge that
+    is still winding down keeps writing into those files: if the next merge discards the
+    folder, into unlinked ones, never into the next merge's shards."""
 
     def __init__(self, staging: str | os.PathLike):
         self.staging = Path(staging)
         self._fds: dict[str, int] = {}
+        for path in sorted(self.staging.glob("*.safetensors")):
+            self._fds[path.name] = os.open(path, os.O_WRONLY)
 
     def write(self, filename: str, entry: TensorEntry, tensor: torch.Tensor, rows: Optional[tuple[int, int]] = None) -> int:
         """Write `tensor` as the tensor `entry` of `filename`, or as its rows [start, stop) when

@@ -276,17 +276,21 @@ def parse_config(data: Any, source: str = "<dict>") -> MergeConfig:
         raise ConfigError(format_validation_error(err, source)) from None
 
 
+def read_yaml(path: Union[str, Path], what: str) -> Any:
+    """The parsed YAML file at `path`; ConfigError naming it when missing or not valid YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"invalid YAML in {path}: {err}") from None
+
+
 def load_config(config: Union[str, Path, dict[str, Any], MergeConfig]) -> tuple[MergeConfig, str]:
     """Load a config from a YAML path, a dict or a MergeConfig; return it with its source label."""
     if isinstance(config, MergeConfig):
         return config, "<MergeConfig>"
     if isinstance(config, dict):
         return parse_config(config, "<dict>"), "<dict>"
-    path = Path(config)
-    if not path.is_file():
-        raise ConfigError(f"merge config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"invalid YAML in {path}: {err}") from None
-    return parse_config(data, str(path)), str(path)
+    return parse_config(read_yaml(config, "merge config"), str(config)), str(config)

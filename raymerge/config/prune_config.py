@@ -17,6 +17,7 @@ calibration:                   # see raymerge/config/calibration.py
   nsamples: 128
   seqlen: 2048
 sparsegpt: {blocksize: 128, dampening: 0.01}
+wanda: {weight_exponent: 1.0, norm_exponent: 1.0}   # the Wanda metric's exponents (search output)
 batch_size: 8                  # calibration windows per micro-batch between stages
 dtype: float32                 # compute dtype of the layers (the output keeps the input's dtype)
 evaluate: true                 # perplexity before/after on the held-out calibration windows
@@ -36,7 +37,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from raymerge.config.calibration import CalibrationConfig
-from raymerge.config.merge_config import ConfigError, ModelRef, _Strict, format_validation_error
+from raymerge.config.merge_config import ConfigError, ModelRef, _Strict, format_validation_error, read_yaml
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -51,6 +52,13 @@ class OwlSettings(_Strict):
 
 class Owl(_Strict):
     owl: OwlSettings
+
+
+class WandaSettings(_Strict):
+    """The metric |W|^weight_exponent * ||X||^norm_exponent (1, 1: Wanda; OptiShear searches them)."""
+
+    weight_exponent: float = Field(default=1.0, ge=0.0)
+    norm_exponent: float = Field(default=1.0, ge=0.0)
 
 
 class SparseGPTSettings(_Strict):
@@ -70,6 +78,7 @@ class PruneConfig(_Strict):
     mode: Literal["sequential", "parallel"] = "sequential"
     calibration: Optional[CalibrationConfig] = None
     sparsegpt: SparseGPTSettings = SparseGPTSettings()
+    wanda: WandaSettings = WandaSettings()
     batch_size: int = Field(default=8, gt=0)
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
     evaluate: bool = True
@@ -174,11 +183,4 @@ def load_prune_config(config: Union[str, Path, dict[str, Any], PruneConfig]) -> 
         return config, "<PruneConfig>"
     if isinstance(config, dict):
         return parse_prune_config(config), "<dict>"
-    path = Path(config)
-    if not path.is_file():
-        raise ConfigError(f"prune config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"invalid YAML in {path}: {err}") from None
-    return parse_prune_config(data, str(path)), str(path)
+    return parse_prune_config(read_yaml(config, "prune config"), str(config)), str(config)

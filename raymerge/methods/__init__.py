@@ -9,5 +9,8 @@ from raymerge.methods import linear as _linear  # noqa: E402,F401  (registers li
 from raymerge.methods import model_stock as _model_stock  # noqa: E402,F401
 from raymerge.methods import slerp as _slerp  # noqa: E402,F401  (registers slerp, nuslerp)
 from raymerge.methods import task_arithmetic as _task_arithmetic  # noqa: E402,F401
+from raymerge.methods import lore as _lore  # noqa: E402,F401
+from raymerge.methods import onebit as _onebit  # noqa: E402,F401
+from raymerge.methods import tsv as _tsv  # noqa: E402,F401
 
 __all__ = ["MethodError", "MethodSpec", "ParamSpec", "available_methods", "get_method", "register"]

@@ -54,6 +54,8 @@ class PruneSettings:
     blocksize: int = 128
     dampening: float = 0.01
     dtype: str = "float32"
+    weight_exponent: float = 1.0  # Wanda's metric |W|^a * ||X||^b
+    norm_exponent: float = 1.0
 
     @property
     def statistic(self) -> Optional[str]:
@@ -241,7 +243,8 @@ class PruneStage:
             )
             return updated.to(original.dtype), mask
         if s.method == "wanda":
-            scores = wanda_scores(compute_weight, stats.sq_sum, name=name)
+            scores = wanda_scores(compute_weight, stats.sq_sum, weight_exponent=s.weight_exponent,
+                                  norm_exponent=s.norm_exponent, name=name)
             mask = nm_mask(scores, *nm, name=name) if nm else row_mask(scores, sparsity, name=name)
         else:
             scores = magnitude_scores(original, name=name)

@@ -14,6 +14,17 @@ An operator's cost has three parts, which `planners.problem` combines with a wor
 - peak memory: the inputs in the working dtype, the output, and method-specific temporaries
   (`EXTRA_COPIES`: full-size working copies a method holds at once; estimates from the code).
 
+SVD methods (`MethodSpec.extra["svd"]`: tsv, lore) are the exception: a thin SVD of an m x n
+matrix costs O(m n min(m, n)), so their cost per element grows with min(m, n). Their
+coefficient (table or calibration) is measured on the smaller `SVD_CALIBRATION_SHAPE`
+(64 x 1024: LoRE's 20 rounds of SVDs would take seconds per worker on the usual shape), and
+`shape_factor` scales it by min(m, n) / 64 for the operator's own matrix (a 1-D tensor counts
+as a 1 x n matrix: a small factor for what these methods only average). Large SVDs run more
+efficiently than small ones, so this overestimates big matrices somewhat (by up to ~2x on CPU);
+it keeps their relative order right, which is what placement needs. `lore`'s coefficient is
+for its default 20 iterations: calibration times the job's own setting, the offline table
+does not rescale.
+
 Row splits: an operator may be split row-wise into 2, 4 or 8 parts when its method is
 elementwise and deterministic (`MethodSpec.elementwise`, no random seed): each part then reads
 and computes only its rows and writes them at their offset, so the output bytes are identical.
@@ -56,6 +67,11 @@ REFERENCE_NS_PER_INPUT_ELEMENT: dict[str, float] = {
     "slerp": 3.2,
     "nuslerp": 2.2,
     "model_stock": 3.6,
+    # Added later (same run scaled to this table by ties' figure); the SVD methods are measured
+    # at SVD_CALIBRATION_SHAPE (min dimension 64), see shape_factor.
+    "onebit": 5.0,  # task arithmetic plus |delta| mean and sign per model
+    "tsv": 45.0,  # T + 2 thin SVDs
+    "lore": 1000.0,  # 20 iterations x n thin SVDs
 }
 DEFAULT_NS_PER_INPUT_ELEMENT = 20.0  # methods without a measurement (registered later)
 OPERATOR_OVERHEAD_S = 1e-3  # per operator: opening inputs, a Python call or two, a ranged write
@@ -64,8 +80,13 @@ OPERATOR_OVERHEAD_S = 1e-3  # per operator: opening inputs, a Python call or two
 EXTRA_COPIES: dict[str, float] = {"linear": 0.0, "passthrough": 0.0, "slerp": 4.0, "nuslerp": 4.0, "model_stock": 4.0}
 TASK_VECTOR_EXTRA = 2.0  # + one delta per model: the sparsified deltas, |delta| and a mask
 DELLA_EXTRA = 6.0  # argsort ranks are int64
+# SVD methods hold, in float32, a delta per model, its thin SVD factors (U and V^T, at most
+# one tensor's size each) and the stacked / rebuilt matrices: per-model plus fixed copies.
+SVD_EXTRA_PER_INPUT = 3.0
+SVD_EXTRA = 4.0
 
 CALIBRATION_SHAPE = (256, 4096)  # 1M elements: long enough to time, short enough to be instant
+SVD_CALIBRATION_SHAPE = (64, 1024)  # SVD methods (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -101,6 +122,25 @@ def offline_seconds_per_element(key: CostKey) -> float:
     return ns * 1e-9 * key.inputs
 
 
+def is_svd_method(method: str) -> bool:
+    return bool(get_method(method).extra.get("svd"))
+
+
+def calibration_shape(method: str) -> tuple[int, int]:
+    """The synthetic tensor shape a method's cost per element is measured on."""
+    return SVD_CALIBRATION_SHAPE if is_svd_method(method) else CALIBRATION_SHAPE
+
+
+def shape_factor(op: MergeOperator) -> float:
+    """Multiplier of the per-element cost for `op`'s shape: min(m, n) / min(SVD_CALIBRATION_SHAPE)
+    for SVD methods (m = shape[0], n = the other dimensions; 1-D: m = 1), else 1."""
+    if not is_svd_method(op.method):
+        return 1.0
+    rows = op.shape[0] if len(op.shape) >= 2 else 1
+    cols = math.prod(op.shape[1:]) if len(op.shape) >= 2 else math.prod(op.shape)
+    return max(1, min(rows, cols)) / min(SVD_CALIBRATION_SHAPE)
+
+
 def split_degrees(op: MergeOperator) -> tuple[int, ...]:
     """Row splits allowed for `op` (always includes 1)."""
     spec = get_method(op.method)
@@ -124,6 +164,9 @@ def peak_memory(op: MergeOperator) -> float:
     n = elements(op)
     work = element_size(working_dtype_code(op))
     spec = get_method(op.method)
+    if spec.extra.get("svd"):
+        f32 = max(work, 4)
+        return len(op.inputs) * n * work + (SVD_EXTRA_PER_INPUT * len(op.inputs) + SVD_EXTRA) * n * f32 + op.bytes_out
     if op.method in EXTRA_COPIES:
         extra = EXTRA_COPIES[op.method]
     elif spec.extra.get("sparsification") == "della":
@@ -145,7 +188,7 @@ def planner_operator(
         name=op.name,
         bytes_read=float(op.bytes_in),
         bytes_written=float(op.bytes_out),
-        compute_s=OPERATOR_OVERHEAD_S + elements(op) * per_element,
+        compute_s=OPERATOR_OVERHEAD_S + elements(op) * per_element * shape_factor(op),
         peak_memory=peak_memory(op),
         split_degrees=split_degrees(op),
         input_location=input_location,
@@ -163,14 +206,15 @@ def representative_ops(ops: Sequence[MergeOperator]) -> dict[CostKey, MergeOpera
 
 
 def measure_seconds_per_element(op: MergeOperator, device: torch.device | str = "cpu", repeats: int = 2) -> float:
-    """Time `op`'s method on synthetic inputs of `CALIBRATION_SHAPE` in its working dtype (best
-    of `repeats`, after one warm-up run); seconds per output element."""
+    """Time `op`'s method on synthetic inputs of `calibration_shape(op.method)` in its working
+    dtype (best of `repeats`, after one warm-up run); seconds per output element."""
     dtype = SAFETENSORS_DTYPES[working_dtype_code(op)]
     if not dtype.is_floating_point:
         return 0.0
     g = torch.Generator(device="cpu").manual_seed(0)
-    base = torch.randn(CALIBRATION_SHAPE, generator=g)
-    inputs = [(base + 0.01 * torch.randn(CALIBRATION_SHAPE, generator=g)).to(device=device, dtype=dtype) for _ in op.inputs]
+    shape = calibration_shape(op.method)
+    base = torch.randn(shape, generator=g)
+    inputs = [(base + 0.01 * torch.randn(shape, generator=g)).to(device=device, dtype=dtype) for _ in op.inputs]
     spec = get_method(op.method)
     params: dict[str, Any] = dict(op.params)
     best = math.inf
@@ -184,7 +228,7 @@ def measure_seconds_per_element(op: MergeOperator, device: torch.device | str = 
             torch.cuda.synchronize()
         if i > 0:
             best = min(best, time.perf_counter() - start)
-    return best / math.prod(CALIBRATION_SHAPE)
+    return best / math.prod(shape)
 
 
 def _print_reference_table() -> None:  # pragma: no cover - a measuring tool, run by hand
@@ -205,7 +249,7 @@ def _print_reference_table() -> None:  # pragma: no cover - a measuring tool, ru
             index=0, name="calibration", method=name,
             inputs=tuple(TensorInput(i, "calibration", 0) for i in range(n)),
             base_index=base_index, model_params=model_params, params=params,
-            work_dtype="bfloat16", out_dtype="BF16", shape=CALIBRATION_SHAPE,
+            work_dtype="bfloat16", out_dtype="BF16", shape=calibration_shape(name),
             seed=0 if spec.random else None,
         )
         ns = measure_seconds_per_element(op) * 1e9 / n

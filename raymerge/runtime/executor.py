@@ -6,12 +6,22 @@ small CPU machine), so a pool can outlive a merge: `acquire_pool(..., keep=True)
 the next merge of this driver process (sweeps, pipelines); by default it is released (`release`)
 when the merge ends, so it never holds CPU slots the caller may want for other Ray work.
 
-Execution: the plan fixes which worker runs each part and in what order; each worker's parts
-are sent in small batches, at most two queued per worker. Costs are predictions, so a worker
+Execution: the plan fixes which worker runs each part (`work_items`: in output order, shard by
+shard, so shards finish one after another); each worker's parts are sent in small batches, at
+most two queued per worker. Costs are predictions, so a worker
 that runs out of work early takes batches not yet sent from the most loaded one (reported). Where parts go never changes the
 output bytes: every part writes at its precomputed offset. The measured makespan (first batch
 sent to last batch done) is returned next to each worker's busy seconds, so the planner's
 prediction can be checked.
+
+Fault tolerance: a worker actor that dies mid-merge (its process killed, out of memory, its
+node lost) is replaced by a new actor with the same resources, pointed at the same job; the
+batches it had been sent but not finished go back to the front of its queue, where the
+replacement (or, by the same work stealing, another worker) runs them again. Rerunning a part
+rewrites the same bytes at the same offsets, so the output does not change. After
+`MAX_WORKER_RESTARTS` replacements in one merge, `WorkerLostError` ends it (the staging folder
+is kept for a resume: `runtime.recovery`). `on_done(batch)` is called for each batch that
+finished, which is how the driver learns which shards are complete.
 
 Ray is started locally when no cluster is given (`address=None` and no `RAY_ADDRESS`); with an
 address, the pool is spread over the cluster's nodes. The output staging folder must then be on
@@ -24,7 +34,7 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from tqdm.auto import tqdm
 
@@ -36,6 +46,12 @@ from raymerge.runtime.worker import BatchStats, MergeWorkerImpl, WorkerInfo, Wor
 BATCH_BYTES = 64 * 1024 * 1024
 BATCH_OPS = 16
 IN_FLIGHT_PER_WORKER = 2
+MAX_WORKER_RESTARTS = 3  # worker actors replaced per merge before giving up
+RESTART_TIMEOUT_S = 300.0  # how long a replacement may take to start (e.g. waiting for resources)
+
+
+class WorkerLostError(RuntimeError):
+    """Worker actors kept dying (or a replacement could not start): the merge cannot go on."""
 
 
 @dataclass
@@ -47,6 +63,7 @@ class ExecutionStats:
     operators: int = 0
     parts: int = 0
     stolen_parts: int = 0  # parts run by another worker than planned (see run_plan)
+    worker_restarts: int = 0  # worker actors that died and were replaced (see run_plan)
     peak_worker_rss_bytes: int = 0
     peak_device_bytes: int = 0
     per_worker_seconds: dict[int, float] = field(default_factory=dict)
@@ -82,9 +99,11 @@ class WorkerPool:
     def __init__(self, n: int, resources: dict, threads: int):
         import ray
 
-        actor_cls = ray.remote(MergeWorkerImpl).options(max_concurrency=1, **resources)
+        self._actor_cls = ray.remote(MergeWorkerImpl).options(max_concurrency=1, **resources)
+        self._threads = threads
+        self._job: Optional[tuple[list[SourceSpec], str]] = None
         self.key = _pool_key(n, resources, threads)
-        self.actors = [actor_cls.remote(i, threads) for i in range(n)]
+        self.actors = [self._actor_cls.remote(i, threads) for i in range(n)]
         self._infos: Optional[list[WorkerInfo]] = None
         self.calibration: dict[Any, list[float]] = {}  # cost key -> seconds per element, per worker
 
@@ -113,7 +132,23 @@ class WorkerPool:
     def begin(self, sources: Sequence[SourceSpec], staging: str) -> None:
         import ray
 
+        self._job = (list(sources), staging)
         ray.get([a.begin.remote(list(sources), staging) for a in self.actors])
+
+    def replace(self, i: int):
+        """Replace actor `i` (dead, or to be given up) by a new one with the same resources and
+        job; returns the ref of its `begin` (tasks sent to it later run after it)."""
+        import ray
+
+        try:
+            ray.kill(self.actors[i], no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        self.actors[i] = self._actor_cls.remote(i, self._threads)
+        self._infos = None
+        if self._job is None:
+            return self.actors[i].describe.remote()
+        return self.actors[i].begin.remote(*self._job)
 
     def finish(self) -> list[int]:
         import ray
@@ -179,7 +214,10 @@ def shutdown_pool() -> None:
 
 
 def work_items(plan, ops: Sequence[MergeOperator], layout: OutputLayout, worker_names: Sequence[str]) -> list[list[WorkItem]]:
-    """Each worker's parts (by worker index, in plan order) as work items."""
+    """Each worker's parts (by worker index) as work items, shard by shard in output order and
+    in plan order within a shard: so shards are finished one after another, each recorded for
+    a resume as soon as it is (`runtime.recovery`), rather than all at the end. The order never
+    changes a worker's load, nor the bytes."""
     by_name = {op.name: op for op in ops}
     index = {name: i for i, name in enumerate(worker_names)}
     queues: list[list[WorkItem]] = [[] for _ in worker_names]
@@ -187,7 +225,8 @@ def work_items(plan, ops: Sequence[MergeOperator], layout: OutputLayout, worker_
         op = by_name[a.operator]
         filename, entry = layout.entry(op.name)
         queues[index[a.worker]].append(WorkItem(op, WriteTarget(filename, entry), part_rows(op, a.part, a.of)))
-    return queues
+    shard = {s.filename: i for i, s in enumerate(layout.shards)}
+    return [sorted(q, key=lambda item: shard[item.target.filename]) for q in queues]
 
 
 def batches_of(items: Sequence[WorkItem]) -> deque:
@@ -227,15 +266,19 @@ def run_plan(
     *,
     quiet: bool = False,
     may_take_from=None,
+    on_done: Optional[Callable[[list[WorkItem]], None]] = None,
 ) -> ExecutionStats:
     """Run each worker's queue on its actor (`begin` must have been called); measured stats.
 
-    The plan is followed as made, with one correction for reality: a worker that has finished
+    The plan is followed as made, with two corrections for reality: a worker that has finished
     its own queue while another still has batches waiting to be sent takes the last of them
-    (`may_take_from(thief, owner)` says which workers may: e.g. not onto less memory). The
-    batches moved are counted in `ExecutionStats.stolen_parts`.
+    (`may_take_from(thief, owner)` says which workers may: e.g. not onto less memory), counted
+    in `ExecutionStats.stolen_parts`; and a worker actor that dies is replaced, its unfinished
+    batches requeued (module docstring), counted in `ExecutionStats.worker_restarts`.
+    `on_done(batch)` is called for every batch once it has finished.
     """
     import ray
+    from ray.exceptions import RayActorError
 
     n = len(pool)
     stats = ExecutionStats(workers=n, seconds=0.0, operators=operators)
@@ -243,13 +286,35 @@ def run_plan(
     total_bytes = sum(item.bytes_in for q in queues for item in q)
     total_parts = sum(len(q) for q in queues)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"merging on {n} worker(s)", disable=quiet, dynamic_ncols=True)
-    pending: dict = {}
+    pending: dict = {}  # ref of a batch sent -> (worker, batch)
+    starting: dict = {}  # ref of a replacement's begin -> (worker, when it was asked for)
     in_flight = [0] * n
     done_parts = 0
     start = time.perf_counter()
+
+    def lost(i: int, err: BaseException, batch: Optional[list[WorkItem]] = None) -> None:
+        """Worker `i` died (running `batch`): requeue what it had been sent, replace it (or give up)."""
+        unfinished = [] if batch is None else [batch]
+        for ref, (j, sent) in list(pending.items()):
+            if j == i:
+                del pending[ref]
+                unfinished.append(sent)
+        pending_batches[i].extendleft(reversed(unfinished))
+        in_flight[i] = 0
+        stats.worker_restarts += 1
+        if stats.worker_restarts > MAX_WORKER_RESTARTS:
+            raise WorkerLostError(
+                f"worker actors died {stats.worker_restarts} times during this merge (limit {MAX_WORKER_RESTARTS}); "
+                f"last: worker {i}: {err}"
+            ) from err
+        starting[pool.replace(i)] = (i, time.perf_counter())
+
     try:
         while any(pending_batches) or pending:
+            busy = {i for i, _ in starting.values()}
             for i in range(n):
+                if i in busy:
+                    continue
                 while in_flight[i] < IN_FLIGHT_PER_WORKER:
                     if pending_batches[i]:
                         batch = pending_batches[i].popleft()
@@ -262,11 +327,24 @@ def run_plan(
                         break
                     pending[pool.actors[i].run.remote(batch)] = (i, batch)
                     in_flight[i] += 1
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            if not pending and not starting:
+                raise RuntimeError("run_plan: work left but none sent")  # a bug: every worker with work sends it
+            ready, _ = ray.wait(list(pending) + list(starting), num_returns=1, timeout=10.0)
             for ref in ready:
+                if ref in starting:
+                    i, _asked = starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except RayActorError as err:
+                        lost(i, err)
+                    continue
                 i, batch = pending.pop(ref)
                 in_flight[i] -= 1
-                result: BatchStats = ray.get(ref)
+                try:
+                    result: BatchStats = ray.get(ref)
+                except RayActorError as err:
+                    lost(i, err, batch)
+                    continue
                 stats.bytes_read += result.bytes_read
                 stats.bytes_written += result.bytes_written
                 stats.parts += result.operators
@@ -274,8 +352,14 @@ def run_plan(
                 stats.peak_device_bytes = max(stats.peak_device_bytes, result.peak_device_bytes)
                 stats.per_worker_seconds[i] = stats.per_worker_seconds.get(i, 0.0) + result.seconds
                 done_parts += result.operators
+                if on_done is not None:
+                    on_done(batch)
                 bar.update(sum(item.bytes_in for item in batch))
                 bar.set_postfix_str(f"{done_parts}/{total_parts} parts", refresh=False)
+            now = time.perf_counter()
+            for ref, (i, asked) in starting.items():
+                if now - asked > RESTART_TIMEOUT_S:
+                    raise WorkerLostError(f"a replacement for worker {i} did not start within {RESTART_TIMEOUT_S:.0f} s")
     finally:
         bar.close()
     stats.seconds = time.perf_counter() - start

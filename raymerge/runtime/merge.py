@@ -7,14 +7,20 @@ same plan from headers (or config.json shapes) and a cluster profile, starting n
 
 Everything that can fail from metadata alone (config errors, missing models or tensors, shape
 mismatches, an output path that already holds a model) fails here, in the driver, before Ray
-starts a worker or a byte is written. Any later failure removes the staging folder, so nothing
-is ever published half-written. An `s3://bucket/prefix` output stages locally the same way; the
+starts a worker or a byte is written. Any later failure removes the staging folder (but an
+interruption keeps it for a resume, below), so nothing is ever published half-written. An `s3://bucket/prefix` output stages locally the same way; the
 workers then upload the shards and the driver writes `config.json` last (`checkpoints.s3`).
+
+Resume (`runtime.recovery`): the staging folder's manifest records each finished shard; an
+interrupted merge (Ctrl-C, a killed driver, workers that keep dying) leaves the folder, and
+rerunning the same merge reuses the shards whose checksums still match and runs only the
+operators of the others. A worker actor that dies mid-merge is replaced (`runtime.executor`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -25,11 +31,14 @@ from raymerge.checkpoints import CheckpointSource, SourceSpec, parse_size, plan_
 from raymerge.checkpoints.model_files import merged_model_config, model_card, tokenizer_files
 from raymerge.checkpoints.source import CheckpointError
 from raymerge.checkpoints.s3 import S3StagedOutput, resolve_endpoint_url
-from raymerge.checkpoints.writer import DEFAULT_SHARD_BYTES, open_output
+from raymerge.checkpoints.writer import DEFAULT_SHARD_BYTES, check_disk_space, open_output
 from raymerge.config import ConfigError, MergeConfig, ModelRef, load_config
 from raymerge.runtime.costs import representative_ops
-from raymerge.runtime.executor import WorkerPool, acquire_pool, ensure_ray, release_pool, run_plan, work_items
+from raymerge.runtime.executor import ExecutionStats, WorkerPool, acquire_pool, ensure_ray, release_pool, run_plan, work_items
 from raymerge.runtime.global_trim import apply_model_trim, uses_model_trim
+from raymerge.runtime.recovery import (
+    ShardTracker, find_resumable, input_fingerprint, job_identity, keeps_staging, prepare_staging, remaining_operators,
+)
 from raymerge.runtime.worker import host_memory_bytes
 from raymerge.runtime.planning import (
     Topology,
@@ -42,6 +51,7 @@ from raymerge.runtime.planning import (
 from raymerge.runtime.operators import MergeProgram, build_program, check_sources_compatible
 
 GB = 1e9
+log = logging.getLogger("raymerge")
 
 
 @dataclass
@@ -58,7 +68,11 @@ class MergeResult:
     peak_worker_rss_bytes: int = 0
     peak_device_bytes: int = 0
     files: list[str] = field(default_factory=list)
-    plan: Optional["PlanOutcome"] = None
+    plan: Optional["PlanOutcome"] = None  # None when a resumed merge had nothing left to run
+    reused_shards: int = 0  # shards kept from an interrupted run (resume)
+    reused_tensors: int = 0
+    worker_restarts: int = 0  # worker actors that died and were replaced
+    resume_note: str = ""  # what the resume kept and redid ('' for a fresh start)
 
     @property
     def read_gbps(self) -> float:
@@ -77,6 +91,10 @@ class MergeResult:
         )
         if self.peak_device_bytes:
             line += f", {human_bytes(self.peak_device_bytes)} GPU"
+        if self.worker_restarts:
+            line += f"; {self.worker_restarts} worker restart(s)"
+        if self.resume_note:
+            line += "\n" + self.resume_note
         if self.plan is not None:
             line += "\n" + self.plan.summary()
         return line
@@ -130,6 +148,8 @@ class MergeOptions:
     plan_time_limit: float = 10.0
     keep_workers: bool = False
     s3_endpoint_url: Optional[str] = None  # S3-compatible store for s3:// inputs and output
+    resume: Optional[bool] = None  # None: resume when the staging folder holds this job (runtime.recovery)
+    scan_nonfinite: bool = False  # read every input tensor once, before any work, for NaN/Inf
 
 
 def open_sources(
@@ -247,8 +267,9 @@ class PlanReport:
         )
 
 
-def _prepare(cfg: MergeConfig, label: str, options: MergeOptions, *, shape_only: bool = False):
-    """Program, source specs and the small files to publish; every metadata check happens here."""
+def _prepare(cfg: MergeConfig, label: str, options: MergeOptions, *, shape_only: bool = False, inputs_out: Optional[list] = None):
+    """Program, source specs and the small files to publish; every metadata check happens here.
+    `inputs_out` receives each program model's fingerprint (`recovery.input_fingerprint`)."""
     settings = cfg.raymerge
     seed = options.random_seed if options.random_seed is not None else (settings.random_seed if settings and settings.random_seed is not None else 0)
     opened = open_sources(cfg.referenced_models(), options.allow_pickle, shape_only=shape_only, s3_endpoint_url=options.s3_endpoint_url)
@@ -257,6 +278,8 @@ def _prepare(cfg: MergeConfig, label: str, options: MergeOptions, *, shape_only:
         check_sources_compatible(sources, allow_mixed=options.allow_mixed_architectures)
         program = build_program(cfg, sources, source_label=label, random_seed=seed)
         extra_files = None if shape_only else _published_files(cfg, label, program, opened, options.allow_pickle, options.s3_endpoint_url)
+        if inputs_out is not None:
+            inputs_out.extend(input_fingerprint(sources[m]) for m in program.models)
     finally:
         for _, src in opened.values():
             src.close()
@@ -314,8 +337,17 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
         from raymerge.config import load_cluster
 
         profile = load_cluster(options.cluster)
-    program, specs, extra_files = _prepare(cfg, label, options)
+    inputs: list = []
+    program, specs, extra_files = _prepare(cfg, label, options, inputs_out=inputs)
     layout = plan_shards([(op.name, op.out_dtype, op.shape) for op in program.operators], shard_bytes)
+    job = job_identity(cfg.to_yaml(), program.operators, layout, inputs, _version())
+    found = find_resumable(staged, layout, job, options.resume)
+    small = [layout.index_json() or "", *(extra_files or {}).values()]
+    check_disk_space(staged.staging, layout, sum(len(d.encode() if isinstance(d, str) else d) for d in small))
+    if options.scan_nonfinite:
+        from raymerge.runtime.scan import inputs_by_model, scan_nonfinite
+
+        scan_nonfinite(specs, inputs_by_model(program.operators, len(specs)), quiet=options.quiet)
     t_plan = time.perf_counter()
 
     ensure_ray(options.address or (profile.address if profile is not None else None))
@@ -323,20 +355,32 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
     pool = acquire_pool(options.workers)
     keep = options.keep_workers
     try:
-        staged.prepare(layout)
+        resumed = prepare_staging(staged, layout, job, found)
         pool.begin(specs, str(staged.staging))
         if uses_model_trim(program.operators):
             program.operators, _ = apply_model_trim(program.operators, pool.actors, [str(m) for m in program.models], label)
-        samples = representative_ops(program.operators)
-        measured = pool.calibrate(samples)
-        table, speeds = calibrated_costs(list(samples), measured)
-        topology = topology_from_workers(pool.infos(), speeds, profile, description=_pool_description(pool, options))
-        plan, problem = plan_merge(program.operators, topology, table, planner=options.planner, time_limit=options.plan_time_limit)
+        todo = remaining_operators(program.operators, layout, resumed.finished)
+        plan = problem = topology = None
+        stats = ExecutionStats(workers=len(pool), seconds=0.0)
         t_planned = time.perf_counter()
-        queues = work_items(plan, program.operators, layout, [w.name for w in problem.workers])
-        memory = [w.memory_bytes for w in problem.workers]
-        stats = run_plan(pool, queues, len(program.operators), quiet=options.quiet,
-                         may_take_from=lambda thief, owner: memory[thief] >= memory[owner])
+        if todo:
+            samples = representative_ops(todo)
+            measured = pool.calibrate(samples)
+            table, speeds = calibrated_costs(list(samples), measured)
+            topology = topology_from_workers(pool.infos(), speeds, profile, description=_pool_description(pool, options))
+            plan, problem = plan_merge(todo, topology, table, planner=options.planner, time_limit=options.plan_time_limit)
+            t_planned = time.perf_counter()
+            queues = work_items(plan, todo, layout, [w.name for w in problem.workers])
+            memory = [w.memory_bytes for w in problem.workers]
+            tracker = ShardTracker(resumed.manifest, staged.staging, layout, queues)
+            try:
+                stats = run_plan(pool, queues, len(todo), quiet=options.quiet, on_done=tracker.done,
+                                 may_take_from=lambda thief, owner: memory[thief] >= memory[owner])
+            except BaseException:
+                tracker.close(wait=False)
+                raise
+            # An S3 upload takes a while: have every shard recorded first, so a crash in it resumes.
+            tracker.close(wait=isinstance(staged, S3StagedOutput))
         peaks = pool.finish()
         stats.peak_worker_rss_bytes = max([stats.peak_worker_rss_bytes, *peaks])
         if isinstance(staged, S3StagedOutput):
@@ -347,10 +391,15 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
             staged.write_file("model.safetensors.index.json", index)
         for name, data in (extra_files or {}).items():
             staged.write_file(name, data)
+        resumed.manifest.discard()
         out = staged.publish()
-    except BaseException:
+    except BaseException as err:
         keep = False  # a failed job may leave work queued on the actors
-        staged.abort()
+        if keeps_staging(err):
+            log.warning("raymerge: merge interrupted (%s); staging folder %s kept: rerun the same merge to resume",
+                        type(err).__name__, staged.staging)
+        else:
+            staged.abort()
         raise
     finally:
         release_pool(pool, keep)
@@ -369,7 +418,11 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
         peak_worker_rss_bytes=stats.peak_worker_rss_bytes,
         peak_device_bytes=stats.peak_device_bytes,
         files=sorted(p.name for p in out.iterdir()) if isinstance(out, Path) else list(staged.published),
-        plan=PlanOutcome(
+        reused_shards=len(resumed.finished),
+        reused_tensors=resumed.reused_tensors(layout),
+        worker_restarts=stats.worker_restarts,
+        resume_note=resumed.summary(layout),
+        plan=None if plan is None else PlanOutcome(
             predicted_makespan=plan.makespan, measured_makespan=stats.seconds, lower_bound=plan.lower_bound,
             gap=plan.gap, solver=plan.solver, status=plan.status, solve_seconds=plan.solve_seconds,
             parts=len(plan.assignments), moved_parts=stats.stolen_parts, predicted_busy={w.name: plan.loads.get(w.name, 0.0) for w in problem.workers},

@@ -17,6 +17,7 @@ tensor or a shape mismatch fails before any worker starts or anything is written
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -29,6 +30,9 @@ from raymerge.config.merge_config import ConfigError, InputSlice, OutputSlice, P
 from raymerge.config.parameters import is_missing, resolve_parameter
 from raymerge.methods import MethodError, MethodSpec, available_methods, get_method
 from raymerge.runtime.layers import ModelLayout, parse_layer_name, split_layout
+
+# Tensors whose rows are the vocabulary: token embeddings and output heads (llama, gpt2, gpt-neox, bloom, ...).
+_VOCAB_TENSOR = re.compile(r"(embed_tokens|lm_head|embed_in|embed_out|\bwte|word_embeddings|tok_embeddings|^output)\.weight$")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -215,6 +219,39 @@ class _Planner:
                     f"the base_model, got {n}"
                 )
 
+    # -- mismatches ----------------------------------------------------------------------------
+    def _file(self, model: ModelRef, info: TensorInfo) -> str:
+        loc = self.sources[model].location
+        return f"{loc.rstrip('/')}/{info.file}" if info.file else loc
+
+    def _vocab_size(self, model: ModelRef) -> Optional[int]:
+        cfg = self.sources[model].read_json("config.json") or {}
+        size = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+        return size if isinstance(size, int) else None
+
+    def _is_vocab_mismatch(self, inputs: list[tuple[InputSlice, str]], infos: list[TensorInfo]) -> bool:
+        """Shapes that differ only in rows, on an embedding or output head (by name, or rows
+        equal to each model's config vocab_size)."""
+        if len({(len(i.shape), i.shape[1:]) for i in infos}) > 1 or not infos[0].shape:
+            return False
+        name = inputs[0][1]
+        if _VOCAB_TENSOR.search(name):
+            return True
+        return all(i.shape[0] == self._vocab_size(s.model) for (s, _), i in zip(inputs, infos))
+
+    def _vocab_message(self, out_name: str, inputs: list[tuple[InputSlice, str]], infos: list[TensorInfo]) -> str:
+        sizes = [(self._file(s.model, i), i.shape[0]) for (s, _), i in zip(inputs, infos)]
+        detail = ", ".join(f"{loc} has {rows} rows" for loc, rows in sizes)
+        largest = max(rows for _, rows in sizes)
+        return (
+            f"vocabulary size mismatch for tensor {out_name!r}: {detail}; models with different "
+            f"vocabularies cannot be merged row by row. If their tokenizers agree except for added or "
+            f"padding tokens, resize the smaller models' embeddings first (transformers: "
+            f"model.resize_token_embeddings({largest}) then save_pretrained) and merge the resized copies; "
+            f"tokenizer_source only chooses whose tokenizer files are copied, and merging different "
+            f"vocabularies (tokenizer_source: union, tokenizer:) is not supported yet"
+        )
+
     # -- one tensor --------------------------------------------------------------------------
     def _plan_tensor(self, out_name: str, inputs: list[tuple[InputSlice, str]], out_slice: OutputSlice, t: float) -> None:
         cfg = self.config
@@ -228,8 +265,19 @@ class _Planner:
             infos.append(info)
         shapes = {i.shape for i in infos}
         if len(shapes) > 1:
-            detail = ", ".join(f"{self.sources[s.model].location}: {list(i.shape)}" for (s, _), i in zip(inputs, infos))
+            if self._is_vocab_mismatch(inputs, infos):
+                raise MergePlanError(self._vocab_message(out_name, inputs, infos))
+            detail = ", ".join(f"{self._file(s.model, i)}: {list(i.shape)}" for (s, _), i in zip(inputs, infos))
             raise MergePlanError(f"shape mismatch for tensor {out_name!r}: {detail}")
+        floating = {i.dtype.is_floating_point for i in infos}
+        if len(floating) > 1 or (floating == {False} and len({i.dtype for i in infos}) > 1):
+            # Floating-point inputs of different precisions are merged in a common dtype; an
+            # integer buffer is copied from one model, so it must be the same in all of them.
+            detail = ", ".join(f"{self._file(s.model, i)}: {dtype_code(i.dtype)}" for (s, _), i in zip(inputs, infos))
+            raise MergePlanError(
+                f"dtype mismatch for tensor {out_name!r}: {detail} (a floating-point tensor cannot be merged "
+                "with an integer one, nor integer tensors of different types)"
+            )
         base_index = next((k for k, (src, _) in enumerate(inputs) if src.model == base), None)
         if self.spec.base == "none":
             base_index = None  # e.g. linear: the base model is an ordinary weighted input

@@ -325,7 +325,8 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
     layout = plan_shards([(name, dtype_code(info.dtype), info.shape) for name, info in tensors.items()], shard_bytes)
     settings = PruneSettings(
         method=cfg.method, modules=shape.modules, nm=cfg.nm, blocksize=cfg.sparsegpt.blocksize,
-        dampening=cfg.sparsegpt.dampening, dtype=cfg.dtype,
+        dampening=cfg.sparsegpt.dampening, dtype=cfg.dtype, weight_exponent=cfg.wanda.weight_exponent,
+        norm_exponent=cfg.wanda.norm_exponent,
     )
     t_checked = time.perf_counter()
 

@@ -1,0 +1,231 @@
+"""Resuming a merge: job identity, reusing a staging folder, recording finished shards.
+
+Job identity. `job_identity` hashes everything that decides the output bytes: the raymerge
+version, the config as normalised YAML, every operator as resolved (inputs, method, parameters,
+seeds, dtypes, shapes), the output layout (each shard's name, header and size: so the shard
+size and output dtypes), and each input's fingerprint (`input_fingerprint`: its tensor headers,
+and per weight file its size and modification time — or the ETag of an S3 object).
+
+Before a merge starts anything (`find_resumable`), the staging folder beside the output is looked
+at, and then set up (`prepare_staging`):
+
+- its manifest (`checkpoints.manifest`) names the same job: the merge resumes. Each shard the
+  manifest records as finished is hashed again; those whose bytes still match are kept as they
+  are, the others (a corrupt or partial shard) are allocated anew and redone;
+- no staging folder, no readable manifest, or another job: the folder is wiped and the merge
+  starts afresh (a warning says so when something was there).
+
+`resume=None` (the default: CLI without a flag) does exactly that, automatically. `resume=True`
+(`--resume`) is stricter: a staging folder from another job is an error instead of being
+wiped. `resume=False` (`--no-resume`) always starts afresh.
+
+While the merge runs, `ShardTracker` counts the parts still to run per shard; when the last
+one reports done, a background thread fsyncs the shard, hashes it and appends its record to
+the manifest. Workers fill shards one after another (`executor.work_items`), so records come
+in steadily rather than all at the end. Once every part is done, a local output is published
+without waiting for shards still being hashed (a crash in those last seconds costs only them);
+an S3 output waits for every record first, as its upload takes a while. Only operators of
+unfinished shards are planned and run; their bytes are written at the same offsets as in any
+run, so a resumed output is byte-identical to an uninterrupted one. A merge that fails with a deterministic error (a bad parameter found by a worker) still
+removes its staging folder; an interruption (Ctrl-C, a killed driver, workers that keep dying:
+`keeps_staging`) leaves it for the next run. Nothing is at the output path until the staging
+folder is published; the manifest is removed just before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from raymerge.checkpoints import CheckpointSource, OutputError, OutputLayout
+from raymerge.checkpoints.manifest import MANIFEST_NAME, Manifest, ManifestState, ShardRecord, file_sha256, load_manifest
+
+log = logging.getLogger("raymerge")
+HASH_THREADS = 4  # shards hashed at once on the driver (hashlib and file reads release the GIL)
+
+
+def input_fingerprint(src: CheckpointSource) -> dict[str, Any]:
+    """What identifies an input's weights: its headers and, per weight file, size and mtime
+    (local files) or ETag (S3 objects, as seen when the headers were read)."""
+    infos = src.tensors()
+    headers = hashlib.sha256()
+    for name in sorted(infos):
+        t = infos[name]
+        headers.update(f"{name}|{list(t.shape)}|{t.dtype}|{t.file}|{t.nbytes}\n".encode())
+    etags = getattr(src, "_etags", None) or {}
+    files: dict[str, Any] = {}
+    for f in sorted({t.file for t in infos.values()}):
+        try:
+            st = (Path(src.location) / f).stat()
+            files[f] = [st.st_size, st.st_mtime_ns]
+        except (OSError, ValueError):
+            files[f] = etags.get(f)
+    return {"location": src.location, "headers": headers.hexdigest(), "files": files}
+
+
+def _canonical(value: Any) -> Any:
+    """`value` as JSON-able data that is the same in every process (sets sorted, tensors hashed)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _canonical(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((_canonical(v) for v in value), key=lambda v: json.dumps(v, sort_keys=True))
+    if isinstance(value, float):
+        return repr(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous().reshape(-1)
+        return [str(t.dtype), list(t.shape), hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()]
+    return repr(value)
+
+
+def job_identity(config_yaml: str, operators: Sequence[Any], layout: OutputLayout, inputs: Sequence[Any], version: str) -> str:
+    """The hash naming a merge job (module docstring)."""
+    ops = hashlib.sha256()
+    for op in operators:
+        ops.update(json.dumps(_canonical(op), sort_keys=True).encode() + b"\n")
+    shards = [[s.filename, hashlib.sha256(s.header).hexdigest(), s.size] for s in layout.shards]
+    data = {"raymerge": version, "config": config_yaml, "operators": ops.hexdigest(), "shards": shards, "inputs": list(inputs)}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class ResumeState:
+    """What `prepare_staging` found and kept."""
+
+    manifest: Manifest
+    finished: dict[str, ShardRecord] = field(default_factory=dict)  # shards kept from an earlier run
+    redone: list[str] = field(default_factory=list)  # recorded as finished, but failed the checksum
+    resumed: bool = False  # the staging folder was from this job
+
+    def reused_tensors(self, layout: OutputLayout) -> int:
+        return sum(len(s.entries) for s in layout.shards if s.filename in self.finished)
+
+    def summary(self, layout: OutputLayout) -> str:
+        """One line for the merge summary ('' for a fresh start)."""
+        if not self.resumed:
+            return ""
+        line = (f"resumed: reused {len(self.finished)} of {len(layout.shards)} shard(s) "
+                f"({self.reused_tensors(layout)} tensors) from an interrupted run")
+        if self.redone:
+            line += f"; {len(self.redone)} recorded shard(s) failed the checksum and were redone ({', '.join(self.redone)})"
+        return line
+
+
+def find_resumable(staged, layout: OutputLayout, job: str, resume: Optional[bool]) -> Optional[ManifestState]:
+    """The manifest of `staged`'s staging folder when the merge can resume from it (same job),
+    else None; says why when a folder there will be wiped, and with `resume=True` refuses to
+    wipe one from another job (OutputError). Changes nothing on disk."""
+    staging = Path(staged.staging)
+    if resume is False:
+        return None
+    if not staging.exists():
+        if resume:
+            log.warning("raymerge: nothing to resume at %s; starting afresh", staging)
+        return None
+    found = load_manifest(staging) if staging.is_dir() else None
+    if found is not None and found.job == job and found.shards == {s.filename: s.size for s in layout.shards}:
+        return found
+    if found is not None and resume:
+        raise OutputError(
+            f"cannot resume: the staging folder {staging} was made by a different merge (config, inputs, "
+            f"raymerge version or shard size changed); rerun with --no-resume (resume=False) to discard it"
+        )
+    why = "was made by a different merge" if found is not None else "has no readable manifest"
+    log.warning("raymerge: staging folder %s %s; discarding it and starting afresh", staging, why)
+    return None
+
+
+def prepare_staging(staged, layout: OutputLayout, job: str, found: Optional[ManifestState]) -> ResumeState:
+    """Set up the staging folder of `staged`: resumed from `found` (`find_resumable`) — only the
+    recorded shards whose bytes still match are kept — or afresh; returns what was kept, with
+    the manifest open for recording."""
+    staging = Path(staged.staging)
+    shards = {s.filename: s.size for s in layout.shards}
+    if found is None:
+        staged.prepare(layout)
+        return ResumeState(Manifest.create(staging, job, shards))
+    finished: dict[str, ShardRecord] = {}
+    redone: list[str] = []
+    for name, record in sorted(found.finished.items()):
+        path = staging / name
+        try:
+            ok = path.stat().st_size == record.size and file_sha256(path) == record.sha256
+        except OSError:
+            ok = False
+        if ok:
+            finished[name] = record
+        else:
+            redone.append(name)
+    for path in staging.iterdir():  # anything else an interrupted run left (e.g. config.json) goes
+        if path.name not in finished and path.name != MANIFEST_NAME:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    if finished:
+        staged.prepare(layout, keep=set(finished))
+    else:
+        staged.prepare(layout)
+    return ResumeState(Manifest.create(staging, job, shards, finished.values()), finished, redone, resumed=True)
+
+
+def remaining_operators(operators: Sequence[Any], layout: OutputLayout, finished) -> list[Any]:
+    """The operators whose output tensor lies in a shard not finished yet."""
+    return [op for op in operators if layout.shards[layout.shard_of[op.name]].filename not in finished]
+
+
+class ShardTracker:
+    """Records each shard in the manifest once all its parts are done (hashing in a thread)."""
+
+    def __init__(self, manifest: Manifest, staging: Path, layout: OutputLayout, queues: Sequence[Sequence[Any]]):
+        self.manifest = manifest
+        self.staging = Path(staging)
+        self.sizes = {s.filename: s.size for s in layout.shards}
+        self.left = Counter(item.target.filename for q in queues for item in q)
+        self._threads = ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="raymerge-checksum")
+        self._futures: list[Future] = []
+
+    def done(self, batch: Sequence[Any]) -> None:
+        """Parts of `batch` are written; shards with no part left get hashed and recorded."""
+        for item in batch:
+            name = item.target.filename
+            self.left[name] -= 1
+            if self.left[name] == 0:
+                self._futures.append(self._threads.submit(self._record, name))
+
+    def _record(self, name: str) -> None:
+        digest = file_sha256(self.staging / name, fsync=True)
+        self.manifest.record(ShardRecord(name, self.sizes[name], digest))
+
+    def close(self, wait: bool = True) -> None:
+        """`wait`: record every finished shard (errors raise); else only the one being hashed."""
+        self._threads.shutdown(wait=True, cancel_futures=not wait)
+        if wait:
+            for f in self._futures:
+                f.result()
+
+
+def keeps_staging(err: BaseException) -> bool:
+    """Whether a merge ended by `err` leaves its staging folder for a resume: interruptions and
+    lost workers do, errors that a rerun would meet again do not."""
+    from raymerge.runtime.executor import WorkerLostError
+
+    if isinstance(err, (KeyboardInterrupt, SystemExit, WorkerLostError)):
+        return True
+    try:
+        from ray.exceptions import RayActorError
+    except ImportError:  # pragma: no cover - Ray is a dependency
+        return False
+    return isinstance(err, RayActorError)

@@ -1,0 +1,586 @@
+"""Optuna studies over merge coefficients and sparsity ratios, evaluated in memory on Ray.
+
+The driver owns the study (ask/tell) and never holds weights. Each of `concurrency` pipelines
+is a set of resident stage workers (`SearchWorkerImpl`) that together hold the model once,
+split into contiguous blocks of layers; a pipeline evaluates one trial at a time:
+
+- merge searches: the trial's values are put into the config (`SearchSpace.fill`), the merge
+  program is rebuilt from headers (cheap), and each stage recomputes its own layers' operators
+  from the input tensors it holds, then the held-out windows flow through the stages;
+- prune searches: one dense calibration pass per pipeline collects every module's input norms;
+  a trial sends per-layer sparsities (and metric exponents) and each stage re-masks its layers.
+
+Nothing is written to disk per trial. A trial whose config is invalid or whose evaluation
+raises is recorded as failed with its error (user attribute `error`) and the study goes on; a
+pipeline whose actor died is rebuilt. The study lives in a journal file in the output folder by
+default (or an RDB URL), so rerunning the same command continues it: trials already finished
+count towards `n_trials`, trials left running by a killed driver are marked failed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from raymerge.calibration import CalibrationError, CalibrationWindows, load_calibration
+from raymerge.checkpoints import CheckpointSource, SourceSpec
+from raymerge.config.merge_config import ConfigError, ModelRef, parse_config
+from raymerge.config.prune_config import PruneConfig, parse_prune_config
+from raymerge.config.search_config import Objective, SearchConfig, load_search_config
+from raymerge.pruning.decoder import ModelShape, describe_model
+from raymerge.pruning.layerwise import owl_sparsities
+from raymerge.pruning.stage import PruneSettings
+from raymerge.runtime.operators import MergeOperator, build_program
+from raymerge.runtime.prune import _Driver, _Pipeline, _tokenizer
+from raymerge.search.space import SearchSpace
+from raymerge.search.worker import SearchWorkerImpl
+
+STUDY_FILE = "study.journal"
+
+
+@dataclass
+class SearchOptions:
+    stages: int = 1  # stage workers per pipeline (the model is split over them)
+    in_process: bool = False  # one pipeline in the driver, no Ray (trials run one after another)
+    address: Optional[str] = None
+    quiet: bool = False
+    materialize: bool = False  # write the best model to OUT/best-model
+
+
+@dataclass
+class SearchResult:
+    output: Path
+    study: Any  # optuna.Study
+    best_configs: list[Path]
+    plots: list[Path]
+    completed: int
+    failed: int
+    seconds: float
+    trials_run: int = 0
+    materialized: Optional[Path] = None
+    best_values: list[list[float]] = field(default_factory=list)
+
+    @property
+    def trials_per_hour(self) -> float:
+        return 3600.0 * self.trials_run / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        best = "; ".join(", ".join(f"{v:.6g}" for v in vals) for vals in self.best_values) or "none"
+        return (
+            f"{self.completed} trials complete, {self.failed} failed ({self.trials_run} run now in {self.seconds:.1f} s, "
+            f"{self.trials_per_hour:.0f} trials/hour); best: {best}; best config(s): "
+            + ", ".join(str(p) for p in self.best_configs)
+        )
+
+
+class TrialError(RuntimeError):
+    """A trial could not be built or evaluated (recorded on the trial, the study goes on)."""
+
+
+# -- what a search evaluates ------------------------------------------------------------------------------
+class _MergeTask:
+    """A merge search: the space, the opened inputs, and the operators of a trial per stage."""
+
+    def __init__(self, cfg: SearchConfig, label: str) -> None:
+        self.space = SearchSpace(cfg.merge, "merge")
+        first = self._program(self.space.fill({d.name: _middle(d) for d in self.space.dimensions}))
+        self.models: list[ModelRef] = list(first.models)
+        self.specs = [SourceSpec(m.path, m.revision, config_from=m.config_from) for m in self.models]
+        if first.changes_layers:
+            raise ConfigError(f"{label}: merge: slices that change the layer stack cannot be searched in memory yet")
+        self.seed = 0
+        self.donor = first.donor
+        self.first_ops = first.operators
+
+    def _program(self, config: dict[str, Any]):
+        try:
+            mcfg = parse_config(config, "<trial config>")
+        except ConfigError as err:
+            raise TrialError(str(err)) from None
+        if not hasattr(self, "sources"):
+            refs = mcfg.referenced_models()
+            self.sources: dict[ModelRef, CheckpointSource] = {r: SourceSpec(r.path, r.revision, config_from=r.config_from).open() for r in refs}
+        try:
+            return build_program(mcfg, self.sources, source_label="<trial config>")
+        except Exception as err:  # noqa: BLE001 - a trial's parameters can be invalid in many ways
+            raise TrialError(f"{type(err).__name__}: {err}") from None
+
+    def operators(self, values: dict[str, Any]) -> list[MergeOperator]:
+        program = self._program(self.space.fill(values))
+        index = {m: i for i, m in enumerate(self.models)}
+        remap = [index[m] for m in program.models]
+        return [replace(op, inputs=tuple(replace(i, model=remap[i.model]) for i in op.inputs)) for op in program.operators]
+
+    def reference_operators(self, ref: ModelRef) -> list[MergeOperator]:
+        if ref not in self.models:
+            raise ConfigError(f"objective reference {ref} must be one of the merge's models")
+        cfg = {"merge_method": "linear", "models": [{"model": str(ref), "parameters": {"weight": 1.0}}]}
+        dtype = self.space.template.get("dtype")
+        if dtype:
+            cfg["dtype"] = dtype
+        program = build_program(parse_config(cfg), {ref: self.sources[ref]})
+        i = self.models.index(ref)
+        return [replace(op, inputs=tuple(replace(t, model=i) for t in op.inputs)) for op in program.operators]
+
+    def donor_source(self) -> CheckpointSource:
+        return self.sources[self.models[self.donor]]
+
+    def close(self) -> None:
+        for src in getattr(self, "sources", {}).values():
+            src.close()
+
+
+class _PruneTask:
+    """A prune search: per-block sparsity offsets, OWL's lambda and m, metric exponents."""
+
+    def __init__(self, cfg: SearchConfig, label: str) -> None:
+        self.prune: PruneConfig = parse_prune_config(cfg.prune, f"{label}: prune")
+        if self.prune.method == "sparsegpt" or self.prune.nm is not None or self.prune.calibration is None:
+            raise ConfigError(f"{label}: prune: searches support unstructured magnitude/wanda-family metrics with calibration text")
+        self.space_cfg = cfg.space
+        self.target = self.prune.target_sparsity
+        m = self.prune.model
+        self.specs = [SourceSpec(m.path, m.revision, config_from=m.config_from)]
+        self.source = self.specs[0].open()
+        # Trials mask rows with |W|^a * ||X||^b; magnitude is b = 0 (compared per row, as Wanda does).
+        self.default_exponents = (1.0, 0.0) if self.prune.method == "magnitude" else (
+            self.prune.wanda.weight_exponent, self.prune.wanda.norm_exponent)
+
+    def suggest(self, trial: Any, n_layers: int) -> dict[str, Any]:
+        sp, out = self.space_cfg, {}
+        if sp.blocks:
+            out["blocks"] = [trial.suggest_float(f"block{b}", -sp.max_deviation, sp.max_deviation) for b in range(min(sp.blocks, n_layers))]
+        if sp.owl:
+            out["owl_lambda"] = trial.suggest_float("owl_lambda", 0.0, 2 * sp.max_deviation)
+            out["owl_m"] = trial.suggest_float("owl_m", 2.0, 10.0)
+        if sp.exponents:
+            out["weight_exponent"] = trial.suggest_float("weight_exponent", 0.0, 2.0)
+            out["norm_exponent"] = trial.suggest_float("norm_exponent", 0.0, 2.0)
+        return out
+
+    def sparsities(self, values: dict[str, Any], n_layers: int, ratios: Optional[list[float]] = None) -> list[float]:
+        """Per-layer sparsities with mean equal to the target (before clipping into [0, 0.99])."""
+        if "blocks" in values:
+            offsets = values["blocks"]
+            per_layer = [offsets[i * len(offsets) // n_layers] for i in range(n_layers)]
+            mean = sum(per_layer) / n_layers
+            return [min(0.99, max(0.0, self.target + o - mean)) for o in per_layer]
+        if "owl_lambda" in values and ratios is not None:
+            return owl_sparsities(ratios, self.target, values["owl_lambda"])
+        return [self.target] * n_layers
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def _middle(d) -> Any:
+    return d.choices[0] if d.choices is not None else (d.low + d.high) / 2
+
+
+# -- pipelines -------------------------------------------------------------------------------------------
+class _SearchPipeline:
+    """One set of resident stage workers, loaded for the search."""
+
+    def __init__(self, builder: Callable[[], tuple[_Driver, list[Any]]], setup: Callable[["_SearchPipeline"], None]) -> None:
+        self.builder, self.setup = builder, setup
+        self.start()
+
+    def start(self) -> None:
+        self.driver, self.plans = self.builder()
+        self.setup(self)
+
+    def restart(self) -> None:
+        self.driver.kill()
+        self.start()
+
+
+def run_search(config: Union[str, Path, dict[str, Any], SearchConfig], output: Union[str, Path], options: SearchOptions) -> SearchResult:
+    """Run (or continue) a study; see `raymerge.optimize` for the user-facing description."""
+    import optuna
+
+    t0 = time.perf_counter()
+    cfg, label = load_search_config(config)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    task: Union[_MergeTask, _PruneTask] = _MergeTask(cfg, label) if cfg.merge is not None else _PruneTask(cfg, label)
+    try:
+        return _run(cfg, label, out, task, options, t0, optuna)
+    finally:
+        task.close()
+
+
+def _storage(cfg: SearchConfig, out: Path):
+    if cfg.study.storage:
+        return cfg.study.storage
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(out / STUDY_FILE)))
+
+
+def _sampler(cfg: SearchConfig, grid: Optional[Callable[[], dict]], optuna):
+    s, seed = cfg.study.sampler, cfg.study.seed
+    if s == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    if s == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    if s == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if s == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if s == "nsga3":
+        return optuna.samplers.NSGAIIISampler(seed=seed)
+    if grid is None:
+        raise ConfigError("study.sampler: grid needs a merge search whose ranges all have `step` or `choices`")
+    return optuna.samplers.GridSampler(grid(), seed=seed)
+
+
+def _windows(cfg: SearchConfig, task, tokenizer, shape: ModelShape, objective: Objective) -> CalibrationWindows:
+    base = cfg.evaluation if cfg.evaluation is not None else task.prune.calibration
+    calib = base.model_copy(update={"dataset": objective.dataset or base.dataset, "curate": None})
+    if isinstance(task, _MergeTask) or cfg.evaluation is not None:
+        calib = calib.model_copy(update={"nsamples": 1})
+    if calib.eval_samples < 1:
+        raise ConfigError("evaluation.eval_samples must be at least 1 to score trials")
+    try:
+        return load_calibration(calib, tokenizer, shape.max_positions)
+    except CalibrationError as err:
+        raise ConfigError(f"evaluation: {err}") from None
+
+
+def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions, t0: float, optuna) -> SearchResult:
+    donor = task.donor_source() if isinstance(task, _MergeTask) else task.source
+    model_config = donor.config()
+    shape = describe_model(model_config, None if isinstance(task, _MergeTask) else task.prune.modules)
+    tokenizer = _tokenizer(donor)
+    objectives = cfg.objectives
+    windows = [_windows(cfg, task, tokenizer, shape, o) for o in objectives]
+    prune_windows = None
+    if isinstance(task, _PruneTask):
+        calib = task.prune.calibration.model_copy(update={"curate": None})
+        prune_windows = load_calibration(calib, tokenizer, shape.max_positions).calibration
+    refs = [
+        (o.reference or (task.models[task.donor] if isinstance(task, _MergeTask) else None)) if o.kind == "reconstruction" else None
+        for o in objectives
+    ]
+    settings = PruneSettings(method="wanda", modules=shape.modules, dtype=cfg.dtype)
+    n_stages = max(1, min(options.stages, shape.num_layers))
+    bounds = [(k * shape.num_layers // n_stages, (k + 1) * shape.num_layers // n_stages - 1) for k in range(n_stages)]
+
+    def build() -> tuple[_Driver, list[Any]]:
+        if options.in_process:
+            return _Driver([SearchWorkerImpl(0)], remote=False), [(0, shape.num_layers - 1)]
+        import ray
+
+        from raymerge.runtime.executor import ensure_ray
+
+        ensure_ray(options.address)
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // (n_stages * cfg.study.concurrency))
+        gpus = {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) >= n_stages * cfg.study.concurrency else {}
+        actor = ray.remote(SearchWorkerImpl).options(num_cpus=cpus, max_restarts=0, **gpus)
+        return _Driver([actor.remote(k, cpus) for k in range(n_stages)], remote=True), bounds
+
+    def setup(p: _SearchPipeline) -> None:
+        d = p.driver
+        last = len(p.plans) - 1
+        d.get([d.call(w, "load", model_config, task.specs[task.donor] if isinstance(task, _MergeTask) else task.specs[0],
+                      first, end, settings, k == 0, k == last, None, None)
+               for k, (w, (first, end)) in enumerate(zip(d.workers, p.plans))])
+        p.pipe = _Pipeline(d, d.workers, cfg.batch_size, True)
+        if isinstance(task, _MergeTask):
+            p.owned = _owned(task.first_ops, shape, p.plans)
+            needed = [[sorted({i.name for op in ops for i in op.inputs if i.model == m}) for m in range(len(task.models))] for ops in p.owned]
+            d.get([d.call(w, "hold_inputs", task.specs, need) for w, need in zip(d.workers, needed)])
+            for k, ref in enumerate(refs):
+                if ref is not None:
+                    _apply_merge(p, task.reference_operators(ref))
+                    _keep_reference(p, windows[k], k)
+        else:
+            p.pipe.dense_pass(prune_windows, ("norms",))
+            d.get([d.call(w, "keep_dense") for w in d.workers])
+            for k, ref in enumerate(refs):
+                if ref is not None or objectives[k].kind == "reconstruction":
+                    _keep_reference(p, windows[k], k)  # the dense model is the reference
+
+    storage = _storage(cfg, out)
+    directions = [o.direction for o in objectives]
+    grid = (lambda: task.space.grid()) if isinstance(task, _MergeTask) else None
+    study = optuna.create_study(study_name=cfg.study.study_name, storage=storage, sampler=_sampler(cfg, grid, optuna),
+                                directions=directions, load_if_exists=True)
+    _fail_stale(study, optuna)
+    finished = [t for t in study.trials if t.state.is_finished()]
+    remaining = max(0, cfg.study.n_trials - len(finished))
+    if cfg.study.sampler == "grid":
+        points = math.prod(len(v) for v in grid().values())
+        remaining = min(remaining, max(0, points - len(finished)))
+    n_pipes = 1 if options.in_process else cfg.study.concurrency
+    pipes = [_SearchPipeline(build, setup) for _ in range(min(n_pipes, max(remaining, 1)))] if remaining else []
+    run = 0
+    t_start = time.perf_counter()
+    try:
+        with tqdm(total=remaining, desc="trials", unit="trial", disable=options.quiet) as bar:
+            free = list(pipes)
+            running: dict[int, tuple[Any, _SearchPipeline, list[Any]]] = {}
+            asked = 0
+            while asked < remaining or running:
+                while free and asked < remaining:
+                    pipe = free.pop()
+                    trial = study.ask()
+                    asked += 1
+                    try:
+                        handles = _submit(trial, pipe, task, objectives, windows, shape)
+                        running[trial.number] = (trial, pipe, handles)
+                    except TrialError as err:
+                        _tell_failed(study, trial, str(err), optuna)
+                        bar.update(1)
+                        run += 1
+                        free.append(pipe)
+                for number in _ready(running, options.in_process):
+                    trial, pipe, handles = running.pop(number)
+                    try:
+                        values = _values(pipe, handles, objectives)
+                        _tell(study, trial, values if len(values) > 1 else values[0])
+                    except Exception as err:  # noqa: BLE001 - recorded on the trial; the study goes on
+                        _tell_failed(study, trial, f"{type(err).__name__}: {err}", optuna)
+                        if _actor_died(err):
+                            pipe.restart()
+                    run += 1
+                    bar.update(1)
+                    free.append(pipe)
+                    bar.set_postfix_str(_best_text(study))
+    finally:
+        for p in pipes:
+            p.driver.kill()
+    seconds = time.perf_counter() - t_start
+    best = _best_trials(study)
+    configs = [_export(cfg, task, t, shape, out, i) for i, t in enumerate(best)]
+    plots = _plots(study, out, len(objectives))
+    result = SearchResult(
+        output=out, study=study, best_configs=configs, plots=plots,
+        completed=sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials),
+        failed=sum(t.state == optuna.trial.TrialState.FAIL for t in study.trials),
+        seconds=seconds, trials_run=run, best_values=[list(t.values) for t in best],
+    )
+    if options.materialize and configs:
+        result.materialized = _materialize(cfg, configs[0], out, options)
+    return result
+
+
+def _owned(ops: list[MergeOperator], shape: ModelShape, plans: list[tuple[int, int]]) -> list[list[MergeOperator]]:
+    """Operators per stage: a layer's tensors to its stage; the rest (embeddings, norm, head) to the
+    first stage and the last (each applies those its block materialised)."""
+    root = shape.layers_path + "."
+    owned: list[list[MergeOperator]] = [[] for _ in plans]
+    for op in ops:
+        if op.name.startswith(root):
+            layer = int(op.name[len(root):].split(".", 1)[0])
+            owned[next(k for k, (a, b) in enumerate(plans) if a <= layer <= b)].append(op)
+        else:
+            for k in {0, len(plans) - 1}:
+                owned[k].append(op)
+    return owned
+
+
+def _apply_merge(p: _SearchPipeline, ops: list[MergeOperator]) -> list[Any]:
+    by_name = {op.name: op for op in ops}
+    return [p.driver.call(w, "apply_merge", [by_name[o.name] for o in own if o.name in by_name])
+            for w, own in zip(p.driver.workers, p.owned)]
+
+
+def _forward_all(p: _SearchPipeline, ids: torch.Tensor) -> Any:
+    h = p.driver.call(p.driver.workers[0], "embed", ids)
+    for w in p.driver.workers:
+        h = p.driver.call(w, "forward", h, ())
+    return h
+
+
+def _keep_reference(p: _SearchPipeline, windows: CalibrationWindows, k: int) -> None:
+    last = p.driver.workers[-1]
+    handles = [p.driver.call(last, "keep_reference", _forward_all(p, ids), k * 100000 + j)
+               for j, ids in enumerate(windows.heldout.split(p.pipe.batch_size))]
+    p.driver.get(handles)
+
+
+def _submit(trial, p: _SearchPipeline, task, objectives: list[Objective], windows: list[CalibrationWindows], shape: ModelShape) -> list[Any]:
+    """Send the trial's weights to the stages and queue its evaluation; return the handles."""
+    d = p.driver
+    if isinstance(task, _MergeTask):
+        values = task.space.suggest(trial)
+        _apply_merge(p, task.operators(values))
+    else:
+        values = task.suggest(trial, shape.num_layers)
+        ratios = None
+        if "owl_m" in values:
+            parts = d.get([d.call(w, "outlier_ratios", values["owl_m"]) for w in d.workers])
+            merged = {k: v for part in parts for k, v in part.items()}
+            ratios = [merged[i] for i in range(shape.num_layers)]
+        sparsities = task.sparsities(values, shape.num_layers, ratios)
+        trial.set_user_attr("layer_sparsities", sparsities)
+        for w, (a, b) in zip(d.workers, p.plans):
+            d.call(w, "apply_prune", {i: sparsities[i] for i in range(a, b + 1)},
+                   values.get("weight_exponent", task.default_exponents[0]), values.get("norm_exponent", task.default_exponents[1]))
+    handles = []
+    last = d.workers[-1]
+    for k, (obj, win) in enumerate(zip(objectives, windows)):
+        if obj.kind == "perplexity":
+            handles.append([d.call(last, "loss", _forward_all(p, ids), ids) for ids in win.heldout.split(p.pipe.batch_size)])
+        elif obj.kind == "reconstruction":
+            handles.append([d.call(last, "reconstruction", _forward_all(p, ids), k * 100000 + j)
+                            for j, ids in enumerate(win.heldout.split(p.pipe.batch_size))])
+        else:
+            handles.append(("user", obj.kind, win))
+    return handles
+
+
+def _values(p: _SearchPipeline, handles: list[Any], objectives: list[Objective]) -> list[float]:
+    values = []
+    for obj, h in zip(objectives, handles):
+        if isinstance(h, tuple) and h and h[0] == "user":
+            values.append(float(_user_objective(h[1])(lambda ids: _logits(p, ids), h[2].heldout)))
+            continue
+        parts = p.driver.get(h)
+        total, count = sum(x[0] for x in parts), sum(x[1] for x in parts)
+        if obj.kind == "perplexity":
+            values.append(math.exp(total / count) if total / count < 700 else math.inf)
+        else:
+            values.append(total / count)
+    return values
+
+
+def _logits(p: _SearchPipeline, ids: torch.Tensor) -> torch.Tensor:
+    return p.driver.get(p.driver.call(p.driver.workers[-1], "logits", _forward_all(p, ids)))
+
+
+def _user_objective(spec: str) -> Callable[..., float]:
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"objective {spec!r}: cannot import it: {err}") from None
+
+
+def _ready(running: dict, in_process: bool) -> list[int]:
+    if in_process or not running:
+        return list(running)
+    import ray
+
+    refs = {}
+    for number, (_, _, handles) in running.items():
+        flat = [r for group in handles if isinstance(group, list) for r in group]
+        refs[number] = flat
+    pending = [r for rs in refs.values() for r in rs]
+    if pending:
+        ray.wait(pending, num_returns=1)
+    return [n for n, rs in refs.items() if not rs or len(ray.wait(rs, num_returns=len(rs), timeout=0)[0]) == len(rs)]
+
+
+def _actor_died(err: BaseException) -> bool:
+    try:
+        from ray.exceptions import RayActorError
+
+        return isinstance(err, RayActorError)
+    except ImportError:
+        return False
+
+
+def _tell(study, trial, values: Any = None, state: Any = None) -> None:
+    """`study.tell`; the grid sampler calls `study.stop()` once its grid is done, which Optuna
+    refuses outside `optimize` after the trial was recorded: that is not an error here."""
+    try:
+        study.tell(trial, values, state=state)
+    except RuntimeError as err:
+        if "Study.stop" not in str(err):
+            raise
+
+
+def _tell_failed(study, trial, message: str, optuna) -> None:
+    trial.set_user_attr("error", message[:2000])
+    _tell(study, trial, state=optuna.trial.TrialState.FAIL)
+
+
+def _fail_stale(study, optuna) -> None:
+    """Trials left RUNNING by a killed driver are marked failed, so they are not waited for."""
+    for t in study.trials:
+        if t.state == optuna.trial.TrialState.RUNNING:
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+
+
+def _best_trials(study) -> list[Any]:
+    try:
+        return list(study.best_trials)
+    except ValueError:
+        return []
+
+
+def _best_text(study) -> str:
+    best = _best_trials(study)
+    if not best:
+        return "best: none yet"
+    return "best: " + ", ".join(f"{v:.4g}" for v in best[0].values)
+
+
+def _export(cfg: SearchConfig, task, trial, shape: ModelShape, out: Path, i: int) -> Path:
+    """The trial as a ready-to-run merge or prune YAML."""
+    path = out / (f"best-{i}.yaml" if i else "best.yaml")
+    if isinstance(task, _MergeTask):
+        data = task.space.fill(trial.params)
+    else:
+        data = task.prune.model_dump(mode="json", by_alias=True, exclude_none=True)
+        data["layerwise"] = [round(s, 6) for s in trial.user_attrs.get("layer_sparsities", [task.target] * shape.num_layers)]
+        data.pop("sparsity", None)
+        data["method"] = "wanda"
+        data["mode"] = "parallel"  # trials were scored with statistics from the dense model
+        a, b = task.default_exponents
+        data["wanda"] = {"weight_exponent": trial.params.get("weight_exponent", a), "norm_exponent": trial.params.get("norm_exponent", b)}
+    header = f"# trial {trial.number} of study {cfg.study.study_name}: values {list(trial.values)}\n"
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _plots(study, out: Path, n_objectives: int) -> list[Path]:
+    """Optimisation history, parameter importances and (multi-objective) Pareto front as PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import optuna.visualization.matplotlib as vis
+    except ImportError:
+        return []
+    made = []
+    jobs = [("pareto_front.png", lambda: vis.plot_pareto_front(study))] if n_objectives > 1 else [
+        ("history.png", lambda: vis.plot_optimization_history(study)),
+        ("importances.png", lambda: vis.plot_param_importances(study)),
+    ]
+    import warnings
+
+    for name, draw in jobs:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # experimental-API and empty-legend warnings
+                ax = draw()
+            fig = ax.figure if hasattr(ax, "figure") else ax[0].figure
+            fig.savefig(out / name, dpi=90, bbox_inches="tight")
+            plt.close(fig)
+            made.append(out / name)
+        except Exception:  # noqa: BLE001 - e.g. importances need two completed trials; skip that plot
+            plt.close("all")
+    return made
+
+
+def _materialize(cfg: SearchConfig, best: Path, out: Path, options: SearchOptions) -> Path:
+    import raymerge
+
+    target = out / "best-model"
+    kwargs = dict(overwrite=True, quiet=options.quiet, address=options.address)
+    if cfg.merge is not None:
+        return Path(raymerge.merge(best, target, **kwargs).output)
+    return Path(raymerge.prune(best, target, in_process=options.in_process, **kwargs).output)

@@ -1,0 +1,210 @@
+"""Searches: the optimum of a fixture built to have one is found; in-memory trial values equal
+evaluating the materialised model; studies resume; concurrent trials equal sequential ones;
+failed trials are recorded; prune searches keep the mean sparsity and export runnable configs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import raymerge
+
+
+@pytest.fixture(scope="session")
+def opposite_finetunes(trained, tmp_path_factory) -> dict[str, Path]:
+    """ft_plus = T + D and ft_minus = T - D around the trained model T: a normalised linear merge
+    with weights (w, 1) is T + (w - 1)/(w + 1) D, so w = 1 recovers T, the best of the family."""
+    from transformers import AutoModelForCausalLM
+
+    from raymerge.demo import save_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("opposite")
+    base = AutoModelForCausalLM.from_pretrained(str(trained["model"]), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(7)
+    deltas = {n: torch.randn(p.shape, generator=gen) * 0.5 * p.detach().std() for n, p in base.named_parameters() if p.dim() == 2}
+    out = {}
+    for sign, name in ((1.0, "plus"), (-1.0, "minus")):
+        model = AutoModelForCausalLM.from_pretrained(str(trained["model"]), dtype=torch.float32)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in deltas:
+                    p.add_(sign * deltas[n])
+        model.save_pretrained(str(root / name))
+        save_tiny_tokenizer(root / name)
+        out[name] = root / name
+    return out
+
+
+def _merge_search(models, calib, n_trials=12, sampler="tpe", concurrency=1, objective="perplexity", w_range=None):
+    return {
+        "merge": {
+            "merge_method": "linear",
+            "models": [
+                {"model": str(models["plus"]), "parameters": {"weight": w_range or {"low": 0.0, "high": 3.0}}},
+                {"model": str(models["minus"]), "parameters": {"weight": 1.0}},
+            ],
+            "parameters": {"normalize": True},
+            "dtype": "float32",
+        },
+        "objective": objective,
+        "evaluation": {"dataset": str(calib), "seqlen": 64, "eval_samples": 6},
+        "study": {"n_trials": n_trials, "sampler": sampler, "seed": 0, "concurrency": concurrency},
+    }
+
+
+def test_finds_the_known_optimum(opposite_finetunes, trained, tmp_path):
+    cfg = _merge_search(opposite_finetunes, trained["calib"], n_trials=14)
+    result = raymerge.optimize(cfg, tmp_path / "s", in_process=True, quiet=True)
+    best = result.study.best_trial
+    assert abs(best.params["merge.models.0.parameters.weight"] - 1.0) < 0.2, best.params
+    assert result.completed == 14 and result.failed == 0
+    exported = yaml.safe_load(result.best_configs[0].read_text())
+    assert exported["models"][0]["parameters"]["weight"] == best.params["merge.models.0.parameters.weight"]
+    assert (tmp_path / "s" / "history.png").is_file() and (tmp_path / "s" / "study.journal").is_file()
+
+
+def test_in_memory_value_equals_materialised_model(opposite_finetunes, trained, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raymerge.calibration import load_calibration
+    from raymerge.config.calibration import CalibrationConfig
+
+    cfg = _merge_search(opposite_finetunes, trained["calib"], n_trials=2, sampler="random")
+    result = raymerge.optimize(cfg, tmp_path / "s", in_process=True, quiet=True, materialize=True)
+    model = AutoModelForCausalLM.from_pretrained(str(result.materialized), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(result.materialized))
+    windows = load_calibration(CalibrationConfig(dataset=str(trained["calib"]), seqlen=64, eval_samples=6, nsamples=1), tok, 128)
+    with torch.no_grad():
+        nll = sum(model(input_ids=ids, labels=ids).loss.item() * ids.shape[0] * (ids.shape[1] - 1)
+                  for ids in windows.heldout.split(8))
+    ppl = math.exp(nll / (windows.heldout.shape[0] * (windows.heldout.shape[1] - 1)))
+    assert result.study.best_trial.values[0] == pytest.approx(ppl, rel=1e-4)
+
+
+def test_resume_continues_without_repeating(opposite_finetunes, trained, tmp_path):
+    cfg = _merge_search(opposite_finetunes, trained["calib"], n_trials=3, sampler="random")
+    first = raymerge.optimize(cfg, tmp_path / "s", in_process=True, quiet=True)
+    before = [(t.number, t.params, t.values) for t in first.study.trials]
+    cfg["study"]["n_trials"] = 5
+    second = raymerge.optimize(cfg, tmp_path / "s", in_process=True, quiet=True)
+    assert second.trials_run == 2 and len(second.study.trials) == 5
+    assert [(t.number, t.params, t.values) for t in second.study.trials[:3]] == before
+
+
+def test_concurrent_trials_equal_sequential(opposite_finetunes, trained, tmp_path, ray_session):
+    grid = {"choices": [0.5, 1.0, 1.5, 2.0]}
+    seq = raymerge.optimize(_merge_search(opposite_finetunes, trained["calib"], 4, "grid", 1, w_range=grid),
+                          tmp_path / "seq", in_process=True, quiet=True)
+    par = raymerge.optimize(_merge_search(opposite_finetunes, trained["calib"], 4, "grid", 2, w_range=grid),
+                          tmp_path / "par", quiet=True)
+    key = "merge.models.0.parameters.weight"
+    a = {t.params[key]: t.values[0] for t in seq.study.trials}
+    b = {t.params[key]: t.values[0] for t in par.study.trials}
+    assert set(a) == {0.5, 1.0, 1.5, 2.0} and a.keys() == b.keys()
+    for w in a:
+        assert b[w] == pytest.approx(a[w], rel=1e-6), w
+    assert min(a, key=a.get) == 1.0
+
+
+def failing_objective(logits_fn, heldout):
+    raise ValueError("objective refused this trial")
+
+
+def test_failed_trials_are_recorded_and_the_study_goes_on(opposite_finetunes, trained, tmp_path):
+    cfg = _merge_search(opposite_finetunes, trained["calib"], n_trials=2, sampler="random",
+                        objective="tests.test_search:failing_objective")
+    result = raymerge.optimize(cfg, tmp_path / "s", in_process=True, quiet=True)
+    assert result.failed == 2 and result.completed == 0
+    assert all("objective refused" in t.user_attrs["error"] for t in result.study.trials)
+
+
+def test_prune_search_keeps_mean_sparsity_and_exports_a_runnable_config(trained, tmp_path):
+    cfg = {
+        "prune": {"model": str(trained["model"]), "method": "wanda", "sparsity": 0.5,
+                  "calibration": {"dataset": str(trained["calib"]), "nsamples": 8, "seqlen": 64, "eval_samples": 4}},
+        "space": {"blocks": 2, "max_deviation": 0.15, "exponents": True},
+        "objective": ["perplexity", "reconstruction"],
+        "study": {"n_trials": 4, "sampler": "nsga2", "seed": 1},
+    }
+    result = raymerge.optimize(cfg, tmp_path / "s", in_process=True, quiet=True)
+    assert result.completed == 4 and (tmp_path / "s" / "pareto_front.png").is_file()
+    for t in result.study.trials:
+        s = t.user_attrs["layer_sparsities"]
+        assert sum(s) / len(s) == pytest.approx(0.5, abs=1e-9)
+    best = result.study.best_trials[0]
+    path = result.best_configs[0]
+    pruned = raymerge.prune(path, tmp_path / "pruned", in_process=True, quiet=True)
+    assert pruned.report.perplexity_after == pytest.approx(best.values[0], rel=1e-4)
+
+
+def test_search_space_ranges_knots_and_errors():
+    from raymerge.search.space import SearchSpace, SearchSpaceError
+
+    tree = {"models": [{"parameters": {"weight": {"low": 0.0, "high": 1.0, "step": 0.5},
+                                       "density": [{"filter": "mlp", "value": {"low": 0.1, "high": 0.9, "knots": 3}}, {"value": 0.5}]}}]}
+    space = SearchSpace(tree, "merge")
+    names = [d.name for d in space.dimensions]
+    assert names == ["merge.models.0.parameters.weight", "merge.models.0.parameters.density.0.value.k0",
+                     "merge.models.0.parameters.density.0.value.k1", "merge.models.0.parameters.density.0.value.k2"]
+    filled = space.fill(dict(zip(names, [0.5, 0.1, 0.2, 0.3])))
+    assert filled["models"][0]["parameters"]["weight"] == 0.5
+    assert filled["models"][0]["parameters"]["density"][0]["value"] == [0.1, 0.2, 0.3]
+    assert tree["models"][0]["parameters"]["weight"]["low"] == 0.0  # the template is not modified
+    assert space.dimensions[0].grid() == [0.0, 0.5, 1.0]
+    with pytest.raises(SearchSpaceError, match="density.0.value.k0: the grid sampler needs `step` or `choices`"):
+        space.grid()
+    with pytest.raises(SearchSpaceError, match="no search range"):
+        SearchSpace({"weight": 1.0})
+    with pytest.raises(SearchSpaceError, match=r"weight: need numbers low < high"):
+        SearchSpace({"weight": {"low": 1.0, "high": 0.5}})
+    with pytest.raises(SearchSpaceError, match=r"weight: unknown keys \['hgih'\]"):
+        SearchSpace({"weight": {"low": 0.0, "high": 1.0, "hgih": 2}})
+
+
+def test_search_config_errors_name_the_field(tmp_path):
+    from raymerge.config import ConfigError
+    from raymerge.config.search_config import load_search_config
+
+    with pytest.raises(ConfigError, match="exactly one of `merge:`"):
+        load_search_config({"objective": "perplexity"})
+    with pytest.raises(ConfigError, match=r"study.sampler"):
+        load_search_config({"merge": {}, "evaluation": {"dataset": "x"}, "study": {"sampler": "bayes"}})
+    with pytest.raises(ConfigError, match=r"objective.*must be one of perplexity, reconstruction"):
+        load_search_config({"merge": {}, "evaluation": {"dataset": "x"}, "objective": {"kind": "accuracy"}})
+
+
+def test_cli_search(opposite_finetunes, trained, tmp_path, capsys):
+    from raymerge.cli import main
+
+    cfg = tmp_path / "search.yaml"
+    cfg.write_text(yaml.safe_dump(_merge_search(opposite_finetunes, trained["calib"], n_trials=2, sampler="random")))
+    assert main(["search", str(cfg), str(tmp_path / "out"), "--in-process", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "2 trials complete, 0 failed" in out and "best.yaml" in out
+
+
+def test_lost_actor_is_replaced_and_the_study_goes_on(opposite_finetunes, trained, tmp_path, ray_session, monkeypatch):
+    import ray
+
+    from raymerge.search import study as study_mod
+
+    original = study_mod._submit
+    killed = []
+
+    def submit_then_kill_once(trial, pipe, *args):
+        handles = original(trial, pipe, *args)
+        if not killed:
+            ray.kill(pipe.driver.workers[0])
+            killed.append(trial.number)
+        return handles
+
+    monkeypatch.setattr(study_mod, "_submit", submit_then_kill_once)
+    cfg = _merge_search(opposite_finetunes, trained["calib"], n_trials=3, sampler="random")
+    result = raymerge.optimize(cfg, tmp_path / "s", quiet=True)
+    states = [t.state.name for t in result.study.trials]
+    assert states[0] == "FAIL" and "Actor" in result.study.trials[0].user_attrs["error"], result.study.trials[0].user_attrs
+    assert states[1:] == ["COMPLETE", "COMPLETE"]
