@@ -301,6 +301,15 @@ def _methods(_: argparse.Namespace) -> int:
             scope = "per model" if p.per_model else "global"
             default = "required" if p.required else f"default {p.default!r}"
             print(f"    - {p.name} ({scope}, {default}): {p.doc}")
+    print("\nguided merges (any per-tensor method above with a base_model, plus `raymerge: guidance:`;"
+          " see README 'Guided merges'):")
+    from raymerge.config.guidance_config import DEFAULTS, METHOD_PARAMETERS
+
+    what = {"aim": "relax the merged delta per input channel by the base's activations",
+            "acm": "per-layer task-vector scales from activation mutual information",
+            "sens": "per-layer scales from gradient sensitivity and logit distances"}
+    for method, param in METHOD_PARAMETERS.items():
+        print(f"    {method:<5} {param} (default {DEFAULTS[param]:g}): {what[method]}")
     return 0
 
 

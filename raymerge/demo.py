@@ -140,15 +140,16 @@ def describe(paths: dict[str, Path]) -> str:
     return json.dumps({k: str(v) for k, v in paths.items()}, indent=2)
 
 
-def demo_text(n_docs: int = 40, words_per_doc: int = 200, seed: int = 0) -> str:
+def demo_text(n_docs: int = 40, words_per_doc: int = 200, seed: int = 0, language: int = 1234) -> str:
     """Text with learnable structure for calibration and for training a tiny model: the next
     word is, 90% of the time, one of two successors of the previous *two* words (a second-order
     Markov chain, the same for every seed; the seed picks the documents). Learning ~1,300
     contexts takes most of a tiny model's capacity, so pruning damage shows in its perplexity.
-    Documents are separated by blank lines."""
+    `language` picks another chain over the same words (a different "task" for merging
+    benchmarks). Documents are separated by blank lines."""
     import random
 
-    table = random.Random(1234)
+    table = random.Random(language)
     successors = {(a, b): table.sample(DEMO_WORDS, 2) for a in DEMO_WORDS for b in DEMO_WORDS}
     rng = random.Random(seed)
     docs = []
@@ -164,10 +165,12 @@ def demo_text(n_docs: int = 40, words_per_doc: int = 200, seed: int = 0) -> str:
 def build_trained_model(
     path: str | Path, text: str, *, steps: int = 300, seqlen: int = 32, batch: int = 16, seed: int = 0,
     arch: str = "llama", config_overrides: dict[str, Any] | None = None, outlier_features: bool = False,
+    start_from: str | Path | None = None, lr: float = 3e-3,
 ) -> Path:
     """Train a tiny model on `text` (next-token loss, AdamW) and save it with its tokenizer:
     a model whose perplexity means something, for pruning tests and benchmarks. With
-    `outlier_features`, see `add_outlier_features`."""
+    `outlier_features`, see `add_outlier_features`. With `start_from` (a saved model folder),
+    training continues from it: a fine-tune, for merging benchmarks."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     path = Path(path)
@@ -175,8 +178,11 @@ def build_trained_model(
     tok = PreTrainedTokenizerFast.from_pretrained(str(path))
     ids = torch.tensor(tok(text.replace("\n\n", " </s> "))["input_ids"])
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, **(config_overrides or {})))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    if start_from is not None:
+        model = AutoModelForCausalLM.from_pretrained(str(start_from), dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_config(tiny_config(arch, **(config_overrides or {})))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(steps):

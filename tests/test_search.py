@@ -208,3 +208,40 @@ def test_lost_actor_is_replaced_and_the_study_goes_on(opposite_finetunes, traine
     states = [t.state.name for t in result.study.trials]
     assert states[0] == "FAIL" and "Actor" in result.study.trials[0].user_attrs["error"], result.study.trials[0].user_attrs
     assert states[1:] == ["COMPLETE", "COMPLETE"]
+
+
+def test_tied_embeddings_over_two_stages_equal_the_materialised_model(tmp_path, ray_session):
+    """A merge search of tied-embedding models over two stages (embeddings on the first, the tied
+    head on the last) scores exactly the model `raymerge merge` writes."""
+    from transformers import AutoModelForCausalLM
+
+    from raymerge.demo import build_tiny_model, demo_text
+
+    over = {"tie_word_embeddings": True}
+    base = build_tiny_model(tmp_path / "base", seed=0, config_overrides=over)
+    fts = [build_tiny_model(tmp_path / f"ft{i}", seed=10 + i, base=base, delta_scale=0.5) for i in (1, 2)]
+    (tmp_path / "heldout.txt").write_text(demo_text(6, 200, seed=5))
+    cfg = {
+        "merge": {"merge_method": "task_arithmetic", "base_model": str(base), "dtype": "float32",
+                  "models": [{"model": str(fts[0]), "parameters": {"weight": {"choices": [0.3, 0.9]}}},
+                             {"model": str(fts[1]), "parameters": {"weight": 0.5}}]},
+        "evaluation": {"dataset": str(tmp_path / "heldout.txt"), "seqlen": 32, "eval_samples": 4},
+        "study": {"n_trials": 2, "sampler": "grid"},
+    }
+    staged = raymerge.optimize(cfg, tmp_path / "s2", stages=2, quiet=True)
+    single = raymerge.optimize(cfg, tmp_path / "s1", in_process=True, quiet=True, materialize=True)
+    key = "merge.models.0.parameters.weight"
+    a = {t.params[key]: t.values[0] for t in staged.study.trials}
+    b = {t.params[key]: t.values[0] for t in single.study.trials}
+    assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-6) for k in a)
+    assert a[0.3] != pytest.approx(a[0.9], rel=1e-3)  # the weight matters: both stages got their tensors
+    model = AutoModelForCausalLM.from_pretrained(str(single.materialized), dtype=torch.float32).eval()
+    from raymerge.calibration import load_calibration
+    from raymerge.config.calibration import CalibrationConfig
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(single.materialized))
+    w = load_calibration(CalibrationConfig(dataset=str(tmp_path / "heldout.txt"), seqlen=32, eval_samples=4, nsamples=1), tok, 128).heldout
+    with torch.no_grad():
+        loss = model(input_ids=w, labels=w).loss.item()
+    assert single.study.best_trial.values[0] == pytest.approx(math.exp(loss), rel=1e-4)

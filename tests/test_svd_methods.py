@@ -503,3 +503,53 @@ def test_end_to_end_equals_the_method_per_tensor(method, e2e_outputs, llama_mode
         # the merge really changed the tensor (not a copy of one input)
         assert all(not torch.equal(out, states[k][name]) for k in keys), name
     assert checked_svd >= 10
+
+
+def test_onebit_export_writes_the_compressed_task_vectors(ray_session, llama_models, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    keep_attn = [{"filter": "self_attn", "value": True}, {"value": False}]
+    cfg = {
+        "merge_method": "onebit",
+        "base_model": str(llama_models["base"]),
+        "models": [
+            {"model": str(llama_models["ft1"]), "parameters": {"weight": 1.0, "keep_full": keep_attn}},
+            {"model": str(llama_models["ft2"]), "parameters": {"weight": 0.5}},
+        ],
+        "dtype": "float32",
+        "raymerge": {"export_task_vectors": True},
+    }
+    out = raymerge.merge(cfg, tmp_path / "out", workers=1, quiet=True).output
+    summary = json.loads((out / "task_vectors.json").read_text())
+    base = load_state(llama_models["base"])
+    assert sorted(summary) == sorted(str(llama_models[k]) for k in ("ft1", "ft2"))
+    for key, keeps_attention in (("ft1", True), ("ft2", False)):
+        entry = summary[str(llama_models[key])]
+        vectors = load_file(str(out / entry["file"]))
+        state = load_state(llama_models[key])
+        stored_bits = 0
+        for name, value in state.items():
+            delta = value - base[name]
+            full = delta.dim() < 2 or (keeps_attention and "self_attn" in name)
+            if full:
+                assert torch.equal(vectors[f"{name}.delta"], delta), name
+                stored_bits += delta.numel() * 16
+            else:
+                got = unpack_onebit(vectors[f"{name}.bits"], vectors[f"{name}.scale"], delta.shape, delta.dtype)
+                assert torch.equal(got, onebit_compress(delta)), name
+                stored_bits += delta.numel() + 16
+        assert entry["storage_bytes"] == (stored_bits + 7) // 8
+        assert entry["full_bf16_bytes"] == sum(v.numel() for v in state.values()) * 2
+    assert not list(out.glob("*.onebit.safetensors")) and (out / "model.safetensors").exists()
+
+
+def test_task_vector_export_is_only_for_onebit(llama_models, tmp_path):
+    from raymerge.config import ConfigError
+
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(llama_models["base"]),
+           "models": [{"model": str(llama_models["ft1"]), "parameters": {"weight": 1.0}}],
+           "raymerge": {"export_task_vectors": True}}
+    with pytest.raises(ConfigError, match="export_task_vectors: only merge_method onebit"):
+        raymerge.merge(cfg, tmp_path / "out", quiet=True)

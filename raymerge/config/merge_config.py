@@ -139,6 +139,8 @@ class RaymergeSettings(_Strict):
 
     random_seed: Optional[int] = None
     out_shard_size: Optional[Union[int, str]] = None
+    guidance: Optional[dict[str, Any]] = None  # validated by config.guidance_config (AIM/ACM/Sens)
+    export_task_vectors: bool = False  # onebit: also publish the compressed task vectors
 
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
@@ -271,9 +273,16 @@ def parse_config(data: Any, source: str = "<dict>") -> MergeConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"invalid merge config {source}: expected a mapping at the top level")
     try:
-        return MergeConfig.model_validate(data)
+        cfg = MergeConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from None
+    if cfg.raymerge is not None and cfg.raymerge.guidance is not None:
+        from raymerge.config.guidance_config import parse_guidance_config
+
+        parse_guidance_config(cfg.raymerge.guidance, source)
+    if cfg.raymerge is not None and cfg.raymerge.export_task_vectors and cfg.merge_method != "onebit":
+        raise ConfigError(f"invalid merge config {source}:\n  raymerge.export_task_vectors: only merge_method onebit compresses task vectors")
+    return cfg
 
 
 def read_yaml(path: Union[str, Path], what: str) -> Any:

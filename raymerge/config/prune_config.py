@@ -126,6 +126,8 @@ class PruneConfig(_Strict):
                 )
             if self.layerwise != "uniform":
                 raise ValueError(f"layerwise: per-layer sparsities need an unstructured pattern, not {self.pattern}")
+        elif isinstance(self.layerwise, list) and self.sparsity is not None:
+            raise ValueError("sparsity: leave it out when layerwise gives one sparsity per layer (their mean is the target)")
         elif self.sparsity is None and not isinstance(self.layerwise, list):
             raise ValueError("sparsity: required (the fraction of weights to prune, e.g. 0.5)")
         if self.method != "magnitude" and self.calibration is None:

@@ -62,15 +62,18 @@ class _Catcher(nn.Module):
 class _Recorder(nn.Module):
     """Stands in for a layer: records the keyword arguments it is called with, passes through."""
 
-    def __init__(self, as_tuple: bool) -> None:
+    def __init__(self, as_tuple: bool, stop: bool = False) -> None:
         super().__init__()
         self.kwargs: dict[str, Any] = {}
         self.as_tuple = as_tuple
+        self.stop = stop
 
     def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if args:
             raise CheckpointError("decoder layers called with positional arguments besides the hidden states")
         self.kwargs = kwargs
+        if self.stop:
+            raise _Stop
         return (hidden,) if self.as_tuple else hidden
 
 
@@ -87,6 +90,11 @@ class _Feeder(_Recorder):
 
 def _hidden(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _autograd(enabled: bool) -> Any:
+    """`torch.enable_grad()` or `torch.no_grad()`."""
+    return torch.enable_grad() if enabled else torch.no_grad()
 
 
 def meta_model(config: dict[str, Any]) -> nn.Module:
@@ -226,6 +234,7 @@ class DecoderBlock:
     def _materialise(self, source: CheckpointSource) -> None:
         available = source.tensors()
         tied = self._tied_names()
+        loaded: dict[str, nn.Parameter] = {}
         for name in self._wanted_names():
             src_name = name if name in available else tied.get(name)
             if src_name is None or src_name not in available:
@@ -234,16 +243,28 @@ class DecoderBlock:
                 )
             mod_name, attr = name.rsplit(".", 1) if "." in name else ("", name)
             module = self.model.get_submodule(mod_name)
-            value = source.read(src_name).to(device=self.device, dtype=self.dtype)
             current = getattr(module, attr)
+            value = source.read(src_name)
+            value = value.to(device=self.device, dtype=self.dtype if value.is_floating_point() else value.dtype)
             if tuple(current.shape) != tuple(value.shape):
                 raise CheckpointError(
                     f"{source.location}: tensor {src_name} has shape {list(value.shape)}, the config implies {list(current.shape)}"
                 )
             if isinstance(current, nn.Parameter):
-                setattr(module, attr, nn.Parameter(value, requires_grad=False))
+                other = tied.get(name)
+                shared = loaded.get(other) if other is not None else None
+                setattr(module, attr, shared if shared is not None else nn.Parameter(value, requires_grad=False))
+                loaded[name] = getattr(module, attr)
             else:
-                module._buffers[attr] = value
+                module._buffers[attr] = value if value.is_floating_point() else value.to(current.dtype)
+        # A tied partner this block did not load itself (the head of a middle-less last block)
+        # shares the loaded parameter, so updating one updates both, as in the real model.
+        for name, other in tied.items():
+            if name in loaded and other not in loaded:
+                mod_name, attr = other.rsplit(".", 1)
+                setattr(self.model.get_submodule(mod_name), attr, loaded[name])
+                loaded[other] = loaded[name]
+        self.tied = tied
         # Computed buffers (rotary frequencies, embedding scales) come from the model's own init
         # code; loaded weights are flagged so that code leaves them alone (as from_pretrained does).
         for module in self.model.modules():
@@ -276,12 +297,18 @@ class DecoderBlock:
         """Keyword arguments each of this block's layers is called with, for a batch shape."""
         key = (batch, seqlen)
         if key not in self._kwargs_cache:
-            recorders = [_Recorder(self._as_tuple) for _ in range(len(self._layers))]
+            # Recorders pass the hidden states through; the one at this block's last layer stops
+            # the forward, so the final norm and head (not materialised here) never run.
+            recorders = {i: _Recorder(self._as_tuple, stop=i == self.last) for i in range(self.last + 1)}
             zeros = torch.zeros(batch, seqlen, self.model.config.hidden_size, dtype=self.dtype, device=self.device)
             with self._swapped_layers(recorders), torch.no_grad():
-                self._base_forward(inputs_embeds=zeros)
-            # one batch shape is kept (micro-batches share it; the last one may differ)
-            self._kwargs_cache = {key: [recorders[i].kwargs for i in range(self.first, self.last + 1)]}
+                try:
+                    self._base_forward(inputs_embeds=zeros)
+                except _Stop:
+                    pass
+            if len(self._kwargs_cache) >= 4:  # micro-batches share a shape or two (the last may be short)
+                self._kwargs_cache.clear()
+            self._kwargs_cache[key] = [recorders[i].kwargs for i in range(self.first, self.last + 1)]
         return self._kwargs_cache[key]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -297,24 +324,27 @@ class DecoderBlock:
         assert catcher.hidden is not None
         return catcher.hidden.to(self.dtype)
 
-    def run_layer(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+    # `grad=True` runs with autograd on (for backward passes, see `raymerge.pruning.gradients`):
+    # gradients then flow back to `hidden`, and to whichever parameters the caller has set to
+    # require them (all are loaded with `requires_grad=False`). The default runs without autograd.
+    def run_layer(self, index: int, hidden: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
         kwargs = self.layer_kwargs(hidden.shape[0], hidden.shape[1])[index - self.first]
-        with torch.no_grad():
+        with _autograd(grad):
             return _hidden(self._layers[index](hidden.to(self.device), **kwargs))
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
         for i in range(self.first, self.last + 1):
-            hidden = self.run_layer(i, hidden)
+            hidden = self.run_layer(i, hidden, grad=grad)
         return hidden
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
         """Logits from the hidden states leaving the last layer (needs `head=True`)."""
         if not self.has_head:
             raise RuntimeError("this block was built without the final norm and head")
         feeder = _Feeder(hidden.to(self.device), self._as_tuple)
         passthrough = {i: _Recorder(self._as_tuple) for i in range(1, len(self._layers))}
         zeros = torch.zeros_like(hidden, device=self.device, dtype=self.dtype)
-        with self._swapped_layers({0: feeder, **passthrough}), torch.no_grad():
+        with self._swapped_layers({0: feeder, **passthrough}), _autograd(grad):
             out = self.model(inputs_embeds=zeros, use_cache=False)
         return out.logits
 
@@ -324,6 +354,10 @@ class DecoderBlock:
     def _swapped_layers(self, replacements: "dict[int, nn.Module] | list[nn.Module]"):
         items = replacements.items() if isinstance(replacements, dict) else enumerate(replacements)
         return _Swap(self._layers, dict(items))
+
+    def held_parameters(self) -> dict[str, nn.Parameter]:
+        """Every parameter this block materialised, under all its names (tied ones too)."""
+        return {n: p for n, p in self.model.named_parameters(remove_duplicate=False) if not p.is_meta}
 
     def linear(self, index: int, module: str) -> nn.Linear:
         return self._layers[index].get_submodule(module)  # type: ignore[return-value]

@@ -155,12 +155,13 @@ class PruneStage:
 
     def loss(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
         """Summed next-token negative log-likelihood (float64) and the number of predicted tokens."""
-        logits = self.block.logits(hidden).float()
-        targets = input_ids.to(logits.device)[:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-        )
-        return float(nll.double()), int(targets.numel())
+        total = 0.0
+        for h, ids in zip(hidden.split(1), input_ids.split(1)):  # one window's logits at a time
+            logits = self.block.logits(h).float()
+            targets = ids.to(logits.device)[:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits[0, :-1], targets[0], reduction="sum")
+            total += float(nll.double())
+        return total, int(input_ids[:, 1:].numel())
 
     def _collector(self, layer: int, kind: str) -> _Collector:
         key = (layer, kind)
@@ -219,7 +220,10 @@ class PruneStage:
         for name in self.settings.modules:
             linear = self.block.linear(layer, name)
             tensor_name = f"{self.block.layers_path}.{layer}.{name}.weight"
-            original = self.source.read(tensor_name)
+            if self.settings.method == "sparsegpt":  # only the dtype of the checkpoint's tensor is needed
+                original = torch.empty(0, dtype=self.source.tensors()[tensor_name].dtype)
+            else:
+                original = self.source.read(tensor_name).to(linear.weight.device)
             weight, mask = self._prune_matrix(linear.weight, original, sparsity, stats.get(name), tensor_name)
             linear.weight.data.copy_(weight.to(linear.weight.dtype))
             sink(layer, name, weight, mask)

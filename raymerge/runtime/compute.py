@@ -13,6 +13,7 @@ import torch
 from raymerge.checkpoints import CheckpointSource
 from raymerge.checkpoints.safetensors_format import DTYPES
 from raymerge.methods import get_method
+from raymerge.methods.guided import relax_columns, scale_deltas
 from raymerge.runtime.operators import DTYPES as NAMED_DTYPES
 from raymerge.runtime.operators import MergeOperator
 
@@ -47,6 +48,9 @@ def compute_operator(
     if op.seed is not None:
         generator = torch.Generator(device=device).manual_seed(op.seed)
     spec = get_method(op.method)
+    guide = op.guide
+    if guide is not None and guide.input_scales is not None:
+        tensors = scale_deltas(tensors, _base(op), guide.input_scales)
     try:
         result = spec.fn(
             tensors,
@@ -57,7 +61,15 @@ def compute_operator(
         )
     except Exception as err:  # noqa: BLE001 - reported with the tensor's name
         raise OperatorError(f"merge_method {op.method!r} failed on tensor {op.name!r}: {type(err).__name__}: {err}") from err
+    if guide is not None and guide.importance is not None:
+        result = relax_columns(tensors[_base(op)], result, guide.importance, guide.omega)
     expected = op.shape if rows is None else (rows[1] - rows[0], *op.shape[1:])
     if tuple(result.shape) != expected:
         raise OperatorError(f"merge_method {op.method!r} returned shape {list(result.shape)} for {op.name!r}, expected {list(expected)}")
     return result.to(device="cpu", dtype=out_dtype)
+
+
+def _base(op: MergeOperator) -> int:
+    if op.base_index is None:
+        raise OperatorError(f"{op.name}: a guided merge needs a base model")
+    return op.base_index

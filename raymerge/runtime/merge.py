@@ -73,6 +73,7 @@ class MergeResult:
     reused_tensors: int = 0
     worker_restarts: int = 0  # worker actors that died and were replaced
     resume_note: str = ""  # what the resume kept and redid ('' for a fresh start)
+    guidance: Optional[Any] = None  # runtime.guidance.GuidanceReport of a guided merge
 
     @property
     def read_gbps(self) -> float:
@@ -95,6 +96,8 @@ class MergeResult:
             line += f"; {self.worker_restarts} worker restart(s)"
         if self.resume_note:
             line += "\n" + self.resume_note
+        if self.guidance is not None:
+            line += f"\n{self.guidance.table()}\n(statistics pass {self.guidance.seconds:.1f} s, written to guidance.json)"
         if self.plan is not None:
             line += "\n" + self.plan.summary()
         return line
@@ -352,6 +355,18 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
 
     ensure_ray(options.address or (profile.address if profile is not None else None))
     t_ray = time.perf_counter()
+    guidance = None
+    if settings is not None and settings.guidance is not None:
+        from raymerge.runtime.executor import shutdown_pool
+        from raymerge.runtime.guidance import guide_program
+
+        shutdown_pool()  # the statistics' stage workers need the CPU slots a kept pool holds
+        guidance = guide_program(cfg, label, program, specs, quiet=options.quiet)
+        extra_files = {**(extra_files or {}), "guidance.json": guidance.to_json()}
+    if settings is not None and settings.export_task_vectors:
+        from raymerge.runtime.onebit_export import task_vector_files
+
+        extra_files = {**(extra_files or {}), **task_vector_files(program, specs, quiet=options.quiet)}
     pool = acquire_pool(options.workers)
     keep = options.keep_workers
     try:
@@ -422,6 +437,7 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
         reused_tensors=resumed.reused_tensors(layout),
         worker_restarts=stats.worker_restarts,
         resume_note=resumed.summary(layout),
+        guidance=guidance,
         plan=None if plan is None else PlanOutcome(
             predicted_makespan=plan.makespan, measured_makespan=stats.seconds, lower_bound=plan.lower_bound,
             gap=plan.gap, solver=plan.solver, status=plan.status, solve_seconds=plan.solve_seconds,

@@ -49,6 +49,20 @@ class TensorInput:
 
 
 @dataclass(frozen=True)
+class OperatorGuide:
+    """Adjustments from a guided merge (AIM, ACM, Sens; see `raymerge.methods.guided`).
+
+    `input_scales[i]` scales input i's difference from the base before the merge method runs
+    (ACM, Sens); `importance` (one value per input channel, the last dimension) relaxes the merged
+    result towards the base afterwards with `omega` (AIM).
+    """
+
+    input_scales: Optional[tuple[float, ...]] = None
+    importance: Optional[torch.Tensor] = None
+    omega: float = 1.0
+
+
+@dataclass(frozen=True)
 class MergeOperator:
     """Everything a worker needs to produce one output tensor (picklable, small)."""
 
@@ -63,6 +77,7 @@ class MergeOperator:
     out_dtype: str  # safetensors dtype code of the output
     shape: tuple[int, ...]
     seed: Optional[int]  # per-tensor seed for random methods
+    guide: Optional[OperatorGuide] = None  # a guided merge's adjustments (None: a plain merge)
 
     @property
     def bytes_in(self) -> int:

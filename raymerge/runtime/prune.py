@@ -173,11 +173,15 @@ class _Driver:
         return ray.get(handles)
 
     def kill(self) -> None:
-        if self.remote:
-            import ray
-
+        """End the workers: Ray actors are killed; in-process workers close their files."""
+        if not self.remote:
             for w in self.workers:
-                ray.kill(w)
+                w.close()
+            return
+        import ray
+
+        for w in self.workers:
+            ray.kill(w)
 
 
 @dataclass(frozen=True)
@@ -187,18 +191,20 @@ class _StagePlan:
     last: int
 
 
-def _start_workers(n: int) -> tuple[list[Any], list[Any]]:
-    """Start `n` stage actors spread over the cluster; return them and what each reported."""
+def _start_workers(n: int, impl: type = PruneWorkerImpl) -> tuple[list[Any], list[Any]]:
+    """Start `n` stage actors (of class `impl`) spread over the cluster; return them and what each reported."""
     import ray
 
     res = ray.cluster_resources()
     gpus = int(res.get("GPU", 0))
     if gpus > 0:
+        if n > gpus:
+            raise PruneError(f"{n} stage workers asked for, but the cluster has {gpus} GPUs (one worker per GPU)")
         resources, threads = {"num_gpus": 1, "num_cpus": 1}, None
-    else:
-        cpus = max(1, int(res.get("CPU", 1)) // n)
-        resources, threads = {"num_cpus": cpus}, cpus
-    actor = ray.remote(PruneWorkerImpl).options(max_concurrency=1, scheduling_strategy="SPREAD", **resources)
+    else:  # CPU slots shared evenly (fractions when there are more stages than slots)
+        share = float(res.get("CPU", 1)) / n
+        resources, threads = {"num_cpus": share if share < 1 else int(share)}, max(1, int(share))
+    actor = ray.remote(impl).options(max_concurrency=1, scheduling_strategy="SPREAD", **resources)
     actors = [actor.remote(i, threads) for i in range(n)]
     infos = ray.get([a.describe.remote() for a in actors])
     return actors, infos
@@ -412,6 +418,8 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
         staged.write_file(REPORT_FILE, report.to_json())
         out = staged.publish()
     except BaseException:
+        if driver is not None:
+            driver.kill()  # before removing the staging folder the workers write into
         staged.abort()
         raise
     finally:
@@ -450,7 +458,7 @@ def _copy_lists(shape: ModelShape, tensors: dict, plans: list[_StagePlan]) -> li
         k = 0
         if name.startswith(root):
             layer = int(name[len(root):].split(".", 1)[0])
-            k = next(j for j, p in enumerate(plans) if p.first <= layer <= p.last)
+            k = next((j for j, p in enumerate(plans) if p.first <= layer <= p.last), 0)
         out[k].append(name)
     return out
 

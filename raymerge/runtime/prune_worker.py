@@ -117,13 +117,19 @@ class PruneWorkerImpl:
 
     def finish(self) -> tuple[list[ModuleResult], int, float]:
         """Close the output files; return module results, peak RSS bytes and busy seconds."""
+        results = self._stage().results
+        self.close()
+        return results, _peak_rss_bytes(), self.busy_seconds
+
+    def close(self) -> None:
+        """Release the output files and the checkpoint source (idempotent)."""
         if self._writer is not None:
             self._writer.close()
-        results = self._stage().results
+            self._writer = None
         if self._source is not None:
             self._source.close()
+            self._source = None
         self.stage = None
-        return results, _peak_rss_bytes(), self.busy_seconds
 
     def _stage(self) -> PruneStage:
         if self.stage is None:

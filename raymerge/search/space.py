@@ -23,6 +23,7 @@ value (`models.0.parameters.density.k1`), so the exported best config is readabl
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -53,7 +54,7 @@ class Dimension:
             return list(self.choices)
         if self.step is None:
             raise SearchSpaceError(f"{self.name}: the grid sampler needs `step` or `choices` on every range")
-        n = int(round((self.high - self.low) / self.step))
+        n = int(math.floor((self.high - self.low) / self.step + 1e-9))
         return [round(self.low + i * self.step, 12) for i in range(n + 1)]
 
 

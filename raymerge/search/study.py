@@ -147,6 +147,12 @@ class _PruneTask:
             raise ConfigError(f"{label}: prune: searches support unstructured magnitude/wanda-family metrics with calibration text")
         self.space_cfg = cfg.space
         self.target = self.prune.target_sparsity
+        dev = cfg.space.max_deviation
+        if cfg.space.blocks and not (self.target - 2 * dev >= 0 and self.target + 2 * dev <= 0.99):
+            raise ConfigError(
+                f"{label}: space.max_deviation: offsets re-centred on the mean move a layer by up to 2 x {dev}; "
+                f"with target {self.target} that leaves [0, 0.99]: use max_deviation <= {min(self.target, 0.99 - self.target) / 2:.4f}"
+            )
         m = self.prune.model
         self.specs = [SourceSpec(m.path, m.revision, config_from=m.config_from)]
         self.source = self.specs[0].open()
@@ -195,7 +201,11 @@ class _SearchPipeline:
 
     def start(self) -> None:
         self.driver, self.plans = self.builder()
-        self.setup(self)
+        try:
+            self.setup(self)
+        except BaseException:
+            self.driver.kill()
+            raise
 
     def restart(self) -> None:
         self.driver.kill()
@@ -284,7 +294,10 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
 
         ensure_ray(options.address)
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // (n_stages * cfg.study.concurrency))
-        gpus = {"num_gpus": 1} if ray.cluster_resources().get("GPU", 0) >= n_stages * cfg.study.concurrency else {}
+        have, need = int(ray.cluster_resources().get("GPU", 0)), n_stages * cfg.study.concurrency
+        if 0 < have < need:
+            raise ConfigError(f"the search needs stages x concurrency = {need} GPUs, the cluster has {have}")
+        gpus = {"num_gpus": 1} if have else {}
         actor = ray.remote(SearchWorkerImpl).options(num_cpus=cpus, max_restarts=0, **gpus)
         return _Driver([actor.remote(k, cpus) for k in range(n_stages)], remote=True), bounds
 
@@ -296,12 +309,13 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
                for k, (w, (first, end)) in enumerate(zip(d.workers, p.plans))])
         p.pipe = _Pipeline(d, d.workers, cfg.batch_size, True)
         if isinstance(task, _MergeTask):
-            p.owned = _owned(task.first_ops, shape, p.plans)
+            held = d.get([d.call(w, "held_parameters") for w in d.workers])
+            p.owned = _owned(task.first_ops, held)
             needed = [[sorted({i.name for op in ops for i in op.inputs if i.model == m}) for m in range(len(task.models))] for ops in p.owned]
             d.get([d.call(w, "hold_inputs", task.specs, need) for w, need in zip(d.workers, needed)])
             for k, ref in enumerate(refs):
                 if ref is not None:
-                    _apply_merge(p, task.reference_operators(ref))
+                    d.get(_apply_merge(p, task.reference_operators(ref)))
                     _keep_reference(p, windows[k], k)
         else:
             p.pipe.dense_pass(prune_windows, ("norms",))
@@ -322,10 +336,13 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
         points = math.prod(len(v) for v in grid().values())
         remaining = min(remaining, max(0, points - len(finished)))
     n_pipes = 1 if options.in_process else cfg.study.concurrency
-    pipes = [_SearchPipeline(build, setup) for _ in range(min(n_pipes, max(remaining, 1)))] if remaining else []
+    pipes: list[_SearchPipeline] = []
     run = 0
     t_start = time.perf_counter()
     try:
+        for _ in range(min(n_pipes, remaining)):
+            pipes.append(_SearchPipeline(build, setup))
+        t_start = time.perf_counter()
         with tqdm(total=remaining, desc="trials", unit="trial", disable=options.quiet) as bar:
             free = list(pipes)
             running: dict[int, tuple[Any, _SearchPipeline, list[Any]]] = {}
@@ -338,8 +355,10 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
                     try:
                         handles = _submit(trial, pipe, task, objectives, windows, shape)
                         running[trial.number] = (trial, pipe, handles)
-                    except TrialError as err:
-                        _tell_failed(study, trial, str(err), optuna)
+                    except Exception as err:  # noqa: BLE001 - recorded on the trial; the study goes on
+                        _tell_failed(study, trial, str(err) if isinstance(err, TrialError) else f"{type(err).__name__}: {err}", optuna)
+                        if _actor_died(err):
+                            pipe.restart()
                         bar.update(1)
                         run += 1
                         free.append(pipe)
@@ -374,18 +393,17 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
     return result
 
 
-def _owned(ops: list[MergeOperator], shape: ModelShape, plans: list[tuple[int, int]]) -> list[list[MergeOperator]]:
-    """Operators per stage: a layer's tensors to its stage; the rest (embeddings, norm, head) to the
-    first stage and the last (each applies those its block materialised)."""
-    root = shape.layers_path + "."
-    owned: list[list[MergeOperator]] = [[] for _ in plans]
+def _owned(ops: list[MergeOperator], held: list[list[str]]) -> list[list[MergeOperator]]:
+    """Operators per stage: each to every stage holding that parameter (a layer's tensors to its
+    stage; embeddings to the first, norm and head to the last, a tied embedding to both)."""
+    owned: list[list[MergeOperator]] = [[] for _ in held]
+    holders = [set(h) for h in held]
     for op in ops:
-        if op.name.startswith(root):
-            layer = int(op.name[len(root):].split(".", 1)[0])
-            owned[next(k for k, (a, b) in enumerate(plans) if a <= layer <= b)].append(op)
-        else:
-            for k in {0, len(plans) - 1}:
-                owned[k].append(op)
+        stages = [k for k, names in enumerate(holders) if op.name in names]
+        if not stages:
+            raise ConfigError(f"merge output tensor {op.name} is not a parameter of the model being searched")
+        for k in stages:
+            owned[k].append(op)
     return owned
 
 
@@ -414,7 +432,7 @@ def _submit(trial, p: _SearchPipeline, task, objectives: list[Objective], window
     d = p.driver
     if isinstance(task, _MergeTask):
         values = task.space.suggest(trial)
-        _apply_merge(p, task.operators(values))
+        applied = _apply_merge(p, task.operators(values))
     else:
         values = task.suggest(trial, shape.num_layers)
         ratios = None
@@ -424,10 +442,11 @@ def _submit(trial, p: _SearchPipeline, task, objectives: list[Objective], window
             ratios = [merged[i] for i in range(shape.num_layers)]
         sparsities = task.sparsities(values, shape.num_layers, ratios)
         trial.set_user_attr("layer_sparsities", sparsities)
-        for w, (a, b) in zip(d.workers, p.plans):
-            d.call(w, "apply_prune", {i: sparsities[i] for i in range(a, b + 1)},
-                   values.get("weight_exponent", task.default_exponents[0]), values.get("norm_exponent", task.default_exponents[1]))
-    handles = []
+        applied = [d.call(w, "apply_prune", {i: sparsities[i] for i in range(a, b + 1)},
+                          values.get("weight_exponent", task.default_exponents[0]),
+                          values.get("norm_exponent", task.default_exponents[1]))
+                   for w, (a, b) in zip(d.workers, p.plans)]
+    handles = [applied]  # waited for first: a failure while applying fails the trial
     last = d.workers[-1]
     for k, (obj, win) in enumerate(zip(objectives, windows)):
         if obj.kind == "perplexity":
@@ -441,8 +460,9 @@ def _submit(trial, p: _SearchPipeline, task, objectives: list[Objective], window
 
 
 def _values(p: _SearchPipeline, handles: list[Any], objectives: list[Objective]) -> list[float]:
+    p.driver.get(handles[0])
     values = []
-    for obj, h in zip(objectives, handles):
+    for obj, h in zip(objectives, handles[1:]):
         if isinstance(h, tuple) and h and h[0] == "user":
             values.append(float(_user_objective(h[1])(lambda ids: _logits(p, ids), h[2].heldout)))
             continue
@@ -468,18 +488,21 @@ def _user_objective(spec: str) -> Callable[..., float]:
 
 
 def _ready(running: dict, in_process: bool) -> list[int]:
+    """Trials whose evaluation is done. The last call queued for a trial (on the last stage) ends
+    after all of its others, so one handle per trial is waited for."""
     if in_process or not running:
         return list(running)
     import ray
 
-    refs = {}
+    finals = {}
     for number, (_, _, handles) in running.items():
         flat = [r for group in handles if isinstance(group, list) for r in group]
-        refs[number] = flat
-    pending = [r for rs in refs.values() for r in rs]
-    if pending:
-        ray.wait(pending, num_returns=1)
-    return [n for n, rs in refs.items() if not rs or len(ray.wait(rs, num_returns=len(rs), timeout=0)[0]) == len(rs)]
+        if not flat:
+            return [number]
+        finals[flat[-1]] = number
+    done, _ = ray.wait(list(finals), num_returns=1)
+    done, _ = ray.wait(list(finals), num_returns=len(finals), timeout=0)
+    return [finals[r] for r in done]
 
 
 def _actor_died(err: BaseException) -> bool:
@@ -507,10 +530,12 @@ def _tell_failed(study, trial, message: str, optuna) -> None:
 
 
 def _fail_stale(study, optuna) -> None:
-    """Trials left RUNNING by a killed driver are marked failed, so they are not waited for."""
+    """Trials left RUNNING by a killed driver are marked failed, so they are not waited for.
+    (With a shared RDB study, run one driver at a time: another driver's running trials would
+    be marked failed too.)"""
     for t in study.trials:
         if t.state == optuna.trial.TrialState.RUNNING:
-            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            _tell(study, t.number, state=optuna.trial.TrialState.FAIL)
 
 
 def _best_trials(study) -> list[Any]:
@@ -536,6 +561,7 @@ def _export(cfg: SearchConfig, task, trial, shape: ModelShape, out: Path, i: int
         data = task.prune.model_dump(mode="json", by_alias=True, exclude_none=True)
         data["layerwise"] = [round(s, 6) for s in trial.user_attrs.get("layer_sparsities", [task.target] * shape.num_layers)]
         data.pop("sparsity", None)
+        data.get("calibration", {}).pop("curate", None)  # trials used uncurated windows
         data["method"] = "wanda"
         data["mode"] = "parallel"  # trials were scored with statistics from the dense model
         a, b = task.default_exponents

@@ -56,15 +56,21 @@ class SearchWorkerImpl(PruneWorkerImpl):
             self._inputs.append(MemorySource(f"{spec.path} (held by search worker {self.worker_id})", tensors, infos))
         return total
 
-    def apply_merge(self, operators: Sequence[MergeOperator]) -> None:
-        params = dict(self._stage().block.model.named_parameters(remove_duplicate=False))
+    def held_parameters(self) -> list[str]:
+        """Names of the parameters this stage holds (tied names included)."""
+        return sorted(self._stage().block.held_parameters())
+
+    def apply_merge(self, operators: Sequence[MergeOperator]) -> int:
+        """Recompute `operators` into this stage's parameters; return how many were applied."""
+        params = self._stage().block.held_parameters()
         for op in operators:
-            merged = compute_operator(op, self._inputs, self.device)
             target = params.get(op.name)
-            if target is None or target.is_meta:
+            if target is None:
                 raise RuntimeError(f"search worker {self.worker_id}: {op.name} is not a parameter of its block")
+            merged = compute_operator(op, self._inputs, self.device)
             with torch.no_grad():
                 target.copy_(merged.to(CODE_DTYPES[op.out_dtype]).to(target.dtype))
+        return len(operators)
 
     # -- prune searches ---------------------------------------------------------------------
     def keep_dense(self) -> None:
@@ -74,7 +80,7 @@ class SearchWorkerImpl(PruneWorkerImpl):
             for name in stage.settings.modules:
                 self._dense[f"{i}.{name}"] = stage.block.linear(i, name).weight.detach().clone()
 
-    def apply_prune(self, sparsities: dict[int, float], weight_exponent: float = 1.0, norm_exponent: float = 1.0) -> float:
+    def apply_prune(self, sparsities: dict[int, float], weight_exponent: float = 1.0, norm_exponent: float = 1.0) -> float:  # noqa: E501
         """Re-mask every pruned module; return the fraction of zeros over them."""
         stage = self._stage()
         zeros = total = 0
@@ -91,15 +97,30 @@ class SearchWorkerImpl(PruneWorkerImpl):
                 total += mask.numel()
         return zeros / total if total else 0.0
 
+    def outlier_ratios(self, m: float) -> dict[int, float]:
+        """OWL's outlier ratios from the dense weights (the block's own are a trial's pruned ones)."""
+        from raymerge.pruning.layerwise import outlier_ratio
+
+        stage = self._stage()
+        out = {}
+        for i in stage.layers:
+            stats = stage._collector(i, "norms").stats
+            out[i] = outlier_ratio([wanda_scores(self._dense[f"{i}.{n}"], stats[n].sq_sum) for n in stage.settings.modules], m)
+        return out
+
     # -- reconstruction objective -----------------------------------------------------------
     def keep_reference(self, hidden: torch.Tensor, key: int) -> None:
-        self._reference[key] = self._stage().block.logits(hidden.to(self.device)).float()
+        """Keep the reference logits of an evaluation batch (in host memory, bf16 would lose digits)."""
+        self._reference[key] = torch.cat([self._stage().block.logits(h.to(self.device)).float().cpu() for h in hidden.split(1)])
 
     def reconstruction(self, hidden: torch.Tensor, key: int) -> tuple[float, int]:
         """Summed squared error of the logits against the reference's, and the element count."""
-        logits = self._stage().block.logits(hidden.to(self.device)).float()
         ref = self._reference[key]
-        return float((logits - ref).double().square().sum()), ref.numel()
+        total = 0.0
+        for j, h in enumerate(hidden.split(1)):  # one window's logits at a time
+            logits = self._stage().block.logits(h.to(self.device)).float()
+            total += float((logits - ref[j : j + 1].to(logits.device)).double().square().sum())
+        return total, ref.numel()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._stage().block.logits(hidden.to(self.device)).float().cpu()

@@ -1,0 +1,287 @@
+"""The statistics pass of a guided merge (AIM, ACM, Sens-Merging), and what it does to the operators.
+
+Before the tensors are merged, calibration windows flow through layer-stage workers
+(`GuidanceWorkerImpl`, the same kind of stage the pruning pipeline uses: each holds a block of
+decoder layers of one model, so no worker ever holds a whole model) and the statistics come back
+as small per-layer numbers or per-channel vectors:
+
+- AIM: the base model's per-channel input statistic of every weighted module, one pass;
+- ACM: the base model's activations are recorded in one pass, then each fine-tune's pass computes
+  the mutual information with them; the workers reload the same layers from the next model;
+- Sens: each fine-tune's backward passes on its own calibration text (stage by stage, hidden-state
+  gradients flowing back), then each model's logits on every other model's text.
+
+`guide_program` turns them into an `OperatorGuide` per operator (see `raymerge.methods.guided`
+for the formulas and `raymerge.config.guidance_config` for the settings) and returns a
+`GuidanceReport` that is printed and published with the model as `guidance.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from raymerge.calibration import load_calibration
+from raymerge.checkpoints import SourceSpec
+from raymerge.config.guidance_config import GuidanceConfig, parse_guidance_config
+from raymerge.config.merge_config import ConfigError, MergeConfig
+from raymerge.methods.guided import (
+    acm_coefficients,
+    aim_importance,
+    sens_layer_scores,
+    sens_scales,
+    sens_transferability,
+)
+from raymerge.pruning.decoder import describe_model
+from raymerge.pruning.stage import PruneSettings
+from raymerge.runtime.operators import MergeOperator, MergeProgram, OperatorGuide
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GuidanceReport:
+    """What the statistics pass found (published as guidance.json)."""
+
+    method: str
+    strength: float  # omega / theta / temperature
+    models: list[str]
+    coefficients: dict[str, dict[str, float]] = field(default_factory=dict)  # model -> layer key -> scale
+    channels: int = 0  # AIM: tensors relaxed
+    extra: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, sort_keys=True) + "\n"
+
+    def table(self) -> str:
+        if self.method == "aim":
+            return f"AIM (omega={self.strength:g}): {self.channels} tensors relaxed towards the base"
+        keys = sorted({k for c in self.coefficients.values() for k in c}, key=_key_order)
+        name = {"acm": "theta", "sens": "temperature"}[self.method]
+        lines = [f"{self.method.upper()} ({name}={self.strength:g}) task-vector scales per layer:"]
+        lines.append("  layer     " + "  ".join(f"{m[-24:]:>24}" for m in self.coefficients))
+        for k in keys:
+            lines.append(f"  {k:<9} " + "  ".join(f"{c.get(k, float('nan')):>24.4f}" for c in self.coefficients.values()))
+        return "\n".join(lines)
+
+
+def _key_order(k: str) -> tuple[int, int]:
+    return (0, int(k)) if k.lstrip("-").isdigit() and int(k) >= 0 else (1, -int(k) if k.lstrip("-").isdigit() else 0)
+
+
+_KEY_NAMES = {-1: "embed", -2: "norm", -3: "head"}
+
+
+def guide_program(cfg: MergeConfig, label: str, program: MergeProgram, specs: list[SourceSpec], *, quiet: bool = False) -> GuidanceReport:
+    """Run the statistics pass and put an `OperatorGuide` on each affected operator of `program`."""
+    import time
+
+    t0 = time.perf_counter()
+    g = parse_guidance_config(cfg.raymerge.guidance if cfg.raymerge else None, label)
+    if cfg.base_model is None or cfg.base_model not in program.models:
+        raise ConfigError(f"{label}: raymerge.guidance ({g.method}) needs a base_model")
+    if program.changes_layers:
+        raise ConfigError(f"{label}: raymerge.guidance cannot be combined with slices that change the layer stack")
+    from raymerge.runtime.global_trim import uses_model_trim
+
+    if g.method != "aim" and uses_model_trim(program.operators):
+        raise ConfigError(f"{label}: raymerge.guidance {g.method} scales task vectors per layer; "
+                          "it cannot be combined with a model-wide trim (choose a per-tensor method)")
+    base = program.models.index(cfg.base_model)
+    names = [str(m) for m in program.models]
+    report = GuidanceReport(method=g.method, strength=g.strength, models=names)
+    with _StagePass(g, specs, base, quiet) as sp:
+        if g.method == "aim":
+            importance = sp.aim()
+            _attach(program, lambda op: OperatorGuide(importance=importance[op.name].float(), omega=g.strength)
+                    if op.name in importance else None)
+            report.channels = sum(1 for op in program.operators if op.guide is not None)
+        else:
+            keys = sp.layer_keys()
+            if g.method == "acm":
+                scales, nmi = sp.acm(g.strength)
+                report.extra["nmi"] = {names[i]: {_label(k): v for k, v in sorted(m.items())} for i, m in nmi.items()}
+            else:
+                scales, extra = sp.sens(g, cfg, names)
+                report.extra.update(extra)
+            report.coefficients = {names[i]: {_label(k): v for k, v in sorted(s.items())} for i, s in scales.items()}
+
+            def guide(op: MergeOperator) -> Optional[OperatorGuide]:
+                key = keys.get(op.name)
+                if key is None:
+                    return None
+                per_input = []
+                for t in op.inputs:
+                    per_input.append(1.0 if t.model == base else scales.get(t.model, {}).get(key, 1.0))
+                return OperatorGuide(input_scales=tuple(per_input)) if any(s != 1.0 for s in per_input) else None
+
+            _attach(program, guide)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _label(key: int) -> str:
+    return _KEY_NAMES.get(key, str(key))
+
+
+def _attach(program: MergeProgram, guide: Callable[[MergeOperator], Optional[OperatorGuide]]) -> None:
+    program.operators = [replace(op, guide=guide(op)) for op in program.operators]
+
+
+class _StagePass:
+    """Stage workers over one model's layers at a time, and the passes the methods need."""
+
+    def __init__(self, g: GuidanceConfig, specs: list[SourceSpec], base: int, quiet: bool) -> None:
+        self.g, self.specs, self.base, self.quiet = g, specs, base, quiet
+
+    def __enter__(self) -> "_StagePass":
+        from raymerge.runtime.guidance_worker import GuidanceWorkerImpl
+        from raymerge.runtime.prune import _Driver, _start_workers, _tokenizer
+
+        src = self.specs[self.base].open()
+        try:
+            self.model_config = src.config()
+            self.tokenizer = _tokenizer(src)
+        finally:
+            src.close()
+        self.shape = describe_model(self.model_config)
+        n = max(1, min(self.g.stages, self.shape.num_layers))
+        self.bounds = [(k * self.shape.num_layers // n, (k + 1) * self.shape.num_layers // n - 1) for k in range(n)]
+        workers, _ = _start_workers(n, GuidanceWorkerImpl)
+        self.d = _Driver(workers, remote=True)
+        settings = PruneSettings(method="wanda", modules=self.shape.modules, dtype=self.g.dtype)
+        last = n - 1
+        self.d.get([self.d.call(w, "load", self.model_config, self.specs[self.base], a, b, settings, k == 0, k == last, None, None)
+                    for k, (w, (a, b)) in enumerate(zip(self.d.workers, self.bounds))])
+        self.loaded = self.base
+        self._windows: dict[str, torch.Tensor] = {}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.d.kill()
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def windows(self, key: Optional[str] = None) -> torch.Tensor:
+        cal = self.g.task_calibration.get(key, self.g.calibration) if key is not None else self.g.calibration
+        label = key or "calibration"
+        if label not in self._windows:
+            self._windows[label] = load_calibration(cal, self.tokenizer, self.shape.max_positions).calibration
+        return self._windows[label]
+
+    def load(self, model: int) -> None:
+        if model != self.loaded:
+            self.d.get([self.d.call(w, "reload", self.specs[model]) for w in self.d.workers])
+            self.loaded = model
+
+    def each(self, method: str, *args: Any) -> list[Any]:
+        return self.d.get([self.d.call(w, method, *args) for w in self.d.workers])
+
+    def forward(self, ids: torch.Tensor, head: bool) -> Any:
+        h = self.d.call(self.d.workers[0], "embed", ids)
+        for w in self.d.workers:
+            h = self.d.call(w, "forward", h, ())
+        return self.d.call(self.d.workers[-1], "head", h) if head else h
+
+    def run(self, windows: torch.Tensor, desc: str) -> None:
+        batches = list(windows.split(self.g.batch_size))
+        self.d.get([self.forward(ids, True) for ids in batches], desc=desc, quiet=self.quiet)
+
+    def layer_keys(self) -> dict[str, Optional[int]]:
+        keys: dict[str, Optional[int]] = {}
+        for part in self.each("layer_keys"):
+            keys.update(part)
+        return keys
+
+    # -- the methods ------------------------------------------------------------------------
+    def aim(self) -> dict[str, torch.Tensor]:
+        self.each("aim_begin")
+        self.run(self.windows(), "AIM statistics (base)")
+        sums: dict[str, torch.Tensor] = {}
+        for part in self.each("aim_end"):
+            for name, s in part.items():
+                sums[name] = sums[name] + s if name in sums else s
+        return {name: aim_importance(s) for name, s in sums.items()}
+
+    def acm(self, theta: float) -> tuple[dict[int, dict[int, float]], dict[int, dict[int, float]]]:
+        windows = self.windows()
+        self.load(self.base)
+        self.each("acm_begin", "record")
+        self.run(windows, "ACM activations (base)")
+        self.each("acm_end")
+        scales, nmis = {}, {}
+        for i, spec in enumerate(self.specs):
+            if i == self.base:
+                continue
+            self.load(i)
+            self.each("acm_begin", "compare")
+            self.run(windows, f"ACM activations ({spec.path})")
+            nmi: dict[int, float] = {}
+            for part in self.each("acm_end"):
+                nmi.update(part)
+            nmis[i], scales[i] = nmi, acm_coefficients(nmi, theta)
+        return scales, nmis
+
+    def sens(self, g: GuidanceConfig, cfg: MergeConfig, names: list[str]) -> tuple[dict[int, dict[int, float]], dict[str, Any]]:
+        tasks = [i for i in range(len(self.specs)) if i != self.base]
+        unknown = set(g.task_calibration) - {names[i] for i in tasks}
+        if unknown:
+            raise ConfigError(f"raymerge.guidance.task_calibration: {', '.join(sorted(unknown))} is not one of the fine-tuned models "
+                              f"({', '.join(names[i] for i in tasks)})")
+        data = {i: self.windows(names[i] if names[i] in g.task_calibration else None) for i in tasks}
+        sensitivity: dict[int, dict[int, float]] = {}
+        for i in tasks:
+            self.load(i)
+            sensitivity[i] = self._sensitivity(data[i], names[i])
+        distances = [[0.0] * len(tasks) for _ in tasks]
+        for b, j in enumerate(tasks):  # model j's logits on its own text are the reference
+            self.load(j)
+            self._keep_reference(data[j])
+            for a, i in enumerate(tasks):
+                if i != j:
+                    self.load(i)
+                    distances[a][b] = self._distance(data[j])
+            self.each("drop_references")
+        layers = sorted({k for s in sensitivity.values() for k in s})
+        alpha = [sens_layer_scores([sensitivity[i].get(k, 0.0) for k in layers]) for i in tasks]
+        tau = sens_transferability(distances)
+        scales = sens_scales(alpha, tau, g.strength)
+        out = {i: {k: scales[a][n] for n, k in enumerate(layers)} for a, i in enumerate(tasks)}
+        extra = {
+            "sensitivity": {names[i]: {str(k): v for k, v in sorted(sensitivity[i].items())} for i in tasks},
+            "logit_distance": {names[i]: {names[j]: distances[a][b] for b, j in enumerate(tasks) if j != i} for a, i in enumerate(tasks)},
+            "transferability": {names[i]: tau[a] for a, i in enumerate(tasks)},
+        }
+        return out, extra
+
+    def _sensitivity(self, windows: torch.Tensor, name: str) -> dict[int, float]:
+        self.each("grad_begin")
+        ws = self.d.workers
+        for ids in tqdm(windows.split(1), desc=f"Sens gradients ({name})", unit="window", disable=self.quiet, leave=False):
+            h = self.d.call(ws[0], "embed", ids)
+            for w in ws[:-1]:
+                h = self.d.call(w, "grad_forward", h)
+            grad = self.d.call(ws[-1], "grad_loss_backward", h, ids)
+            for w in reversed(ws[:-1]):
+                grad = self.d.call(w, "grad_backward", grad)
+            self.d.get(grad)
+        out: dict[int, float] = {}
+        for part in self.each("grad_end"):
+            out.update(part)
+        return out
+
+    def _keep_reference(self, windows: torch.Tensor) -> None:
+        last = self.d.workers[-1]
+        self.d.get([self.d.call(last, "keep_reference", self.forward(ids, False), j)
+                    for j, ids in enumerate(windows.split(self.g.batch_size))])
+
+    def _distance(self, windows: torch.Tensor) -> float:
+        last = self.d.workers[-1]
+        parts = self.d.get([self.d.call(last, "logit_distance", self.forward(ids, False), j)
+                            for j, ids in enumerate(windows.split(self.g.batch_size))])
+        return sum(p[0] for p in parts) / max(1, sum(p[1] for p in parts))
