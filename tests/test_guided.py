@@ -168,7 +168,9 @@ def acm_runs(ray_session, family):
     models = [("ft1", 0.6), ("ft2", 0.5), ("same", 0.4)]
     out = {}
     for stages in (1, 2):
-        res = raymerge.merge(guided_config(family, "acm", models, stages=stages, theta=THETA),
+        # Two stages with one window per micro-batch: the base's and each fine-tune's windows
+        # are paired across many calls; one stage with all windows in one batch.
+        res = raymerge.merge(guided_config(family, "acm", models, stages=stages, theta=THETA, batch_size=5 - 2 * stages),
                              family["root"] / f"acm{stages}", quiet=True)
         out[stages] = res.output
     return models, out
@@ -272,6 +274,16 @@ def test_guidance_needs_a_base_model(ray_session, family, tmp_path):
     with pytest.raises(ConfigError, match="needs a base_model"):
         raymerge.merge(cfg, tmp_path / "out", quiet=True)
     assert not (tmp_path / "out").exists()
+    cfg = guided_config(family, "aim", [("ft1", 1.0), ("base", 1.0)], merge_method="linear")
+    with pytest.raises(ConfigError, match="merge_method linear has no base model"):
+        raymerge.merge(cfg, tmp_path / "out", quiet=True)
+    cfg = guided_config(family, "sens", [("ft1", 1.0), ("ft2", 1.0)], task_calibration={"nope": {"dataset": "x.txt"}})
+    with pytest.raises(ConfigError, match="task_calibration: nope is not one of the fine-tuned models"):
+        raymerge.merge(cfg, tmp_path / "out", quiet=True)
+    cfg = guided_config(family, "sens", [("ft1", 1.0), ("ft2", 1.0)])
+    cfg["raymerge"]["guidance"]["calibration"].update(nsamples=10**6, seqlen=128)
+    with pytest.raises(ConfigError, match="lower calibration.nsamples or calibration.seqlen"):
+        raymerge.merge(cfg, tmp_path / "out", quiet=True)
     cfg = guided_config(family, "acm", [("ft1", 1.0), ("ft2", 1.0)], merge_method="ties")
     cfg["parameters"] = {"density": 0.5, "trim_scope": "model"}
     with pytest.raises(ConfigError, match="model-wide trim"):
@@ -359,3 +371,25 @@ def test_sens_identical_finetunes_scale_by_one(ray_session, family):
     report = json.loads((raymerge.merge(cfg, family["root"] / "sens-twins", quiet=True).output / "guidance.json").read_text())
     for coefficients in report["coefficients"].values():
         assert coefficients and all(v == pytest.approx(1.0, abs=1e-12) for v in coefficients.values())
+
+
+def test_job_hash_covers_the_guidance():
+    """A resumed merge only reuses shards made with the same statistics (the guides are hashed)."""
+    from dataclasses import replace
+
+    from raymerge.checkpoints.writer import plan_shards
+    from raymerge.runtime.operators import MergeOperator, OperatorGuide, TensorInput
+    from raymerge.runtime.recovery import job_identity
+
+    op = MergeOperator(index=0, name="w", method="task_arithmetic", inputs=(TensorInput(0, "w", 16), TensorInput(1, "w", 16)),
+                       base_index=0, model_params=({}, {"weight": 1.0}), params={}, work_dtype=None, out_dtype="F32",
+                       shape=(2, 2), seed=None)
+    layout = plan_shards([("w", "F32", (2, 2))], 1 << 20)
+
+    def h(guide):
+        return job_identity("cfg", [replace(op, guide=guide)], layout, [], "v")
+
+    a = h(OperatorGuide(importance=torch.tensor([1.0, 0.5])))
+    assert a == h(OperatorGuide(importance=torch.tensor([1.0, 0.5])))
+    assert a != h(OperatorGuide(importance=torch.tensor([1.0, 0.25])))
+    assert h(OperatorGuide(input_scales=(1.0, 0.7))) != h(OperatorGuide(input_scales=(1.0, 0.8))) != h(None)

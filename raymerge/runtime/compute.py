@@ -59,10 +59,12 @@ def compute_operator(
             params=dict(op.params),
             generator=generator,
         )
+        if guide is not None and guide.importance is not None:
+            result = relax_columns(tensors[_base(op)], result, guide.importance, guide.omega)
+    except OperatorError:
+        raise
     except Exception as err:  # noqa: BLE001 - reported with the tensor's name
         raise OperatorError(f"merge_method {op.method!r} failed on tensor {op.name!r}: {type(err).__name__}: {err}") from err
-    if guide is not None and guide.importance is not None:
-        result = relax_columns(tensors[_base(op)], result, guide.importance, guide.omega)
     expected = op.shape if rows is None else (rows[1] - rows[0], *op.shape[1:])
     if tuple(result.shape) != expected:
         raise OperatorError(f"merge_method {op.method!r} returned shape {list(result.shape)} for {op.name!r}, expected {list(expected)}")

@@ -83,16 +83,7 @@ def guide_program(cfg: MergeConfig, label: str, program: MergeProgram, specs: li
     import time
 
     t0 = time.perf_counter()
-    g = parse_guidance_config(cfg.raymerge.guidance if cfg.raymerge else None, label)
-    if cfg.base_model is None or cfg.base_model not in program.models:
-        raise ConfigError(f"{label}: raymerge.guidance ({g.method}) needs a base_model")
-    if program.changes_layers:
-        raise ConfigError(f"{label}: raymerge.guidance cannot be combined with slices that change the layer stack")
-    from raymerge.runtime.global_trim import uses_model_trim
-
-    if g.method != "aim" and uses_model_trim(program.operators):
-        raise ConfigError(f"{label}: raymerge.guidance {g.method} scales task vectors per layer; "
-                          "it cannot be combined with a model-wide trim (choose a per-tensor method)")
+    g = check_guidance(cfg, label, program)
     base = program.models.index(cfg.base_model)
     names = [str(m) for m in program.models]
     report = GuidanceReport(method=g.method, strength=g.strength, models=names)
@@ -126,6 +117,52 @@ def guide_program(cfg: MergeConfig, label: str, program: MergeProgram, specs: li
     return report
 
 
+def check_guidance(cfg: MergeConfig, label: str, program: MergeProgram) -> GuidanceConfig:
+    """The guidance settings, after the checks that need no statistics (ConfigError naming `label`)."""
+    from raymerge.methods import get_method
+    from raymerge.runtime.global_trim import uses_model_trim
+
+    g = parse_guidance_config(cfg.raymerge.guidance if cfg.raymerge else None, label)
+    if cfg.base_model is None or cfg.base_model not in program.models:
+        raise ConfigError(f"{label}: raymerge.guidance ({g.method}) needs a base_model")
+    if get_method(cfg.merge_method).base == "none":
+        raise ConfigError(f"{label}: raymerge.guidance works on task vectors; merge_method {cfg.merge_method} has no base model "
+                          "(use task_arithmetic, ties, dare_ties, ...)")
+    if cfg.slices or cfg.modules:
+        raise ConfigError(f"{label}: raymerge.guidance works with a `models:` list, not slices or modules")
+    if g.method != "aim" and uses_model_trim(program.operators):
+        raise ConfigError(f"{label}: raymerge.guidance {g.method} scales task vectors per layer; "
+                          "it cannot be combined with a model-wide trim (choose a per-tensor method)")
+    tasks = [str(m) for m in program.models if m != cfg.base_model]
+    unknown = sorted(set(g.task_calibration) - set(tasks))
+    if unknown:
+        raise ConfigError(f"{label}: raymerge.guidance.task_calibration: {', '.join(unknown)} is not one of the fine-tuned models "
+                          f"({', '.join(tasks)})")
+    if g.method == "sens" and len(tasks) < 2:
+        log.warning("raymerge: Sens-Merging with one fine-tuned model scales its task vector by 1 everywhere")
+    return g
+
+
+def _check_memory(g: GuidanceConfig, shape: Any, vocab: int, tokens: int) -> None:
+    """Refuse a statistics pass whose kept activations or logits would not fit in host memory
+    (`tokens`: the largest calibration set's windows x seqlen)."""
+    from raymerge.runtime.worker import host_memory_bytes
+
+    if g.method == "acm":  # bf16 outputs of every layer, the embeddings, the final norm and the head
+        need, what = tokens * (shape.num_layers * shape.hidden_size + 2 * shape.hidden_size + vocab) * 2, "activations"
+    elif g.method == "sens":  # float32 reference logits of one task's windows on the last stage
+        need, what = tokens * vocab * 4, "reference logits"
+    else:
+        return
+    have = host_memory_bytes()
+    if need > have // 2:
+        raise ConfigError(
+            f"raymerge.guidance.calibration: {g.method} would keep {need / 2**30:.1f} GiB of {what} "
+            f"({tokens} calibration tokens) on the stage workers, more than half of this machine's "
+            f"{have / 2**30:.1f} GiB; lower calibration.nsamples or calibration.seqlen"
+        )
+
+
 def _label(key: int) -> str:
     return _KEY_NAMES.get(key, str(key))
 
@@ -144,6 +181,7 @@ class _StagePass:
         from raymerge.runtime.guidance_worker import GuidanceWorkerImpl
         from raymerge.runtime.prune import _Driver, _start_workers, _tokenizer
 
+        self._windows: dict[str, torch.Tensor] = {}
         src = self.specs[self.base].open()
         try:
             self.model_config = src.config()
@@ -151,16 +189,24 @@ class _StagePass:
         finally:
             src.close()
         self.shape = describe_model(self.model_config)
+        from raymerge.calibration.windows import resolve_seqlen
+
+        cals = [self.g.calibration, *self.g.task_calibration.values()]
+        tokens = max(c.nsamples * resolve_seqlen(c.seqlen, self.shape.max_positions) for c in cals)
+        _check_memory(self.g, self.shape, int(self.model_config.get("vocab_size") or 0), tokens)
         n = max(1, min(self.g.stages, self.shape.num_layers))
         self.bounds = [(k * self.shape.num_layers // n, (k + 1) * self.shape.num_layers // n - 1) for k in range(n)]
         workers, _ = _start_workers(n, GuidanceWorkerImpl)
         self.d = _Driver(workers, remote=True)
-        settings = PruneSettings(method="wanda", modules=self.shape.modules, dtype=self.g.dtype)
-        last = n - 1
-        self.d.get([self.d.call(w, "load", self.model_config, self.specs[self.base], a, b, settings, k == 0, k == last, None, None)
-                    for k, (w, (a, b)) in enumerate(zip(self.d.workers, self.bounds))])
+        try:
+            settings = PruneSettings(method="wanda", modules=self.shape.modules, dtype=self.g.dtype)
+            last = n - 1
+            self.d.get([self.d.call(w, "load", self.model_config, self.specs[self.base], a, b, settings, k == 0, k == last, None, None)
+                        for k, (w, (a, b)) in enumerate(zip(self.d.workers, self.bounds))])
+        except BaseException:
+            self.d.kill()  # a failed setup must not leave actors holding the cluster's slots
+            raise
         self.loaded = self.base
-        self._windows: dict[str, torch.Tensor] = {}
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -229,10 +275,6 @@ class _StagePass:
 
     def sens(self, g: GuidanceConfig, cfg: MergeConfig, names: list[str]) -> tuple[dict[int, dict[int, float]], dict[str, Any]]:
         tasks = [i for i in range(len(self.specs)) if i != self.base]
-        unknown = set(g.task_calibration) - {names[i] for i in tasks}
-        if unknown:
-            raise ConfigError(f"raymerge.guidance.task_calibration: {', '.join(sorted(unknown))} is not one of the fine-tuned models "
-                              f"({', '.join(names[i] for i in tasks)})")
         data = {i: self.windows(names[i] if names[i] in g.task_calibration else None) for i in tasks}
         sensitivity: dict[int, dict[int, float]] = {}
         for i in tasks:

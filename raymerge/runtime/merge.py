@@ -342,6 +342,24 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
         profile = load_cluster(options.cluster)
     inputs: list = []
     program, specs, extra_files = _prepare(cfg, label, options, inputs_out=inputs)
+    # Guided merges and the 1bit export change what is written: both come before the job hash
+    # (so a resume never mixes shards of different statistics) and the disk-space check.
+    guidance = None
+    t_guide = time.perf_counter()
+    if settings is not None and settings.guidance is not None:
+        from raymerge.runtime.executor import shutdown_pool
+        from raymerge.runtime.guidance import check_guidance, guide_program
+
+        check_guidance(cfg, label, program)
+        ensure_ray(options.address or (profile.address if profile is not None else None))
+        shutdown_pool()  # the statistics' stage workers need the CPU slots a kept pool holds
+        guidance = guide_program(cfg, label, program, specs, quiet=options.quiet)
+        extra_files = {**(extra_files or {}), "guidance.json": guidance.to_json()}
+    if settings is not None and settings.export_task_vectors:
+        from raymerge.runtime.onebit_export import task_vector_files
+
+        extra_files = {**(extra_files or {}), **task_vector_files(program, specs, quiet=options.quiet)}
+    t_guide = time.perf_counter() - t_guide
     layout = plan_shards([(op.name, op.out_dtype, op.shape) for op in program.operators], shard_bytes)
     job = job_identity(cfg.to_yaml(), program.operators, layout, inputs, _version())
     found = find_resumable(staged, layout, job, options.resume)
@@ -355,18 +373,6 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
 
     ensure_ray(options.address or (profile.address if profile is not None else None))
     t_ray = time.perf_counter()
-    guidance = None
-    if settings is not None and settings.guidance is not None:
-        from raymerge.runtime.executor import shutdown_pool
-        from raymerge.runtime.guidance import guide_program
-
-        shutdown_pool()  # the statistics' stage workers need the CPU slots a kept pool holds
-        guidance = guide_program(cfg, label, program, specs, quiet=options.quiet)
-        extra_files = {**(extra_files or {}), "guidance.json": guidance.to_json()}
-    if settings is not None and settings.export_task_vectors:
-        from raymerge.runtime.onebit_export import task_vector_files
-
-        extra_files = {**(extra_files or {}), **task_vector_files(program, specs, quiet=options.quiet)}
     pool = acquire_pool(options.workers)
     keep = options.keep_workers
     try:
@@ -427,7 +433,7 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
         workers=stats.workers,
         seconds=t_end - t0,
         timings={
-            "plan": t_plan - t0, "ray": t_ray - t_plan, "workers": t_planned - t_ray,
+            "plan": t_plan - t0 - t_guide, "guidance": t_guide, "ray": t_ray - t_plan, "workers": t_planned - t_ray,
             "merge": t_merge - t_planned, "publish": t_end - t_merge,
         },
         peak_worker_rss_bytes=stats.peak_worker_rss_bytes,

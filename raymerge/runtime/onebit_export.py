@@ -21,7 +21,15 @@ from tqdm.auto import tqdm
 
 from raymerge.checkpoints import SourceSpec
 from raymerge.methods.onebit import is_compressible, onebit_storage_bits, pack_onebit
+from raymerge.runtime.operators import DTYPES as NAMED_DTYPES
 from raymerge.runtime.operators import MergeProgram
+
+
+def _promoted(dtypes: list[torch.dtype]) -> torch.dtype:
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
 
 
 def task_vector_files(program: MergeProgram, specs: Sequence[SourceSpec], *, quiet: bool = False) -> dict[str, bytes]:
@@ -33,13 +41,16 @@ def task_vector_files(program: MergeProgram, specs: Sequence[SourceSpec], *, qui
         for op in tqdm(program.operators, desc="1bit task vectors", unit="tensor", disable=quiet, leave=False):
             if op.base_index is None:
                 continue
-            base_in = op.inputs[op.base_index]
-            base = sources[base_in.model].read(base_in.name).float()
+            raws = [sources[t.model].read(t.name) for t in op.inputs]
+            if not raws[0].is_floating_point():
+                continue  # integer buffers are not merged (equal across models) and have no task vector
+            work = NAMED_DTYPES[op.work_dtype] if op.work_dtype else _promoted([r.dtype for r in raws])
+            base = raws[op.base_index].to(work)  # the merge's own working dtype, so scales match it
             for i, t in enumerate(op.inputs):
                 if i == op.base_index:
                     continue
-                raw = sources[t.model].read(t.name)
-                delta = raw.float() - base
+                raw = raws[i]
+                delta = raw.to(work) - base
                 full = bool(op.model_params[i].get("keep_full", False)) or not is_compressible(delta)
                 out = per_model.setdefault(t.model, {})
                 if full:
