@@ -245,3 +245,63 @@ def test_tied_embeddings_over_two_stages_equal_the_materialised_model(tmp_path, 
     with torch.no_grad():
         loss = model(input_ids=w, labels=w).loss.item()
     assert single.study.best_trial.values[0] == pytest.approx(math.exp(loss), rel=1e-4)
+
+
+def _fake_lm_eval(monkeypatch, text: str, calls: list):
+    """A stand-in for lm-evaluation-harness (its tasks need the Hub): `simple_evaluate` loads the
+    model folder it is given with transformers, as lm-eval's `hf` model does, and scores it by
+    minus its loss on `text`. It checks the written model, not the objective's arithmetic."""
+    import importlib.machinery
+    import sys
+    import types
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def simple_evaluate(model, model_args, tasks, num_fewshot=None, limit=None, batch_size=None):
+        assert model == "hf"
+        path = dict(kv.split("=", 1) for kv in model_args.split(","))["pretrained"]
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        ids = AutoTokenizer.from_pretrained(path)(text, return_tensors="pt").input_ids[:, :96]
+        with torch.no_grad():
+            loss = float(m(ids, labels=ids).loss)
+        calls.append((path, tasks, limit))
+        return {"results": {t: {"acc,none": -loss * (1 + i)} for i, t in enumerate(tasks)}}
+
+    fake = types.ModuleType("lm_eval")
+    fake.__spec__ = importlib.machinery.ModuleSpec("lm_eval", None)
+    fake.simple_evaluate = simple_evaluate
+    monkeypatch.setitem(sys.modules, "lm_eval", fake)
+    return simple_evaluate
+
+
+def test_lm_eval_objective_scores_the_trial_model(opposite_finetunes, trained, tmp_path, monkeypatch):
+    text = Path(trained["calib"]).read_text()
+    calls: list = []
+    evaluate = _fake_lm_eval(monkeypatch, text, calls)
+    objective = {"kind": "lm_eval", "lm_eval": {"tasks": ["a", "b"], "limit": 5}}
+    cfg = _merge_search(opposite_finetunes, trained["calib"], n_trials=2, sampler="random", objective=objective)
+    result = raymerge.optimize(cfg, tmp_path / "s", in_process=True, quiet=True, materialize=True)
+    assert result.completed == 2 and len(calls) == 2 and calls[0][1:] == (["a", "b"], 5)
+    assert result.study.directions[0].name == "MAXIMIZE"
+    assert not list((tmp_path / "s").glob("lm-eval-trial-*")), "trial models are deleted after scoring"
+    # The best trial's value is the mean over tasks of lm-eval's metric on the written model,
+    # which equals the materialised best model.
+    again = evaluate("hf", f"pretrained={result.materialized}", ["a", "b"])["results"]
+    expected = (again["a"]["acc,none"] + again["b"]["acc,none"]) / 2
+    assert result.study.best_trial.values[0] == pytest.approx(expected, rel=1e-5)
+    assert result.study.best_trial.values[0] == max(t.values[0] for t in result.study.trials)
+
+
+def test_lm_eval_objective_needs_tasks_and_the_library(tmp_path, monkeypatch):
+    import sys
+
+    from raymerge.config import ConfigError
+    from raymerge.config.search_config import load_search_config
+
+    base = {"merge": {"merge_method": "linear", "models": [{"model": "m", "parameters": {"weight": 1.0}}]},
+            "evaluation": {"dataset": "x.txt"}}
+    with pytest.raises(ConfigError, match="lm_eval needs its tasks"):
+        load_search_config({**base, "objective": "lm_eval"})
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # find_spec: not importable
+    with pytest.raises(ConfigError, match="pip install lm-eval"):
+        load_search_config({**base, "objective": {"kind": "lm_eval", "lm_eval": {"tasks": ["arc_easy"]}}})

@@ -18,7 +18,9 @@ space:                 # prune searches only
   max_deviation: 0.1
   exponents: true      # OptiShear-style metric |W|^a * ||X||^b, a and b in [0, 2]
   owl: false           # or search OWL's lambda in [0, 2*max_deviation] and m in [2, 10]
-objective: perplexity  # perplexity | reconstruction | module:function, or a list (multi-objective)
+objective: perplexity  # perplexity | reconstruction | module:function, or a list (multi-objective);
+                       # or {kind: lm_eval, lm_eval: {tasks: [arc_easy], metric: "acc,none", limit: 200}}
+                       # (lm-evaluation-harness; writes each trial's model once: slower)
 evaluation:            # held-out text (calibration format; its eval_samples windows are used)
   dataset: heldout.txt
   seqlen: 128
@@ -42,18 +44,49 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from raymerge.config.calibration import CalibrationConfig
 from raymerge.config.merge_config import ConfigError, ModelRef, _Strict, format_validation_error, read_yaml
 
-BUILTIN_OBJECTIVES = ("perplexity", "reconstruction")
+BUILTIN_OBJECTIVES = ("perplexity", "reconstruction", "lm_eval")
 SAMPLERS = ("tpe", "cmaes", "random", "grid", "nsga2", "nsga3")
+
+
+class LmEvalSettings(_Strict):
+    """lm-evaluation-harness tasks for `kind: lm_eval` (the objective is the mean of `metric`)."""
+
+    tasks: list[str] = Field(min_length=1)
+    metric: str = "acc,none"
+    limit: Optional[int] = Field(default=None, gt=0)  # examples per task
+    num_fewshot: Optional[int] = Field(default=None, ge=0)
+    batch_size: int = Field(default=8, gt=0)
 
 
 class Objective(_Strict):
     """One objective. `kind`: perplexity, reconstruction (mean squared error of the logits against
-    `reference`'s) or `package.module:function` (called with a callable from token ids to logits)."""
+    `reference`'s), lm_eval (lm-evaluation-harness `tasks`; the trial's model is written to disk
+    once, so it is slower) or `package.module:function` (called with a callable from token ids
+    to logits)."""
 
     kind: str = "perplexity"
     dataset: Optional[str] = None  # held-out text for this objective (default: evaluation.dataset)
     reference: Optional[ModelRef] = None  # reconstruction only; default: the base/first model
-    direction: Literal["minimize", "maximize"] = "minimize"
+    direction: Literal["minimize", "maximize"] = "minimize"  # lm_eval: maximize unless given
+    lm_eval: Optional[LmEvalSettings] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lm_eval_maximizes(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kind") == "lm_eval" and "direction" not in data:
+            data = {**data, "direction": "maximize"}
+        return data
+
+    @model_validator(mode="after")
+    def _lm_eval_settings(self) -> "Objective":
+        if (self.kind == "lm_eval") != (self.lm_eval is not None):
+            raise ValueError("kind: lm_eval needs `lm_eval: {tasks: [...]}`, and only it takes lm_eval settings")
+        if self.kind == "lm_eval":
+            import importlib.util
+
+            if importlib.util.find_spec("lm_eval") is None:
+                raise ValueError("kind: lm_eval needs lm-evaluation-harness: pip install lm-eval")
+        return self
 
     @field_validator("kind")
     @classmethod
@@ -112,6 +145,9 @@ class SearchConfig(_Strict):
             raise ValueError("space: is for prune searches; a merge search puts ranges in the merge config itself")
         if self.merge is not None and self.evaluation is None:
             raise ValueError("evaluation: required (held-out text to score each trial on)")
+        raw = self.objective if isinstance(self.objective, list) else [self.objective]
+        if "lm_eval" in raw:
+            raise ValueError("objective: lm_eval needs its tasks: {kind: lm_eval, lm_eval: {tasks: [hellaswag], metric: 'acc,none'}}")
         if len(self.objectives) > 1 and self.study.sampler == "cmaes":
             raise ValueError("study.sampler: cmaes is single-objective; use nsga2, nsga3, tpe or random")
         return self

@@ -40,6 +40,7 @@ from raymerge.pruning.layerwise import owl_sparsities
 from raymerge.pruning.stage import PruneSettings
 from raymerge.runtime.operators import MergeOperator, build_program
 from raymerge.runtime.prune import _Driver, _Pipeline, _tokenizer
+from raymerge.search.lm_eval_objective import donor_files, lm_eval_value
 from raymerge.search.space import SearchSpace
 from raymerge.search.worker import SearchWorkerImpl
 
@@ -272,6 +273,7 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
     shape = describe_model(model_config, None if isinstance(task, _MergeTask) else task.prune.modules)
     tokenizer = _tokenizer(donor)
     objectives = cfg.objectives
+    files = donor_files(donor) if any(o.kind == "lm_eval" for o in objectives) else None
     windows = [_windows(cfg, task, tokenizer, shape, o) for o in objectives]
     prune_windows = None
     if isinstance(task, _PruneTask):
@@ -365,7 +367,7 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
                 for number in _ready(running, options.in_process):
                     trial, pipe, handles = running.pop(number)
                     try:
-                        values = _values(pipe, handles, objectives)
+                        values = _values(pipe, handles, objectives, files, out)
                         _tell(study, trial, values if len(values) > 1 else values[0])
                     except Exception as err:  # noqa: BLE001 - recorded on the trial; the study goes on
                         _tell_failed(study, trial, f"{type(err).__name__}: {err}", optuna)
@@ -454,17 +456,22 @@ def _submit(trial, p: _SearchPipeline, task, objectives: list[Objective], window
         elif obj.kind == "reconstruction":
             handles.append([d.call(last, "reconstruction", _forward_all(p, ids), k * 100000 + j)
                             for j, ids in enumerate(win.heldout.split(p.pipe.batch_size))])
+        elif obj.kind == "lm_eval":
+            handles.append(("lm_eval", obj, None))
         else:
             handles.append(("user", obj.kind, win))
     return handles
 
 
-def _values(p: _SearchPipeline, handles: list[Any], objectives: list[Objective]) -> list[float]:
+def _values(p: _SearchPipeline, handles: list[Any], objectives: list[Objective], files: Optional[dict], out: Path) -> list[float]:
     p.driver.get(handles[0])
     values = []
     for obj, h in zip(objectives, handles[1:]):
         if isinstance(h, tuple) and h and h[0] == "user":
             values.append(float(_user_objective(h[1])(lambda ids: _logits(p, ids), h[2].heldout)))
+            continue
+        if isinstance(h, tuple) and h and h[0] == "lm_eval":
+            values.append(lm_eval_value(obj.lm_eval, lambda names: _gather(p, names), files, out))
             continue
         parts = p.driver.get(h)
         total, count = sum(x[0] for x in parts), sum(x[1] for x in parts)
@@ -473,6 +480,13 @@ def _values(p: _SearchPipeline, handles: list[Any], objectives: list[Objective])
         else:
             values.append(total / count)
     return values
+
+
+def _gather(p: _SearchPipeline, names: list[str]) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for part in p.driver.get([p.driver.call(w, "state_dict", names) for w in p.driver.workers]):
+        state.update(part)
+    return state
 
 
 def _logits(p: _SearchPipeline, ids: torch.Tensor) -> torch.Tensor:

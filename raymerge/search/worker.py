@@ -122,6 +122,11 @@ class SearchWorkerImpl(PruneWorkerImpl):
             total += float((logits - ref[j : j + 1].to(logits.device)).double().square().sum())
         return total, ref.numel()
 
+    def state_dict(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The held parameters among `names` as they are now (a trial's weights), on CPU."""
+        held = self._stage().block.held_parameters()
+        return {n: held[n].detach().cpu().clone() for n in names if n in held}
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._stage().block.logits(hidden.to(self.device)).float().cpu()
 
