@@ -339,3 +339,58 @@ def test_more_stages_than_cpu_slots(trained, tmp_path, ray_session):
     assert [s["layers"] for s in multi.stages] == [[0, 0], [1, 1], [2, 2], [3, 3]]
     a, b = load_state(single.output), load_state(multi.output)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- merge then prune in one job ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finetune_of_trained(trained, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    from raymerge.demo import save_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("ft-of-trained") / "ft"
+    model = AutoModelForCausalLM.from_pretrained(str(trained["model"]), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05 * p.std())
+    model.save_pretrained(str(path))
+    save_tiny_tokenizer(path)
+    return path
+
+
+def test_merge_then_prune_equals_pruning_the_written_merge(trained, finetune_of_trained, tmp_path, ray_session):
+    import raymerge
+
+    merge = {"merge_method": "task_arithmetic", "base_model": str(trained["model"]),
+             "models": [{"model": str(finetune_of_trained), "parameters": {"weight": 0.6}}], "dtype": "float32"}
+    written = raymerge.merge(merge, tmp_path / "merged", quiet=True).output
+    cfg = _config(trained)
+    del cfg["model"]
+    two_step = run_prune({**cfg, "model": str(written)}, tmp_path / "two-step", PruneOptions(in_process=True, quiet=True))
+    one_job = run_prune({**cfg, "merge": merge}, tmp_path / "one-job", PruneOptions(in_process=True, quiet=True))
+    staged = run_prune({**cfg, "merge": merge}, tmp_path / "staged", PruneOptions(workers=2, quiet=True))
+    a, b, c = load_state(two_step.output), load_state(one_job.output), load_state(staged.output)
+    assert sorted(a) == sorted(b) == sorted(c)
+    for name in a:
+        assert torch.equal(a[name], b[name]) and torch.equal(a[name], c[name]), name
+    assert one_job.report.perplexity_after == pytest.approx(two_step.report.perplexity_after, rel=1e-6)
+    assert (tmp_path / "one-job" / "config.json").is_file() and (tmp_path / "one-job" / "tokenizer.json").is_file()
+    assert not (tmp_path / "one-job" / "merged").exists()
+
+
+def test_merge_then_prune_config_errors(trained, finetune_of_trained, tmp_path):
+    merge = {"merge_method": "task_arithmetic", "base_model": str(trained["model"]),
+             "models": [{"model": str(finetune_of_trained), "parameters": {"weight": 0.6}}]}
+    with pytest.raises(ConfigError, match="exactly one of `model:`"):
+        run_prune({**_config(trained), "merge": merge}, tmp_path / "x", PruneOptions(in_process=True, quiet=True))
+    cfg = _config(trained)
+    del cfg["model"]
+    with pytest.raises(ConfigError, match="merge"):
+        run_prune({**cfg, "merge": {**merge, "merge_method": "nope"}}, tmp_path / "x", PruneOptions(in_process=True, quiet=True))
+    frank = {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(trained["model"]), "layer_range": [0, 4]}]},
+        {"sources": [{"model": str(trained["model"]), "layer_range": [2, 4]}]}]}
+    with pytest.raises(ConfigError, match="change the layer stack"):
+        run_prune({**cfg, "merge": frank}, tmp_path / "x", PruneOptions(in_process=True, quiet=True))
+    assert not (tmp_path / "x").exists()

@@ -3,6 +3,8 @@
 ```yaml
 model: ./my-model              # local directory, Hub id (org/name[@rev]), s3:// prefix, or
                                # {path: ./zero_ckpt, config_from: ./hf_dir} for a DeepSpeed folder
+# merge: {...}                 # or, instead of `model:`, a merge config (mergekit format): the
+                               # merged tensors are pruned without writing the merged model
 method: wanda                  # magnitude | wanda | sparsegpt
 sparsity: 0.5                  # fraction of each pruned matrix set to zero, in [0, 1)
 pattern: unstructured          # or an N:M pattern such as "2:4" or "4:8" (then sparsity = N/M)
@@ -69,7 +71,8 @@ class SparseGPTSettings(_Strict):
 class PruneConfig(_Strict):
     """A prune job (see the module docstring)."""
 
-    model: ModelRef
+    model: Optional[ModelRef] = None
+    merge: Optional[dict[str, Any]] = None  # a merge config; its result is pruned (instead of `model`)
     method: Literal["magnitude", "wanda", "sparsegpt"]
     sparsity: Optional[float] = None
     pattern: str = "unstructured"
@@ -87,8 +90,20 @@ class PruneConfig(_Strict):
 
     @field_validator("model", mode="before")
     @classmethod
-    def _parse_model(cls, v: Any) -> ModelRef:
-        return ModelRef.parse(v)
+    def _parse_model(cls, v: Any) -> Optional[ModelRef]:
+        return None if v is None else ModelRef.parse(v)
+
+    @field_validator("merge")
+    @classmethod
+    def _merge_config(cls, v: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        if v is not None:
+            from raymerge.config.merge_config import parse_config
+
+            try:
+                parse_config(v, "(the prune config's `merge:`)")
+            except ConfigError as err:
+                raise ValueError(str(err).replace("\n", ";")) from None
+        return v
 
     @field_validator("sparsity")
     @classmethod
@@ -116,6 +131,8 @@ class PruneConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "PruneConfig":
+        if (self.model is None) == (self.merge is None):
+            raise ValueError("give exactly one of `model:` (a checkpoint) or `merge:` (a merge config whose result is pruned)")
         nm = self.nm
         if nm is not None:
             implied = nm[0] / nm[1]

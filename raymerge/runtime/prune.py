@@ -304,10 +304,15 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
     staged = StagedOutput(output, overwrite=options.overwrite)
     staged.check_target()
     # The driver resolves the S3 endpoint so workers get it in the spec (not their environment).
-    spec = SourceSpec(
-        cfg.model.path, cfg.model.revision, allow_pickle=cfg.allow_pickle,
-        s3_endpoint_url=resolve_endpoint_url(options.s3_endpoint_url), config_from=cfg.model.config_from,
-    )
+    endpoint = resolve_endpoint_url(options.s3_endpoint_url)
+    if cfg.merge is not None:  # prune the merged tensors; the merged model is never written
+        from raymerge.runtime.merged_source import merged_spec
+
+        spec: Any = merged_spec(cfg.merge, label, allow_pickle=cfg.allow_pickle, s3_endpoint_url=endpoint)
+    else:
+        assert cfg.model is not None
+        spec = SourceSpec(cfg.model.path, cfg.model.revision, allow_pickle=cfg.allow_pickle,
+                          s3_endpoint_url=endpoint, config_from=cfg.model.config_from)
     source = spec.open()
     try:
         model_config = source.config()

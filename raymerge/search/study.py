@@ -155,6 +155,8 @@ class _PruneTask:
                 f"with target {self.target} that leaves [0, 0.99]: use max_deviation <= {min(self.target, 0.99 - self.target) / 2:.4f}"
             )
         m = self.prune.model
+        if m is None:
+            raise ConfigError(f"{label}: prune: searching the pruning of a merged model (`merge:`) is not supported; merge first")
         self.specs = [SourceSpec(m.path, m.revision, config_from=m.config_from)]
         self.source = self.specs[0].open()
         # Trials mask rows with |W|^a * ||X||^b; magnitude is b = 0 (compared per row, as Wanda does).

@@ -1,0 +1,111 @@
+"""A merge, read as a checkpoint: prune the merged tensors without writing the merged model.
+
+A prune config may name a `merge:` (a mergekit-format config) instead of a `model:`. The driver
+builds the merge program from headers (`merged_spec`) and hands the stage workers a picklable
+`MergedSpec` where they would get a checkpoint's `SourceSpec`; each worker's `MergedSource`
+computes a tensor with the merge's own code (`compute_operator`) the first time one of its
+layers' tensors is read, and keeps it (a stage reads its tensors a few times: to build its
+block, to prune, to copy the unpruned ones). Config.json and the tokenizer are the merge's
+donor's, as a merge publishes them. So the pruned output equals pruning the written merge.
+Merges whose slices change the layer stack are refused (merge first, then prune).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from raymerge.checkpoints import CheckpointSource, SourceSpec
+from raymerge.checkpoints.safetensors_format import DTYPES as CODE_DTYPES
+from raymerge.checkpoints.source import CheckpointError, TensorInfo
+from raymerge.config.merge_config import ConfigError, parse_config
+from raymerge.runtime.compute import compute_operator
+from raymerge.runtime.operators import MergeOperator, build_program
+
+
+@dataclass(frozen=True)
+class MergedSpec:
+    """What a worker needs to open the merged model (picklable; see the module docstring)."""
+
+    label: str
+    specs: tuple[SourceSpec, ...]
+    operators: tuple[MergeOperator, ...]
+    donor: int
+
+    def open(self) -> "MergedSource":
+        return MergedSource(self)
+
+
+class MergedSource(CheckpointSource):
+    """The merged tensors of a `MergedSpec`, computed on first read."""
+
+    def __init__(self, spec: MergedSpec) -> None:
+        self.location = spec.label
+        self._ops = {op.name: op for op in spec.operators}
+        self._specs = spec.specs
+        self._donor_index = spec.donor
+        self._sources: Optional[list[CheckpointSource]] = None
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def _inputs(self) -> list[CheckpointSource]:
+        if self._sources is None:
+            self._sources = [s.open() for s in self._specs]
+        return self._sources
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        out = {}
+        for name, op in self._ops.items():
+            dtype = CODE_DTYPES[op.out_dtype]
+            numel = 1
+            for d in op.shape:
+                numel *= d
+            out[name] = TensorInfo(name=name, shape=tuple(op.shape), dtype=dtype, file="(merged in memory)",
+                                   nbytes=numel * torch.empty(0, dtype=dtype).element_size())
+        return out
+
+    def read(self, name: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        if name not in self._cache:
+            op = self._ops.get(name)
+            if op is None:
+                raise CheckpointError(f"{self.location}: the merge has no output tensor {name}")
+            self._cache[name] = compute_operator(op, self._inputs())
+        t = self._cache[name]
+        return t if rows is None else t[rows[0] : rows[1]]
+
+    def read_json(self, filename: str) -> Optional[dict[str, Any]]:
+        return self._inputs()[self._donor_index].read_json(filename)
+
+    def read_bytes(self, filename: str) -> Optional[bytes]:
+        return self._inputs()[self._donor_index].read_bytes(filename)
+
+    def config(self) -> dict[str, Any]:
+        return self._inputs()[self._donor_index].config()
+
+    def close(self) -> None:
+        for s in self._sources or []:
+            s.close()
+        self._sources = None
+        self._cache.clear()
+
+
+def merged_spec(merge: dict[str, Any], label: str, *, allow_pickle: bool = False, s3_endpoint_url: Optional[str] = None) -> MergedSpec:
+    """Build the merge program of `merge` (a merge config dict) from headers; ConfigError naming `label`."""
+    cfg = parse_config(merge, f"{label} (merge:)")
+    specs = {r: SourceSpec(r.path, r.revision, allow_pickle=allow_pickle, s3_endpoint_url=s3_endpoint_url,
+                           config_from=r.config_from) for r in cfg.referenced_models()}
+    opened = {r: s.open() for r, s in specs.items()}
+    try:
+        program = build_program(cfg, opened, source_label=f"{label} (merge:)")
+    finally:
+        for src in opened.values():
+            src.close()
+    if program.changes_layers:
+        raise ConfigError(f"{label}: merge: slices that change the layer stack cannot be pruned in the same job; merge first")
+    if cfg.raymerge is not None and (cfg.raymerge.guidance is not None or cfg.raymerge.export_task_vectors):
+        raise ConfigError(f"{label}: merge: raymerge.guidance and export_task_vectors need `raymerge merge`; merge first")
+    return MergedSpec(
+        label=f"merge of {', '.join(str(m) for m in program.models)}",
+        specs=tuple(specs[m] for m in program.models), operators=tuple(program.operators), donor=program.donor,
+    )
