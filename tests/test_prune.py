@@ -362,8 +362,11 @@ def finetune_of_trained(trained, tmp_path_factory):
 def test_merge_then_prune_equals_pruning_the_written_merge(trained, finetune_of_trained, tmp_path, ray_session):
     import raymerge
 
-    merge = {"merge_method": "task_arithmetic", "base_model": str(trained["model"]),
-             "models": [{"model": str(finetune_of_trained), "parameters": {"weight": 0.6}}], "dtype": "float32"}
+    # A random method with its own seed and a dtype other than the inputs': the seed and the
+    # output dtype (tensors and config.json) must be the merge's.
+    merge = {"merge_method": "dare_ties", "base_model": str(trained["model"]),
+             "models": [{"model": str(finetune_of_trained), "parameters": {"weight": 0.6, "density": 0.7}}],
+             "dtype": "bfloat16", "raymerge": {"random_seed": 7}}
     written = raymerge.merge(merge, tmp_path / "merged", quiet=True).output
     cfg = _config(trained)
     del cfg["model"]
@@ -375,7 +378,10 @@ def test_merge_then_prune_equals_pruning_the_written_merge(trained, finetune_of_
     for name in a:
         assert torch.equal(a[name], b[name]) and torch.equal(a[name], c[name]), name
     assert one_job.report.perplexity_after == pytest.approx(two_step.report.perplexity_after, rel=1e-6)
-    assert (tmp_path / "one-job" / "config.json").is_file() and (tmp_path / "one-job" / "tokenizer.json").is_file()
+    assert a["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    config = json.loads((tmp_path / "one-job" / "config.json").read_text())
+    assert config == json.loads((tmp_path / "two-step" / "config.json").read_text()) and config["dtype"] == "bfloat16"
+    assert (tmp_path / "one-job" / "tokenizer.json").is_file()
     assert not (tmp_path / "one-job" / "merged").exists()
 
 
@@ -388,6 +394,8 @@ def test_merge_then_prune_config_errors(trained, finetune_of_trained, tmp_path):
     del cfg["model"]
     with pytest.raises(ConfigError, match="merge"):
         run_prune({**cfg, "merge": {**merge, "merge_method": "nope"}}, tmp_path / "x", PruneOptions(in_process=True, quiet=True))
+    with pytest.raises(ConfigError, match="tokenizer_source is not supported when pruning"):
+        run_prune({**cfg, "merge": {**merge, "tokenizer_source": "base"}}, tmp_path / "x", PruneOptions(in_process=True, quiet=True))
     frank = {"merge_method": "passthrough", "slices": [
         {"sources": [{"model": str(trained["model"]), "layer_range": [0, 4]}]},
         {"sources": [{"model": str(trained["model"]), "layer_range": [2, 4]}]}]}

@@ -257,9 +257,9 @@ def _fake_lm_eval(monkeypatch, text: str, calls: list):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    def simple_evaluate(model, model_args, tasks, num_fewshot=None, limit=None, batch_size=None):
-        assert model == "hf"
-        path = dict(kv.split("=", 1) for kv in model_args.split(","))["pretrained"]
+    def simple_evaluate(model, model_args, tasks, num_fewshot=None, limit=None, batch_size=None, device=None, bootstrap_iters=None):
+        assert model == "hf" and device in (None, "cpu") and bootstrap_iters in (None, 0)
+        path = model_args["pretrained"]
         m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         ids = AutoTokenizer.from_pretrained(path)(text, return_tensors="pt").input_ids[:, :96]
         with torch.no_grad():
@@ -286,7 +286,7 @@ def test_lm_eval_objective_scores_the_trial_model(opposite_finetunes, trained, t
     assert not list((tmp_path / "s").glob("lm-eval-trial-*")), "trial models are deleted after scoring"
     # The best trial's value is the mean over tasks of lm-eval's metric on the written model,
     # which equals the materialised best model.
-    again = evaluate("hf", f"pretrained={result.materialized}", ["a", "b"])["results"]
+    again = evaluate("hf", {"pretrained": str(result.materialized)}, ["a", "b"])["results"]
     expected = (again["a"]["acc,none"] + again["b"]["acc,none"]) / 2
     assert result.study.best_trial.values[0] == pytest.approx(expected, rel=1e-5)
     assert result.study.best_trial.values[0] == max(t.values[0] for t in result.study.trials)

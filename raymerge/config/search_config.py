@@ -56,6 +56,7 @@ class LmEvalSettings(_Strict):
     limit: Optional[int] = Field(default=None, gt=0)  # examples per task
     num_fewshot: Optional[int] = Field(default=None, ge=0)
     batch_size: int = Field(default=8, gt=0)
+    device: str = "cpu"  # where lm-eval runs the model, in the driver process (GPUs are the stages')
 
 
 class Objective(_Strict):

@@ -18,11 +18,12 @@ from typing import Any, Optional
 import torch
 
 from raymerge.checkpoints import CheckpointSource, SourceSpec
+from raymerge.checkpoints.model_files import merged_model_config
 from raymerge.checkpoints.safetensors_format import DTYPES as CODE_DTYPES
 from raymerge.checkpoints.source import CheckpointError, TensorInfo
 from raymerge.config.merge_config import ConfigError, parse_config
 from raymerge.runtime.compute import compute_operator
-from raymerge.runtime.operators import MergeOperator, build_program
+from raymerge.runtime.operators import MergeOperator, build_program, check_sources_compatible
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class MergedSpec:
     specs: tuple[SourceSpec, ...]
     operators: tuple[MergeOperator, ...]
     donor: int
+    dtype: Optional[str] = None  # the merge's out_dtype or dtype (config.json says so, as a merge's does)
 
     def open(self) -> "MergedSource":
         return MergedSource(self)
@@ -46,6 +48,7 @@ class MergedSource(CheckpointSource):
         self._ops = {op.name: op for op in spec.operators}
         self._specs = spec.specs
         self._donor_index = spec.donor
+        self._dtype = spec.dtype
         self._sources: Optional[list[CheckpointSource]] = None
         self._cache: dict[str, torch.Tensor] = {}
 
@@ -75,13 +78,15 @@ class MergedSource(CheckpointSource):
         return t if rows is None else t[rows[0] : rows[1]]
 
     def read_json(self, filename: str) -> Optional[dict[str, Any]]:
+        if filename == "config.json":
+            return self.config()
         return self._inputs()[self._donor_index].read_json(filename)
 
     def read_bytes(self, filename: str) -> Optional[bytes]:
         return self._inputs()[self._donor_index].read_bytes(filename)
 
     def config(self) -> dict[str, Any]:
-        return self._inputs()[self._donor_index].config()
+        return merged_model_config(self._inputs()[self._donor_index].config(), dtype=self._dtype)
 
     def close(self) -> None:
         for s in self._sources or []:
@@ -92,12 +97,22 @@ class MergedSource(CheckpointSource):
 
 def merged_spec(merge: dict[str, Any], label: str, *, allow_pickle: bool = False, s3_endpoint_url: Optional[str] = None) -> MergedSpec:
     """Build the merge program of `merge` (a merge config dict) from headers; ConfigError naming `label`."""
-    cfg = parse_config(merge, f"{label} (merge:)")
+    where = f"{label} (merge:)"
+    cfg = parse_config(merge, where)
+    unsupported = [k for k in ("tokenizer_source", "tokenizer", "chat_template") if getattr(cfg, k) is not None]
+    if unsupported:
+        raise ConfigError(f"{label}: merge: {', '.join(unsupported)} is not supported when pruning in the same job "
+                          "(the output takes the donor model's tokenizer); merge first")
+    settings = cfg.raymerge
+    seed = settings.random_seed if settings is not None and settings.random_seed is not None else 0
     specs = {r: SourceSpec(r.path, r.revision, allow_pickle=allow_pickle, s3_endpoint_url=s3_endpoint_url,
                            config_from=r.config_from) for r in cfg.referenced_models()}
-    opened = {r: s.open() for r, s in specs.items()}
+    opened: dict = {}
     try:
-        program = build_program(cfg, opened, source_label=f"{label} (merge:)")
+        for r, spec in specs.items():
+            opened[r] = spec.open()
+        check_sources_compatible(opened)
+        program = build_program(cfg, opened, source_label=where, random_seed=seed)
     finally:
         for src in opened.values():
             src.close()
@@ -108,4 +123,5 @@ def merged_spec(merge: dict[str, Any], label: str, *, allow_pickle: bool = False
     return MergedSpec(
         label=f"merge of {', '.join(str(m) for m in program.models)}",
         specs=tuple(specs[m] for m in program.models), operators=tuple(program.operators), donor=program.donor,
+        dtype=cfg.out_dtype or cfg.dtype,
     )

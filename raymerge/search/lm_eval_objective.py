@@ -4,7 +4,8 @@ lm-eval runs a Hugging Face model from a folder, so a trial's model is written o
 workers hand over the parameters they hold (the trial's merged or re-masked weights, exactly
 what the in-memory objectives evaluate), the driver writes them as one safetensors file in the
 compute dtype with the donor's config.json and tokenizer into a temporary folder under OUT,
-calls `lm_eval.simple_evaluate(model="hf", ...)` and deletes the folder. The objective is the
+calls `lm_eval.simple_evaluate(model="hf", ...)` on `device` (default cpu: the GPUs belong to
+the stage workers) without bootstrapped error bars, and deletes the folder. The objective is the
 mean of `metric` over `tasks`. It is much slower than the in-memory objectives: a write and a
 load per trial, plus lm-eval itself in the driver process.
 """
@@ -29,15 +30,16 @@ class LmEvalError(RuntimeError):
 
 
 def donor_files(donor: CheckpointSource) -> dict[str, Any]:
-    """What a written trial model takes from the donor: config.json, tokenizer, tensor names."""
-    return {"config.json": json.dumps(donor.config(), indent=2) + "\n", **tokenizer_files(donor), "_names": sorted(donor.tensors())}
+    """What a written trial model takes from the donor: config.json, tokenizer, tensor names, and
+    (`_source`) the donor itself for tensors that are not parameters (buffers saved in the
+    checkpoint; trials never change them)."""
+    return {"config.json": json.dumps(donor.config(), indent=2) + "\n", **tokenizer_files(donor),
+            "_names": sorted(donor.tensors()), "_source": donor}
 
 
 def write_model(folder: Path, state: dict[str, torch.Tensor], files: dict[str, Any]) -> None:
-    missing = sorted(set(files["_names"]) - set(state))
-    if missing:
-        raise LmEvalError(f"the stage workers do not hold {len(missing)} tensor(s) of the model, e.g. {missing[0]}")
-    save_file({n: state[n].contiguous() for n in files["_names"]}, str(folder / "model.safetensors"))
+    tensors = {n: (state[n] if n in state else files["_source"].read(n)).contiguous() for n in files["_names"]}
+    save_file(tensors, str(folder / "model.safetensors"))
     for name, data in files.items():
         if not name.startswith("_"):
             (folder / name).write_bytes(data.encode() if isinstance(data, str) else data)
@@ -50,8 +52,9 @@ def lm_eval_value(settings: LmEvalSettings, gather: Callable[[list[str]], dict[s
     with tempfile.TemporaryDirectory(prefix="lm-eval-trial-", dir=out) as tmp:
         write_model(Path(tmp), gather(files["_names"]), files)
         results = lm_eval.simple_evaluate(
-            model="hf", model_args=f"pretrained={tmp},dtype=float32", tasks=list(settings.tasks),
+            model="hf", model_args={"pretrained": tmp, "dtype": "float32"}, tasks=list(settings.tasks),
             num_fewshot=settings.num_fewshot, limit=settings.limit, batch_size=settings.batch_size,
+            device=settings.device, bootstrap_iters=0,
         )
     values = []
     for task in settings.tasks:
