@@ -55,7 +55,6 @@ any config.json is refused when opened, naming the `config_from:` key.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import threading
@@ -65,7 +64,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from raymerge.checkpoints.source import CheckpointError, CheckpointSource, TensorInfo
+from raymerge.checkpoints.source import CheckpointError, CheckpointSource, TensorInfo, row_span
 
 LATEST = "latest"
 CONFIG_FILE = "config.json"
@@ -510,11 +509,8 @@ class DeepSpeedSource(CheckpointSource):
         shape, numel = entry.shape, math.prod(entry.shape)
         begin, end = 0, numel
         if rows is not None:
-            start, stop = rows
-            if not shape or not (0 <= start <= stop <= shape[0]):
-                raise CheckpointError(f"{self.tag_folder}: bad row range {rows} for {name!r} {list(shape)}")
-            row = numel // shape[0] if shape[0] else 0
-            begin, end, shape = start * row, stop * row, (stop - start,) + shape[1:]
+            row = numel // shape[0] if shape and shape[0] else 0
+            begin, end, shape = row_span(shape, rows, row, str(self.tag_folder), name)
         try:
             if entry.kind == "trainable":
                 flat = self._read_trainable(entry, begin, end)
@@ -535,14 +531,8 @@ class DeepSpeedSource(CheckpointSource):
                 return d / filename
         return None
 
-    def read_json(self, filename: str) -> Optional[dict[str, Any]]:
-        path = self._side_file(filename)
-        if path is None:
-            return None
-        try:
-            return json.loads(path.read_text())
-        except ValueError as err:
-            raise CheckpointError(f"{path}: invalid JSON ({err})") from None
+    def file_label(self, filename: str) -> str:
+        return str(self._side_file(filename) or self.root / filename)
 
     def read_bytes(self, filename: str) -> Optional[bytes]:
         path = self._side_file(filename)

@@ -18,12 +18,12 @@ import mmap
 import os
 import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from raymerge.checkpoints.safetensors_format import HeaderError, TensorEntry, header_length, parse_header, tensor_from_bytes
-from raymerge.checkpoints.source import CheckpointError, CheckpointSource, TensorInfo
+from raymerge.checkpoints.source import CheckpointError, CheckpointSource, TensorInfo, row_span
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -47,12 +47,20 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
 
 def _load_weight_map(index_path: Path) -> dict[str, str]:
     try:
-        data = json.loads(index_path.read_text())
-        weight_map = data["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        data = index_path.read_bytes()
+    except OSError as err:
         raise CheckpointError(f"{index_path}: unreadable index ({err})") from None
+    return parse_weight_map(data, str(index_path))
+
+
+def parse_weight_map(data: bytes, where: str) -> dict[str, str]:
+    """Tensor name -> shard file, from the bytes of a `model.safetensors.index.json`."""
+    try:
+        weight_map = json.loads(data)["weight_map"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{where}: unreadable index ({err})") from None
     if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index_path}: 'weight_map' is not a mapping")
+        raise CheckpointError(f"{where}: 'weight_map' is not a mapping")
     return {str(k): str(v) for k, v in weight_map.items()}
 
 
@@ -159,11 +167,8 @@ class LocalSource(CheckpointSource):
             raise CheckpointError(f"{self.root}: no tensor {name!r}") from None
         begin, end, shape = entry.begin, entry.end, entry.shape
         if rows is not None:
-            start, stop = rows
-            if not shape or not (0 <= start <= stop <= shape[0]):
-                raise CheckpointError(f"{self.root / fname}: bad row range {rows} for {name!r} {list(shape)}")
-            begin, end = entry.begin + start * entry.row_bytes, entry.begin + stop * entry.row_bytes
-            shape = (stop - start,) + shape[1:]
+            first, past, shape = row_span(shape, rows, entry.row_bytes, str(self.root / fname), name)
+            begin, end = entry.begin + first, entry.begin + past
         fd = self._fd(fname)
         if end > begin and os.fstat(fd).st_size < end:  # a mapping past the end would SIGBUS
             raise CheckpointError(f"{self.root / fname}: truncated while reading tensor {name!r}")
@@ -175,15 +180,6 @@ class LocalSource(CheckpointSource):
             if fname not in self._fds:
                 self._fds[fname] = os.open(self.root / fname, os.O_RDONLY)
             return self._fds[fname]
-
-    def read_json(self, filename: str) -> Optional[dict[str, Any]]:
-        path = self.root / filename
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except ValueError as err:
-            raise CheckpointError(f"{path}: invalid JSON ({err})") from None
 
     def read_bytes(self, filename: str) -> Optional[bytes]:
         path = self.root / filename

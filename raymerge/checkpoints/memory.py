@@ -7,7 +7,7 @@ code a merge runs (`runtime.compute.compute_operator`), so in-memory results equ
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -29,9 +29,6 @@ class MemorySource(CheckpointSource):
         except KeyError:
             raise CheckpointError(f"{self.location}: tensor {name} is not held in memory by this worker") from None
         return t if rows is None else t[rows[0] : rows[1]]
-
-    def read_json(self, filename: str) -> Optional[dict[str, Any]]:
-        return None
 
     def read_bytes(self, filename: str) -> Optional[bytes]:
         return None

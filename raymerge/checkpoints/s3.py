@@ -59,7 +59,6 @@ endpoint unreachable) — never a credential.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -74,12 +73,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import torch
 
+from raymerge.checkpoints.local import SAFE_INDEX, SAFE_SINGLE, parse_weight_map
 from raymerge.checkpoints.safetensors_format import HeaderError, TensorEntry, header_length, parse_header, tensor_from_bytes
-from raymerge.checkpoints.source import CheckpointError, CheckpointSource, TensorInfo
+from raymerge.checkpoints.source import CheckpointError, CheckpointSource, TensorInfo, row_span
 
 SCHEME = "s3://"
-SAFE_INDEX = "model.safetensors.index.json"
-SAFE_SINGLE = "model.safetensors"
 CONFIG = "config.json"
 
 RANGE_PART_BYTES = 16 * 1024 * 1024  # sub-range size of a large read
@@ -349,7 +347,7 @@ class S3Source(CheckpointSource):
         self._etags: dict[str, Optional[str]] = {}
         index = self._get_whole(SAFE_INDEX)
         if index is not None:
-            weight_map = self._weight_map(index)
+            weight_map = parse_weight_map(index, self.s3.url(SAFE_INDEX))
             files = sorted(set(weight_map.values()))
             headers = list(_thread_pool().map(self._shard_header, files))
             for fname, entries in zip(files, headers):
@@ -374,16 +372,6 @@ class S3Source(CheckpointSource):
     def _fail(self, err: BaseException, name: str = "") -> CheckpointError:
         where = self.location if _error_code(err) in _NO_BUCKET else self.s3.url(name)
         return CheckpointError(explain(err, where, self.s3.bucket, self.endpoint_url))
-
-    def _weight_map(self, data: bytes) -> dict[str, str]:
-        where = self.s3.url(SAFE_INDEX)
-        try:
-            weight_map = json.loads(data)["weight_map"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{where}: unreadable index ({err})") from None
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{where}: 'weight_map' is not a mapping")
-        return {str(k): str(v) for k, v in weight_map.items()}
 
     def _shard_header(self, fname: str) -> Optional[dict[str, TensorEntry]]:
         """The header of one shard (two ranged GETs), or None when the object does not exist."""
@@ -456,11 +444,8 @@ class S3Source(CheckpointSource):
             raise CheckpointError(f"{self.location}: no tensor {name!r}") from None
         begin, end, shape = entry.begin, entry.end, entry.shape
         if rows is not None:
-            start, stop = rows
-            if not shape or not (0 <= start <= stop <= shape[0]):
-                raise CheckpointError(f"{self.s3.url(fname)}: bad row range {rows} for {name!r} {list(shape)}")
-            begin, end = entry.begin + start * entry.row_bytes, entry.begin + stop * entry.row_bytes
-            shape = (stop - start,) + shape[1:]
+            first, past, shape = row_span(shape, rows, entry.row_bytes, self.s3.url(fname), name)
+            begin, end = entry.begin + first, entry.begin + past
         buf = bytearray(end - begin)
         if end > begin:
             requests = self._fetch(fname, begin, end, memoryview(buf))
@@ -490,14 +475,8 @@ class S3Source(CheckpointSource):
             raise self._fail(err, fname) from None
         return len(bounds)
 
-    def read_json(self, filename: str) -> Optional[dict[str, Any]]:
-        data = self._get_whole(filename)
-        if data is None:
-            return None
-        try:
-            return json.loads(data)
-        except ValueError as err:
-            raise CheckpointError(f"{self.s3.url(filename)}: invalid JSON ({err})") from None
+    def file_label(self, filename: str) -> str:
+        return self.s3.url(filename)
 
     def read_bytes(self, filename: str) -> Optional[bytes]:
         return self._get_whole(filename)

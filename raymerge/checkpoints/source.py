@@ -9,6 +9,7 @@ source and reads only the tensors of its own operators.
 from __future__ import annotations
 
 import abc
+import json
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -66,9 +67,19 @@ class CheckpointSource(abc.ABC):
     def read(self, name: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
         """Read tensor `name`, or rows [start, stop) of its first dimension, into memory."""
 
-    @abc.abstractmethod
     def read_json(self, filename: str) -> Optional[dict[str, Any]]:
         """A JSON file of the checkpoint (e.g. `config.json`), or None when absent."""
+        data = self.read_bytes(filename)
+        if data is None:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError as err:
+            raise CheckpointError(f"{self.file_label(filename)}: invalid JSON ({err})") from None
+
+    def file_label(self, filename: str) -> str:
+        """How messages name a side file of the checkpoint."""
+        return f"{self.location}/{filename}"
 
     @abc.abstractmethod
     def read_bytes(self, filename: str) -> Optional[bytes]:
@@ -89,3 +100,12 @@ class CheckpointSource(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.location!r})"
+
+
+def row_span(shape: tuple[int, ...], rows: tuple[int, int], row_size: int, where: str, name: str) -> tuple[int, int, tuple[int, ...]]:
+    """Offsets [start * row_size, stop * row_size) of rows [start, stop) of tensor `name` of
+    `shape`, and the shape of those rows; CheckpointError naming `where` for a bad range."""
+    start, stop = rows
+    if not shape or not (0 <= start <= stop <= shape[0]):
+        raise CheckpointError(f"{where}: bad row range {rows} for {name!r} {list(shape)}")
+    return start * row_size, stop * row_size, (stop - start,) + tuple(shape[1:])

@@ -233,11 +233,11 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def _human(n: int) -> str:
+def human_bytes(n: float) -> str:
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
+    return f"{int(n)} B"
 
 
 def check_disk_space(staging: Path, layout: OutputLayout, extra_bytes: int = 0) -> None:
@@ -257,7 +257,7 @@ def check_disk_space(staging: Path, layout: OutputLayout, extra_bytes: int = 0) 
     if needed > free:
         raise OutputError(
             f"not enough disk space for the output: its {len(layout.shards)} shard(s) and small files need "
-            f"{_human(needed)} in the staging folder {staging}, whose filesystem has {_human(free)} free"
+            f"{human_bytes(needed)} in the staging folder {staging}, whose filesystem has {human_bytes(free)} free"
         )
 
 

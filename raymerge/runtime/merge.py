@@ -31,7 +31,7 @@ from raymerge.checkpoints import CheckpointSource, SourceSpec, parse_size, plan_
 from raymerge.checkpoints.model_files import merged_model_config, model_card, tokenizer_files
 from raymerge.checkpoints.source import CheckpointError
 from raymerge.checkpoints.s3 import S3StagedOutput, resolve_endpoint_url
-from raymerge.checkpoints.writer import DEFAULT_SHARD_BYTES, check_disk_space, open_output
+from raymerge.checkpoints.writer import DEFAULT_SHARD_BYTES, check_disk_space, human_bytes, open_output
 from raymerge.config import ConfigError, MergeConfig, ModelRef, load_config
 from raymerge.runtime.costs import representative_ops
 from raymerge.runtime.executor import ExecutionStats, WorkerPool, acquire_pool, ensure_ray, release_pool, run_plan, work_items
@@ -127,13 +127,6 @@ class PlanOutcome:
             f"predicted makespan {self.predicted_makespan:.2f} s, measured {self.measured_makespan:.2f} s ({error:+.0%}); "
             f"{self.moved_parts} part(s) moved at run time"
         )
-
-
-def human_bytes(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 @dataclass(frozen=True)

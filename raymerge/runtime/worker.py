@@ -115,11 +115,7 @@ class MergeWorkerImpl:
         self._writer: Optional[ShardFileWriter] = None
         if threads:
             torch.set_num_threads(threads)
-        self.device = self._pick_device()
-
-    @staticmethod
-    def _pick_device() -> torch.device:
-        return pick_device()
+        self.device = pick_device()
 
     def describe(self) -> WorkerInfo:
         return worker_info(self.worker_id, self.device)
