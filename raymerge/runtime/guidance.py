@@ -78,12 +78,14 @@ def _key_order(k: str) -> tuple[int, int]:
 _KEY_NAMES = {-1: "embed", -2: "norm", -3: "head"}
 
 
-def guide_program(cfg: MergeConfig, label: str, program: MergeProgram, specs: list[SourceSpec], *, quiet: bool = False) -> GuidanceReport:
-    """Run the statistics pass and put an `OperatorGuide` on each affected operator of `program`."""
+def guide_program(
+    g: GuidanceConfig, cfg: MergeConfig, program: MergeProgram, specs: list[SourceSpec], *, quiet: bool = False
+) -> GuidanceReport:
+    """Run the statistics pass and put an `OperatorGuide` on each affected operator of `program`
+    (`g`: the settings as `check_guidance` returned them)."""
     import time
 
     t0 = time.perf_counter()
-    g = check_guidance(cfg, label, program)
     base = program.models.index(cfg.base_model)
     names = [str(m) for m in program.models]
     report = GuidanceReport(method=g.method, strength=g.strength, models=names)
@@ -99,7 +101,7 @@ def guide_program(cfg: MergeConfig, label: str, program: MergeProgram, specs: li
                 scales, nmi = sp.acm(g.strength)
                 report.extra["nmi"] = {names[i]: {_label(k): v for k, v in sorted(m.items())} for i, m in nmi.items()}
             else:
-                scales, extra = sp.sens(g, cfg, names)
+                scales, extra = sp.sens(g, names)
                 report.extra.update(extra)
             report.coefficients = {names[i]: {_label(k): v for k, v in sorted(s.items())} for i, s in scales.items()}
 
@@ -179,7 +181,7 @@ class _StagePass:
 
     def __enter__(self) -> "_StagePass":
         from raymerge.runtime.guidance_worker import GuidanceWorkerImpl
-        from raymerge.runtime.prune import _Driver, _start_workers, _tokenizer
+        from raymerge.runtime.prune import _Driver, _Pipeline, _start_workers, _tokenizer, even_stages
 
         self._windows: dict[str, torch.Tensor] = {}
         src = self.specs[self.base].open()
@@ -194,10 +196,11 @@ class _StagePass:
         cals = [self.g.calibration, *self.g.task_calibration.values()]
         tokens = max(c.nsamples * resolve_seqlen(c.seqlen, self.shape.max_positions) for c in cals)
         _check_memory(self.g, self.shape, int(self.model_config.get("vocab_size") or 0), tokens)
-        n = max(1, min(self.g.stages, self.shape.num_layers))
-        self.bounds = [(k * self.shape.num_layers // n, (k + 1) * self.shape.num_layers // n - 1) for k in range(n)]
+        self.bounds = even_stages(self.shape.num_layers, self.g.stages)
+        n = len(self.bounds)
         workers, _ = _start_workers(n, GuidanceWorkerImpl)
         self.d = _Driver(workers, remote=True)
+        self.pipe = _Pipeline(self.d, workers, self.g.batch_size, self.quiet)
         try:
             settings = PruneSettings(method="wanda", modules=self.shape.modules, dtype=self.g.dtype)
             last = n - 1
@@ -228,15 +231,11 @@ class _StagePass:
     def each(self, method: str, *args: Any) -> list[Any]:
         return self.d.get([self.d.call(w, method, *args) for w in self.d.workers])
 
-    def forward(self, ids: torch.Tensor, head: bool) -> Any:
-        h = self.d.call(self.d.workers[0], "embed", ids)
-        for w in self.d.workers:
-            h = self.d.call(w, "forward", h, ())
-        return self.d.call(self.d.workers[-1], "head", h) if head else h
-
     def run(self, windows: torch.Tensor, desc: str) -> None:
-        batches = list(windows.split(self.g.batch_size))
-        self.d.get([self.forward(ids, True) for ids in batches], desc=desc, quiet=self.quiet)
+        """Every window through the layers and the last stage's final norm and head (collectors see all)."""
+        last = self.d.workers[-1]
+        self.d.get([self.d.call(last, "head", self.pipe.forward(ids)) for ids in self.pipe.batches(windows)],
+                   desc=desc, quiet=self.quiet)
 
     def layer_keys(self) -> dict[str, Optional[int]]:
         keys: dict[str, Optional[int]] = {}
@@ -273,17 +272,15 @@ class _StagePass:
             nmis[i], scales[i] = nmi, acm_coefficients(nmi, theta)
         return scales, nmis
 
-    def sens(self, g: GuidanceConfig, cfg: MergeConfig, names: list[str]) -> tuple[dict[int, dict[int, float]], dict[str, Any]]:
+    def sens(self, g: GuidanceConfig, names: list[str]) -> tuple[dict[int, dict[int, float]], dict[str, Any]]:
         tasks = [i for i in range(len(self.specs)) if i != self.base]
         data = {i: self.windows(names[i] if names[i] in g.task_calibration else None) for i in tasks}
         sensitivity: dict[int, dict[int, float]] = {}
-        for i in tasks:
-            self.load(i)
-            sensitivity[i] = self._sensitivity(data[i], names[i])
         distances = [[0.0] * len(tasks) for _ in tasks]
-        for b, j in enumerate(tasks):  # model j's logits on its own text are the reference
+        for b, j in enumerate(tasks):  # model j: its sensitivity, then its own text's logits as the reference
             self.load(j)
-            self._keep_reference(data[j])
+            sensitivity[j] = self._sensitivity(data[j], names[j])
+            self.pipe.keep_reference(data[j])
             for a, i in enumerate(tasks):
                 if i != j:
                     self.load(i)
@@ -317,13 +314,8 @@ class _StagePass:
             out.update(part)
         return out
 
-    def _keep_reference(self, windows: torch.Tensor) -> None:
-        last = self.d.workers[-1]
-        self.d.get([self.d.call(last, "keep_reference", self.forward(ids, False), j)
-                    for j, ids in enumerate(windows.split(self.g.batch_size))])
-
     def _distance(self, windows: torch.Tensor) -> float:
         last = self.d.workers[-1]
-        parts = self.d.get([self.d.call(last, "logit_distance", self.forward(ids, False), j)
-                            for j, ids in enumerate(windows.split(self.g.batch_size))])
+        parts = self.d.get([self.d.call(last, "logit_distance", self.pipe.forward(ids), j)
+                            for j, ids in enumerate(self.pipe.batches(windows))])
         return sum(p[0] for p in parts) / max(1, sum(p[1] for p in parts))

@@ -343,10 +343,10 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
         from raymerge.runtime.executor import shutdown_pool
         from raymerge.runtime.guidance import check_guidance, guide_program
 
-        check_guidance(cfg, label, program)
+        checked = check_guidance(cfg, label, program)
         ensure_ray(options.address or (profile.address if profile is not None else None))
         shutdown_pool()  # the statistics' stage workers need the CPU slots a kept pool holds
-        guidance = guide_program(cfg, label, program, specs, quiet=options.quiet)
+        guidance = guide_program(checked, cfg, program, specs, quiet=options.quiet)
         extra_files = {**(extra_files or {}), "guidance.json": guidance.to_json()}
     if settings is not None and settings.export_task_vectors:
         from raymerge.runtime.onebit_export import task_vector_files

@@ -241,35 +241,33 @@ class _Pipeline:
     def batches(self, windows: torch.Tensor) -> list[torch.Tensor]:
         return list(windows.split(self.batch_size))
 
+    def forward(self, ids: torch.Tensor, collect: Sequence[str] = (), emit: bool = True) -> Any:
+        """Embed a micro-batch and push it through every stage; the handle of the hidden states
+        leaving the last layer (`emit=False`: the last stage keeps them, a statistics-only pass)."""
+        h = self.d.call(self.stages[0], "embed", ids)
+        last = len(self.stages) - 1
+        for k, s in enumerate(self.stages):
+            h = self.d.call(s, "forward", h, tuple(collect), emit or k < last)
+        return h
+
     def dense_pass(self, windows: torch.Tensor, collect: Sequence[str] = (), desc: str = "dense pass") -> None:
         """Push windows through all stages, collecting statistics; keep no outputs."""
-        handles = []
-        last = len(self.stages) - 1
-        for ids in self.batches(windows):
-            h = self.d.call(self.stages[0], "embed", ids)
-            for k, s in enumerate(self.stages):
-                h = self.d.call(s, "forward", h, tuple(collect), k < last)
-            handles.append(h)
-        self.d.get(handles, desc, self.quiet)
+        self.d.get([self.forward(ids, collect, emit=False) for ids in self.batches(windows)], desc, self.quiet)
 
     def nll(self, windows: torch.Tensor, desc: str) -> tuple[float, int]:
-        handles = []
-        for ids in self.batches(windows):
-            h = self.d.call(self.stages[0], "embed", ids)
-            for s in self.stages:
-                h = self.d.call(s, "forward", h, ())
-            handles.append(self.d.call(self.stages[-1], "loss", h, ids))
+        handles = [self.d.call(self.stages[-1], "loss", self.forward(ids), ids) for ids in self.batches(windows)]
         parts = self.d.get(handles, desc, self.quiet)
         return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
     def features(self, windows: torch.Tensor) -> torch.Tensor:
-        handles = []
-        for ids in self.batches(windows):
-            h = self.d.call(self.stages[0], "embed", ids)
-            for s in self.stages:
-                h = self.d.call(s, "forward", h, ())
-            handles.append(self.d.call(self.stages[-1], "features", h))
+        handles = [self.d.call(self.stages[-1], "features", self.forward(ids)) for ids in self.batches(windows)]
         return torch.cat(self.d.get(handles, "curation features", self.quiet))
+
+    def keep_reference(self, windows: torch.Tensor, first_key: int = 0) -> None:
+        """Have the last stage keep the logits of each micro-batch under keys first_key, +1, ..."""
+        last = self.stages[-1]
+        self.d.get([self.d.call(last, "keep_reference", self.forward(ids), first_key + j)
+                    for j, ids in enumerate(self.batches(windows))])
 
     def prune_sequential(self, windows: torch.Tensor, sparsities: list[list[dict[int, float]]]) -> None:
         for ids in self.batches(windows):
@@ -287,6 +285,12 @@ class _Pipeline:
     def prune_collected(self, sparsities: list[dict[int, float]]) -> None:
         handles = [self.d.call(s, "prune_collected", sp) for s, sp in zip(self.stages, sparsities)]
         self.d.get(handles, "pruning stages", self.quiet)
+
+
+def even_stages(num_layers: int, n: int) -> list[tuple[int, int]]:
+    """(first, last) layer of each of min(n, num_layers) contiguous blocks of near-equal size."""
+    n = max(1, min(n, num_layers))
+    return [(k * num_layers // n, (k + 1) * num_layers // n - 1) for k in range(n)]
 
 
 def _per_stage(plans: list[_StagePlan], values: list[float]) -> list[dict[int, float]]:

@@ -39,12 +39,13 @@ from raymerge.pruning.decoder import ModelShape, describe_model
 from raymerge.pruning.layerwise import owl_sparsities
 from raymerge.pruning.stage import PruneSettings
 from raymerge.runtime.operators import MergeOperator, build_program
-from raymerge.runtime.prune import _Driver, _Pipeline, _tokenizer
+from raymerge.runtime.prune import _Driver, _Pipeline, _tokenizer, even_stages
 from raymerge.search.lm_eval_objective import donor_files, lm_eval_value
 from raymerge.search.space import SearchSpace
 from raymerge.search.worker import SearchWorkerImpl
 
 STUDY_FILE = "study.journal"
+REFERENCE_KEYS = 100000  # objective k's reference logits are kept under keys k * REFERENCE_KEYS + batch
 
 
 @dataclass
@@ -97,7 +98,6 @@ class _MergeTask:
         self.specs = [SourceSpec(m.path, m.revision, config_from=m.config_from) for m in self.models]
         if first.changes_layers:
             raise ConfigError(f"{label}: merge: slices that change the layer stack cannot be searched in memory yet")
-        self.seed = 0
         self.donor = first.donor
         self.first_ops = first.operators
 
@@ -286,8 +286,8 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
         for o in objectives
     ]
     settings = PruneSettings(method="wanda", modules=shape.modules, dtype=cfg.dtype)
-    n_stages = max(1, min(options.stages, shape.num_layers))
-    bounds = [(k * shape.num_layers // n_stages, (k + 1) * shape.num_layers // n_stages - 1) for k in range(n_stages)]
+    bounds = even_stages(shape.num_layers, options.stages)
+    n_stages = len(bounds)
 
     def build() -> tuple[_Driver, list[Any]]:
         if options.in_process:
@@ -325,7 +325,7 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
             p.pipe.dense_pass(prune_windows, ("norms",))
             d.get([d.call(w, "keep_dense") for w in d.workers])
             for k, ref in enumerate(refs):
-                if ref is not None or objectives[k].kind == "reconstruction":
+                if objectives[k].kind == "reconstruction":
                     _keep_reference(p, windows[k], k)  # the dense model is the reference
 
     storage = _storage(cfg, out)
@@ -417,18 +417,8 @@ def _apply_merge(p: _SearchPipeline, ops: list[MergeOperator]) -> list[Any]:
             for w, own in zip(p.driver.workers, p.owned)]
 
 
-def _forward_all(p: _SearchPipeline, ids: torch.Tensor) -> Any:
-    h = p.driver.call(p.driver.workers[0], "embed", ids)
-    for w in p.driver.workers:
-        h = p.driver.call(w, "forward", h, ())
-    return h
-
-
 def _keep_reference(p: _SearchPipeline, windows: CalibrationWindows, k: int) -> None:
-    last = p.driver.workers[-1]
-    handles = [p.driver.call(last, "keep_reference", _forward_all(p, ids), k * 100000 + j)
-               for j, ids in enumerate(windows.heldout.split(p.pipe.batch_size))]
-    p.driver.get(handles)
+    p.pipe.keep_reference(windows.heldout, k * REFERENCE_KEYS)
 
 
 def _submit(trial, p: _SearchPipeline, task, objectives: list[Objective], windows: list[CalibrationWindows], shape: ModelShape) -> list[Any]:
@@ -454,9 +444,9 @@ def _submit(trial, p: _SearchPipeline, task, objectives: list[Objective], window
     last = d.workers[-1]
     for k, (obj, win) in enumerate(zip(objectives, windows)):
         if obj.kind == "perplexity":
-            handles.append([d.call(last, "loss", _forward_all(p, ids), ids) for ids in win.heldout.split(p.pipe.batch_size)])
+            handles.append([d.call(last, "loss", p.pipe.forward(ids), ids) for ids in win.heldout.split(p.pipe.batch_size)])
         elif obj.kind == "reconstruction":
-            handles.append([d.call(last, "reconstruction", _forward_all(p, ids), k * 100000 + j)
+            handles.append([d.call(last, "reconstruction", p.pipe.forward(ids), k * REFERENCE_KEYS + j)
                             for j, ids in enumerate(win.heldout.split(p.pipe.batch_size))])
         elif obj.kind == "lm_eval":
             handles.append(("lm_eval", obj, None))
@@ -492,7 +482,7 @@ def _gather(p: _SearchPipeline, names: list[str]) -> dict[str, torch.Tensor]:
 
 
 def _logits(p: _SearchPipeline, ids: torch.Tensor) -> torch.Tensor:
-    return p.driver.get(p.driver.call(p.driver.workers[-1], "logits", _forward_all(p, ids)))
+    return p.driver.get(p.driver.call(p.driver.workers[-1], "logits", p.pipe.forward(ids)))
 
 
 def _user_objective(spec: str) -> Callable[..., float]:

@@ -17,7 +17,7 @@ stage (`keep_reference`) and return the squared error against them (`reconstruct
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -129,6 +129,3 @@ class SearchWorkerImpl(PruneWorkerImpl):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._stage().block.logits(hidden.to(self.device)).float().cpu()
-
-    def stats_state(self) -> dict[str, Any]:
-        return {"held_tensors": sum(len(s.tensors()) for s in self._inputs), "dense_modules": len(self._dense)}
