@@ -14,14 +14,14 @@ from typing import Iterable
 import torch
 
 from raymerge.methods import checks
+from raymerge.methods.lowrank import compute_dtype
 from raymerge.methods.registry import MethodSpec, ParamSpec, register
 
 
 def onebit_scale(delta: torch.Tensor) -> torch.Tensor:
     """The per-tensor scale mean(|delta|), accumulated in float32 (float64 for float64), as a
     0-d tensor in delta's dtype."""
-    acc = torch.float64 if delta.dtype == torch.float64 else torch.float32
-    return delta.abs().to(acc).mean().to(delta.dtype)
+    return delta.abs().to(compute_dtype(delta)).mean().to(delta.dtype)
 
 
 def onebit_signs(delta: torch.Tensor) -> torch.Tensor:
@@ -83,7 +83,7 @@ def onebit(inputs, *, base_index, model_params, params, generator):
     others = [i for i in range(len(inputs)) if i != base_index]
     if not others:
         return base
-    acc = torch.float64 if base.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(base)
     merged = torch.zeros(base.shape, dtype=acc, device=base.device)
     total = 0.0
     for i in others:
@@ -92,7 +92,7 @@ def onebit(inputs, *, base_index, model_params, params, generator):
         if is_compressible(base) and not model_params[i].get("keep_full", False):
             # = onebit_compress(delta) * w, without materialising the compressed vector
             scale = float(onebit_scale(delta))
-            merged.add_(torch.where(delta >= 0, 1.0, -1.0).to(acc), alpha=w * scale)
+            merged.add_(onebit_signs(delta).to(acc), alpha=w * scale)
         else:
             merged.add_(delta.to(acc), alpha=w)
         total += w

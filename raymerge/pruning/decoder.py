@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -264,7 +264,6 @@ class DecoderBlock:
                 mod_name, attr = other.rsplit(".", 1)
                 setattr(self.model.get_submodule(mod_name), attr, loaded[name])
                 loaded[other] = loaded[name]
-        self.tied = tied
         # Computed buffers (rotary frequencies, embedding scales) come from the model's own init
         # code; loaded weights are flagged so that code leaves them alone (as from_pretrained does).
         for module in self.model.modules():
@@ -351,9 +350,8 @@ class DecoderBlock:
     def _base_forward(self, **inputs: Any) -> Any:
         return self.model(**inputs, use_cache=False)
 
-    def _swapped_layers(self, replacements: "dict[int, nn.Module] | list[nn.Module]"):
-        items = replacements.items() if isinstance(replacements, dict) else enumerate(replacements)
-        return _Swap(self._layers, dict(items))
+    def _swapped_layers(self, replacements: dict[int, nn.Module]):
+        return _Swap(self._layers, replacements)
 
     def held_parameters(self) -> dict[str, nn.Parameter]:
         """Every parameter this block materialised, under all its names (tied ones too)."""
@@ -362,9 +360,6 @@ class DecoderBlock:
     def linear(self, index: int, module: str) -> nn.Linear:
         return self._layers[index].get_submodule(module)  # type: ignore[return-value]
 
-    def named_linears(self, index: int, modules: list[str]) -> Iterator[tuple[str, nn.Linear]]:
-        for name in modules:
-            yield name, self.linear(index, name)
 
 
 class _Swap:

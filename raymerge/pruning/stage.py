@@ -122,6 +122,7 @@ class PruneStage:
     ) -> None:
         self.settings = settings
         self.source = source
+        self._dtypes = {name: info.dtype for name, info in source.tensors().items()}  # the checkpoint's, read once
         self.block = DecoderBlock(
             config, source, first, last, dtype=DTYPES[settings.dtype], device=device, embed=embed, head=head
         )
@@ -173,14 +174,16 @@ class PruneStage:
         self._collectors.clear()
 
     # -- OWL --------------------------------------------------------------------------------
-    def outlier_ratios(self, m: float) -> dict[int, float]:
-        """OWL's outlier ratio of each layer, from Wanda scores of the collected dense statistics."""
+    def outlier_ratios(self, m: float, weight: Optional[Callable[[int, str], torch.Tensor]] = None) -> dict[int, float]:
+        """OWL's outlier ratio of each layer, from Wanda scores of the collected dense statistics
+        and the block's weights (or `weight(layer, module)`'s, e.g. kept dense copies)."""
+        weight = weight or (lambda i, n: self.block.linear(i, n).weight)
         ratios = {}
         for i in self.layers:
             stats = self._collector(i, "norms").stats
             if not stats:
                 raise RuntimeError(f"layer {i}: no activation statistics collected before computing OWL ratios")
-            scores = [wanda_scores(self.block.linear(i, n).weight, stats[n].sq_sum) for n in self.settings.modules]
+            scores = [wanda_scores(weight(i, n), stats[n].sq_sum) for n in self.settings.modules]
             ratios[i] = outlier_ratio(scores, m)
         return ratios
 
@@ -221,7 +224,7 @@ class PruneStage:
             linear = self.block.linear(layer, name)
             tensor_name = f"{self.block.layers_path}.{layer}.{name}.weight"
             if self.settings.method == "sparsegpt":  # only the dtype of the checkpoint's tensor is needed
-                original = torch.empty(0, dtype=self.source.tensors()[tensor_name].dtype)
+                original = torch.empty(0, dtype=self._dtypes[tensor_name])
             else:
                 original = self.source.read(tensor_name).to(linear.weight.device)
             weight, mask = self._prune_matrix(linear.weight, original, sparsity, stats.get(name), tensor_name)

@@ -15,7 +15,7 @@ from raymerge.checkpoints.safetensors_format import DTYPES
 from raymerge.methods import get_method
 from raymerge.methods.guided import relax_columns, scale_deltas
 from raymerge.runtime.operators import DTYPES as NAMED_DTYPES
-from raymerge.runtime.operators import MergeOperator
+from raymerge.runtime.operators import MergeOperator, promote_dtypes
 
 
 class OperatorError(RuntimeError):
@@ -37,12 +37,7 @@ def compute_operator(
         if any(t.dtype != first.dtype or not torch.equal(t, first) for t in tensors[1:]):
             raise OperatorError(f"non-floating tensor {op.name!r} differs between input models; cannot merge it")
         return first
-    if op.work_dtype is not None:
-        work = NAMED_DTYPES[op.work_dtype]
-    else:
-        work = tensors[0].dtype
-        for t in tensors[1:]:
-            work = torch.promote_types(work, t.dtype)
+    work = work_dtype(op, [t.dtype for t in tensors])
     tensors = [t.to(device=device, dtype=work) for t in tensors]
     generator = None
     if op.seed is not None:
@@ -69,6 +64,11 @@ def compute_operator(
     if tuple(result.shape) != expected:
         raise OperatorError(f"merge_method {op.method!r} returned shape {list(result.shape)} for {op.name!r}, expected {list(expected)}")
     return result.to(device="cpu", dtype=out_dtype)
+
+
+def work_dtype(op: MergeOperator, input_dtypes: list[torch.dtype]) -> torch.dtype:
+    """The dtype `op` is computed in: the config's `dtype`, else the promotion of its inputs'."""
+    return NAMED_DTYPES[op.work_dtype] if op.work_dtype is not None else promote_dtypes(input_dtypes)
 
 
 def _base(op: MergeOperator) -> int:

@@ -117,11 +117,8 @@ class GuidanceWorkerImpl(SearchWorkerImpl):
 
     def logit_distance(self, hidden: torch.Tensor, key: int) -> tuple[float, int]:
         """Sum over tokens of the L2 distance between these logits and the kept reference's."""
+        total = sum((float(e.norm(dim=-1).sum()) for e in self._logit_errors(hidden, key)), 0.0)
         ref = self._reference[key]
-        total = 0.0
-        for j, h in enumerate(hidden.split(1)):
-            logits = self._stage().block.logits(h.to(self.device)).float()
-            total += float((logits - ref[j : j + 1].to(logits.device)).double().norm(dim=-1).sum())
         return total, ref.shape[0] * ref.shape[1]
 
     def drop_references(self) -> None:

@@ -58,15 +58,8 @@ class MergedSource(CheckpointSource):
         return self._sources
 
     def tensors(self) -> dict[str, TensorInfo]:
-        out = {}
-        for name, op in self._ops.items():
-            dtype = CODE_DTYPES[op.out_dtype]
-            numel = 1
-            for d in op.shape:
-                numel *= d
-            out[name] = TensorInfo(name=name, shape=tuple(op.shape), dtype=dtype, file="(merged in memory)",
-                                   nbytes=numel * torch.empty(0, dtype=dtype).element_size())
-        return out
+        return {name: TensorInfo(name=name, shape=tuple(op.shape), dtype=CODE_DTYPES[op.out_dtype],
+                                 file="(merged in memory)", nbytes=op.bytes_out) for name, op in self._ops.items()}
 
     def read(self, name: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
         if name not in self._cache:

@@ -21,15 +21,8 @@ from tqdm.auto import tqdm
 
 from raymerge.checkpoints import SourceSpec
 from raymerge.methods.onebit import is_compressible, onebit_storage_bits, pack_onebit
-from raymerge.runtime.operators import DTYPES as NAMED_DTYPES
+from raymerge.runtime.compute import work_dtype
 from raymerge.runtime.operators import MergeProgram
-
-
-def _promoted(dtypes: list[torch.dtype]) -> torch.dtype:
-    out = dtypes[0]
-    for d in dtypes[1:]:
-        out = torch.promote_types(out, d)
-    return out
 
 
 def task_vector_files(program: MergeProgram, specs: Sequence[SourceSpec], *, quiet: bool = False) -> dict[str, bytes]:
@@ -44,7 +37,7 @@ def task_vector_files(program: MergeProgram, specs: Sequence[SourceSpec], *, qui
             raws = [sources[t.model].read(t.name) for t in op.inputs]
             if not raws[0].is_floating_point():
                 continue  # integer buffers are not merged (equal across models) and have no task vector
-            work = NAMED_DTYPES[op.work_dtype] if op.work_dtype else _promoted([r.dtype for r in raws])
+            work = work_dtype(op, [r.dtype for r in raws])
             base = raws[op.base_index].to(work)  # the merge's own working dtype, so scales match it
             for i, t in enumerate(op.inputs):
                 if i == op.base_index:

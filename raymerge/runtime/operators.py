@@ -329,7 +329,7 @@ class _Planner:
             raise ConfigError(f"{self.label}: tensor {out_name!r}: {err}") from None
 
         in_dtypes = [i.dtype for i in infos]
-        work = DTYPES[cfg.dtype] if cfg.dtype else _promote(in_dtypes)
+        work = DTYPES[cfg.dtype] if cfg.dtype else promote_dtypes(in_dtypes)
         if not all(d.is_floating_point for d in in_dtypes):
             out = in_dtypes[0]  # integer buffers are copied, never merged
         else:
@@ -360,7 +360,7 @@ def _ordered_union(lists) -> list[str]:
     return list(seen)
 
 
-def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
+def promote_dtypes(dtypes: list[torch.dtype]) -> torch.dtype:
     out = dtypes[0]
     for d in dtypes[1:]:
         out = torch.promote_types(out, d)

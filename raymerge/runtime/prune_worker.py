@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from raymerge.calibration.curation import mean_pooled_features
 from raymerge.checkpoints import OutputLayout, ShardFileWriter, SourceSpec
 from raymerge.pruning.stage import ModuleResult, PruneSettings, PruneStage
 from raymerge.runtime.worker import WorkerInfo, _peak_rss_bytes, pick_device, worker_info
@@ -79,7 +80,7 @@ class PruneWorkerImpl:
 
     def features(self, hidden: torch.Tensor) -> torch.Tensor:
         """Mean over positions of the hidden states (calibration curation's activation space)."""
-        return hidden.float().mean(dim=1).cpu()
+        return mean_pooled_features(hidden).cpu()
 
     def outlier_ratios(self, m: float) -> dict[int, float]:
         return self._timed(self._stage().outlier_ratios, m)

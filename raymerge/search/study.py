@@ -37,6 +37,7 @@ from raymerge.config.prune_config import PruneConfig, parse_prune_config
 from raymerge.config.search_config import Objective, SearchConfig, load_search_config
 from raymerge.pruning.decoder import ModelShape, describe_model
 from raymerge.pruning.layerwise import owl_sparsities
+from raymerge.pruning.report import perplexity
 from raymerge.pruning.stage import PruneSettings
 from raymerge.runtime.operators import MergeOperator, build_program
 from raymerge.runtime.prune import _Driver, _Pipeline, _tokenizer, even_stages
@@ -468,7 +469,7 @@ def _values(p: _SearchPipeline, handles: list[Any], objectives: list[Objective],
         parts = p.driver.get(h)
         total, count = sum(x[0] for x in parts), sum(x[1] for x in parts)
         if obj.kind == "perplexity":
-            values.append(math.exp(total / count) if total / count < 700 else math.inf)
+            values.append(perplexity(total, count))
         else:
             values.append(total / count)
     return values

@@ -17,7 +17,7 @@ stage (`keep_reference`) and return the squared error against them (`reconstruct
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -99,28 +99,24 @@ class SearchWorkerImpl(PruneWorkerImpl):
 
     def outlier_ratios(self, m: float) -> dict[int, float]:
         """OWL's outlier ratios from the dense weights (the block's own are a trial's pruned ones)."""
-        from raymerge.pruning.layerwise import outlier_ratio
-
-        stage = self._stage()
-        out = {}
-        for i in stage.layers:
-            stats = stage._collector(i, "norms").stats
-            out[i] = outlier_ratio([wanda_scores(self._dense[f"{i}.{n}"], stats[n].sq_sum) for n in stage.settings.modules], m)
-        return out
+        return self._stage().outlier_ratios(m, lambda i, n: self._dense[f"{i}.{n}"])
 
     # -- reconstruction objective -----------------------------------------------------------
     def keep_reference(self, hidden: torch.Tensor, key: int) -> None:
         """Keep the reference logits of an evaluation batch (in host memory, bf16 would lose digits)."""
         self._reference[key] = torch.cat([self._stage().block.logits(h.to(self.device)).float().cpu() for h in hidden.split(1)])
 
+    def _logit_errors(self, hidden: torch.Tensor, key: int) -> Iterator[torch.Tensor]:
+        """Per window (one window's logits at a time): float64 logits minus the kept reference's."""
+        ref = self._reference[key]
+        for j, h in enumerate(hidden.split(1)):
+            logits = self._stage().block.logits(h.to(self.device)).float()
+            yield (logits - ref[j : j + 1].to(logits.device)).double()
+
     def reconstruction(self, hidden: torch.Tensor, key: int) -> tuple[float, int]:
         """Summed squared error of the logits against the reference's, and the element count."""
-        ref = self._reference[key]
-        total = 0.0
-        for j, h in enumerate(hidden.split(1)):  # one window's logits at a time
-            logits = self._stage().block.logits(h.to(self.device)).float()
-            total += float((logits - ref[j : j + 1].to(logits.device)).double().square().sum())
-        return total, ref.numel()
+        total = sum((float(e.square().sum()) for e in self._logit_errors(hidden, key)), 0.0)
+        return total, self._reference[key].numel()
 
     def state_dict(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """The held parameters among `names` as they are now (a trial's weights), on CPU."""
