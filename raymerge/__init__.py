@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 
 from raymerge.checkpoints import CheckpointError, OutputError
 from raymerge.config import ConfigError, MergeConfig
+from raymerge.errors import RaymergeError
 from raymerge.methods import MethodError, available_methods
 from raymerge.runtime.merge import MergeOptions, MergeResult, PlanReport
 
@@ -30,6 +31,7 @@ __all__ = [
     "merge",
     "plan",
     "PlanReport",
+    "RaymergeError",
     "prune",
     "optimize",
     "shutdown_workers",
@@ -164,7 +166,9 @@ def prune(
 
     Args:
         config: path to a YAML file, or a dict in the same format.
-        output: directory to create; refused if it already holds a model unless `overwrite`.
+        output: directory to create, or `s3://bucket/prefix` (staged locally, uploaded by the
+            workers, `config.json` last: as `merge`); refused if it already holds a model unless
+            `overwrite`.
         workers: stage workers the decoder layers are spread over, each holding a contiguous
             block (default: one per GPU, else one per CPU slot; never more than the layers).
         in_process: run everything in this process, one stage, no Ray.
@@ -172,7 +176,7 @@ def prune(
         quiet: no progress bars.
         address: Ray cluster address (default: `RAY_ADDRESS`, else a local Ray).
         plot: write a per-layer sparsity chart (PNG) here.
-        s3_endpoint_url: endpoint of an S3-compatible store for an `s3://` model.
+        s3_endpoint_url: endpoint of an S3-compatible store for an `s3://` model and output.
 
     Returns:
         A `PruneResult`: output path, `report` (per-layer target and achieved sparsity, N:M
@@ -199,7 +203,11 @@ def optimize(
     in_process: bool = False,
     address: Optional[str] = None,
     quiet: bool = False,
-    materialize: bool = False,
+    materialize: Union[bool, str, Path] = False,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    allow_mixed_architectures: bool = False,
+    s3_endpoint_url: Optional[str] = None,
 ):
     """Search merge coefficients or layerwise sparsities with Optuna (`raymerge search` on the
     command line; the config format is in `raymerge.config.search_config`). Named `optimize`
@@ -209,11 +217,18 @@ def optimize(
     stage workers, which hold the input models' layers and re-merge (or re-mask) them in memory
     per trial; nothing is written per trial. `output` receives the study journal (rerunning
     continues the study), `best.yaml` (ready to run with `raymerge merge`/`prune`), and plots;
-    `materialize` also writes the best model to `output/best-model`.
+    `materialize=True` also writes the best model to `output/best-model`; a folder or an
+    `s3://bucket/prefix` instead publishes it there, through the output path `merge` and `prune`
+    use (checked before the study starts; `overwrite` replaces what it holds). A merge search opens and
+    checks its inputs as `merge` does (`allow_pickle`, `allow_mixed_architectures`,
+    `s3_endpoint_url`), and every trial is compiled by the same step, with the merge config's
+    `raymerge: random_seed`: a trial is the model `raymerge merge best.yaml` writes.
 
     Returns a `SearchResult` (`.study`, `.best_configs`, `.summary()`).
     """
     from raymerge.search.study import SearchOptions, run_search
 
-    options = SearchOptions(stages=stages, in_process=in_process, address=address, quiet=quiet, materialize=materialize)
+    options = SearchOptions(stages=stages, in_process=in_process, address=address, quiet=quiet, materialize=materialize,
+                            overwrite=overwrite, allow_pickle=allow_pickle, allow_mixed_architectures=allow_mixed_architectures,
+                            s3_endpoint_url=s3_endpoint_url)
     return run_search(config, output, options)

@@ -1,7 +1,8 @@
 """The `raymerge` command line: `merge`, `prune`, `search`, `plan`, `demo` and `methods`.
 
 Thin by design: parse arguments, call the public API, print the summary. Errors that come from
-the user's inputs (config, model paths, output path) print one clear message and exit with 2;
+the user's inputs (config, model paths, output path: `raymerge.errors.RaymergeError`, plus the
+planner's own `PlanError`/`ProblemError`) print one line (`errors.one_line`) and exit with 2;
 anything else is a bug and keeps its traceback.
 """
 
@@ -17,21 +18,11 @@ USER_ERRORS_EXIT = 2
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from raymerge.checkpoints import CheckpointError, OutputError
-    from raymerge.checkpoints.safetensors_format import HeaderError
-    from raymerge.config import ConfigError
-    from raymerge.methods import MethodError
-    from raymerge.runtime.compute import OperatorError
-    from raymerge.runtime.operators import MergePlanError
-
+    """User mistakes: raymerge's (`RaymergeError`) and the standalone planner's own."""
     from planners import PlanError, ProblemError
-    from raymerge.calibration import CalibrationError
-    from raymerge.pruning import PruningError
-    from raymerge.runtime.prune import PruneError
-    from raymerge.search.space import SearchSpaceError
+    from raymerge.errors import RaymergeError
 
-    return (ConfigError, CheckpointError, HeaderError, OutputError, MethodError, MergePlanError, OperatorError, PlanError,
-            ProblemError, CalibrationError, PruningError, PruneError, SearchSpaceError)
+    return (RaymergeError, PlanError, ProblemError)
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -121,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     pr.add_argument("config", help="prune config (YAML)")
-    pr.add_argument("output", help="output directory (a Hugging Face model folder)")
+    pr.add_argument("output", help="output directory (a Hugging Face model folder), or s3://bucket/prefix")
     pr.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it already holds a model")
     pr.add_argument("--workers", type=int, default=None, metavar="N",
                     help="stage workers (default: one per GPU in the cluster, else one per CPU slot; at most one per layer)")
@@ -131,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", default=None, metavar="FILE", dest="report_json",
                     help="also write the report (prune_report.json in OUTPUT) to FILE")
     pr.add_argument("--s3-endpoint-url", default=None, metavar="URL",
-                    help="endpoint of an S3-compatible store for an s3:// model (default: AWS, or $AWS_ENDPOINT_URL)")
+                    help="endpoint of an S3-compatible store for an s3:// model and output (default: AWS, or $AWS_ENDPOINT_URL)")
     pr.add_argument("--quiet", action="store_true", help="no progress bars")
 
     se = sub.add_parser(
@@ -150,9 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--stages", type=int, default=1, metavar="N",
                     help="stage workers per trial; the model's layers are split over them (default 1)")
     se.add_argument("--in-process", action="store_true", help="evaluate in this process, one trial at a time, without Ray")
-    se.add_argument("--materialize", action="store_true", help="also write the best model to OUT/best-model")
+    se.add_argument("--materialize", nargs="?", const=True, default=False, metavar="TARGET",
+                    help="also write the best model: to OUT/best-model, or to TARGET (a folder or s3://bucket/prefix, "
+                         "published like `raymerge merge` does; checked before the study starts)")
+    se.add_argument("--overwrite", action="store_true", help="replace what the --materialize TARGET holds")
     se.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
     se.add_argument("--quiet", action="store_true", help="no progress bar")
+    se.add_argument("--s3-endpoint-url", default=None, metavar="URL",
+                    help="endpoint of an S3-compatible store for s3:// models and an s3:// --materialize TARGET "
+                         "(default: AWS, or $AWS_ENDPOINT_URL)")
+    _add_input_options(se)
 
     pl = sub.add_parser(
         "plan",
@@ -228,7 +226,9 @@ def _search(args: argparse.Namespace) -> int:
     import raymerge
 
     result = raymerge.optimize(args.config, args.output, stages=args.stages, in_process=args.in_process,
-                               address=args.address, quiet=args.quiet, materialize=args.materialize)
+                               address=args.address, quiet=args.quiet, materialize=args.materialize,
+                               overwrite=args.overwrite, allow_pickle=args.allow_pickle, allow_mixed_architectures=args.allow_mixed_architectures,
+                               s3_endpoint_url=args.s3_endpoint_url)
     print(result.summary())
     for path in result.plots:
         print(f"plot: {path}")
@@ -319,7 +319,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return handler(args)
     except _user_error_types() as err:
-        print(f"raymerge: error: {err}", file=sys.stderr)
+        from raymerge.errors import one_line
+
+        print(f"raymerge: error: {one_line(err)}", file=sys.stderr)
         return USER_ERRORS_EXIT
 
 

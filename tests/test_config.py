@@ -98,3 +98,64 @@ def test_precedence_model_over_global():
     assert resolve_parameter("density", scopes, "t", 0.0) == 0.2
     assert resolve_parameter("weight", scopes, "t", 0.0) == 1.5
     assert is_missing(resolve_parameter("gamma", scopes, "t", 0.0))
+
+
+def test_user_errors_share_one_base_and_stay_value_errors():
+    from planners import PlanError, ProblemError
+    from raymerge.calibration import CalibrationError
+    from raymerge.checkpoints import CheckpointError, OutputError
+    from raymerge.checkpoints.safetensors_format import HeaderError
+    from raymerge.cli import _user_error_types
+    from raymerge.errors import RaymergeError
+    from raymerge.methods import MethodError
+    from raymerge.pruning import PruningError
+    from raymerge.runtime.compute import OperatorError
+    from raymerge.runtime.operators import MergePlanError
+    from raymerge.runtime.prune import PruneError
+    from raymerge.search.space import SearchSpaceError
+
+    import raymerge
+
+    value_errors = (ConfigError, CheckpointError, HeaderError, OutputError, MethodError, MergePlanError,
+                    CalibrationError, PruningError, PruneError, SearchSpaceError)
+    for cls in (*value_errors, OperatorError):
+        assert issubclass(cls, RaymergeError), cls
+    for cls in value_errors:
+        assert issubclass(cls, ValueError), cls
+    assert raymerge.RaymergeError is RaymergeError
+    assert _user_error_types() == (RaymergeError, PlanError, ProblemError)  # planners/ stays standalone
+    assert not issubclass(PlanError, RaymergeError)
+
+
+def test_one_line_condenses_multi_line_messages():
+    from raymerge.errors import one_line
+
+    assert one_line("just this") == "just this"
+    assert one_line("invalid merge config a.yaml:\n  densty: unknown key") == "invalid merge config a.yaml: densty: unknown key"
+    assert one_line("invalid merge config a.yaml:\n  x: bad\n  y: bad\n  z: bad") == \
+        "invalid merge config a.yaml: x: bad (and 2 more problems)"
+    assert one_line("a.yaml: x: bad\na.yaml: y: bad") == "a.yaml: x: bad (and 1 more problem)"
+
+
+def test_cli_prints_a_config_error_on_one_line(tmp_path, capsys):
+    from raymerge.cli import main
+
+    path = write(tmp_path, {"merge_method": "ties", "models": [{"model": "a"}], "densty": 1, "dtype": "fp8"}, "my-merge.yaml")
+    assert main(["plan", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("raymerge: error: invalid merge config ") and "my-merge.yaml" in err, err
+    assert "(and 1 more problem)" in err and "Traceback" not in err, err
+
+
+def test_cli_prints_a_search_config_error_on_one_line(tmp_path, capsys):
+    from raymerge.cli import main
+
+    path = write(tmp_path, {
+        "merge": {"merge_method": "ties", "base_model": "./base",
+                  "models": [{"model": "./ft1", "parameters": {"weight": {"low": 1.0, "high": 0.0}, "density": 0.5}}]},
+        "evaluation": {"dataset": "heldout.txt", "seqlen": 16, "eval_samples": 2},
+        "study": {"n_trials": 2},
+    }, "my-search.yaml")
+    assert main(["search", str(path), str(tmp_path / "out"), "--in-process", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "my-search.yaml" in err and "weight" in err and "Traceback" not in err, err

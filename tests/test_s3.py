@@ -495,3 +495,132 @@ def test_prune_from_s3_matches_local(s3, s3_models, llama_models, tmp_path):
     for f in sorted(local.output.glob("*.safetensors")):
         assert f.read_bytes() == (remote.output / f.name).read_bytes(), f.name
     assert remote.report.perplexity_after == local.report.perplexity_after
+
+
+# -- prune and search publish through the same output path ------------------------------------------
+
+
+def _prune_cfg(llama_models, tmp_path: Path) -> dict:
+    from raymerge.demo import demo_text
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(demo_text(8, 200, seed=2))
+    return {"model": str(llama_models["ft2"]), "method": "wanda", "sparsity": 0.5, "out_shard_size": "300KB",
+            "calibration": {"dataset": str(calib), "nsamples": 4, "seqlen": 32, "eval_samples": 2}}
+
+
+def assert_nothing_named_s3(*roots: Path) -> None:
+    for root in roots:
+        found = [str(p) for p in Path(root).rglob("s3:*")]
+        assert not found, found
+
+
+def test_prune_to_s3_publishes_into_the_bucket(ray_session, s3, llama_models, tmp_path, monkeypatch, capsys):
+    """`raymerge prune cfg.yaml s3://...` (the CLI, in process) and `raymerge.prune(..., workers=2)`
+    publish what a local prune writes, byte for byte, `config.json` last, and create no local
+    folder named `s3:` (nothing local but the staging folder, removed once published)."""
+    monkeypatch.chdir(tmp_path)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    monkeypatch.setenv(s3mod.STAGING_ENV, str(staging))
+    cfg = _prune_cfg(llama_models, tmp_path)
+    local = raymerge.prune(cfg, tmp_path / "local", in_process=True, quiet=True)
+    expected = {f.name: f.read_bytes() for f in sorted(local.output.iterdir())}
+    assert "model.safetensors.index.json" in expected and len([n for n in expected if n.endswith(".safetensors")]) > 1
+
+    def check(prefix: str) -> None:
+        got = s3.objects(OUT_BUCKET, prefix)
+        assert sorted(got) == sorted(expected)
+        # The report holds timings and stage workers; everything else is byte-identical.
+        assert {k: v for k, v in got.items() if k != "prune_report.json"} == {k: v for k, v in expected.items() if k != "prune_report.json"}
+        puts = [r["path"].rsplit("/", 1)[-1] for r in s3.recorder.records("PUT", f"/{OUT_BUCKET}/{prefix}/") if r["status"] == 200]
+        names = [n for n in puts if not n.startswith(".raymerge-write-probe")]
+        assert names[-1] == "config.json" and names[-2] == "model.safetensors.index.json"
+        assert not any(staging.iterdir())  # the staging folder is gone
+        assert_nothing_named_s3(tmp_path)
+
+    cfg_path = tmp_path / "prune.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    out = f"s3://{OUT_BUCKET}/pruned"
+    args = ["prune", str(cfg_path), out, "--in-process", "--quiet", "--s3-endpoint-url", s3.url]
+    s3.recorder.clear()
+    assert cli_main(args) == 0
+    text = capsys.readouterr().out
+    assert f"into {out}" in text
+    check("pruned")
+    assert cli_main(args) == 2  # the prefix now holds a model
+    err = capsys.readouterr().err
+    assert "already holds a model" in err and out in err
+    assert_no_credentials(text, err)
+
+    raymerge.shutdown_workers()  # merges above keep their workers: give the stage workers the CPUs
+    s3.recorder.clear()
+    upload = s3mod.upload_files
+    from_driver: list[str] = []
+
+    def recording_upload(target, staging_dir, names, **kw):
+        from_driver.extend(names)
+        return upload(target, staging_dir, names, **kw)
+
+    monkeypatch.setattr(s3mod, "upload_files", recording_upload)
+    result = raymerge.prune(cfg, f"s3://{OUT_BUCKET}/pruned-ray", workers=2, quiet=True, s3_endpoint_url=s3.url)
+    assert result.output == f"s3://{OUT_BUCKET}/pruned-ray" and len(result.stages) == 2
+    assert from_driver and not [n for n in from_driver if n.endswith(".safetensors")]  # the stage workers uploaded the shards
+    check("pruned-ray")
+
+
+def test_prune_to_s3_failure_publishes_nothing(s3, llama_models, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(s3mod.STAGING_ENV, str(tmp_path / "staging"))
+    cfg = _prune_cfg(llama_models, tmp_path)
+    from raymerge.runtime import prune as prune_mod
+
+    def broken(*a, **kw):
+        raise RuntimeError("report failed")
+
+    monkeypatch.setattr(prune_mod.PruneReport, "build", broken)
+    with pytest.raises(RuntimeError, match="report failed"):
+        raymerge.prune(cfg, f"s3://{OUT_BUCKET}/prune-failed", in_process=True, quiet=True, s3_endpoint_url=s3.url)
+    assert_prefix_empty(s3, "prune-failed")
+    assert not (tmp_path / "staging").exists() or not any((tmp_path / "staging").iterdir())
+    assert_nothing_named_s3(tmp_path)
+
+
+def test_search_materializes_the_best_model_into_s3(ray_session, s3, llama_models, tmp_path, monkeypatch):
+    from raymerge.demo import demo_text
+
+    monkeypatch.chdir(tmp_path)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    monkeypatch.setenv(s3mod.STAGING_ENV, str(staging))
+    calib = tmp_path / "calib.txt"
+    calib.write_text(demo_text(8, 200, seed=3))
+    cfg = {
+        "merge": {
+            "merge_method": "linear",
+            "models": [{"model": str(llama_models["ft1"]), "parameters": {"weight": {"low": 0.2, "high": 1.0}}},
+                       {"model": str(llama_models["ft3"]), "parameters": {"weight": 1.0}}],
+            "dtype": "float32",
+        },
+        "objective": "perplexity",
+        "evaluation": {"dataset": str(calib), "seqlen": 32, "eval_samples": 2},
+        "study": {"n_trials": 2, "sampler": "random", "seed": 0},
+    }
+    url = f"s3://{OUT_BUCKET}/best"
+    raymerge.shutdown_workers()
+    result = raymerge.optimize(cfg, tmp_path / "study", in_process=True, quiet=True, materialize=url, s3_endpoint_url=s3.url)
+    assert result.materialized == url
+    local = raymerge.merge(result.best_configs[0], tmp_path / "local", quiet=True)
+    expected = {f.name: f.read_bytes() for f in sorted(local.output.iterdir())}
+    assert "config.json" in expected and s3.objects(OUT_BUCKET, "best") == expected
+    assert not any(staging.iterdir())
+    assert not (tmp_path / "study" / "best-model").exists()
+    assert_nothing_named_s3(tmp_path)
+    # The target is checked before the study starts: a prefix holding a model is refused.
+    with pytest.raises(OutputError, match=f"output path {url} already holds a model"):
+        raymerge.optimize(cfg, tmp_path / "again", in_process=True, quiet=True, materialize=url, s3_endpoint_url=s3.url)
+    assert not (tmp_path / "again").exists()
+    # The study folder itself must be local (it holds the journal): refused, nothing created.
+    with pytest.raises(OutputError, match="must be local"):
+        raymerge.optimize(cfg, f"s3://{OUT_BUCKET}/study", in_process=True, quiet=True, s3_endpoint_url=s3.url)
+    assert_nothing_named_s3(tmp_path)

@@ -22,6 +22,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Union
 
+from raymerge.errors import RaymergeError
+
 if TYPE_CHECKING:
     from raymerge.config.calibration import CalibrationConfig
 
@@ -29,7 +31,7 @@ SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
 
 
-class CalibrationError(ValueError):
+class CalibrationError(RaymergeError, ValueError):
     """Calibration data is missing or unusable; the message names the file, field or value."""
 
 

@@ -7,9 +7,9 @@ from raymerge.checkpoints.writer import (
     OutputLayout,
     ShardFileWriter,
     StagedOutput,
-    parse_size,
     plan_shards,
 )
+from raymerge.config.cluster import parse_size  # the one size parser (cluster memory, out_shard_size)
 
 __all__ = [
     "CheckpointError",

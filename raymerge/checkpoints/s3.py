@@ -35,9 +35,10 @@ Outputs (`S3StagedOutput`, same protocol as `writer.StagedOutput`):
    at their offsets. With workers on several nodes, that folder must be on storage every node
    sees (set `RAYMERGE_STAGING_DIR` to a shared filesystem): the same requirement as for local
    outputs. The local disk needs room for the whole output.
-3. `upload_shards(actors)`: once every tensor is written, the shards are uploaded under their
-   final keys by the worker actors (largest first, each to the least loaded worker; a shard's
-   tensors come from many workers, so no single worker "wrote" it) with boto3's managed
+3. `upload_shards(spread)`: once every tensor is written, the shards are uploaded under their
+   final keys, by the job's worker actors when the runtime passes `spread` (`balance_shards`:
+   largest first, each to the least loaded worker; a shard's tensors come from many workers, so
+   no single worker "wrote" it; this module never imports Ray), else by this process, with boto3's managed
    transfer: multipart (64 MiB parts, 8 concurrent) above 64 MiB. With `overwrite`, the old
    model's `config.json` and index are deleted first, so the prefix stops looking like a model
    before any of its objects is replaced (an S3 overwrite is not atomic: a failure after this
@@ -68,7 +69,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection, Iterable, Optional, Sequence
+from typing import Any, Callable, Collection, Iterable, Optional, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import torch
@@ -546,12 +547,15 @@ def upload_files(
     return total
 
 
-def _unwrap_ray_error(err: BaseException) -> BaseException:
-    """The user-facing error inside a Ray task error, if any."""
-    from raymerge.checkpoints.writer import OutputError
-
-    cause = getattr(err, "cause", None)
-    return cause if isinstance(cause, (OutputError, CheckpointError)) else err
+def balance_shards(shards: Sequence[tuple[str, int]], ways: int) -> list[list[str]]:
+    """(name, size) shards split `ways` ways: largest first, each to the least loaded."""
+    loads = [0] * max(1, ways)
+    assigned: list[list[str]] = [[] for _ in loads]
+    for name, size in sorted(shards, key=lambda s: -s[1]):
+        i = loads.index(min(loads))
+        assigned[i].append(name)
+        loads[i] += size
+    return assigned
 
 
 class S3StagedOutput:
@@ -634,36 +638,21 @@ class S3StagedOutput:
 
         return OutputError(f"s3://{self.target.bucket}/{key}: cannot delete ({code})")
 
-    def upload_shards(self, actors: Sequence[Any] = ()) -> None:
-        """Upload the (complete) shards under their final keys, spread over worker actors
-        (largest first to the least loaded); without actors, from this process."""
+    def upload_shards(self, spread: Optional[Callable[[S3Target, str, list[tuple[str, int]]], None]] = None) -> None:
+        """Upload the (complete) shards under their final keys: from this process, or with
+        `spread(target, staging, shards)` ((name, size) pairs), which uploads them elsewhere and
+        returns once all are up. The runtime passes one that spreads them over its worker actors
+        (`runtime.output`); this module never talks to Ray."""
         self._upload_started = True
         try:
             if self.overwrite:
                 stale_markers = [n for n in (CONFIG, SAFE_INDEX) if n in self._existing]
                 if stale_markers:
                     self._delete(stale_markers)
-            if not actors:
+            if spread is None:
                 upload_files(self.target, self.staging, [n for n, _ in self._shards])
-                return
-            import ray
-
-            loads = [0] * len(actors)
-            assigned: list[list[str]] = [[] for _ in actors]
-            for name, size in sorted(self._shards, key=lambda s: -s[1]):
-                i = loads.index(min(loads))
-                assigned[i].append(name)
-                loads[i] += size
-            refs = [a.upload_files.remote(self.target, str(self.staging), names) for a, names in zip(actors, assigned) if names]
-            try:
-                ray.get(refs)
-            except Exception as err:  # noqa: BLE001 - a Ray task error wrapping ours
-                for ref in refs:  # let the other uploads end before cleaning up after them
-                    try:
-                        ray.get(ref)
-                    except Exception:  # noqa: BLE001
-                        pass
-                raise _unwrap_ray_error(err) from None
+            else:
+                spread(self.target, str(self.staging), list(self._shards))
         except _s3_failures() as err:
             raise self._fail(err) from None
 

@@ -21,6 +21,8 @@ from typing import Any, Iterable
 
 import torch
 
+from raymerge.errors import RaymergeError
+
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -37,7 +39,7 @@ CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-class HeaderError(ValueError):
+class HeaderError(RaymergeError, ValueError):
     """A safetensors header is unreadable or inconsistent."""
 
 

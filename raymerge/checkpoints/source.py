@@ -15,8 +15,10 @@ from typing import Any, Optional
 
 import torch
 
+from raymerge.errors import RaymergeError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(RaymergeError, ValueError):
     """An input checkpoint is missing, unreadable or inconsistent; the message names the file."""
 
 

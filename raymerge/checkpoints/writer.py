@@ -14,7 +14,7 @@
    staging folder, fsyncs, and renames it onto the output path. Until that rename nothing at the
    output path exists, so a crash never leaves something there that loads as a model.
 
-`open_output` picks the sink: a local directory, or an `s3://bucket/prefix`, which stages the
+`sinks.open_output` picks the sink: a local directory, or an `s3://bucket/prefix`, which stages the
 same way in a local folder and then uploads (shards by the workers, `config.json` last; see
 `raymerge.checkpoints.s3`).
 """
@@ -33,30 +33,13 @@ from typing import Collection, Iterable, Optional
 import torch
 
 from raymerge.checkpoints.safetensors_format import TensorEntry, build_header, tensor_bytes
+from raymerge.errors import RaymergeError
 
 DEFAULT_SHARD_BYTES = 5 * 1000**3
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-          "kib": 1024, "mib": 1024**2, "gib": 1024**3, "t": 1000**4, "tb": 1000**4}
 
 
-class OutputError(ValueError):
+class OutputError(RaymergeError, ValueError):
     """The output path cannot be written (exists already, not writable, ...)."""
-
-
-def parse_size(value: int | str) -> int:
-    """Parse a byte size: 5000000000, "5GB", "500MB", "2GiB"; mergekit's "5B" means 5e9 bytes too."""
-    if isinstance(value, int):
-        size = value
-    else:
-        text = str(value).strip().lower().replace("_", "")
-        num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-        unit = text[len(num):]
-        if unit not in _UNITS or not num:
-            raise ValueError(f"cannot parse size {value!r} (use e.g. 5GB, 500MB, 2GiB or a number of bytes)")
-        size = int(float(num) * _UNITS[unit])
-    if size <= 0:
-        raise ValueError(f"size must be positive, got {value!r}")
-    return size
 
 
 @dataclass(frozen=True)
@@ -209,19 +192,6 @@ def allocate_shards(folder: Path, layout: OutputLayout, skip: Collection[str] = 
             f.write(shard.header)
             f.truncate(shard.size)
             _reserve(f.fileno(), shard.size, folder / shard.filename)
-
-
-def open_output(output: str | os.PathLike, *, overwrite: bool = False, s3_endpoint_url: Optional[str] = None):
-    """The staged output for `output`: a local directory (`StagedOutput`) or an
-    `s3://bucket/prefix` (`s3.S3StagedOutput`: local staging, uploads, `config.json` last)."""
-    text = str(output)
-    if isinstance(output, os.PathLike) and text.startswith("s3:/") and not text.startswith("s3://"):
-        text = "s3://" + text[len("s3:/"):]  # Path("s3://b/p") collapses the double slash
-    if text.startswith("s3://"):
-        from raymerge.checkpoints.s3 import S3StagedOutput
-
-        return S3StagedOutput(text, overwrite=overwrite, endpoint_url=s3_endpoint_url)
-    return StagedOutput(output, overwrite=overwrite)
 
 
 def free_bytes(path: Path) -> int:

@@ -22,7 +22,7 @@ is a `ConfigError` whose lines read `FILE: field.path: problem`. Sizes are bytes
 decimal or binary units ("80GB", "80 GiB", "512M"); bandwidths are bytes/s or strings where an
 upper-case B is bytes and a lower-case b is bits ("25 GB/s", "25GBps", "100 Gbps", "100 Gb/s",
 "100 Gbit/s"; 100 Gbps = 100e9 / 8 bytes/s). Parsing lives here, not in `raymerge.checkpoints`,
-because config/ depends on nothing else of ours.
+because config/ depends on nothing else of ours (but `raymerge.errors`).
 
 `auto` (the embedded local default, `clusters/local.yaml`) stands for figures measured at run
 time: `device`, `workers_per_node`, `memory` and `speed` may be `auto`, and
@@ -81,12 +81,14 @@ def _check_positive(value: float, text: Any) -> float:
 
 
 def parse_size(value: Any) -> int:
-    """Bytes from a number or a string such as "80GB", "80 GiB", "512M" (units are case-insensitive)."""
+    """Bytes from a number or a string such as "80GB", "80 GiB", "512M", "5_000_000" (units are
+    case-insensitive; "5B" is 5 bytes). raymerge's one size parser: cluster memory, and
+    `out_shard_size` of merges and prunes (also exported as `raymerge.checkpoints.parse_size`)."""
     number = _number(value)
     if number is None:
-        match = _SIZE.match(value.strip()) if isinstance(value, str) else None
+        match = _SIZE.match(value.strip().replace("_", "")) if isinstance(value, str) else None
         if match is None:
-            raise ValueError(f"cannot parse size {value!r} (use e.g. 80GB, 80 GiB, 512MB or a number of bytes)")
+            raise ValueError(f"cannot parse size {value!r} (use e.g. 5GB, 500MB, 80 GiB or a number of bytes)")
         number = float(match.group(1)) * _PREFIX[(match.group(2) or "").lower()]
     return int(_check_positive(round(number) if math.isfinite(number) else number, value))
 

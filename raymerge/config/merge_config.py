@@ -18,11 +18,13 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from raymerge.errors import RaymergeError
+
 ScalarParameter = Union[bool, int, float, str]
 ScalarOrGradient = Union[ScalarParameter, list[ScalarParameter]]
 
 
-class ConfigError(ValueError):
+class ConfigError(RaymergeError, ValueError):
     """A merge config is invalid; the message names the file and the offending key."""
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from raymerge.methods.reductions import fixed_threads
+
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """float64 for float64 inputs, else float32 (SVD has no 16-bit kernels)."""
@@ -27,8 +29,10 @@ def as_matrix(t: torch.Tensor) -> torch.Tensor:
 
 
 def svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD m = U diag(S) Vh, singular values descending."""
-    return torch.linalg.svd(m, full_matrices=False)
+    """Thin SVD m = U diag(S) Vh, singular values descending (on a fixed thread count: LAPACK's
+    blocking follows it, see `methods.reductions`)."""
+    with fixed_threads():
+        return torch.linalg.svd(m, full_matrices=False)
 
 
 def numerical_rank_mask(s: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

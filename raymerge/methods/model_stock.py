@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from raymerge.methods import checks
+from raymerge.methods import checks, reductions
 from raymerge.methods.registry import MethodSpec, ParamSpec, register
 
 
@@ -23,8 +23,8 @@ def model_stock(inputs, *, base_index, model_params, params, generator):
     cosines = []
     for i, a in enumerate(offsets):
         for b in offsets[i + 1 :]:
-            norms = (torch.norm(a, dim=-1) * torch.norm(b, dim=-1)).clamp(min=1e-6)
-            cosines.append(((a * b).sum(dim=-1) / norms).clamp(-1, 1))
+            norms = (reductions.norm_dim(a, dim=-1) * reductions.norm_dim(b, dim=-1)).clamp(min=1e-6)
+            cosines.append((reductions.sum_dim(a * b, dim=-1) / norms).clamp(-1, 1))
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     n = len(ws)
     denominator = 1 + (n - 1) * cos

@@ -13,7 +13,7 @@ from typing import Iterable
 
 import torch
 
-from raymerge.methods import checks
+from raymerge.methods import checks, reductions
 from raymerge.methods.lowrank import compute_dtype
 from raymerge.methods.registry import MethodSpec, ParamSpec, register
 
@@ -21,7 +21,7 @@ from raymerge.methods.registry import MethodSpec, ParamSpec, register
 def onebit_scale(delta: torch.Tensor) -> torch.Tensor:
     """The per-tensor scale mean(|delta|), accumulated in float32 (float64 for float64), as a
     0-d tensor in delta's dtype."""
-    return delta.abs().to(compute_dtype(delta)).mean().to(delta.dtype)
+    return reductions.mean(delta.abs().to(compute_dtype(delta))).to(delta.dtype)
 
 
 def onebit_signs(delta: torch.Tensor) -> torch.Tensor:

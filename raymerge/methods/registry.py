@@ -25,10 +25,12 @@ from typing import Any, Callable
 
 import torch
 
+from raymerge.errors import RaymergeError
+
 MethodFn = Callable[..., torch.Tensor]
 
 
-class MethodError(ValueError):
+class MethodError(RaymergeError, ValueError):
     """A merge method was misconfigured (unknown name, missing or bad parameter)."""
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from raymerge.methods import checks
+from raymerge.methods import checks, reductions
 from raymerge.methods.registry import MethodSpec, ParamSpec, register
 
 DOT_THRESHOLD = 0.9995
@@ -25,11 +25,11 @@ def slerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, eps: float = 1e-
     work = torch.float64 if v0.dtype == torch.float64 else torch.float32
     a = v0.reshape(-1).to(work)
     b = v1.reshape(-1).to(work)
-    norm_a = torch.linalg.vector_norm(a)
-    norm_b = torch.linalg.vector_norm(b)
+    norm_a = reductions.vector_norm(a)
+    norm_b = reductions.vector_norm(b)
     norm_a = torch.where(norm_a > eps, norm_a, 1)
     norm_b = torch.where(norm_b > eps, norm_b, 1)
-    dot = ((a / norm_a) * (b / norm_b)).sum().clamp(-1, 1)
+    dot = reductions.total((a / norm_a) * (b / norm_b)).clamp(-1, 1)
     if dot.abs() > DOT_THRESHOLD:
         coef_a, coef_b = 1 - t, t
     else:
@@ -53,9 +53,9 @@ def nuslerp_tensors(t: float, v0: torch.Tensor, v1: torch.Tensor, *, row_wise: b
         v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
 
     def unit(x: torch.Tensor) -> torch.Tensor:
-        return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=1e-7)
+        return x / reductions.norm_dim(x, dim=-1, keepdim=True).clamp(min=1e-7)
 
-    cos = torch.sum(unit(v0) * unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
+    cos = reductions.sum_dim(unit(v0) * unit(v1), dim=-1, keepdim=True).clamp(-1, 1)
     colinear = (1 - cos.square()) <= eps**2
     theta = torch.acos(torch.where(colinear, 0, cos))
     sin_theta = torch.sin(theta)

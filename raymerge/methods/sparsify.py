@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from raymerge.methods import reductions
+
 RESCALE_MODES = ("l1", "inverse_density")
 
 
@@ -100,8 +102,8 @@ def _magnitudes(tensor: torch.Tensor) -> torch.Tensor:
 
 def rescale_l1(tensor: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Scale `masked` so its L1 norm equals `tensor`'s (unchanged when either norm is ~0)."""
-    before = tensor.abs().sum()
-    after = masked.abs().sum()
+    before = reductions.total(tensor.abs())
+    after = reductions.total(masked.abs())
     if before < eps or after < eps:
         return masked
     return masked * (before / after)

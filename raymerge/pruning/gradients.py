@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raymerge.methods import reductions
 from raymerge.pruning.decoder import DecoderBlock
 
 
@@ -172,7 +173,7 @@ def _abs_product_sum(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """sum |p * g| in float64 (the product in float32 at least)."""
     if p.dtype not in (torch.float32, torch.float64):
         p, g = p.float(), g.float()
-    return torch.sum(torch.abs(p * g), dtype=torch.float64)
+    return reductions.total(torch.abs(p * g), dtype=torch.float64)
 
 
 def _unique(params: Iterator[nn.Parameter]) -> list[nn.Parameter]:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
+from raymerge.methods import reductions
 from raymerge.pruning.masks import PruningError, check_sparsity, is_finite_number
 
 OWL_LOW_CLIP = 0.01
@@ -53,15 +54,15 @@ def outlier_ratio(scores_of_a_block: Sequence[torch.Tensor], m: float) -> float:
     if not is_finite_number(m) or m <= 0:
         raise PruningError(f"outlier multiplier m must be a finite number > 0, got {m!r}")
     tensors = list(scores_of_a_block)
-    total = sum(t.numel() for t in tensors)
-    if total == 0:
+    count = sum(t.numel() for t in tensors)
+    if count == 0:
         raise PruningError("outlier_ratio: the block has no scores")
-    mean = sum(float(t.detach().sum(dtype=torch.float64)) for t in tensors) / total
+    mean = sum(float(reductions.total(t.detach(), dtype=torch.float64)) for t in tensors) / count
     if math.isnan(mean):
         raise PruningError("outlier_ratio: the block's scores contain NaN")
     threshold = float(m) * mean
     above = sum(int((_wide(t) > threshold).sum()) for t in tensors)
-    return 100.0 * above / total
+    return 100.0 * above / count
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:

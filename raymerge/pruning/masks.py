@@ -20,12 +20,14 @@ from typing import Optional
 
 import torch
 
+from raymerge.errors import RaymergeError
+
 PATTERN_SPELLINGS = "'unstructured' or 'N:M' with integers 0 < N < M (e.g. '2:4', '4:8')"
 
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
-class PruningError(ValueError):
+class PruningError(RaymergeError, ValueError):
     """A bad pruning argument: the message names the offending value (and tensor, if given)."""
 
 

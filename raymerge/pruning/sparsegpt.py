@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from raymerge.methods.reductions import fixed_threads, mean
 from raymerge.pruning.masks import (
     PruningError,
     _in,
@@ -61,15 +62,16 @@ def block_counts(rows: int, widths: list[int], sparsity: float) -> list[int]:
 
 def _upper_inverse_factor(hessian: torch.Tensor, dampening: float, name: Optional[str]) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, retrying with x10 dampening."""
-    mean_diag = hessian.diagonal().mean()
+    mean_diag = mean(hessian.diagonal())
     damp = dampening
     tried = []
     for _ in range(DAMPENING_RETRIES + 1):
         damped = hessian.clone()
         damped.diagonal().add_(damp * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(damped)
-        if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+        with fixed_threads():  # LAPACK blocks by thread count (methods.reductions)
+            lower, info = torch.linalg.cholesky_ex(damped)
+            if int(info) == 0:
+                upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
                 return upper
         tried.append(damp)

@@ -12,13 +12,14 @@ import torch
 
 from raymerge.checkpoints import CheckpointSource
 from raymerge.checkpoints.safetensors_format import DTYPES
+from raymerge.errors import RaymergeError
 from raymerge.methods import get_method
 from raymerge.methods.guided import relax_columns, scale_deltas
 from raymerge.runtime.operators import DTYPES as NAMED_DTYPES
 from raymerge.runtime.operators import MergeOperator, promote_dtypes
 
 
-class OperatorError(RuntimeError):
+class OperatorError(RaymergeError, RuntimeError):
     """A merge method failed on one tensor; the message names the tensor."""
 
 

@@ -1,10 +1,12 @@
 """Running a plan on a pool of Ray worker actors, with a progress bar.
 
 The pool: one actor per GPU when the cluster has GPUs, else one per CPU slot (`workers=N`
-overrides). Starting an actor costs a Python process and a torch import (about a second on a
-small CPU machine), so a pool can outlive a merge: `acquire_pool(..., keep=True)` keeps it for
-the next merge of this driver process (sweeps, pipelines); by default it is released (`release`)
-when the merge ends, so it never holds CPU slots the caller may want for other Ray work.
+overrides); what each actor reserves, and its torch threads, is the one rule of
+`runtime.actor_resources` (fractional CPU shares, or a refusal naming the GPUs). Starting an
+actor costs a Python process and a torch import (about a second on a small CPU machine), so
+a pool can outlive a merge: `acquire_pool(..., keep=True)` keeps it for the next merge of this
+driver process (sweeps, pipelines); by default it is released (`release`) when the merge ends,
+so it never holds CPU slots the caller may want for other Ray work.
 
 Execution: the plan fixes which worker runs each part (`work_items`: in output order, shard by
 shard, so shards finish one after another); each worker's parts are sent in small batches, at
@@ -39,6 +41,7 @@ from typing import Any, Callable, Optional, Sequence
 from tqdm.auto import tqdm
 
 from raymerge.checkpoints import OutputLayout, SourceSpec
+from raymerge.runtime.actor_resources import actor_resources, check_actor_count, default_actor_count
 from raymerge.runtime.costs import part_rows
 from raymerge.runtime.operators import MergeOperator
 from raymerge.runtime.worker import BatchStats, MergeWorkerImpl, WorkerInfo, WorkItem, WriteTarget
@@ -80,17 +83,6 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) ->
     if address is None:
         kwargs.update(include_dashboard=False, num_cpus=num_cpus)
     ray.init(address=address, **kwargs)
-
-
-def default_worker_count() -> tuple[int, dict]:
-    """One worker per GPU when the cluster has GPUs, else one per CPU slot."""
-    import ray
-
-    res = ray.cluster_resources()
-    gpus = int(res.get("GPU", 0))
-    if gpus > 0:
-        return gpus, {"num_gpus": 1, "num_cpus": 1}
-    return max(1, int(res.get("CPU", 1))), {"num_cpus": 1}
 
 
 class WorkerPool:
@@ -177,12 +169,10 @@ def acquire_pool(workers: Optional[int] = None) -> WorkerPool:
     """The kept pool when it matches (same Ray session, size and resources), else a new one
     (the kept one, if any, is shut down first so it does not hold the CPU slots)."""
     global _kept_pool
-    import ray
-
-    n_default, resources = default_worker_count()
-    n = max(1, workers or n_default)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    threads = 1 if "num_gpus" in resources else max(1, cpus // n)
+    check_actor_count(workers, "workers")
+    n = workers if workers is not None else default_actor_count()
+    rule = actor_resources(n, what="merge workers")  # raises at once what the cluster cannot hold
+    resources, threads = rule.options, rule.threads
     if _kept_pool is not None:
         if _kept_pool.key == _pool_key(n, resources, threads) and _kept_pool.actors:
             pool, _kept_pool = _kept_pool, None

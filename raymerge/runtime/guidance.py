@@ -198,7 +198,7 @@ class _StagePass:
         _check_memory(self.g, self.shape, int(self.model_config.get("vocab_size") or 0), tokens)
         self.bounds = even_stages(self.shape.num_layers, self.g.stages)
         n = len(self.bounds)
-        workers, _ = _start_workers(n, GuidanceWorkerImpl)
+        workers, _ = _start_workers(n, GuidanceWorkerImpl, what="guidance stage workers")
         self.d = _Driver(workers, remote=True)
         self.pipe = _Pipeline(self.d, workers, self.g.batch_size, self.quiet)
         try:

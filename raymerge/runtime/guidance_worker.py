@@ -16,7 +16,7 @@ import torch
 
 from raymerge.checkpoints import SourceSpec
 from raymerge.pruning.activations import InputAbsMean, OutputRecorder, layer_keys
-from raymerge.search.worker import SearchWorkerImpl
+from raymerge.runtime.search_worker import SearchWorkerImpl
 
 
 class GuidanceWorkerImpl(SearchWorkerImpl):

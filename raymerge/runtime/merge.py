@@ -10,6 +10,8 @@ mismatches, an output path that already holds a model) fails here, in the driver
 starts a worker or a byte is written. Any later failure removes the staging folder (but an
 interruption keeps it for a resume, below), so nothing is ever published half-written. An `s3://bucket/prefix` output stages locally the same way; the
 workers then upload the shards and the driver writes `config.json` last (`checkpoints.s3`).
+The output steps (check, disk space, staging, resume manifest, publish) are `runtime.output.JobOutput`,
+shared with prune and `search --materialize`.
 
 Resume (`runtime.recovery`): the staging folder's manifest records each finished shard; an
 interrupted merge (Ctrl-C, a killed driver, workers that keep dying) leaves the folder, and
@@ -30,15 +32,15 @@ from typing import Any, Optional, Union
 from raymerge.checkpoints import CheckpointSource, SourceSpec, parse_size, plan_shards
 from raymerge.checkpoints.model_files import merged_model_config, model_card, tokenizer_files
 from raymerge.checkpoints.source import CheckpointError
-from raymerge.checkpoints.s3 import S3StagedOutput, resolve_endpoint_url
-from raymerge.checkpoints.writer import DEFAULT_SHARD_BYTES, check_disk_space, human_bytes, open_output
+from raymerge.checkpoints.s3 import resolve_endpoint_url
+from raymerge.checkpoints.writer import DEFAULT_SHARD_BYTES, human_bytes
 from raymerge.config import ConfigError, MergeConfig, ModelRef, load_config
+from raymerge.runtime.actor_resources import check_actor_count
 from raymerge.runtime.costs import representative_ops
 from raymerge.runtime.executor import ExecutionStats, WorkerPool, acquire_pool, ensure_ray, release_pool, run_plan, work_items
 from raymerge.runtime.global_trim import apply_model_trim, uses_model_trim
-from raymerge.runtime.recovery import (
-    ShardTracker, find_resumable, input_fingerprint, job_identity, keeps_staging, prepare_staging, remaining_operators,
-)
+from raymerge.runtime.output import JobOutput, upload_on
+from raymerge.runtime.recovery import ShardTracker, input_fingerprint, job_identity, remaining_operators
 from raymerge.runtime.worker import host_memory_bytes
 from raymerge.runtime.planning import (
     Topology,
@@ -48,7 +50,8 @@ from raymerge.runtime.planning import (
     topology_from_profile,
     topology_from_workers,
 )
-from raymerge.runtime.operators import MergeProgram, build_program, check_sources_compatible
+from raymerge.runtime.compile import CompileOptions, MergeCompiler, open_sources  # noqa: F401 - open_sources re-exported
+from raymerge.runtime.operators import MergeProgram
 
 GB = 1e9
 log = logging.getLogger("raymerge")
@@ -146,21 +149,6 @@ class MergeOptions:
     s3_endpoint_url: Optional[str] = None  # S3-compatible store for s3:// inputs and output
     resume: Optional[bool] = None  # None: resume when the staging folder holds this job (runtime.recovery)
     scan_nonfinite: bool = False  # read every input tensor once, before any work, for NaN/Inf
-
-
-def open_sources(
-    refs: list[ModelRef], allow_pickle: bool, shape_only: bool = False, s3_endpoint_url: Optional[str] = None,
-) -> dict[ModelRef, tuple[SourceSpec, CheckpointSource]]:
-    opened: dict[ModelRef, tuple[SourceSpec, CheckpointSource]] = {}
-    try:
-        for ref in refs:
-            spec = SourceSpec(ref.path, ref.revision, allow_pickle, shape_only=shape_only, s3_endpoint_url=s3_endpoint_url, config_from=ref.config_from)
-            opened[ref] = (spec, spec.open())
-    except Exception:
-        for _, src in opened.values():
-            src.close()
-        raise
-    return opened
 
 
 def _version() -> str:
@@ -264,23 +252,23 @@ class PlanReport:
 
 
 def _prepare(cfg: MergeConfig, label: str, options: MergeOptions, *, shape_only: bool = False, inputs_out: Optional[list] = None):
-    """Program, source specs and the small files to publish; every metadata check happens here.
+    """Program, source specs and the small files to publish; every metadata check happens here
+    (the compile step is `runtime.compile`, shared with plan, merge-then-prune and search trials).
     `inputs_out` receives each program model's fingerprint (`recovery.input_fingerprint`)."""
-    settings = cfg.raymerge
-    seed = options.random_seed if options.random_seed is not None else (settings.random_seed if settings and settings.random_seed is not None else 0)
-    opened = open_sources(cfg.referenced_models(), options.allow_pickle, shape_only=shape_only, s3_endpoint_url=options.s3_endpoint_url)
-    try:
-        sources = {ref: src for ref, (_, src) in opened.items()}
-        check_sources_compatible(sources, allow_mixed=options.allow_mixed_architectures)
-        program = build_program(cfg, sources, source_label=label, random_seed=seed)
-        extra_files = None if shape_only else _published_files(cfg, label, program, opened, options.allow_pickle, options.s3_endpoint_url)
+    with MergeCompiler(compile_options(options, shape_only=shape_only)) as compiler:
+        compiled = compiler.compile(cfg, label)
+        program = compiled.program
+        extra_files = None if shape_only else _published_files(cfg, label, program, compiler.opened, options.allow_pickle, options.s3_endpoint_url)
         if inputs_out is not None:
-            inputs_out.extend(input_fingerprint(sources[m]) for m in program.models)
-    finally:
-        for _, src in opened.values():
-            src.close()
-    specs = [opened[m][0] for m in program.models]
-    return program, specs, extra_files
+            inputs_out.extend(input_fingerprint(compiler.opened[m][1]) for m in program.models)
+    return program, compiled.specs, extra_files
+
+
+def compile_options(options: MergeOptions, *, shape_only: bool = False) -> CompileOptions:
+    """The options of a merge that decide its program and how its inputs are opened."""
+    return CompileOptions(random_seed=options.random_seed, allow_pickle=options.allow_pickle,
+                          allow_mixed_architectures=options.allow_mixed_architectures,
+                          s3_endpoint_url=options.s3_endpoint_url, shape_only=shape_only)
 
 
 def _offline_topology(options: MergeOptions) -> Topology:
@@ -306,6 +294,7 @@ def _offline_topology(options: MergeOptions) -> Topology:
 
 def plan_only(config: Union[str, Path, dict[str, Any], MergeConfig], options: MergeOptions) -> PlanReport:
     """Plan a merge from headers (or config.json shapes) without starting Ray or reading weights."""
+    check_actor_count(options.workers, "workers")
     cfg, label = load_config(config)
     program, _, _ = _prepare(cfg, label, options, shape_only=True)
     topology = _offline_topology(options)
@@ -316,6 +305,7 @@ def plan_only(config: Union[str, Path, dict[str, Any], MergeConfig], options: Me
 def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Union[str, Path], options: MergeOptions) -> MergeResult:
     """Run one merge; see `raymerge.merge` for the user-facing description."""
     t0 = time.perf_counter()
+    check_actor_count(options.workers, "workers")  # before anything starts (runtime.actor_resources)
     # The driver resolves the S3 endpoint (option, else AWS_ENDPOINT_URL[_S3]) so that workers,
     # whose environment may differ, get it through the source specs and the output target.
     options = replace(options, s3_endpoint_url=resolve_endpoint_url(options.s3_endpoint_url))
@@ -326,8 +316,8 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
         shard_bytes = parse_size(shard_size)
     except ValueError as err:
         raise ConfigError(f"out_shard_size: {err}") from None
-    staged = open_output(output, overwrite=options.overwrite, s3_endpoint_url=options.s3_endpoint_url)
-    staged.check_target()
+    dest = JobOutput(output, overwrite=options.overwrite, s3_endpoint_url=options.s3_endpoint_url,
+                     resume=options.resume, resumable=True)  # checked now, before any work
     profile = None
     if options.cluster is not None:
         from raymerge.config import load_cluster
@@ -355,9 +345,7 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
     t_guide = time.perf_counter() - t_guide
     layout = plan_shards([(op.name, op.out_dtype, op.shape) for op in program.operators], shard_bytes)
     job = job_identity(cfg.to_yaml(), program.operators, layout, inputs, _version())
-    found = find_resumable(staged, layout, job, options.resume)
-    small = [layout.index_json() or "", *(extra_files or {}).values()]
-    check_disk_space(staged.staging, layout, sum(len(d.encode() if isinstance(d, str) else d) for d in small))
+    dest.reserve(layout, list((extra_files or {}).values()), job)  # a resumable staging folder, disk space
     if options.scan_nonfinite:
         from raymerge.runtime.scan import inputs_by_model, scan_nonfinite
 
@@ -369,8 +357,8 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
     pool = acquire_pool(options.workers)
     keep = options.keep_workers
     try:
-        resumed = prepare_staging(staged, layout, job, found)
-        pool.begin(specs, str(staged.staging))
+        resumed = dest.open(layout)
+        pool.begin(specs, str(dest.staging))
         if uses_model_trim(program.operators):
             program.operators, _ = apply_model_trim(program.operators, pool.actors, [str(m) for m in program.models], label)
         todo = remaining_operators(program.operators, layout, resumed.finished)
@@ -386,7 +374,7 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
             t_planned = time.perf_counter()
             queues = work_items(plan, todo, layout, [w.name for w in problem.workers])
             memory = [w.memory_bytes for w in problem.workers]
-            tracker = ShardTracker(resumed.manifest, staged.staging, layout, queues)
+            tracker = ShardTracker(resumed.manifest, dest.staging, layout, queues)
             try:
                 stats = run_plan(pool, queues, len(todo), quiet=options.quiet, on_done=tracker.done,
                                  may_take_from=lambda thief, owner: memory[thief] >= memory[owner])
@@ -394,26 +382,17 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
                 tracker.close(wait=False)
                 raise
             # An S3 upload takes a while: have every shard recorded first, so a crash in it resumes.
-            tracker.close(wait=isinstance(staged, S3StagedOutput))
+            tracker.close(wait=dest.remote)
         peaks = pool.finish()
         stats.peak_worker_rss_bytes = max([stats.peak_worker_rss_bytes, *peaks])
-        if isinstance(staged, S3StagedOutput):
-            staged.upload_shards(pool.actors)  # complete shards, uploaded by the workers; config.json comes last
         t_merge = time.perf_counter()
-        index = layout.index_json()
-        if index is not None:
-            staged.write_file("model.safetensors.index.json", index)
-        for name, data in (extra_files or {}).items():
-            staged.write_file(name, data)
-        resumed.manifest.discard()
-        out = staged.publish()
+        # An S3 output's shards are uploaded by the workers; config.json comes last.
+        out = dest.publish(layout, extra_files or {}, spread=upload_on(pool.actors))
     except BaseException as err:
         keep = False  # a failed job may leave work queued on the actors
-        if keeps_staging(err):
+        if dest.fail(err):
             log.warning("raymerge: merge interrupted (%s); staging folder %s kept: rerun the same merge to resume",
-                        type(err).__name__, staged.staging)
-        else:
-            staged.abort()
+                        type(err).__name__, dest.staging)
         raise
     finally:
         release_pool(pool, keep)
@@ -431,7 +410,7 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
         },
         peak_worker_rss_bytes=stats.peak_worker_rss_bytes,
         peak_device_bytes=stats.peak_device_bytes,
-        files=sorted(p.name for p in out.iterdir()) if isinstance(out, Path) else list(staged.published),
+        files=dest.files,
         reused_shards=len(resumed.finished),
         reused_tensors=resumed.reused_tensors(layout),
         worker_restarts=stats.worker_restarts,

@@ -1,7 +1,7 @@
 """A merge, read as a checkpoint: prune the merged tensors without writing the merged model.
 
 A prune config may name a `merge:` (a mergekit-format config) instead of a `model:`. The driver
-builds the merge program from headers (`merged_spec`) and hands the stage workers a picklable
+compiles the merge (`runtime.compile`, the step `raymerge merge` uses) in `merged_spec` and hands the stage workers a picklable
 `MergedSpec` where they would get a checkpoint's `SourceSpec`; each worker's `MergedSource`
 computes a tensor with the merge's own code (`compute_operator`) the first time one of its
 layers' tensors is read, and keeps it (a stage reads its tensors a few times: to build its
@@ -23,7 +23,8 @@ from raymerge.checkpoints.safetensors_format import DTYPES as CODE_DTYPES
 from raymerge.checkpoints.source import CheckpointError, TensorInfo
 from raymerge.config.merge_config import ConfigError, parse_config
 from raymerge.runtime.compute import compute_operator
-from raymerge.runtime.operators import MergeOperator, build_program, check_sources_compatible
+from raymerge.runtime.compile import CompileOptions, compile_merge
+from raymerge.runtime.operators import MergeOperator
 
 
 @dataclass(frozen=True)
@@ -96,25 +97,14 @@ def merged_spec(merge: dict[str, Any], label: str, *, allow_pickle: bool = False
     if unsupported:
         raise ConfigError(f"{label}: merge: {', '.join(unsupported)} is not supported when pruning in the same job "
                           "(the output takes the donor model's tokenizer); merge first")
-    settings = cfg.raymerge
-    seed = settings.random_seed if settings is not None and settings.random_seed is not None else 0
-    specs = {r: SourceSpec(r.path, r.revision, allow_pickle=allow_pickle, s3_endpoint_url=s3_endpoint_url,
-                           config_from=r.config_from) for r in cfg.referenced_models()}
-    opened: dict = {}
-    try:
-        for r, spec in specs.items():
-            opened[r] = spec.open()
-        check_sources_compatible(opened)
-        program = build_program(cfg, opened, source_label=where, random_seed=seed)
-    finally:
-        for src in opened.values():
-            src.close()
+    compiled = compile_merge(cfg, CompileOptions(allow_pickle=allow_pickle, s3_endpoint_url=s3_endpoint_url), label=where)
+    program = compiled.program
     if program.changes_layers:
         raise ConfigError(f"{label}: merge: slices that change the layer stack cannot be pruned in the same job; merge first")
     if cfg.raymerge is not None and (cfg.raymerge.guidance is not None or cfg.raymerge.export_task_vectors):
         raise ConfigError(f"{label}: merge: raymerge.guidance and export_task_vectors need `raymerge merge`; merge first")
     return MergedSpec(
         label=f"merge of {', '.join(str(m) for m in program.models)}",
-        specs=tuple(specs[m] for m in program.models), operators=tuple(program.operators), donor=program.donor,
+        specs=tuple(compiled.specs), operators=tuple(program.operators), donor=program.donor,
         dtype=cfg.out_dtype or cfg.dtype,
     )

@@ -7,7 +7,10 @@ packed 8 per byte, `raymerge.methods.onebit.pack_onebit`) and `<tensor>.scale` (
 tensor the model keeps full (`keep_full`, or 1-D) `<tensor>.delta`. `task_vectors.json` lists
 the files with each model's storage size against its full task vector at 16 bits per value.
 The files are computed in the driver, one tensor at a time (the compressed vectors of a 7B model
-are ~1/16 of its size, held in memory until written).
+are ~1/16 of its size, held in memory until written). They are published with the merged model,
+through the merge's staged output (`runtime.output.JobOutput`): counted in its disk-space check,
+written into its staging folder, and published with it — to a local folder or an `s3://` prefix
+alike, never half-written.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from raymerge.checkpoints.safetensors_format import dtype_code
 from raymerge.config import MergeConfig, ModelRef
 from raymerge.config.merge_config import ConfigError, InputSlice, OutputSlice, Parameters
 from raymerge.config.parameters import is_missing, resolve_parameter
+from raymerge.errors import RaymergeError
 from raymerge.methods import MethodError, MethodSpec, available_methods, get_method
 from raymerge.runtime.layers import ModelLayout, parse_layer_name, split_layout
 
@@ -37,7 +38,7 @@ _VOCAB_TENSOR = re.compile(r"(embed_tokens|lm_head|embed_in|embed_out|\bwte|word
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-class MergePlanError(ValueError):
+class MergePlanError(RaymergeError, ValueError):
     """The config cannot be applied to these models (missing tensor, shape mismatch, ...)."""
 
 

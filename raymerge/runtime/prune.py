@@ -18,7 +18,10 @@
 4. Each worker writes its layers' tensors into the staging shards as soon as a layer is pruned;
    the first stage copies the tensors outside the layers. Perplexity on the held-out windows is
    measured before and after; the report, config and tokenizer are written and the staging
-   folder is renamed onto the output: nothing is published unless everything succeeded.
+   folder is published through the output path merges use (`runtime.output.JobOutput`): renamed
+   onto a local folder, or, for `s3://bucket/prefix`, its shards uploaded by the stage workers and
+   `config.json` last. Nothing is published unless everything succeeded. (A prune does not resume
+   an interrupted run: it starts afresh.)
 
 `in_process=True` runs the same stage code in the driver as a single stage, without Ray: the
 reference the distributed runs are tested against.
@@ -38,18 +41,21 @@ from tqdm.auto import tqdm
 
 import planners
 from raymerge.calibration import CalibrationError, CalibrationWindows, load_calibration, resolve_seqlen
-from raymerge.checkpoints import CheckpointError, CheckpointSource, SourceSpec, StagedOutput, parse_size, plan_shards
+from raymerge.checkpoints import CheckpointError, CheckpointSource, SourceSpec, parse_size, plan_shards
 from raymerge.checkpoints.model_files import tokenizer_files
 from raymerge.checkpoints.s3 import resolve_endpoint_url
 from raymerge.checkpoints.safetensors_format import dtype_code
 from raymerge.checkpoints.writer import DEFAULT_SHARD_BYTES
 from raymerge.config.merge_config import ConfigError
 from raymerge.config.prune_config import Owl, PruneConfig, load_prune_config
+from raymerge.errors import RaymergeError
 from raymerge.pruning.decoder import ModelShape, describe_model
 from raymerge.pruning.layerwise import explicit_sparsities, owl_sparsities, uniform_sparsities
 from raymerge.pruning.report import REPORT_FILE, PruneReport, perplexity
 from raymerge.pruning.stage import DTYPES, ModuleResult, PruneSettings
-from raymerge.runtime.executor import default_worker_count, ensure_ray
+from raymerge.runtime.actor_resources import actor_resources, check_actor_count, default_actor_count
+from raymerge.runtime.executor import ensure_ray
+from raymerge.runtime.output import JobOutput, upload_on
 from raymerge.runtime.planning import topology_from_workers
 from raymerge.runtime.prune_worker import PruneWorkerImpl
 
@@ -64,12 +70,12 @@ class PruneOptions:
     overwrite: bool = False
     quiet: bool = False
     plot: Union[str, Path, None] = None
-    s3_endpoint_url: Optional[str] = None  # S3-compatible store for an s3:// model
+    s3_endpoint_url: Optional[str] = None  # S3-compatible store for an s3:// model and output
 
 
 @dataclass
 class PruneResult:
-    output: Path
+    output: Union[Path, str]  # a local directory, or the s3:// URL of an S3 output
     report: PruneReport
     seconds: float
     stages: list[dict[str, Any]] = field(default_factory=list)
@@ -88,7 +94,7 @@ class PruneResult:
         )
 
 
-class PruneError(ValueError):
+class PruneError(RaymergeError, ValueError):
     """A prune cannot run as configured (the message says why, naming the module or file)."""
 
 
@@ -191,21 +197,14 @@ class _StagePlan:
     last: int
 
 
-def _start_workers(n: int, impl: type = PruneWorkerImpl) -> tuple[list[Any], list[Any]]:
-    """Start `n` stage actors (of class `impl`) spread over the cluster; return them and what each reported."""
+def _start_workers(n: int, impl: type = PruneWorkerImpl, what: str = "prune stage workers") -> tuple[list[Any], list[Any]]:
+    """Start `n` stage actors (of class `impl`) with the one resource rule (`runtime.actor_resources`:
+    one GPU each, else shares of the CPUs; SPREAD over the nodes); return them and what each reported."""
     import ray
 
-    res = ray.cluster_resources()
-    gpus = int(res.get("GPU", 0))
-    if gpus > 0:
-        if n > gpus:
-            raise PruneError(f"{n} stage workers asked for, but the cluster has {gpus} GPUs (one worker per GPU)")
-        resources, threads = {"num_gpus": 1, "num_cpus": 1}, None
-    else:  # CPU slots shared evenly (fractions when there are more stages than slots)
-        share = float(res.get("CPU", 1)) / n
-        resources, threads = {"num_cpus": share if share < 1 else int(share)}, max(1, int(share))
-    actor = ray.remote(impl).options(max_concurrency=1, scheduling_strategy="SPREAD", **resources)
-    actors = [actor.remote(i, threads) for i in range(n)]
+    rule = actor_resources(n, what=what)
+    actor = ray.remote(impl).options(max_concurrency=1, **rule.options)
+    actors = [actor.remote(i, rule.threads) for i in range(n)]
     infos = ray.get([a.describe.remote() for a in actors])
     return actors, infos
 
@@ -300,13 +299,14 @@ def _per_stage(plans: list[_StagePlan], values: list[float]) -> list[dict[int, f
 def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Union[str, Path], options: PruneOptions) -> PruneResult:
     """Run one prune; see `raymerge.prune` for the user-facing description."""
     t0 = time.perf_counter()
+    check_actor_count(options.workers, "workers")
     cfg, label = load_prune_config(config)
     try:
         shard_bytes = parse_size(cfg.out_shard_size or DEFAULT_SHARD_BYTES)
     except ValueError as err:
         raise ConfigError(f"{label}: out_shard_size: {err}") from None
-    staged = StagedOutput(output, overwrite=options.overwrite)
-    staged.check_target()
+    # Local folder or s3:// URL, checked now (`runtime.output`: the output path merge uses too).
+    dest = JobOutput(output, overwrite=options.overwrite, s3_endpoint_url=options.s3_endpoint_url)
     # The driver resolves the S3 endpoint so workers get it in the spec (not their environment).
     endpoint = resolve_endpoint_url(options.s3_endpoint_url)
     if cfg.merge is not None:  # prune the merged tensors; the merged model is never written
@@ -338,6 +338,7 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
     finally:
         source.close()
     layout = plan_shards([(name, dtype_code(info.dtype), info.shape) for name, info in tensors.items()], shard_bytes)
+    dest.reserve(layout, list(extra_files.values()))  # the disk-space check, before Ray starts
     settings = PruneSettings(
         method=cfg.method, modules=shape.modules, nm=cfg.nm, blocksize=cfg.sparsegpt.blocksize,
         dampening=cfg.sparsegpt.dampening, dtype=cfg.dtype, weight_exponent=cfg.wanda.weight_exponent,
@@ -353,7 +354,7 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
             infos = [None]
         else:
             ensure_ray(options.address)
-            n = options.workers or default_worker_count()[0]
+            n = options.workers if options.workers is not None else default_actor_count()
             actors, infos = _start_workers(max(1, min(n, shape.num_layers)))
             driver = _Driver(actors, remote=True)
             plans = plan_stages(shape, infos, settings, cfg.mode)
@@ -364,10 +365,10 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
                 ray.kill(a)
             driver.workers = [actors[p.worker] for p in plans]
         stages = driver.workers
-        staged.prepare(layout)
+        dest.open(layout)
         last = len(plans) - 1
         loaded = [
-            driver.call(w, "load", model_config, spec, p.first, p.last, settings, k == 0, k == last, str(staged.staging), layout)
+            driver.call(w, "load", model_config, spec, p.first, p.last, settings, k == 0, k == last, str(dest.staging), layout)
             for k, (w, p) in enumerate(zip(stages, plans))
         ]
         stage_bytes = driver.get(loaded)
@@ -419,17 +420,13 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
             report.eval_tokens = nll_after[1]
         if windows is not None:
             report.calibration = {"nsamples": windows.nsamples, "seqlen": windows.seqlen, "eval_windows": int(windows.heldout.shape[0])}
-        index = layout.index_json()
-        if index is not None:
-            staged.write_file("model.safetensors.index.json", index)
-        for name, data in extra_files.items():
-            staged.write_file(name, data)
-        staged.write_file(REPORT_FILE, report.to_json())
-        out = staged.publish()
-    except BaseException:
+        # An S3 output's shards are uploaded by the stage workers (the driver, in process).
+        out = dest.publish(layout, {**extra_files, REPORT_FILE: report.to_json()},
+                           spread=upload_on(driver.workers) if driver.remote else None)
+    except BaseException as err:
         if driver is not None:
             driver.kill()  # before removing the staging folder the workers write into
-        staged.abort()
+        dest.fail(err)
         raise
     finally:
         if driver is not None:

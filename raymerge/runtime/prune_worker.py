@@ -132,6 +132,13 @@ class PruneWorkerImpl:
             self._source = None
         self.stage = None
 
+    def upload_files(self, target, staging: str, filenames: Sequence[str]) -> int:
+        """Upload finished shards of `staging` to an S3 output (`checkpoints.s3.S3Target`) with
+        this process's own credentials (`runtime.output.upload_on`); returns the bytes uploaded."""
+        from raymerge.checkpoints.s3 import upload_files
+
+        return upload_files(target, staging, filenames)
+
     def _stage(self) -> PruneStage:
         if self.stage is None:
             raise RuntimeError("prune worker used before load()")

@@ -27,10 +27,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from raymerge.errors import RaymergeError
+
 RANGE_KEYS = {"low", "high", "log", "step", "knots"}
 
 
-class SearchSpaceError(ValueError):
+class SearchSpaceError(RaymergeError, ValueError):
     """A search range is malformed; the message names its path."""
 
 

@@ -5,12 +5,16 @@ is a set of resident stage workers (`SearchWorkerImpl`) that together hold the m
 split into contiguous blocks of layers; a pipeline evaluates one trial at a time:
 
 - merge searches: the trial's values are put into the config (`SearchSpace.fill`), the merge
-  program is rebuilt from headers (cheap), and each stage recomputes its own layers' operators
-  from the input tensors it holds, then the held-out windows flow through the stages;
+  is compiled from headers (cheap; `runtime.compile`, the very step `raymerge merge` uses, so a
+  trial's operators and their random seeds are those `raymerge merge best.yaml` runs), and each
+  stage recomputes its own layers' operators from the input tensors it holds, then the held-out
+  windows flow through the stages;
 - prune searches: one dense calibration pass per pipeline collects every module's input norms;
   a trial sends per-layer sparsities (and metric exponents) and each stage re-masks its layers.
 
-Nothing is written to disk per trial. A trial whose config is invalid or whose evaluation
+Mistakes in the search config (a bad range, a bad merge parameter at the ranges' middle
+values) are `ConfigError`s naming its file, before anything starts. Nothing is written to disk
+per trial. A trial whose config is invalid or whose evaluation
 raises is recorded as failed with its error (user attribute `error`) and the study goes on; a
 pipeline whose actor died is rebuilt. The study lives in a journal file in the output folder by
 default (or an RDB URL), so rerunning the same command continues it: trials already finished
@@ -31,7 +35,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from raymerge.calibration import CalibrationError, CalibrationWindows, load_calibration
-from raymerge.checkpoints import CheckpointSource, SourceSpec
+from raymerge.checkpoints import CheckpointSource, OutputError, SourceSpec
 from raymerge.config.merge_config import ConfigError, ModelRef, parse_config
 from raymerge.config.prune_config import PruneConfig, parse_prune_config
 from raymerge.config.search_config import Objective, SearchConfig, load_search_config
@@ -39,11 +43,13 @@ from raymerge.pruning.decoder import ModelShape, describe_model
 from raymerge.pruning.layerwise import owl_sparsities
 from raymerge.pruning.report import perplexity
 from raymerge.pruning.stage import PruneSettings
-from raymerge.runtime.operators import MergeOperator, build_program
+from raymerge.runtime.actor_resources import actor_resources, check_actor_count
+from raymerge.runtime.compile import CompiledMerge, CompileOptions, MergeCompiler
+from raymerge.runtime.operators import MergeOperator
 from raymerge.runtime.prune import _Driver, _Pipeline, _tokenizer, even_stages
 from raymerge.search.lm_eval_objective import donor_files, lm_eval_value
-from raymerge.search.space import SearchSpace
-from raymerge.search.worker import SearchWorkerImpl
+from raymerge.search.space import SearchSpace, SearchSpaceError
+from raymerge.runtime.search_worker import SearchWorkerImpl
 
 STUDY_FILE = "study.journal"
 REFERENCE_KEYS = 100000  # objective k's reference logits are kept under keys k * REFERENCE_KEYS + batch
@@ -55,7 +61,15 @@ class SearchOptions:
     in_process: bool = False  # one pipeline in the driver, no Ray (trials run one after another)
     address: Optional[str] = None
     quiet: bool = False
-    materialize: bool = False  # write the best model to OUT/best-model
+    # Write the best model: True -> OUT/best-model (replaced on every run); a folder or an
+    # s3://bucket/prefix -> there, through the output path merges use (`runtime.output`).
+    materialize: Union[bool, str, Path] = False
+    overwrite: bool = False  # replace what a given `materialize` target holds
+    # How the merge's inputs are opened and checked, as `raymerge merge` takes them (the merge's
+    # random seed is the merge config's `raymerge: random_seed`, so best.yaml carries it).
+    allow_pickle: bool = False
+    allow_mixed_architectures: bool = False
+    s3_endpoint_url: Optional[str] = None
 
 
 @dataclass
@@ -68,7 +82,7 @@ class SearchResult:
     failed: int
     seconds: float
     trials_run: int = 0
-    materialized: Optional[Path] = None
+    materialized: Union[Path, str, None] = None  # a local folder, or the s3:// URL
     best_values: list[list[float]] = field(default_factory=list)
 
     @property
@@ -90,54 +104,60 @@ class TrialError(RuntimeError):
 
 # -- what a search evaluates ------------------------------------------------------------------------------
 class _MergeTask:
-    """A merge search: the space, the opened inputs, and the operators of a trial per stage."""
+    """A merge search: the space, the opened inputs, and the operators of a trial per stage.
+    Every trial is compiled by `runtime.compile` with the search's options, as `raymerge merge`
+    compiles the exported best.yaml."""
 
-    def __init__(self, cfg: SearchConfig, label: str) -> None:
-        self.space = SearchSpace(cfg.merge, "merge")
-        first = self._program(self.space.fill({d.name: _middle(d) for d in self.space.dimensions}))
-        self.models: list[ModelRef] = list(first.models)
-        self.specs = [SourceSpec(m.path, m.revision, config_from=m.config_from) for m in self.models]
-        if first.changes_layers:
+    def __init__(self, cfg: SearchConfig, label: str, options: CompileOptions = CompileOptions()) -> None:
+        self.label = label
+        try:
+            self.space = SearchSpace(cfg.merge, "merge")
+        except SearchSpaceError as err:
+            raise ConfigError(f"{label}: {err}") from None
+        self.compiler = MergeCompiler(options)
+        try:
+            # The ranges' middle values: a mistake here is the search config's, named by its file.
+            first = self.compile(self.space.fill({d.name: _middle(d) for d in self.space.dimensions}), f"{label}: merge")
+        except BaseException:
+            self.compiler.close()
+            raise
+        self.models: list[ModelRef] = list(first.program.models)
+        self.specs = first.specs
+        if first.program.changes_layers:
+            self.compiler.close()
             raise ConfigError(f"{label}: merge: slices that change the layer stack cannot be searched in memory yet")
-        self.donor = first.donor
+        self.donor = first.program.donor
         self.first_ops = first.operators
 
-    def _program(self, config: dict[str, Any]):
-        try:
-            mcfg = parse_config(config, "<trial config>")
-        except ConfigError as err:
-            raise TrialError(str(err)) from None
-        if not hasattr(self, "sources"):
-            refs = mcfg.referenced_models()
-            self.sources: dict[ModelRef, CheckpointSource] = {r: SourceSpec(r.path, r.revision, config_from=r.config_from).open() for r in refs}
-        try:
-            return build_program(mcfg, self.sources, source_label="<trial config>")
-        except Exception as err:  # noqa: BLE001 - a trial's parameters can be invalid in many ways
-            raise TrialError(f"{type(err).__name__}: {err}") from None
+    def compile(self, config: dict[str, Any], where: str) -> CompiledMerge:
+        """The merge program of a filled-in merge config (errors name `where`)."""
+        return self.compiler.compile(parse_config(config, where), where)
 
     def operators(self, values: dict[str, Any]) -> list[MergeOperator]:
-        program = self._program(self.space.fill(values))
-        index = {m: i for i, m in enumerate(self.models)}
-        remap = [index[m] for m in program.models]
+        try:
+            program = self.compile(self.space.fill(values), f"{self.label}: merge (trial values)").program
+            index = {m: i for i, m in enumerate(self.models)}
+            remap = [index[m] for m in program.models]
+        except Exception as err:  # noqa: BLE001 - a trial's parameters can be invalid in many ways
+            raise TrialError(f"{type(err).__name__}: {err}") from None
         return [replace(op, inputs=tuple(replace(i, model=remap[i.model]) for i in op.inputs)) for op in program.operators]
 
     def reference_operators(self, ref: ModelRef) -> list[MergeOperator]:
         if ref not in self.models:
-            raise ConfigError(f"objective reference {ref} must be one of the merge's models")
+            raise ConfigError(f"{self.label}: objective reference {ref} must be one of the merge's models")
         cfg = {"merge_method": "linear", "models": [{"model": str(ref), "parameters": {"weight": 1.0}}]}
         dtype = self.space.template.get("dtype")
         if dtype:
             cfg["dtype"] = dtype
-        program = build_program(parse_config(cfg), {ref: self.sources[ref]})
+        program = self.compile(cfg, f"{self.label}: objective reference {ref}").program
         i = self.models.index(ref)
         return [replace(op, inputs=tuple(replace(t, model=i) for t in op.inputs)) for op in program.operators]
 
     def donor_source(self) -> CheckpointSource:
-        return self.sources[self.models[self.donor]]
+        return self.compiler.sources([self.models[self.donor]])[self.models[self.donor]]
 
     def close(self) -> None:
-        for src in getattr(self, "sources", {}).values():
-            src.close()
+        self.compiler.close()
 
 
 class _PruneTask:
@@ -221,10 +241,27 @@ def run_search(config: Union[str, Path, dict[str, Any], SearchConfig], output: U
     import optuna
 
     t0 = time.perf_counter()
+    check_actor_count(options.stages, "stages")
     cfg, label = load_search_config(config)
+    if cfg.merge is not None:
+        from raymerge.checkpoints.s3 import resolve_endpoint_url
+
+        # The driver resolves the endpoint (as a merge does): stage workers get it in the specs.
+        options = replace(options, s3_endpoint_url=resolve_endpoint_url(options.s3_endpoint_url))
+    if str(output).startswith("s3:/"):
+        raise OutputError(f"search output {output}: the study folder (journal, best.yaml, plots) must be local; "
+                          "publish the best model to S3 with --materialize s3://bucket/prefix (materialize=...)")
     out = Path(output)
+    target = _materialize_target(out, options)
+    if target is not None and options.materialize is not True:
+        from raymerge.runtime.output import JobOutput
+
+        # Checked now, not after the study: refused if it holds a model (without overwrite), unwritable, no bucket.
+        JobOutput(target, overwrite=options.overwrite, s3_endpoint_url=options.s3_endpoint_url)
     out.mkdir(parents=True, exist_ok=True)
-    task: Union[_MergeTask, _PruneTask] = _MergeTask(cfg, label) if cfg.merge is not None else _PruneTask(cfg, label)
+    task: Union[_MergeTask, _PruneTask] = _MergeTask(cfg, label, CompileOptions(
+        allow_pickle=options.allow_pickle, allow_mixed_architectures=options.allow_mixed_architectures,
+        s3_endpoint_url=options.s3_endpoint_url)) if cfg.merge is not None else _PruneTask(cfg, label)
     try:
         return _run(cfg, label, out, task, options, t0, optuna)
     finally:
@@ -298,13 +335,11 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
         from raymerge.runtime.executor import ensure_ray
 
         ensure_ray(options.address)
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // (n_stages * cfg.study.concurrency))
-        have, need = int(ray.cluster_resources().get("GPU", 0)), n_stages * cfg.study.concurrency
-        if 0 < have < need:
-            raise ConfigError(f"the search needs stages x concurrency = {need} GPUs, the cluster has {have}")
-        gpus = {"num_gpus": 1} if have else {}
-        actor = ray.remote(SearchWorkerImpl).options(num_cpus=cpus, max_restarts=0, **gpus)
-        return _Driver([actor.remote(k, cpus) for k in range(n_stages)], remote=True), bounds
+        # Every pipeline's stages share the cluster: one rule for all stages x concurrency actors.
+        what = f"search stage workers (stages {n_stages} x concurrency {cfg.study.concurrency})"
+        rule = actor_resources(n_stages * cfg.study.concurrency, what=what)
+        actor = ray.remote(SearchWorkerImpl).options(max_restarts=0, **rule.options)
+        return _Driver([actor.remote(k, rule.threads) for k in range(n_stages)], remote=True), bounds
 
     def setup(p: _SearchPipeline) -> None:
         d = p.driver
@@ -609,11 +644,31 @@ def _plots(study, out: Path, n_objectives: int) -> list[Path]:
     return made
 
 
-def _materialize(cfg: SearchConfig, best: Path, out: Path, options: SearchOptions) -> Path:
-    import raymerge
+def _materialize_target(out: Path, options: SearchOptions) -> Union[Path, str, None]:
+    """Where `materialize` puts the best model (None: nowhere)."""
+    m = options.materialize
+    if m is True:
+        return out / "best-model"
+    if m is False or m is None or str(m) == "":
+        return None
+    return str(m) if str(m).startswith("s3:/") else Path(m)
 
-    target = out / "best-model"
-    kwargs = dict(overwrite=True, quiet=options.quiet, address=options.address)
+
+def _materialize(cfg: SearchConfig, best: Path, out: Path, options: SearchOptions) -> Union[Path, str]:
+    """Run the best config as `raymerge merge`/`prune` would, into the materialize target: a
+    local folder or an s3:// prefix, through the same staged output (`runtime.output`). Calls the
+    runtime directly, not the public API in `raymerge/__init__` (which imports this package)."""
+    from raymerge.runtime.merge import MergeOptions, run_merge
+    from raymerge.runtime.prune import PruneOptions, run_prune
+
+    target = _materialize_target(out, options)
+    assert target is not None
+    # OUT/best-model is the search's own folder, replaced on every run; a given target is the user's.
+    overwrite = True if options.materialize is True else options.overwrite
+    kwargs = dict(overwrite=overwrite, quiet=options.quiet, address=options.address, s3_endpoint_url=options.s3_endpoint_url)
     if cfg.merge is not None:
-        return Path(raymerge.merge(best, target, **kwargs).output)
-    return Path(raymerge.prune(best, target, in_process=options.in_process, **kwargs).output)
+        result = run_merge(best, target, MergeOptions(allow_pickle=options.allow_pickle,
+                                                      allow_mixed_architectures=options.allow_mixed_architectures, **kwargs))
+    else:
+        result = run_prune(best, target, PruneOptions(in_process=options.in_process, **kwargs))
+    return result.output

@@ -1,0 +1,32 @@
+"""The one base class of raymerge's user errors.
+
+`RaymergeError` marks a user mistake (a bad config, model path, output path, method parameter,
+calibration file, search range, ...): the CLI prints it as one line and exits 2; anything else
+is a bug and keeps its traceback. Every user-error class of raymerge derives from it, and most
+also from `ValueError` (as they did before there was a base), so `except ValueError` still works.
+
+This module sits below every layer (it imports nothing), so any package, config/ and
+checkpoints/ included, can derive from it. `planners/` is standalone and keeps its own
+`PlanError` / `ProblemError`, which the CLI catches next to this one.
+"""
+
+from __future__ import annotations
+
+
+class RaymergeError(Exception):
+    """A user mistake: the CLI prints one line and exits 2. The message says what is wrong and
+    where (file, key, tensor)."""
+
+
+def one_line(message: object) -> str:
+    """A (possibly multi-line) error message as one line: a header line ending in ':' is joined
+    with the first problem under it, and further lines are counted, not printed."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    head, rest = lines[0], lines[1:]
+    if head.endswith(":") and rest:
+        head, rest = f"{head} {rest[0]}", rest[1:]
+    if rest:
+        head += f" (and {len(rest)} more problem{'s' if len(rest) > 1 else ''})"
+    return head

@@ -1,0 +1,339 @@
+"""Same inputs -> the same bits, whatever the torch thread count (and so whatever the number of
+workers, stages or nodes, which only change each process's thread count).
+
+Every tensor here has at least 1M elements: torch splits a CPU reduction across threads only above
+32768 elements, so smaller tensors could never catch a violation. Each case runs with 1 thread and
+with 3 (more than this machine's cores is fine: the split follows the thread count, not the
+cores) and compares the bits. `test_the_grid_catches_thread_dependent_sums` checks that these
+sizes and thread counts do expose torch's native whole-tensor reduction, so the grid can fail.
+
+The end-to-end check (1, 2 and 3 Ray workers give the same published bytes) is in
+`test_merge_determinism_across_workers`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from raymerge.methods import available_methods, get_method, reductions
+from raymerge.pruning import FeatureNormStats, HessianStats, outlier_ratio, row_mask, sparsegpt_prune, wanda_scores
+
+THREADS = (1, 3)
+SHAPE = (1024, 1152)  # 1,179,648 elements
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+@contextmanager
+def threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _same_for_every_thread_count(fn):
+    results = []
+    for n in THREADS:
+        with threads(n):
+            results.append(fn())
+    first = results[0]
+    for n, other in zip(THREADS[1:], results[1:]):
+        firsts = first if isinstance(first, tuple) else (first,)
+        others = other if isinstance(other, tuple) else (other,)
+        for a, b in zip(firsts, others):
+            assert a.dtype == b.dtype and torch.equal(a, b), f"differs between {THREADS[0]} and {n} threads"
+    return first
+
+
+def _models(n: int, dtype: torch.dtype, shape=SHAPE) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(shape, generator=g)
+    common = torch.randn(shape, generator=g)
+    out = [base]
+    for _ in range(n - 1):
+        out.append(base + 0.02 * (common + torch.randn(shape, generator=g)))
+    return [t.to(dtype) for t in out]
+
+
+# method -> (number of inputs, base index, model params of the non-base inputs, params)
+WEIGHTED = [{"weight": 0.5, "density": 0.5}, {"weight": 0.3, "density": 0.7}, {"weight": 0.4, "density": 0.6}]
+CASES = {
+    "linear": (3, None, [{"weight": 0.2}, {"weight": 0.5}, {"weight": 0.3}], {}),
+    "passthrough": (1, None, [{"scale": 0.7}], {}),
+    "task_arithmetic": (4, 0, WEIGHTED, {}),
+    "task_arithmetic rescale": (4, 0, WEIGHTED, {"rescale": True}),
+    "ties": (4, 0, WEIGHTED, {}),
+    "ties rescale": (4, 0, WEIGHTED, {"rescale": True}),
+    "breadcrumbs": (4, 0, WEIGHTED, {"rescale": True}),
+    "breadcrumbs_ties": (4, 0, WEIGHTED, {"rescale": True}),
+    "dare_linear": (4, 0, WEIGHTED, {}),
+    "dare_ties": (4, 0, WEIGHTED, {}),
+    "della": (4, 0, WEIGHTED, {}),
+    "della_linear": (4, 0, WEIGHTED, {}),
+    "slerp": (2, 0, [{}], {"t": 0.3}),
+    "nuslerp": (2, None, [{"weight": 0.3}, {"weight": 0.7}], {}),
+    "nuslerp base": (3, 0, [{"weight": 0.3}, {"weight": 0.7}], {}),
+    "nuslerp row_wise": (2, None, [{"weight": 0.3}, {"weight": 0.7}], {"nuslerp_row_wise": True, "nuslerp_flatten": False}),
+    "model_stock": (4, 0, [{}, {}, {}], {}),
+    "model_stock filter_wise": (4, 0, [{}, {}, {}], {"filter_wise": True}),
+    "onebit": (3, 0, [{"weight": 0.5}, {"weight": 0.5}], {}),
+    "tsv": (3, 0, [{}, {}], {}),
+    "lore": (3, 0, [{"weight": 0.5}, {"weight": 0.5}], {"iterations": 2}),
+}
+
+
+def test_every_method_is_in_the_grid():
+    assert {case.split()[0] for case in CASES} == set(available_methods())
+
+
+def _run(case: str, dtype: torch.dtype) -> torch.Tensor:
+    method = case.split()[0]
+    n, base_index, model_params, params = CASES[case]
+    inputs = _models(n, dtype, (512, 768) if method in ("tsv", "lore") else SHAPE)
+    mps = [dict(m) for m in model_params]
+    if base_index is not None:
+        mps.insert(base_index, {})
+    spec = get_method(method)
+    mps, ps = spec.resolve(mps, dict(params), base_index)
+
+    def once():
+        generator = torch.Generator().manual_seed(7) if spec.random else None
+        return spec.fn([x.clone() for x in inputs], base_index=base_index, model_params=mps, params=ps, generator=generator)
+
+    return _same_for_every_thread_count(once)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_merge_method_bits_do_not_depend_on_threads(case, dtype):
+    out = _run(case, dtype)
+    assert torch.isfinite(out.float()).all()
+
+
+def test_the_grid_catches_thread_dependent_sums():
+    """Torch's own whole-tensor sum differs between the grid's thread counts on these sizes (so a
+    method that used it would fail the grid), and `reductions.total` does not."""
+    x = _models(2, torch.float32)[1]
+    native = []
+    for n in THREADS:
+        with threads(n):
+            native.append(x.abs().sum())
+    assert not torch.equal(native[0], native[1]), "torch's sum no longer splits by thread count: pick larger tensors"
+    _same_for_every_thread_count(lambda: reductions.total(x.abs()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_reductions_match_torch_within_rounding(dtype):
+    g = torch.Generator().manual_seed(3)
+    for shape in [(7,), (40000,), (3, 1 << 20), (1, 70001)]:
+        x = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+        exact = x.double().clone()
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(reductions.total(x).double(), exact.sum(), rtol=tol, atol=tol)
+        torch.testing.assert_close(reductions.mean(x).double(), exact.mean(), rtol=tol, atol=tol)
+        torch.testing.assert_close(reductions.vector_norm(x).double(), exact.norm(), rtol=tol, atol=tol)
+        torch.testing.assert_close(reductions.dot(x, x).double(), (exact * exact).sum(), rtol=tol, atol=tol)
+        assert reductions.total(x).dtype == x.sum().dtype
+        kept = reductions.sum_dim(x, -1, keepdim=True)
+        assert kept.shape == x.sum(-1, keepdim=True).shape
+        torch.testing.assert_close(kept.double(), exact.sum(-1, keepdim=True), rtol=tol, atol=tol)
+        assert reductions.norm_dim(x, -1).shape == torch.norm(x, dim=-1).shape
+        assert torch.equal(x.double(), exact), "a reduction changed its input"
+
+
+def test_small_tensors_keep_torchs_own_bits():
+    """Below 32768 elements torch reduces serially: the helpers call it unchanged, so small
+    merges keep matching mergekit bit for bit."""
+    x = torch.randn(100, 300)
+    assert torch.equal(reductions.total(x), x.sum())
+    assert torch.equal(reductions.vector_norm(x), torch.linalg.vector_norm(x))
+    assert torch.equal(reductions.sum_dim(x.reshape(1, -1), -1), x.reshape(1, -1).sum(-1))
+
+
+def test_fixed_threads_restores_the_callers_count():
+    with threads(3):
+        with reductions.fixed_threads(1):
+            assert torch.get_num_threads() == 1
+            with reductions.fixed_threads(1):
+                pass
+        assert torch.get_num_threads() == 3
+
+
+# -- pruning statistics, scores and masks ------------------------------------------------------------
+def _activations(tokens: int = 2048, width: int = 768) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(tokens, width, generator=g)
+    x[:, :8] *= 30  # outlier features, as LLMs have
+    return x
+
+
+def test_wanda_statistics_and_masks_do_not_depend_on_threads():
+    w = torch.randn(1408, 768, generator=torch.Generator().manual_seed(6))
+    x = _activations()
+
+    def once():
+        stats = FeatureNormStats(768)
+        for chunk in x.split(512):
+            stats.add(chunk)
+        scores = wanda_scores(w, stats.sq_sum)
+        return stats.sq_sum, scores, row_mask(scores, 0.5)
+
+    _same_for_every_thread_count(once)
+
+
+@pytest.mark.parametrize("pattern", [None, (2, 4)], ids=["unstructured", "2:4"])
+def test_sparsegpt_hessian_and_masks_do_not_depend_on_threads(pattern):
+    w = torch.randn(1408, 768, generator=torch.Generator().manual_seed(6))
+    x = _activations()
+
+    def once():
+        stats = HessianStats(768)
+        for chunk in x.split(512):
+            stats.add(chunk)
+        new_w, mask = sparsegpt_prune(w, stats.xtx / stats.tokens, 0.5, pattern=pattern)
+        return stats.xtx, new_w, mask
+
+    _same_for_every_thread_count(once)
+
+
+def test_owl_outlier_ratio_does_not_depend_on_threads():
+    scores = [torch.rand(1408, 768, generator=torch.Generator().manual_seed(k)) ** 4 for k in range(3)]
+    ratios = set()
+    for n in THREADS:
+        with threads(n):
+            ratios.add(outlier_ratio(scores, 5.0))
+    assert len(ratios) == 1
+
+
+# -- end to end: the published bytes for 1, 2 and 3 Ray workers --------------------------------------
+E2E_CASES = {
+    "dare_ties": {"merge_method": "dare_ties"},
+    "ties rescale": {"merge_method": "ties", "parameters": {"rescale": True}},
+    "ties trim_scope model": {"merge_method": "ties", "parameters": {"trim_scope": "model"}},
+    "della": {"merge_method": "della"},
+    "breadcrumbs": {"merge_method": "breadcrumbs", "parameters": {"rescale": True}},
+    "model_stock": {"merge_method": "model_stock", "no_weights": True},
+    "slerp": {"merge_method": "slerp", "two": True, "parameters": {"t": 0.4}},
+    "nuslerp": {"merge_method": "nuslerp", "two": True},
+}
+
+
+@pytest.fixture(scope="module")
+def wide_models(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """A llama (hidden 512, intermediate 2048: MLP weights of 1,048,576 elements, 2 layers) and
+    three fine-tunes, in float32 and bfloat16."""
+    from raymerge.demo import build_tiny_model
+
+    root = tmp_path_factory.mktemp("wide")
+    shape = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4)
+    families = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        folder = root / str(dtype).split(".")[-1]
+        base = build_tiny_model(folder / "base", seed=0, dtype=dtype, config_overrides=shape)
+        family = {"base": base}
+        for i in range(3):
+            family[f"ft{i + 1}"] = build_tiny_model(folder / f"ft{i + 1}", seed=10 + i, dtype=dtype, base=base, config_overrides=shape)
+        families[str(dtype).split(".")[-1]] = family
+    return families
+
+
+def _e2e_config(case: str, family: dict[str, Path]) -> dict:
+    spec = dict(E2E_CASES[case])
+    two, no_weights = spec.pop("two", False), spec.pop("no_weights", False)
+    names = ("ft1",) if two and spec["merge_method"] == "slerp" else ("ft1", "ft2") if two else ("ft1", "ft2", "ft3")
+    models = [{"model": str(family[k])} for k in names]
+    if not no_weights and spec["merge_method"] != "slerp":
+        for m, w in zip(models, (0.5, 0.3, 0.4)):
+            m["parameters"] = {"weight": w} if spec["merge_method"] == "nuslerp" else {"weight": w, "density": 0.6}
+    cfg = {"base_model": str(family["base"]), "models": models, **spec}
+    if spec["merge_method"] == "nuslerp":
+        cfg.pop("base_model")
+    return cfg
+
+
+def test_merge_determinism_across_workers(ray_session, wide_models, tmp_path):
+    """Every case, in float32 and bfloat16: 1, 2 and 3 workers on the 2-CPU session (3 share the
+    CPUs fractionally) publish the same bytes. Prints the matrix (method x dtype x workers)."""
+    import raymerge
+    from conftest import load_state
+
+    outputs: dict[tuple[str, str, int], dict] = {}
+    try:
+        for workers in (1, 2, 3):
+            for dtype, family in wide_models.items():
+                for case in E2E_CASES:
+                    out = tmp_path / f"{case.replace(' ', '_')}-{dtype}-{workers}"
+                    raymerge.merge(_e2e_config(case, family), out, workers=workers, random_seed=7, quiet=True,
+                                   keep_workers=True, out_shard_size="4MB")
+                    outputs[(case, dtype, workers)] = {f.name: f.read_bytes() for f in sorted(out.iterdir()) if f.is_file()}
+    finally:
+        raymerge.shutdown_workers()
+    rows, differing = [], []
+    for (case, dtype, workers), files in sorted(outputs.items()):
+        same = files == outputs[(case, dtype, 1)]
+        rows.append(f"{case:24s} {dtype:9s} workers={workers}: {'identical' if same else 'DIFFERENT'}")
+        if not same:
+            differing.append((case, dtype, workers))
+    print("\n".join(rows))
+    assert not differing, f"bytes depend on the worker count: {differing}"
+    biggest = max(t.numel() for t in load_state(tmp_path / "dare_ties-bfloat16-1").values())
+    assert biggest >= 1 << 20
+
+
+# -- end to end: prune masks and bytes for in-process, 1, 2 and 4 stages ----------------------------
+PRUNE_CASES = {
+    "magnitude": {"method": "magnitude"},
+    "wanda": {"method": "wanda"},
+    "sparsegpt": {"method": "sparsegpt"},
+    "sparsegpt 2:4": {"method": "sparsegpt", "pattern": "2:4"},
+    "owl wanda": {"method": "wanda", "layerwise": {"owl": {"lambda": 0.1, "m": 3}}},
+}
+
+
+@pytest.fixture(scope="module")
+def wide_prunable(tmp_path_factory) -> dict[str, Path]:
+    """A llama with hidden 512, intermediate 2048 (1M-element MLP weights) and 4 layers, and
+    calibration text."""
+    from raymerge.demo import build_tiny_model, demo_text
+
+    root = tmp_path_factory.mktemp("wide-prune")
+    shape = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
+    model = build_tiny_model(root / "model", seed=0, config_overrides=shape)
+    (root / "calib.txt").write_text(demo_text(12, 120, seed=1))
+    return {"model": model, "calib": root / "calib.txt"}
+
+
+def test_prune_determinism_across_stages(ray_session, wide_prunable, tmp_path):
+    """Every case: in-process and 1, 2 and 4 stage actors (on 2 CPUs: different thread counts
+    per stage) publish the same masks and the same bytes. Prints the matrix."""
+    from conftest import load_state
+    from raymerge.runtime.prune import PruneOptions, run_prune
+
+    runs = {"in-process": PruneOptions(in_process=True, quiet=True)}
+    runs.update({f"{n} stage(s)": PruneOptions(workers=n, quiet=True) for n in (1, 2, 4)})
+    rows, differing = [], []
+    for case, extra in PRUNE_CASES.items():
+        cfg = {
+            "model": str(wide_prunable["model"]), "sparsity": 0.5, "batch_size": 4,
+            "calibration": {"dataset": str(wide_prunable["calib"]), "nsamples": 8, "seqlen": 64, "eval_samples": 0},
+            **extra,
+        }
+        states = {}
+        for run, options in runs.items():
+            out = tmp_path / f"{case.replace(' ', '_').replace(':', '-')}-{run.split()[0]}"
+            run_prune(cfg, out, options)
+            states[run] = load_state(out)
+        first = states["in-process"]
+        for run, state in states.items():
+            same = state.keys() == first.keys() and all(torch.equal(state[k], first[k]) for k in first)
+            rows.append(f"{case:14s} {run:11s}: {'identical' if same else 'DIFFERENT'}")
+            if not same:
+                differing.append((case, run))
+    print("\n".join(rows))
+    assert not differing, f"pruned bytes depend on the stage count: {differing}"
