@@ -57,6 +57,7 @@ def merge(
     s3_endpoint_url: Optional[str] = None,
     scan_nonfinite: bool = False,
     resume: Optional[bool] = None,
+    in_process: bool = False,
 ) -> MergeResult:
     """Merge the models described by a mergekit-format config and publish the result at `output`.
 
@@ -87,6 +88,9 @@ def merge(
             inputs, raymerge version and shard size), else it is discarded; True: the same, but
             a folder from a different merge is an `OutputError` instead of being discarded;
             False: always start afresh. The output is byte-identical either way.
+        in_process: run the merge in this process with one worker, without starting Ray or any
+            actor (the same worker code, planned for that one worker; the bytes equal a Ray merge
+            with `workers=1`): for small merges and tests. Refused with `workers` > 1 or `address`.
 
     Returns:
         A `MergeResult`: output path, tensor count, bytes read/written, timings, peak memory,
@@ -114,6 +118,7 @@ def merge(
         s3_endpoint_url=s3_endpoint_url,
         scan_nonfinite=scan_nonfinite,
         resume=resume,
+        in_process=in_process,
     )
     return run_merge(config, output, options)
 

@@ -30,7 +30,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=None, metavar="N",
                    help="number of worker actors (default: one per GPU in the cluster, else one per CPU slot)")
     g.add_argument("--address", default=None,
-                   help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
+                   help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray of its own; "auto" joins the cluster running on this machine)")
     g.add_argument("--random-seed", type=int, default=None, metavar="SEED",
                    help="seed of random methods (DARE, DELLA); each tensor is seeded from (SEED, tensor name). Default 0")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--scan-nonfinite", action="store_true",
                    help="before any work, read every input tensor once and stop at the first holding NaN or Inf "
                         "(costs a full read of the inputs)")
+    m.add_argument("--in-process", action="store_true",
+                   help="run in this one process with one worker, without Ray (no actors are started): for small "
+                        "merges and tests; same bytes as --workers 1 on Ray")
     m.add_argument("--plan-only", action="store_true",
                    help="print the placement plan for --cluster (default: this machine) and stop: nothing is "
                         "read but headers, nothing is written, Ray is not started")
@@ -117,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--workers", type=int, default=None, metavar="N",
                     help="stage workers (default: one per GPU in the cluster, else one per CPU slot; at most one per layer)")
     pr.add_argument("--in-process", action="store_true", help="run in this process as a single stage, without Ray")
-    pr.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
+    pr.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray of its own; "auto" joins the cluster running on this machine)")
     pr.add_argument("--plot", default=None, metavar="PNG", help="write a per-layer sparsity chart (needs matplotlib)")
     pr.add_argument("--json", default=None, metavar="FILE", dest="report_json",
                     help="also write the report (prune_report.json in OUTPUT) to FILE")
@@ -145,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also write the best model: to OUT/best-model, or to TARGET (a folder or s3://bucket/prefix, "
                          "published like `raymerge merge` does; checked before the study starts)")
     se.add_argument("--overwrite", action="store_true", help="replace what the --materialize TARGET holds")
-    se.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
+    se.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray of its own; "auto" joins the cluster running on this machine)")
     se.add_argument("--quiet", action="store_true", help="no progress bar")
     se.add_argument("--s3-endpoint-url", default=None, metavar="URL",
                     help="endpoint of an S3-compatible store for s3:// models and an s3:// --materialize TARGET "
@@ -199,6 +202,7 @@ def _merge(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle, allow_mixed_architectures=args.allow_mixed_architectures,
         cluster=args.cluster, planner=args.planner, plan_time_limit=args.plan_time_limit,
         s3_endpoint_url=args.s3_endpoint_url, scan_nonfinite=args.scan_nonfinite, resume=args.resume,
+        in_process=args.in_process,
     )
     print(result.summary())
     if result.plan is not None and result.plan.report is not None:
@@ -303,13 +307,11 @@ def _methods(_: argparse.Namespace) -> int:
             print(f"    - {p.name} ({scope}, {default}): {p.doc}")
     print("\nguided merges (any per-tensor method above with a base_model, plus `raymerge: guidance:`;"
           " see README 'Guided merges'):")
-    from raymerge.config.guidance_config import DEFAULTS, METHOD_PARAMETERS
+    from raymerge.runtime.guidance_methods import available_guidance_methods, get_guidance_method
 
-    what = {"aim": "relax the merged delta per input channel by the base's activations",
-            "acm": "per-layer task-vector scales from activation mutual information",
-            "sens": "per-layer scales from gradient sensitivity and logit distances"}
-    for method, param in METHOD_PARAMETERS.items():
-        print(f"    {method:<5} {param} (default {DEFAULTS[param]:g}): {what[method]}")
+    for method in available_guidance_methods():
+        g = get_guidance_method(method)
+        print(f"    {method:<5} {g.parameter} (default {g.default:g}): {g.doc}")
     return 0
 
 

@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 import raymerge
-from raymerge.cli import main as cli_main
 from raymerge.config import ConfigError
 from raymerge.runtime.actor_resources import ActorCountError, actor_resources, check_actor_count, default_actor_count
 
@@ -133,6 +132,7 @@ def test_search_stages_times_concurrency_above_the_cpus_runs(ray_session, llama_
 # -- a count below one: refused before Ray, one line ----------------------------------------------------
 def test_cli_workers_zero_exits_2_with_one_line_before_ray(llama_models, tmp_path, capsys, monkeypatch):
     import raymerge.runtime.merge as merge_mod
+    from raymerge.cli import main as cli_main
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray must not be started for a refused worker count")

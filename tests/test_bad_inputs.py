@@ -275,7 +275,7 @@ def test_nonfinite_scan_from_the_cli(models, tmp_path, no_work, capsys):
     assert_nothing_published(tmp_path / "out")
 
 
-def test_nonfinite_scan_passes_clean_inputs(ray_session, models, tmp_path):
+def test_nonfinite_scan_passes_clean_inputs(models, tmp_path):
     """Opt-in: clean inputs are scanned (every byte the merge reads) and the merge then runs."""
     from raymerge.runtime import scan
 
@@ -288,7 +288,8 @@ def test_nonfinite_scan_passes_clean_inputs(ray_session, models, tmp_path):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(scan, "scan_nonfinite", spy)
-        result = raymerge.merge(linear(models["base"], models["ft2"]), tmp_path / "out", quiet=True, workers=1, scan_nonfinite=True)
+        result = raymerge.merge(linear(models["base"], models["ft2"]), tmp_path / "out", quiet=True, in_process=True,
+                                scan_nonfinite=True)
     assert scanned == [result.bytes_read]
     assert (tmp_path / "out" / "model.safetensors").exists()
 

@@ -85,7 +85,7 @@ def test_trial_operators_equal_the_merge_of_best_yaml(llama_models, heldout, tmp
         task.close()
 
 
-def test_dare_ties_trial_value_equals_the_merged_model(llama_models, heldout, tmp_path, ray_session, monkeypatch):
+def test_dare_ties_trial_value_equals_the_merged_model(llama_models, heldout, tmp_path, monkeypatch):
     """The best trial's in-memory weights and objective value are those of the model
     `raymerge.merge(best.yaml)` writes, loaded with transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -109,7 +109,7 @@ def test_dare_ties_trial_value_equals_the_merged_model(llama_models, heldout, tm
     result = raymerge.optimize(cfg, tmp_path / "s", in_process=True, quiet=True)
     assert result.completed == 2 and len(states) == 2
     best = result.study.best_trial
-    merged = raymerge.merge(result.best_configs[0], tmp_path / "merged", workers=1, quiet=True)
+    merged = raymerge.merge(result.best_configs[0], tmp_path / "merged", in_process=True, quiet=True)
 
     model = AutoModelForCausalLM.from_pretrained(str(merged.output), dtype=torch.float32).eval()
     written = dict(model.named_parameters())

@@ -211,18 +211,19 @@ def test_acm_identical_finetune_gets_the_floor_everywhere(acm_runs, family):
     assert min(others.values()) == 0.5 and max(others.values()) > 0.5
 
 
-def test_aim_equals_direct_computation_and_omega_one_is_the_plain_merge(ray_session, family):
+def test_aim_equals_direct_computation_and_omega_one_is_the_plain_merge(family):
+    # In process: the stage independence of the statistics is the ACM and Sens tests' (on Ray).
     models = [("ft1", 0.7), ("ft2", 0.5)]
     root = family["root"]
     plain_cfg = guided_config(family, "aim", models, merge_method="ties")
     del plain_cfg["raymerge"]
     plain_cfg["parameters"] = {"density": 0.6}
-    plain = load_state(raymerge.merge(plain_cfg, root / "aim-plain", quiet=True).output)
+    plain = load_state(raymerge.merge(plain_cfg, root / "aim-plain", quiet=True, in_process=True).output)
     cfg = guided_config(family, "aim", models, merge_method="ties", stages=2, omega=OMEGA)
     cfg["parameters"] = {"density": 0.6}
-    guided = load_state(raymerge.merge(cfg, root / "aim", quiet=True).output)
+    guided = load_state(raymerge.merge(cfg, root / "aim", quiet=True, in_process=True).output)
     cfg["raymerge"]["guidance"].update(omega=1.0, stages=1)
-    same = load_state(raymerge.merge(cfg, root / "aim-one", quiet=True).output)
+    same = load_state(raymerge.merge(cfg, root / "aim-one", quiet=True, in_process=True).output)
     assert all(torch.equal(same[n], plain[n]) for n in plain)
 
     # Direct AIM statistic: whole base model, hooks on every module with a weight but the embeddings.
@@ -365,10 +366,11 @@ def test_sens_equals_direct_computation_and_is_stage_independent(sens_runs, fami
         torch.testing.assert_close(out, expected, atol=2e-6, rtol=1e-4, msg=name)
 
 
-def test_sens_identical_finetunes_scale_by_one(ray_session, family):
+def test_sens_identical_finetunes_scale_by_one(family):
     models = [("ft1", 0.6), ("twin", 0.4)]
     cfg = guided_config(family, "sens", models)
-    report = json.loads((raymerge.merge(cfg, family["root"] / "sens-twins", quiet=True).output / "guidance.json").read_text())
+    out = raymerge.merge(cfg, family["root"] / "sens-twins", quiet=True, in_process=True).output
+    report = json.loads((out / "guidance.json").read_text())
     for coefficients in report["coefficients"].values():
         assert coefficients and all(v == pytest.approx(1.0, abs=1e-12) for v in coefficients.values())
 

@@ -64,10 +64,11 @@ def test_output_loads_and_runs_forward(ray_session, llama_models, tmp_path):
     assert "merged 39 tensors" in result.summary() and "GB/s" in result.summary()
 
 
-def test_qwen2_output_loads(ray_session, qwen2_models, tmp_path):
+def test_qwen2_output_loads(qwen2_models, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    result = raymerge.merge(ties_config(qwen2_models, dtype="bfloat16", out_dtype="float16"), tmp_path / "out", quiet=True)
+    result = raymerge.merge(ties_config(qwen2_models, dtype="bfloat16", out_dtype="float16"), tmp_path / "out", quiet=True,
+                            in_process=True)
     config = json.loads((result.output / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "float16"
     state = load_state(result.output)
@@ -89,10 +90,10 @@ def test_bytes_identical_for_any_worker_count(ray_session, llama_models, tmp_pat
     assert a == b
 
 
-def test_random_seed_changes_random_methods_only(ray_session, llama_models, tmp_path):
+def test_random_seed_changes_random_methods_only(llama_models, tmp_path):
     cfg = dare_config(llama_models)
-    s1 = load_state(raymerge.merge(cfg, tmp_path / "s1", quiet=True, random_seed=1).output)
-    s2 = load_state(raymerge.merge(cfg, tmp_path / "s2", quiet=True, random_seed=2).output)
+    s1 = load_state(raymerge.merge(cfg, tmp_path / "s1", quiet=True, random_seed=1, in_process=True).output)
+    s2 = load_state(raymerge.merge(cfg, tmp_path / "s2", quiet=True, random_seed=2, in_process=True).output)
     name = "model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(s1[name], s2[name])
 
@@ -108,7 +109,7 @@ def test_bytes_identical_on_fake_two_node_cluster(llama_models, tmp_path, fake_c
     assert file_bytes(dist.output) == file_bytes(local.output)
 
 
-def test_slices_frankenmerge_updates_config(ray_session, llama_models, tmp_path):
+def test_slices_frankenmerge_updates_config(llama_models, tmp_path):
     from transformers import AutoModelForCausalLM
 
     p = llama_models
@@ -120,7 +121,7 @@ def test_slices_frankenmerge_updates_config(ray_session, llama_models, tmp_path)
         ],
         "dtype": "float32",
     }
-    result = raymerge.merge(cfg, tmp_path / "frank", quiet=True)
+    result = raymerge.merge(cfg, tmp_path / "frank", quiet=True, in_process=True)
     config = json.loads((result.output / "config.json").read_text())
     assert config["num_hidden_layers"] == 6
     out = load_state(result.output)
@@ -136,14 +137,14 @@ def test_slices_frankenmerge_updates_config(ray_session, llama_models, tmp_path)
         model(torch.tensor([[1, 2, 3]]))
 
 
-def test_tokenizer_source_named_model(ray_session, llama_models, tmp_path):
+def test_tokenizer_source_named_model(llama_models, tmp_path):
     p = llama_models
     tok_dir = tmp_path / "tok"
     shutil.copytree(p["ft3"], tok_dir)
     cfg_json = json.loads((tok_dir / "tokenizer_config.json").read_text())
     cfg_json["model_max_length"] = 1234
     (tok_dir / "tokenizer_config.json").write_text(json.dumps(cfg_json))
-    result = raymerge.merge(ties_config(p, tokenizer_source=str(tok_dir)), tmp_path / "out", quiet=True)
+    result = raymerge.merge(ties_config(p, tokenizer_source=str(tok_dir)), tmp_path / "out", quiet=True, in_process=True)
     assert json.loads((result.output / "tokenizer_config.json").read_text())["model_max_length"] == 1234
 
 

@@ -20,8 +20,9 @@ mergekit runs from its own virtualenv (``tests/mergekit_oracle.py`` builds it on
 ``RAYMERGE_NO_MERGEKIT=1``) every comparison here is skipped with the reason.
 
 Speed: mergekit runs once per config, but all selected configs go through one mergekit process
-(``run_mergekit_many``), so its ~5 s of imports are paid once; each raymerge merge reuses the
-session's Ray. The file takes about 1.5 minutes on 2 cores once the venv exists.
+(``run_mergekit_many``), so its ~5 s of imports are paid once; each raymerge merge runs in
+process (``in_process=True``: the same worker code, no Ray; ``tests/test_in_process.py`` checks it
+gives the bytes of a Ray merge). The file takes about 1.5 minutes on 2 cores once the venv exists.
 
 Not compared: the random methods (``dare_ties``, ``dare_linear``, ``della``, ``della_linear``).
 mergekit draws their masks from torch's global RNG stream in its execution order, raymerge from a
@@ -370,12 +371,12 @@ def _config_facts(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_matches_mergekit(case: Case, request, ray_session, mergekit_outputs, tmp_path):
+def test_matches_mergekit(case: Case, request, mergekit_outputs, tmp_path):
     models = request.getfixturevalue(case.family)
     expected_dir = mergekit_outputs[case.id]
     if not isinstance(expected_dir, Path):
         pytest.fail(f"mergekit failed on {case.id}:\n{expected_dir}")
-    result = raymerge.merge(case.build(models), tmp_path / "out", quiet=True)
+    result = raymerge.merge(case.build(models), tmp_path / "out", quiet=True, in_process=True)
 
     actual, expected = load_tensors(result.output), load_tensors(expected_dir)
     diff = max_abs_diff(actual, expected) if set(actual) == set(expected) else float("nan")

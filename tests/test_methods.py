@@ -981,19 +981,19 @@ def e2e_states(e2e_families):
 
 
 @pytest.fixture(scope="module")
-def e2e_merges(ray_session, e2e_families, tmp_path_factory):
-    """The method x architecture merges, submitted at once and run two at a time with one worker
-    actor each: starting an actor (importing torch) dominates these tiny merges, and two
-    one-worker merges side by side use the 2 CPU slots better than one two-worker merge after
-    another (multi-worker merges are exercised by the gradient and filter tests). Maps
+def e2e_merges(e2e_families, tmp_path_factory):
+    """The method x architecture merges, in process (no Ray: starting actors would dominate these
+    tiny merges; `tests/test_in_process.py` checks in-process bytes equal a Ray merge's, and
+    `tests/test_determinism.py` that the worker count changes nothing), submitted at once and run
+    one after another in a background thread while the tests compare the finished ones. Maps
     (method, arch) to a future of the output folder."""
     root = tmp_path_factory.mktemp("e2e-merges")
 
     def one(method, arch):
         cfg = e2e_config(method, E2E_SPECS[method], e2e_families[arch])
-        return raymerge.merge(cfg, root / f"{method}-{arch}", workers=1, random_seed=E2E_SEED, quiet=True).output
+        return raymerge.merge(cfg, root / f"{method}-{arch}", in_process=True, random_seed=E2E_SEED, quiet=True).output
 
-    pool = ThreadPoolExecutor(max_workers=2)
+    pool = ThreadPoolExecutor(max_workers=1)
     try:
         yield {(m, a): pool.submit(one, m, a) for m in ALL_METHODS for a in ARCHS}
     finally:
@@ -1011,9 +1011,9 @@ def test_end_to_end_matches_reference(method, arch, e2e_merges, e2e_states):
         assert (load_state(output)[name] - (0.7 * base + 0.3 * far)).abs().max() > 1e-4
 
 
-def test_end_to_end_gradient_parameters(ray_session, e2e_families, e2e_states, tmp_path):
+def test_end_to_end_gradient_parameters(e2e_families, e2e_states, tmp_path):
     """Per-layer gradients (two- and three-point lists) on per-model and global parameters and a
-    per-model filter list, with a random method (per-tensor seeds) on two workers."""
+    per-model filter list, with a random method (per-tensor seeds), in process."""
     spec = (
         "base",
         [
@@ -1024,7 +1024,7 @@ def test_end_to_end_gradient_parameters(ray_session, e2e_families, e2e_states, t
         {"lambda": [1.0, 0.5]},
     )
     cfg = e2e_config("della", spec, e2e_families["llama"])
-    out = raymerge.merge(cfg, tmp_path / "out", workers=2, random_seed=E2E_SEED, quiet=True).output
+    out = raymerge.merge(cfg, tmp_path / "out", in_process=True, random_seed=E2E_SEED, quiet=True).output
     compare_merged(out, "della", spec, e2e_states["llama"])
     # guards for the reference's own resolution: the values really vary over the layers
     name = "model.layers.2.self_attn.q_proj.weight"
@@ -1035,9 +1035,9 @@ def test_end_to_end_gradient_parameters(ray_session, e2e_families, e2e_states, t
     assert setting_value(spec[1][2][1]["weight"], "model.layers.2.mlp.up_proj.weight") == 0.8
 
 
-def test_end_to_end_filter_parameters(ray_session, e2e_families, e2e_states, tmp_path):
+def test_end_to_end_filter_parameters(e2e_families, e2e_states, tmp_path):
     """mergekit's classic slerp config: filters on the tensor name, each with its own gradient,
-    and a catch-all default; on two workers."""
+    and a catch-all default; in process."""
     t = [
         {"filter": "self_attn", "value": [0.0, 0.5, 0.3, 0.7, 1.0]},
         {"filter": "mlp", "value": [1.0, 0.5, 0.7, 0.3, 0.0]},
@@ -1045,7 +1045,7 @@ def test_end_to_end_filter_parameters(ray_session, e2e_families, e2e_states, tmp
     ]
     spec = ("base", [("base", {}), ("far", {})], {"t": t})
     cfg = e2e_config("slerp", spec, e2e_families["qwen2"])
-    out = raymerge.merge(cfg, tmp_path / "slerp", workers=2, quiet=True).output
+    out = raymerge.merge(cfg, tmp_path / "slerp", in_process=True, quiet=True).output
     compare_merged(out, "slerp", spec, e2e_states["qwen2"])
     merged, base, far = load_state(out), e2e_states["qwen2"]["base"], e2e_states["qwen2"]["far"]
     for name in ("model.layers.0.self_attn.q_proj.bias", "model.layers.3.mlp.up_proj.weight"):  # t = 0

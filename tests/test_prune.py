@@ -367,7 +367,7 @@ def test_merge_then_prune_equals_pruning_the_written_merge(trained, finetune_of_
     merge = {"merge_method": "dare_ties", "base_model": str(trained["model"]),
              "models": [{"model": str(finetune_of_trained), "parameters": {"weight": 0.6, "density": 0.7}}],
              "dtype": "bfloat16", "raymerge": {"random_seed": 7}}
-    written = raymerge.merge(merge, tmp_path / "merged", quiet=True).output
+    written = raymerge.merge(merge, tmp_path / "merged", quiet=True, in_process=True).output
     cfg = _config(trained)
     del cfg["model"]
     two_step = run_prune({**cfg, "model": str(written)}, tmp_path / "two-step", PruneOptions(in_process=True, quiet=True))

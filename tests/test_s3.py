@@ -335,6 +335,26 @@ def test_merge_to_s3_is_byte_identical_and_config_comes_last(s3, llama_models, r
     assert not any((tmp_path / "staging").iterdir())  # staging removed
 
 
+def test_in_process_merge_to_s3_uploads_from_the_driver(s3, llama_models, reference, tmp_path, monkeypatch):
+    """No actors to upload: the driver uploads every shard, and the bytes are the Ray merge's."""
+    monkeypatch.setenv(s3mod.STAGING_ENV, str(tmp_path / "staging"))
+    (tmp_path / "staging").mkdir()
+    from_driver: list[str] = []
+    upload = s3mod.upload_files
+
+    def recording_upload(target, staging, names, **kw):
+        from_driver.extend(names)
+        return upload(target, staging, names, **kw)
+
+    monkeypatch.setattr(s3mod, "upload_files", recording_upload)
+    result = raymerge.merge(ties(llama_models), f"s3://{OUT_BUCKET}/in-process/", s3_endpoint_url=s3.url,
+                            quiet=True, out_shard_size="300KB", in_process=True)
+    assert result.output == f"s3://{OUT_BUCKET}/in-process"
+    assert s3.objects(OUT_BUCKET, "in-process") == reference
+    assert {n for n in reference if n.endswith(".safetensors")} <= set(from_driver)
+    assert not any((tmp_path / "staging").iterdir())
+
+
 def test_cli_merge_s3_to_s3(s3, s3_models, reference, tmp_path, capsys):
     cfg_path = tmp_path / "ties.yaml"
     cfg_path.write_text(yaml.safe_dump(ties(s3_models)))

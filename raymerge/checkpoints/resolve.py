@@ -20,6 +20,13 @@ lists the tensors the model would have and refuses to read them. It is opt-in (o
 `raymerge plan` asks for it) so that a merge of a directory without weights still fails early
 with the usual "no weights found" error. A directory that does have weights opens as a
 `LocalSource` either way: real headers beat reconstructed ones.
+
+The kinds of source form a registry of the same shape as the merge methods': one frozen
+`SourceKind` per kind (`matches(path, options)`, `open(path, options)`), `register_source`,
+`get_source_kind(name)` raising `CheckpointError` that lists the kinds, and
+`available_source_kinds()`. `open_source` tries the kinds in registration order (deepspeed,
+shape-only, local, s3, hub: the first that matches opens the path), so a new kind of storage is
+one module that calls `register_source` (before="hub" puts it ahead of the Hub fallback).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from raymerge.checkpoints.deepspeed import DeepSpeedSource, is_deepspeed_checkpoint
 from raymerge.checkpoints.local import LocalSource
@@ -70,44 +77,121 @@ def _is_deepspeed_folder(directory: Path) -> bool:
     return is_deepspeed_checkpoint(directory)
 
 
+@dataclass(frozen=True)
+class SourceOptions:
+    """How to open a model reference (the fields of `SourceSpec` besides the path)."""
+
+    revision: Optional[str] = None
+    allow_pickle: bool = False
+    shape_only: bool = False
+    s3_endpoint_url: Optional[str] = None
+    config_from: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """One kind of checkpoint source (see the module docstring). `config_from`: whether the kind
+    takes its config.json and tokenizer from `SourceOptions.config_from`."""
+
+    name: str
+    matches: Callable[[str, SourceOptions], bool]
+    open: Callable[[str, SourceOptions], CheckpointSource]
+    config_from: bool = False
+    doc: str = ""
+
+
+_KINDS: list[SourceKind] = []
+
+
+def register_source(kind: SourceKind, *, before: Optional[str] = None) -> SourceKind:
+    """Add a kind, tried after the ones registered before it (or just before the kind `before`)."""
+    if any(k.name == kind.name for k in _KINDS):
+        raise ValueError(f"checkpoint source kind {kind.name!r} registered twice")
+    at = len(_KINDS) if before is None else _KINDS.index(get_source_kind(before))
+    _KINDS.insert(at, kind)
+    return kind
+
+
+def get_source_kind(name: str) -> SourceKind:
+    for k in _KINDS:
+        if k.name == name:
+            return k
+    raise CheckpointError(f"unknown checkpoint source kind {name!r}; available: {', '.join(available_source_kinds())}")
+
+
+def available_source_kinds() -> list[str]:
+    """The kinds in the order `open_source` tries them."""
+    return [k.name for k in _KINDS]
+
+
 def open_source(
     path: str, *, revision: Optional[str] = None, allow_pickle: bool = False, shape_only: bool = False,
     s3_endpoint_url: Optional[str] = None, config_from: Optional[str] = None,
 ) -> CheckpointSource:
-    """Open a model reference; raise CheckpointError naming it when it cannot be found.
+    """Open a model reference with the first source kind that matches it; raise CheckpointError
+    naming it when none does.
 
     `shape_only`: accept a config.json without weights (see the module docstring).
     `s3_endpoint_url`: the S3 endpoint for `s3://` paths (S3-compatible stores).
     `config_from`: for DeepSpeed checkpoints, a Hugging Face directory with config.json/tokenizer.
     """
-    local = Path(path).expanduser()
-    if local.is_dir() and _is_deepspeed_folder(local):
-        return DeepSpeedSource(local, allow_pickle=allow_pickle, config_from=config_from)
+    options = SourceOptions(revision, allow_pickle, shape_only, s3_endpoint_url, config_from)
+    for kind in _KINDS:
+        if kind.matches(path, options):
+            if config_from is not None and not kind.config_from:
+                break
+            return kind.open(path, options)
     if config_from is not None:
         raise CheckpointError(
             f"{path}: config_from applies only to DeepSpeed checkpoint folders (this is not one); remove it"
         )
-    if local.is_dir():
-        config_only = _config_without_weights(local)
-        if shape_only and config_only:
-            return ShapeOnlySource(local)
-        try:
-            return LocalSource(local, allow_pickle=allow_pickle)
-        except CheckpointError as err:
-            if not config_only:
-                raise
-            raise CheckpointError(
-                f"{err}; it holds only a {CONFIG_FILE}: use `raymerge plan` for shape-only planning"
-            ) from None
-    if shape_only and local.is_file() and local.name == CONFIG_FILE:
-        return ShapeOnlySource(local)
-    if path.startswith("s3://"):
-        from raymerge.checkpoints.s3 import S3Source
+    raise CheckpointError(f"model path not found: {path}")
 
-        return S3Source(path, endpoint_url=s3_endpoint_url, allow_pickle=allow_pickle)
-    if not _HUB_ID.match(path) or local.exists():
-        raise CheckpointError(f"model path not found: {path}")
-    return LocalSource(_download_from_hub(path, revision, allow_pickle), allow_pickle=allow_pickle)
+
+def _open_local(path: str, o: SourceOptions) -> CheckpointSource:
+    local = Path(path).expanduser()
+    try:
+        return LocalSource(local, allow_pickle=o.allow_pickle)
+    except CheckpointError as err:
+        if not _config_without_weights(local):
+            raise
+        raise CheckpointError(
+            f"{err}; it holds only a {CONFIG_FILE}: use `raymerge plan` for shape-only planning"
+        ) from None
+
+
+def _shape_only(path: str, o: SourceOptions) -> bool:
+    local = Path(path).expanduser()
+    if not o.shape_only:
+        return False
+    return (local.is_dir() and _config_without_weights(local)) or (local.is_file() and local.name == CONFIG_FILE)
+
+
+def _open_s3(path: str, o: SourceOptions) -> CheckpointSource:
+    from raymerge.checkpoints.s3 import S3Source
+
+    return S3Source(path, endpoint_url=o.s3_endpoint_url, allow_pickle=o.allow_pickle)
+
+
+register_source(SourceKind(
+    "deepspeed", lambda p, o: Path(p).expanduser().is_dir() and _is_deepspeed_folder(Path(p).expanduser()),
+    lambda p, o: DeepSpeedSource(Path(p).expanduser(), allow_pickle=o.allow_pickle, config_from=o.config_from),
+    config_from=True, doc="a DeepSpeed ZeRO checkpoint folder (engine.save_checkpoint)",
+))
+register_source(SourceKind(
+    "shape-only", _shape_only, lambda p, o: ShapeOnlySource(Path(p).expanduser()),
+    doc="a config.json without weights (planning only)",
+))
+register_source(SourceKind(
+    "local", lambda p, o: Path(p).expanduser().is_dir(), _open_local,
+    doc="a local Hugging Face folder (*.safetensors, or pytorch_model*.bin with allow_pickle)",
+))
+register_source(SourceKind("s3", lambda p, o: p.startswith("s3://"), _open_s3, doc="s3://bucket/prefix (ranged GETs)"))
+register_source(SourceKind(
+    "hub", lambda p, o: bool(_HUB_ID.match(p)) and not Path(p).expanduser().exists(),
+    lambda p, o: LocalSource(_download_from_hub(p, o.revision, o.allow_pickle), allow_pickle=o.allow_pickle),
+    doc="a Hugging Face Hub id org/name[@revision], downloaded into the HF cache",
+))
 
 
 def _download_from_hub(repo_id: str, revision: Optional[str], allow_pickle: bool) -> Path:

@@ -5,7 +5,7 @@ model: ./my-model              # local directory, Hub id (org/name[@rev]), s3://
                                # {path: ./zero_ckpt, config_from: ./hf_dir} for a DeepSpeed folder
 # merge: {...}                 # or, instead of `model:`, a merge config (mergekit format): the
                                # merged tensors are pruned without writing the merged model
-method: wanda                  # magnitude | wanda | sparsegpt
+method: wanda                  # magnitude | wanda | sparsegpt (or a registered prune method)
 sparsity: 0.5                  # fraction of each pruned matrix set to zero, in [0, 1)
 pattern: unstructured          # or an N:M pattern such as "2:4" or "4:8" (then sparsity = N/M)
 layerwise: uniform             # or {owl: {lambda: 0.08, m: 5}}, or one sparsity per decoder layer
@@ -41,7 +41,15 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from raymerge.config.calibration import CalibrationConfig
 from raymerge.config.merge_config import ConfigError, ModelRef, _Strict, format_validation_error, read_yaml
 
-METHODS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("magnitude", "wanda", "sparsegpt")  # the built-ins; `method:` accepts any registered name
+
+
+def _prune_method(name: str):
+    """The registered prune method `name` (`raymerge.pruning.methods`; imported here, not at the
+    top, so loading the config module does not load torch)."""
+    from raymerge.pruning.methods import get_prune_method
+
+    return get_prune_method(name)
 
 
 class OwlSettings(_Strict):
@@ -73,7 +81,7 @@ class PruneConfig(_Strict):
 
     model: Optional[ModelRef] = None
     merge: Optional[dict[str, Any]] = None  # a merge config; its result is pruned (instead of `model`)
-    method: Literal["magnitude", "wanda", "sparsegpt"]
+    method: str  # a registered prune method: magnitude | wanda | sparsegpt | ...
     sparsity: Optional[float] = None
     pattern: str = "unstructured"
     layerwise: Union[Literal["uniform"], Owl, list[float]] = "uniform"
@@ -103,6 +111,12 @@ class PruneConfig(_Strict):
                 parse_config(v, "(the prune config's `merge:`)")
             except ConfigError as err:
                 raise ValueError(str(err).replace("\n", ";")) from None
+        return v
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        _prune_method(v)  # PruningError (a ValueError) listing the registered names
         return v
 
     @field_validator("sparsity")
@@ -147,7 +161,7 @@ class PruneConfig(_Strict):
             raise ValueError("sparsity: leave it out when layerwise gives one sparsity per layer (their mean is the target)")
         elif self.sparsity is None and not isinstance(self.layerwise, list):
             raise ValueError("sparsity: required (the fraction of weights to prune, e.g. 0.5)")
-        if self.method != "magnitude" and self.calibration is None:
+        if _prune_method(self.method).needs_calibration and self.calibration is None:
             raise ValueError(f"calibration: required for method {self.method} (it scores weights with activations)")
         if isinstance(self.layerwise, Owl) and self.calibration is None:
             raise ValueError("calibration: required for OWL layerwise sparsity (it counts activation outliers)")

@@ -44,7 +44,15 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from raymerge.config.calibration import CalibrationConfig
 from raymerge.config.merge_config import ConfigError, ModelRef, _Strict, format_validation_error, read_yaml
 
-BUILTIN_OBJECTIVES = ("perplexity", "reconstruction", "lm_eval")
+BUILTIN_OBJECTIVES = ("perplexity", "reconstruction", "lm_eval")  # `kind:` accepts any registered objective
+
+
+def _objective(kind: str):
+    """The registered objective `kind` (`raymerge.search.objectives`, imported when needed so this
+    module loads nothing else); ConfigError listing the known kinds."""
+    from raymerge.search.objectives import get_objective
+
+    return get_objective(kind)
 SAMPLERS = ("tpe", "cmaes", "random", "grid", "nsga2", "nsga3")
 
 
@@ -68,14 +76,17 @@ class Objective(_Strict):
     kind: str = "perplexity"
     dataset: Optional[str] = None  # held-out text for this objective (default: evaluation.dataset)
     reference: Optional[ModelRef] = None  # reconstruction only; default: the base/first model
-    direction: Literal["minimize", "maximize"] = "minimize"  # lm_eval: maximize unless given
+    direction: Literal["minimize", "maximize"] = "minimize"  # default: the objective's (lm_eval: maximize)
     lm_eval: Optional[LmEvalSettings] = None
 
     @model_validator(mode="before")
     @classmethod
-    def _lm_eval_maximizes(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("kind") == "lm_eval" and "direction" not in data:
-            data = {**data, "direction": "maximize"}
+    def _default_direction(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("kind"), str) and "direction" not in data:
+            try:
+                data = {**data, "direction": _objective(data["kind"]).direction}
+            except ConfigError:
+                pass  # reported by the `kind` validator
         return data
 
     @model_validator(mode="after")
@@ -92,8 +103,10 @@ class Objective(_Strict):
     @field_validator("kind")
     @classmethod
     def _kind(cls, v: str) -> str:
-        if v not in BUILTIN_OBJECTIVES and (":" not in v or not all(v.split(":", 1))):
-            raise ValueError(f"must be one of {', '.join(BUILTIN_OBJECTIVES)} or 'package.module:function', got {v!r}")
+        try:
+            _objective(v)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
         return v
 
     @field_validator("reference", mode="before")
@@ -136,6 +149,17 @@ class SearchConfig(_Strict):
     batch_size: int = Field(default=8, gt=0)
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
 
+    @field_validator("objective")
+    @classmethod
+    def _known_objectives(cls, v: Any) -> Any:
+        for o in v if isinstance(v, list) else [v]:
+            if isinstance(o, str) and o != "lm_eval":  # lm_eval without its settings: reported below
+                try:
+                    _objective(o)
+                except ConfigError as err:
+                    raise ValueError(str(err)) from None
+        return v
+
     @model_validator(mode="after")
     def _one_kind(self) -> "SearchConfig":
         if (self.merge is None) == (self.prune is None):
@@ -156,7 +180,7 @@ class SearchConfig(_Strict):
     @property
     def objectives(self) -> list[Objective]:
         raw = self.objective if isinstance(self.objective, list) else [self.objective]
-        return [Objective(kind=o) if isinstance(o, str) else o for o in raw]
+        return [Objective.model_validate({"kind": o}) if isinstance(o, str) else o for o in raw]
 
 
 def load_search_config(config: Union[str, Path, dict[str, Any], SearchConfig]) -> tuple[SearchConfig, str]:

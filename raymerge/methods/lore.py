@@ -134,6 +134,7 @@ register(
         ),
         base="optional",
         doc="LoRE-Merging: estimate a shared base and low-rank task vectors without the base model (arXiv 2502.10749)",
+        cost_ns=1000.0,  # 20 iterations x n thin SVDs, at the SVD calibration shape (runtime.costs)
         extra={"svd": True},
     )
 )

@@ -42,5 +42,7 @@ register(
         base="required",
         min_models=3,
         doc="Model Stock: move from the base towards the fine-tunes' average by their geometry",
+        cost_ns=3.6,
+        extra_copies=lambda n: 4.0,
     )
 )

@@ -155,5 +155,6 @@ register(
         ),
         base="required",
         doc="1bit-Merging: task vectors as sign x per-tensor scale, merged by task arithmetic (arXiv 2502.10743)",
+        cost_ns=5.0,  # task arithmetic plus |delta| mean and sign per model
     )
 )

@@ -16,6 +16,17 @@ A method is a pure torch function (no I/O, no Ray) with the signature::
   with `random=True`, so results never depend on which worker ran the tensor.
 
 The runtime resolves parameters per tensor (gradients, filters) and calls `spec.fn`.
+
+What the runtime needs to know about a method lives on its spec, not in tables keyed by method
+name elsewhere, so adding a method is one module that calls `register` (plus its tests):
+`cost_ns` (the planner's compute estimate: nanoseconds per input element on the reference core,
+see `raymerge.runtime.costs`; None: a conservative default until measured), `extra_copies` (its
+peak memory: full-size working copies it holds besides its inputs and output, given the number
+of inputs; None: a task-vector method's), and `model_trim_key` (the per-model parameter through
+which it receives the whole-model magnitude threshold of `trim_scope: model`, see
+`raymerge.runtime.global_trim`; None: the method has no model-wide trim). Every method computes
+in the one working dtype `raymerge.runtime.operators.resolve_work_dtype` gives (the config's
+`dtype`, else the promotion of the inputs' dtypes); the planner times it in that dtype too.
 """
 
 from __future__ import annotations
@@ -66,6 +77,9 @@ class MethodSpec:
     non_base_models: tuple[int, int | None] | None = None  # (min, max) inputs besides the base
     elementwise: bool = False  # True when output rows depend only on the same input rows
     doc: str = ""
+    cost_ns: float | None = None  # ns per input element on the reference core (runtime.costs)
+    extra_copies: Callable[[int], float] | None = None  # working copies for n inputs (runtime.costs)
+    model_trim_key: str | None = None  # per-model parameter carrying a `trim_scope: model` threshold
     extra: dict[str, Any] = field(default_factory=dict)
 
     def param(self, name: str) -> ParamSpec | None:

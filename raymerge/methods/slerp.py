@@ -88,6 +88,8 @@ register(
         min_models=2,
         max_models=2,
         doc="spherical interpolation between the base and one other model",
+        cost_ns=3.2,
+        extra_copies=lambda n: 4.0,
     )
 )
 
@@ -103,5 +105,7 @@ register(
         base="optional",
         non_base_models=(2, 2),
         doc="spherical interpolation of two models (or their task vectors from a base) by weight",
+        cost_ns=2.2,
+        extra_copies=lambda n: 4.0,
     )
 )

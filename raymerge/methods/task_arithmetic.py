@@ -115,7 +115,16 @@ def merge_task_vectors(
     return out.reshape(base.shape)
 
 
-def _register(name: str, sparsification: Optional[str], consensus: bool, normalize: bool, rescale: bool, doc: str) -> None:
+# Full-size working copies a task-vector method holds besides its inputs and output (peak memory,
+# `runtime.costs`): one delta per model plus the sparsified deltas, |delta| and a mask; DELLA's
+# argsort ranks are int64.
+TASK_VECTOR_EXTRA = 2.0
+DELLA_EXTRA = 6.0
+
+
+def _register(
+    name: str, sparsification: Optional[str], consensus: bool, normalize: bool, rescale: bool, doc: str, cost_ns: float
+) -> None:
     params = [
         ParamSpec("weight", per_model=True, required=True, check=checks.number, doc="scale of this model's task vector"),
         ParamSpec("density", 1.0, per_model=True, check=checks.in_range(0, 1), doc="fraction of delta elements kept"),
@@ -156,15 +165,18 @@ def _register(name: str, sparsification: Optional[str], consensus: bool, normali
             elementwise=sparsification is None,
             doc=doc,
             extra={"sparsification": sparsification, "consensus": consensus},
+            cost_ns=cost_ns,
+            extra_copies=(lambda n: DELLA_EXTRA + n) if sparsification == "della" else (lambda n: TASK_VECTOR_EXTRA + n),
+            model_trim_key=TRIM_THRESHOLD if sparsification == "magnitude" else None,
         )
     )
 
 
-_register("task_arithmetic", None, False, False, False, "base + sum of weighted task vectors (arXiv 2212.04089)")
-_register("ties", "magnitude", True, True, False, "TIES: trim by magnitude, elect signs, disjoint mean (arXiv 2306.01708)")
-_register("dare_ties", "random", True, False, True, "DARE drop-and-rescale with TIES sign election (arXiv 2311.03099)")
-_register("dare_linear", "random", False, False, True, "DARE drop-and-rescale, summed linearly (arXiv 2311.03099)")
-_register("breadcrumbs", "magnitude_outliers", False, False, False, "Model Breadcrumbs: drop smallest and outliers (arXiv 2312.06795)")
-_register("breadcrumbs_ties", "magnitude_outliers", True, False, False, "Model Breadcrumbs with TIES sign election (arXiv 2312.06795)")
-_register("della", "della", True, True, True, "DELLA: magnitude-ranked random drop with TIES sign election (arXiv 2406.11617)")
-_register("della_linear", "della", False, False, True, "DELLA: magnitude-ranked random drop, summed linearly (arXiv 2406.11617)")
+_register("task_arithmetic", None, False, False, False, "base + sum of weighted task vectors (arXiv 2212.04089)", cost_ns=3.4)
+_register("ties", "magnitude", True, True, False, "TIES: trim by magnitude, elect signs, disjoint mean (arXiv 2306.01708)", cost_ns=15.0)
+_register("dare_ties", "random", True, False, True, "DARE drop-and-rescale with TIES sign election (arXiv 2311.03099)", cost_ns=20.0)
+_register("dare_linear", "random", False, False, True, "DARE drop-and-rescale, summed linearly (arXiv 2311.03099)", cost_ns=14.0)
+_register("breadcrumbs", "magnitude_outliers", False, False, False, "Model Breadcrumbs: drop smallest and outliers (arXiv 2312.06795)", cost_ns=16.0)
+_register("breadcrumbs_ties", "magnitude_outliers", True, False, False, "Model Breadcrumbs with TIES sign election (arXiv 2312.06795)", cost_ns=22.0)
+_register("della", "della", True, True, True, "DELLA: magnitude-ranked random drop with TIES sign election (arXiv 2406.11617)", cost_ns=95.0)
+_register("della_linear", "della", False, False, True, "DELLA: magnitude-ranked random drop, summed linearly (arXiv 2406.11617)", cost_ns=85.0)

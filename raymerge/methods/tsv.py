@@ -105,6 +105,7 @@ register(
         ),
         base="required",
         doc="TSV-Merge: task singular vectors, orthogonalised across tasks (arXiv 2412.00081)",
+        cost_ns=45.0,  # T + 2 thin SVDs, at the SVD calibration shape (runtime.costs)
         extra={"svd": True},
     )
 )

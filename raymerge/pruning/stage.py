@@ -36,10 +36,10 @@ import torch
 from raymerge.checkpoints import CheckpointSource
 from raymerge.pruning.decoder import DecoderBlock, input_hook
 from raymerge.pruning.layerwise import outlier_ratio
-from raymerge.pruning.masks import follows_nm, matrix_mask, nm_mask, row_mask
-from raymerge.pruning.scores import magnitude_scores, wanda_scores
-from raymerge.pruning.sparsegpt import sparsegpt_prune
-from raymerge.pruning.statistics import FeatureNormStats, HessianStats
+from raymerge.pruning.masks import follows_nm
+from raymerge.pruning.methods import get_prune_method
+from raymerge.pruning.scores import wanda_scores
+from raymerge.pruning.statistics import STATISTICS
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,7 +48,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 class PruneSettings:
     """How to prune; the same for every stage (picklable)."""
 
-    method: str  # magnitude | wanda | sparsegpt
+    method: str  # a registered prune method (`raymerge.pruning.methods`): magnitude | wanda | sparsegpt | ...
     modules: tuple[str, ...]  # linear modules of a layer to prune, relative names
     nm: Optional[tuple[int, int]] = None
     blocksize: int = 128
@@ -59,7 +59,7 @@ class PruneSettings:
 
     @property
     def statistic(self) -> Optional[str]:
-        return {"wanda": "norms", "sparsegpt": "hessian"}.get(self.method)
+        return get_prune_method(self.method).statistic
 
 
 @dataclass
@@ -95,8 +95,7 @@ class _Collector:
             linear = block.linear(layer, name)
             if name not in self.stats:
                 width, device = linear.in_features, linear.weight.device
-                stats = FeatureNormStats if self.kind == "norms" else HessianStats
-                self.stats[name] = stats(width, device=device)
+                self.stats[name] = STATISTICS[self.kind](width, device=device)
             self.handles.append(linear.register_forward_pre_hook(input_hook(self.stats[name].add)))
 
     def detach(self) -> None:
@@ -223,7 +222,7 @@ class PruneStage:
         for name in self.settings.modules:
             linear = self.block.linear(layer, name)
             tensor_name = f"{self.block.layers_path}.{layer}.{name}.weight"
-            if self.settings.method == "sparsegpt":  # only the dtype of the checkpoint's tensor is needed
+            if not get_prune_method(self.settings.method).reads_original:  # only the checkpoint tensor's dtype is needed
                 original = torch.empty(0, dtype=self._dtypes[tensor_name])
             else:
                 original = self.source.read(tensor_name).to(linear.weight.device)
@@ -241,19 +240,6 @@ class PruneStage:
     def _prune_matrix(
         self, compute_weight: torch.Tensor, original: torch.Tensor, sparsity: float, stats: Any, name: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pruned weight in the checkpoint's dtype, and the mask (True = pruned)."""
-        s, nm = self.settings, self.settings.nm
-        if s.method == "sparsegpt":
-            updated, mask = sparsegpt_prune(
-                compute_weight.float(), stats.hessian(), sparsity, pattern=nm, blocksize=s.blocksize,
-                dampening=s.dampening, name=name,
-            )
-            return updated.to(original.dtype), mask
-        if s.method == "wanda":
-            scores = wanda_scores(compute_weight, stats.sq_sum, weight_exponent=s.weight_exponent,
-                                  norm_exponent=s.norm_exponent, name=name)
-            mask = nm_mask(scores, *nm, name=name) if nm else row_mask(scores, sparsity, name=name)
-        else:
-            scores = magnitude_scores(original, name=name)
-            mask = nm_mask(scores, *nm, name=name) if nm else matrix_mask(scores, sparsity, name=name)
-        return original.masked_fill(mask, 0), mask
+        """The pruned weight in the checkpoint's dtype, and the mask (True = pruned): the method's
+        spec (`raymerge.pruning.methods`) does the work."""
+        return get_prune_method(self.settings.method).prune(compute_weight, original, sparsity, stats, self.settings, name)

@@ -168,3 +168,14 @@ class HessianStats:
 
     def __repr__(self) -> str:
         return f"HessianStats(in_features={self.in_features}, tokens={self.tokens}, dtype={self.dtype})"
+
+
+# The statistic kinds a prune method can ask for (`PruneMethodSpec.statistic`): the accumulator
+# of each, and the bytes it keeps for one module of input width `width` (the stage planner's
+# memory estimate).
+STATISTICS: dict[str, type] = {"norms": FeatureNormStats, "hessian": HessianStats}
+
+
+def statistic_bytes(kind: str, width: int) -> int:
+    """Bytes of one module's `kind` statistic: a float64 vector (norms) or a float32 matrix (hessian)."""
+    return width * 8 if kind == "norms" else width * width * 4

@@ -15,8 +15,7 @@ from raymerge.checkpoints.safetensors_format import DTYPES
 from raymerge.errors import RaymergeError
 from raymerge.methods import get_method
 from raymerge.methods.guided import relax_columns, scale_deltas
-from raymerge.runtime.operators import DTYPES as NAMED_DTYPES
-from raymerge.runtime.operators import MergeOperator, promote_dtypes
+from raymerge.runtime.operators import MergeOperator, resolve_work_dtype
 
 
 class OperatorError(RaymergeError, RuntimeError):
@@ -68,8 +67,9 @@ def compute_operator(
 
 
 def work_dtype(op: MergeOperator, input_dtypes: list[torch.dtype]) -> torch.dtype:
-    """The dtype `op` is computed in: the config's `dtype`, else the promotion of its inputs'."""
-    return NAMED_DTYPES[op.work_dtype] if op.work_dtype is not None else promote_dtypes(input_dtypes)
+    """The dtype `op` is computed in: the config's `dtype`, else the promotion of its inputs'
+    (`operators.resolve_work_dtype`, already resolved into `op.work_dtype` by the compile step)."""
+    return resolve_work_dtype(op.work_dtype, input_dtypes)
 
 
 def _base(op: MergeOperator) -> int:

@@ -7,12 +7,17 @@ An operator's cost has three parts, which `planners.problem` combines with a wor
   Every method here is linear in the tensor's elements (elementwise merges are memory-bound;
   TIES/DARE/breadcrumbs add a selection or random mask per model, SLERP and model stock a few
   reductions), so one coefficient per (method, number of inputs, working dtype) describes it.
-  Offline (`raymerge plan`) the coefficients come from `REFERENCE_NS_PER_INPUT_ELEMENT`,
+  Offline (`raymerge plan`) the coefficients come from each method's spec (`MethodSpec.cost_ns`),
   measured on one core of the development VM (speed 1.0 in `clusters/` profiles). When merging
   for real, every worker first *calibrates*: it runs each (method, inputs, dtype) of the job on
   synthetic tensors (`measure_seconds_per_element`), and the planner uses those figures.
 - peak memory: the inputs in the working dtype, the output, and method-specific temporaries
-  (`EXTRA_COPIES`: full-size working copies a method holds at once; estimates from the code).
+  (`MethodSpec.extra_copies`: full-size working copies a method holds at once; estimates from
+  the code).
+
+The working dtype is the one the workers compute in (`operators.resolve_work_dtype`: the config's
+`dtype`, else the promotion of the inputs' dtypes, resolved into `MergeOperator.work_dtype` at
+compile time), so the planner times and sizes each operator in the dtype it will really run in.
 
 SVD methods (`MethodSpec.extra["svd"]`: tsv, lore) are the exception: a thin SVD of an m x n
 matrix costs O(m n min(m, n)), so their cost per element grows with min(m, n). Their
@@ -44,42 +49,21 @@ import torch
 from raymerge.checkpoints.safetensors_format import DTYPES as SAFETENSORS_DTYPES
 from raymerge.checkpoints.safetensors_format import element_size
 from raymerge.methods import get_method
+from raymerge.methods.task_arithmetic import TASK_VECTOR_EXTRA
 from raymerge.runtime.operators import DTYPES, MergeOperator
 
 SPLIT_DEGREES = (1, 2, 4, 8)
 SPLIT_MIN_BYTES = 64 * 1024 * 1024
 
-# Nanoseconds per element of each input tensor on one core of the reference machine (the 2-core
-# development VM; torch 2.13 CPU, 1 thread), bfloat16 working dtype, three fine-tunes plus a base
-# where the method takes one (slerp/nuslerp: two models). Measured with `python -m
-# raymerge.runtime.costs` and rounded; repeated runs on the VM vary by about 20%.
-REFERENCE_NS_PER_INPUT_ELEMENT: dict[str, float] = {
-    "linear": 0.8,
-    "passthrough": 0.3,  # returns its input: the cost is the dtype cast and the write
-    "task_arithmetic": 3.4,
-    "ties": 15.0,
-    "dare_ties": 20.0,
-    "dare_linear": 14.0,
-    "breadcrumbs": 16.0,
-    "breadcrumbs_ties": 22.0,
-    "della": 95.0,
-    "della_linear": 85.0,
-    "slerp": 3.2,
-    "nuslerp": 2.2,
-    "model_stock": 3.6,
-    # Added later (same run scaled to this table by ties' figure); the SVD methods are measured
-    # at SVD_CALIBRATION_SHAPE (min dimension 64), see shape_factor.
-    "onebit": 5.0,  # task arithmetic plus |delta| mean and sign per model
-    "tsv": 45.0,  # T + 2 thin SVDs
-    "lore": 1000.0,  # 20 iterations x n thin SVDs
-}
+# `MethodSpec.cost_ns`: nanoseconds per element of each input tensor on one core of the
+# reference machine (the 2-core development VM; torch 2.13 CPU, 1 thread), bfloat16 working dtype,
+# three fine-tunes plus a base where the method takes one (slerp/nuslerp: two models). Measured
+# with `python -m raymerge.runtime.costs` and rounded; repeated runs on the VM vary by about 20%.
 DEFAULT_NS_PER_INPUT_ELEMENT = 20.0  # methods without a measurement (registered later)
 OPERATOR_OVERHEAD_S = 1e-3  # per operator: opening inputs, a Python call or two, a ranged write
 
-# Full-size working copies (in the working dtype) a method holds besides its inputs and output.
-EXTRA_COPIES: dict[str, float] = {"linear": 0.0, "passthrough": 0.0, "slerp": 4.0, "nuslerp": 4.0, "model_stock": 4.0}
-TASK_VECTOR_EXTRA = 2.0  # + one delta per model: the sparsified deltas, |delta| and a mask
-DELLA_EXTRA = 6.0  # argsort ranks are int64
+# Full-size working copies (in the working dtype) a method holds besides its inputs and output
+# come from `MethodSpec.extra_copies`; without one, a task-vector method's (TASK_VECTOR_EXTRA + n).
 # SVD methods hold, in float32, a delta per model, its thin SVD factors (U and V^T, at most
 # one tensor's size each) and the stacked / rebuilt matrices: per-model plus fixed copies.
 SVD_EXTRA_PER_INPUT = 3.0
@@ -99,7 +83,9 @@ class CostKey:
 
 
 def working_dtype_code(op: MergeOperator, input_dtypes: Optional[Sequence[str]] = None) -> str:
-    """The dtype an operator computes in: the config's `dtype`, else the output dtype."""
+    """The dtype an operator computes in, as a safetensors code: `op.work_dtype` (resolved at
+    compile time by the workers' rule, `operators.resolve_work_dtype`); an operator built without
+    one (by hand) is taken to compute in its output dtype."""
     if op.work_dtype is not None:
         torch_dtype = DTYPES[op.work_dtype]
         for code, dt in SAFETENSORS_DTYPES.items():
@@ -118,7 +104,9 @@ def elements(op: MergeOperator) -> int:
 
 def offline_seconds_per_element(key: CostKey) -> float:
     """Seconds per output element on the reference core, from the measured table."""
-    ns = REFERENCE_NS_PER_INPUT_ELEMENT.get(key.method, DEFAULT_NS_PER_INPUT_ELEMENT)
+    ns = get_method(key.method).cost_ns
+    if ns is None:
+        ns = DEFAULT_NS_PER_INPUT_ELEMENT
     return ns * 1e-9 * key.inputs
 
 
@@ -167,12 +155,8 @@ def peak_memory(op: MergeOperator) -> float:
     if spec.extra.get("svd"):
         f32 = max(work, 4)
         return len(op.inputs) * n * work + (SVD_EXTRA_PER_INPUT * len(op.inputs) + SVD_EXTRA) * n * f32 + op.bytes_out
-    if op.method in EXTRA_COPIES:
-        extra = EXTRA_COPIES[op.method]
-    elif spec.extra.get("sparsification") == "della":
-        extra = DELLA_EXTRA + len(op.inputs)
-    else:
-        extra = TASK_VECTOR_EXTRA + len(op.inputs)
+    copies = spec.extra_copies or (lambda n: TASK_VECTOR_EXTRA + n)
+    extra = copies(len(op.inputs))
     return (len(op.inputs) + extra) * n * work + op.bytes_out
 
 
@@ -232,11 +216,12 @@ def measure_seconds_per_element(op: MergeOperator, device: torch.device | str = 
 
 
 def _print_reference_table() -> None:  # pragma: no cover - a measuring tool, run by hand
-    """Measure REFERENCE_NS_PER_INPUT_ELEMENT on this machine (1 thread, bf16, 3 fine-tunes + base)."""
+    """Measure every method's `cost_ns` on this machine (1 thread, bf16, 3 fine-tunes + base)."""
+    from raymerge.methods import available_methods
     from raymerge.runtime.operators import TensorInput
 
     torch.set_num_threads(1)
-    for name in REFERENCE_NS_PER_INPUT_ELEMENT:
+    for name in available_methods():
         spec = get_method(name)
         n = 1 if spec.max_models == 1 else (2 if name in ("slerp", "nuslerp") else 4)
         base_index = 0 if spec.base == "required" else None

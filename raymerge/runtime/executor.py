@@ -28,6 +28,11 @@ finished, which is how the driver learns which shards are complete.
 Ray is started locally when no cluster is given (`address=None` and no `RAY_ADDRESS`); with an
 address, the pool is spread over the cluster's nodes. The output staging folder must then be on
 storage every node can write (a shared filesystem).
+
+In process (`merge(..., in_process=True)`): a `LocalPool` holds one `MergeWorkerImpl` in the
+driver, with the interface of `WorkerPool`; `run_plan` then runs the plan's work items (a plan
+for that one worker) batch by batch in this process. Same worker code, same work items, no Ray:
+for small merges and the test suite, where starting Ray and actors costs more than the merge.
 """
 
 from __future__ import annotations
@@ -73,7 +78,12 @@ class ExecutionStats:
 
 
 def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
-    """Connect to `address` (or RAY_ADDRESS), or start a local Ray; reuse an existing session."""
+    """Connect to `address` (or RAY_ADDRESS; "auto" joins the cluster already running on this
+    machine), else start a new local Ray of our own; reuse a session this process already has.
+
+    With neither, a new local Ray is started even when a `ray start --head` is running here
+    (`address="local"`): Ray's own default would join whichever local cluster it finds, so the
+    same command could silently run on another user's cluster, or one of several."""
     import ray
 
     if ray.is_initialized():
@@ -81,6 +91,7 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) ->
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True}
     if address is None:
+        address = "local"
         kwargs.update(include_dashboard=False, num_cpus=num_cpus)
     ray.init(address=address, **kwargs)
 
@@ -153,6 +164,51 @@ class WorkerPool:
         for a in self.actors:
             ray.kill(a)
         self.actors = []
+
+
+class LocalPool:
+    """One merge worker in this process, behind `WorkerPool`'s interface (describe, calibrate,
+    begin, run through `run_plan`, finish): a merge with `in_process=True` starts no Ray and no
+    actor. It is the same `MergeWorkerImpl` a worker actor wraps, given the same work items of
+    a plan made for one worker, so its bytes are those of a Ray merge with one worker. The
+    torch thread count is left as this process has it (a library must not change its caller's);
+    the numbers do not depend on it. `actors` is empty: there are no actors to upload S3
+    shards, so the driver uploads them (`runtime.output.upload_on`)."""
+
+    def __init__(self) -> None:
+        self.workers = [MergeWorkerImpl(0)]
+        self.actors: list = []
+        self._infos: Optional[list[WorkerInfo]] = None
+        self.calibration: dict[Any, list[float]] = {}
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def infos(self) -> list[WorkerInfo]:
+        if self._infos is None:
+            self._infos = [w.describe() for w in self.workers]
+        return self._infos
+
+    def calibrate(self, samples: dict[Any, MergeOperator]) -> list[list[float]]:
+        """Per worker, seconds per element of each sample's method (cached by key)."""
+        missing = [k for k in samples if k not in self.calibration]
+        if missing:
+            rows = [w.calibrate([samples[k] for k in missing]) for w in self.workers]
+            for j, k in enumerate(missing):
+                self.calibration[k] = [row[j] for row in rows]
+        return [[self.calibration[k][w] for k in samples] for w in range(len(self.workers))]
+
+    def begin(self, sources: Sequence[SourceSpec], staging: str) -> None:
+        for w in self.workers:
+            w.begin(list(sources), staging)
+
+    def finish(self) -> list[int]:
+        return [w.finish() for w in self.workers]
+
+    def kill(self) -> None:
+        """Close the job's files (a failed merge); nothing to end."""
+        for w in self.workers:
+            w.finish()
 
 
 _kept_pool: Optional[WorkerPool] = None
@@ -265,8 +321,11 @@ def run_plan(
     (`may_take_from(thief, owner)` says which workers may: e.g. not onto less memory), counted
     in `ExecutionStats.stolen_parts`; and a worker actor that dies is replaced, its unfinished
     batches requeued (module docstring), counted in `ExecutionStats.worker_restarts`.
-    `on_done(batch)` is called for every batch once it has finished.
+    `on_done(batch)` is called for every batch once it has finished. A `LocalPool` runs the
+    same batches in this process, one after another (`_run_local`).
     """
+    if isinstance(pool, LocalPool):
+        return _run_local(pool, queues, operators, quiet=quiet, on_done=on_done)
     import ray
     from ray.exceptions import RayActorError
 
@@ -350,6 +409,44 @@ def run_plan(
             for ref, (i, asked) in starting.items():
                 if now - asked > RESTART_TIMEOUT_S:
                     raise WorkerLostError(f"a replacement for worker {i} did not start within {RESTART_TIMEOUT_S:.0f} s")
+    finally:
+        bar.close()
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _run_local(
+    pool: LocalPool,
+    queues: Sequence[Sequence[WorkItem]],
+    operators: int,
+    *,
+    quiet: bool = False,
+    on_done: Optional[Callable[[list[WorkItem]], None]] = None,
+) -> ExecutionStats:
+    """`run_plan` on a `LocalPool`: each worker's queue in the same batches, in order, in this
+    process (no stealing: nothing runs beside it; no restarts: nothing can die alone)."""
+    n = len(pool)
+    stats = ExecutionStats(workers=n, seconds=0.0, operators=operators)
+    total_bytes = sum(item.bytes_in for q in queues for item in q)
+    total_parts = sum(len(q) for q in queues)
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="merging in process", disable=quiet, dynamic_ncols=True)
+    done_parts = 0
+    start = time.perf_counter()
+    try:
+        for i, queue in enumerate(queues):
+            for batch in batches_of(queue):
+                result = pool.workers[i].run(batch)
+                stats.bytes_read += result.bytes_read
+                stats.bytes_written += result.bytes_written
+                stats.parts += result.operators
+                stats.peak_worker_rss_bytes = max(stats.peak_worker_rss_bytes, result.peak_rss_bytes)
+                stats.peak_device_bytes = max(stats.peak_device_bytes, result.peak_device_bytes)
+                stats.per_worker_seconds[i] = stats.per_worker_seconds.get(i, 0.0) + result.seconds
+                done_parts += result.operators
+                if on_done is not None:
+                    on_done(list(batch))
+                bar.update(sum(item.bytes_in for item in batch))
+                bar.set_postfix_str(f"{done_parts}/{total_parts} parts", refresh=False)
     finally:
         bar.close()
     stats.seconds = time.perf_counter() - start

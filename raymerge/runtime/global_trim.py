@@ -25,8 +25,8 @@ import torch
 
 from raymerge.checkpoints import CheckpointSource
 from raymerge.config import ConfigError
-from raymerge.methods.task_arithmetic import TRIM_THRESHOLD
-from raymerge.runtime.operators import DTYPES, MergeOperator
+from raymerge.methods import get_method
+from raymerge.runtime.operators import MergeOperator, resolve_work_dtype
 
 HIGH_BINS = 1 << 15  # sign bit is 0 for magnitudes
 LOW_BINS = 1 << 16
@@ -35,6 +35,15 @@ BATCH_BYTES = 256 * 1024 * 1024
 
 def uses_model_trim(ops: Sequence[MergeOperator]) -> bool:
     return any(op.params.get("trim_scope") == "model" for op in ops)
+
+
+def _trim_key(op: MergeOperator) -> str:
+    """The per-model parameter through which `op`'s method takes its model's threshold (the
+    method spec's `model_trim_key`)."""
+    key = get_method(op.method).model_trim_key
+    if key is None:
+        raise ConfigError(f"merge_method {op.method} has no whole-model trim (trim_scope: model), tensor {op.name}")
+    return key
 
 
 def model_densities(ops: Sequence[MergeOperator], model_names: Sequence[str], label: str) -> dict[int, float]:
@@ -63,7 +72,7 @@ def magnitude_bits(op: MergeOperator, k: int, sources: Mapping[int, CheckpointSo
     x = sources[op.inputs[k].model].read(op.inputs[k].name)
     if not (base.is_floating_point() and x.is_floating_point()):
         return None
-    work = DTYPES[op.work_dtype] if op.work_dtype else torch.promote_types(base.dtype, x.dtype)
+    work = resolve_work_dtype(op.work_dtype, [base.dtype, x.dtype])  # the workers' rule (compile resolved it)
     delta = (x.to(work) - base.to(work)).abs().float().reshape(-1)
     return delta.view(torch.int32)
 
@@ -103,9 +112,8 @@ def _bin_of_kth_largest(counts: torch.Tensor, k: int) -> tuple[int, int]:
 
 
 def _run_batches(ops: Sequence[MergeOperator], actors: Sequence, high_bins: Optional[dict[int, int]]) -> dict[int, torch.Tensor]:
-    """Histogram batches spread round-robin over the merge worker actors (already begun)."""
-    import ray
-
+    """Histogram batches spread round-robin over the merge worker actors (already begun), or
+    run one after another on in-process workers (`MergeWorkerImpl`s of an in-process merge)."""
     batches: list[list[MergeOperator]] = [[]]
     size = 0
     for op in ops:
@@ -115,8 +123,14 @@ def _run_batches(ops: Sequence[MergeOperator], actors: Sequence, high_bins: Opti
         batches[-1].append(op)
         size += op.bytes_in
     totals: dict[int, torch.Tensor] = {}
-    refs = [actors[i % len(actors)].histogram.remote(b, high_bins) for i, b in enumerate(b for b in batches if b)]
-    for part in ray.get(refs):
+    work = [b for b in batches if b]
+    if not hasattr(actors[0].histogram, "remote"):  # in process: plain objects, immediate results
+        parts = [actors[i % len(actors)].histogram(b, high_bins) for i, b in enumerate(work)]
+    else:
+        import ray
+
+        parts = ray.get([actors[i % len(actors)].histogram.remote(b, high_bins) for i, b in enumerate(work)])
+    for part in parts:
         for m, c in part.items():
             totals[m] = totals[m] + c if m in totals else c
     return totals
@@ -153,7 +167,7 @@ def apply_model_trim(
             out.append(op)
             continue
         mps = tuple(
-            mp if k == op.base_index else {**mp, TRIM_THRESHOLD: thresholds[op.inputs[k].model]}
+            mp if k == op.base_index else {**mp, _trim_key(op): thresholds[op.inputs[k].model]}
             for k, mp in enumerate(op.model_params)
         )
         out.append(dataclasses.replace(op, model_params=mps))

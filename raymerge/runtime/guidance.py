@@ -39,6 +39,8 @@ from raymerge.methods.guided import (
 )
 from raymerge.pruning.decoder import describe_model
 from raymerge.pruning.stage import PruneSettings
+from raymerge.runtime.guidance_methods import GuidanceSpec, get_guidance_method
+from raymerge.runtime.guidance_methods import register as register_guidance
 from raymerge.runtime.operators import MergeOperator, MergeProgram, OperatorGuide
 
 log = logging.getLogger(__name__)
@@ -60,11 +62,12 @@ class GuidanceReport:
         return json.dumps(self.__dict__, indent=2, sort_keys=True) + "\n"
 
     def table(self) -> str:
-        if self.method == "aim":
-            return f"AIM (omega={self.strength:g}): {self.channels} tensors relaxed towards the base"
+        spec = get_guidance_method(self.method)
+        head = f"{spec.label or self.method.upper()} ({spec.parameter}={self.strength:g})"
+        if not self.coefficients:
+            return f"{head}: {self.channels} tensors relaxed towards the base"
         keys = sorted({k for c in self.coefficients.values() for k in c}, key=_key_order)
-        name = {"acm": "theta", "sens": "temperature"}[self.method]
-        lines = [f"{self.method.upper()} ({name}={self.strength:g}) task-vector scales per layer:"]
+        lines = [f"{head} task-vector scales per layer:"]
         lines.append("  layer     " + "  ".join(f"{m[-24:]:>24}" for m in self.coefficients))
         for k in keys:
             lines.append(f"  {k:<9} " + "  ".join(f"{c.get(k, float('nan')):>24.4f}" for c in self.coefficients.values()))
@@ -79,42 +82,20 @@ _KEY_NAMES = {-1: "embed", -2: "norm", -3: "head"}
 
 
 def guide_program(
-    g: GuidanceConfig, cfg: MergeConfig, program: MergeProgram, specs: list[SourceSpec], *, quiet: bool = False
+    g: GuidanceConfig, cfg: MergeConfig, program: MergeProgram, specs: list[SourceSpec], *, quiet: bool = False,
+    in_process: bool = False,
 ) -> GuidanceReport:
     """Run the statistics pass and put an `OperatorGuide` on each affected operator of `program`
-    (`g`: the settings as `check_guidance` returned them)."""
+    (`g`: the settings as `check_guidance` returned them; `in_process`: one stage in this
+    process, no Ray, like `prune(in_process=True)`)."""
     import time
 
     t0 = time.perf_counter()
     base = program.models.index(cfg.base_model)
     names = [str(m) for m in program.models]
     report = GuidanceReport(method=g.method, strength=g.strength, models=names)
-    with _StagePass(g, specs, base, quiet) as sp:
-        if g.method == "aim":
-            importance = sp.aim()
-            _attach(program, lambda op: OperatorGuide(importance=importance[op.name].float(), omega=g.strength)
-                    if op.name in importance else None)
-            report.channels = sum(1 for op in program.operators if op.guide is not None)
-        else:
-            keys = sp.layer_keys()
-            if g.method == "acm":
-                scales, nmi = sp.acm(g.strength)
-                report.extra["nmi"] = {names[i]: {_label(k): v for k, v in sorted(m.items())} for i, m in nmi.items()}
-            else:
-                scales, extra = sp.sens(g, names)
-                report.extra.update(extra)
-            report.coefficients = {names[i]: {_label(k): v for k, v in sorted(s.items())} for i, s in scales.items()}
-
-            def guide(op: MergeOperator) -> Optional[OperatorGuide]:
-                key = keys.get(op.name)
-                if key is None:
-                    return None
-                per_input = []
-                for t in op.inputs:
-                    per_input.append(1.0 if t.model == base else scales.get(t.model, {}).get(key, 1.0))
-                return OperatorGuide(input_scales=tuple(per_input)) if any(s != 1.0 for s in per_input) else None
-
-            _attach(program, guide)
+    with _StagePass(g, specs, base, quiet, in_process) as sp:
+        get_guidance_method(g.method).run(sp, g, program, base, names, report)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -132,7 +113,7 @@ def check_guidance(cfg: MergeConfig, label: str, program: MergeProgram) -> Guida
                           "(use task_arithmetic, ties, dare_ties, ...)")
     if cfg.slices or cfg.modules:
         raise ConfigError(f"{label}: raymerge.guidance works with a `models:` list, not slices or modules")
-    if g.method != "aim" and uses_model_trim(program.operators):
+    if get_guidance_method(g.method).scales_task_vectors and uses_model_trim(program.operators):
         raise ConfigError(f"{label}: raymerge.guidance {g.method} scales task vectors per layer; "
                           "it cannot be combined with a model-wide trim (choose a per-tensor method)")
     tasks = [str(m) for m in program.models if m != cfg.base_model]
@@ -150,12 +131,10 @@ def _check_memory(g: GuidanceConfig, shape: Any, vocab: int, tokens: int) -> Non
     (`tokens`: the largest calibration set's windows x seqlen)."""
     from raymerge.runtime.worker import host_memory_bytes
 
-    if g.method == "acm":  # bf16 outputs of every layer, the embeddings, the final norm and the head
-        need, what = tokens * (shape.num_layers * shape.hidden_size + 2 * shape.hidden_size + vocab) * 2, "activations"
-    elif g.method == "sens":  # float32 reference logits of one task's windows on the last stage
-        need, what = tokens * vocab * 4, "reference logits"
-    else:
+    kept = get_guidance_method(g.method).kept_bytes
+    if kept is None:
         return
+    need, what = kept(shape, vocab, tokens)
     have = host_memory_bytes()
     if need > have // 2:
         raise ConfigError(
@@ -163,6 +142,66 @@ def _check_memory(g: GuidanceConfig, shape: Any, vocab: int, tokens: int) -> Non
             f"({tokens} calibration tokens) on the stage workers, more than half of this machine's "
             f"{have / 2**30:.1f} GiB; lower calibration.nsamples or calibration.seqlen"
         )
+
+
+# -- the built-in methods (the registry: `raymerge.runtime.guidance_methods`) ----------------------------
+def _run_aim(sp: "_StagePass", g: GuidanceConfig, program: MergeProgram, base: int, names: list[str], report: GuidanceReport) -> None:
+    importance = sp.aim()
+    _attach(program, lambda op: OperatorGuide(importance=importance[op.name].float(), omega=g.strength)
+            if op.name in importance else None)
+    report.channels = sum(1 for op in program.operators if op.guide is not None)
+
+
+def _layer_scales(scaling: Callable[["_StagePass", GuidanceConfig, list[str], GuidanceReport], dict[int, dict[int, float]]]):
+    """A method that scales each model's task vector per layer by `scaling(...)[model][layer key]`."""
+
+    def run(sp: "_StagePass", g: GuidanceConfig, program: MergeProgram, base: int, names: list[str], report: GuidanceReport) -> None:
+        keys = sp.layer_keys()
+        scales = scaling(sp, g, names, report)
+        report.coefficients = {names[i]: {_label(k): v for k, v in sorted(s.items())} for i, s in scales.items()}
+
+        def guide(op: MergeOperator) -> Optional[OperatorGuide]:
+            key = keys.get(op.name)
+            if key is None:
+                return None
+            per_input = []
+            for t in op.inputs:
+                per_input.append(1.0 if t.model == base else scales.get(t.model, {}).get(key, 1.0))
+            return OperatorGuide(input_scales=tuple(per_input)) if any(s != 1.0 for s in per_input) else None
+
+        _attach(program, guide)
+
+    return run
+
+
+def _acm_scales(sp: "_StagePass", g: GuidanceConfig, names: list[str], report: GuidanceReport) -> dict[int, dict[int, float]]:
+    scales, nmi = sp.acm(g.strength)
+    report.extra["nmi"] = {names[i]: {_label(k): v for k, v in sorted(m.items())} for i, m in nmi.items()}
+    return scales
+
+
+def _sens_scales(sp: "_StagePass", g: GuidanceConfig, names: list[str], report: GuidanceReport) -> dict[int, dict[int, float]]:
+    scales, extra = sp.sens(g, names)
+    report.extra.update(extra)
+    return scales
+
+
+register_guidance(GuidanceSpec(
+    "aim", "omega", 0.4, _run_aim, scales_task_vectors=False, label="AIM",
+    doc="relax the merged delta per input channel by the base's activations",
+))
+register_guidance(GuidanceSpec(
+    "acm", "theta", 10.0, _layer_scales(_acm_scales), label="ACM",
+    # bf16 outputs of every layer, the embeddings, the final norm and the head
+    kept_bytes=lambda shape, vocab, tokens: (
+        tokens * (shape.num_layers * shape.hidden_size + 2 * shape.hidden_size + vocab) * 2, "activations"),
+    doc="per-layer task-vector scales from activation mutual information",
+))
+register_guidance(GuidanceSpec(
+    "sens", "temperature", 2.0, _layer_scales(_sens_scales), task_calibration=True, label="SENS",
+    kept_bytes=lambda shape, vocab, tokens: (tokens * vocab * 4, "reference logits"),  # float32, one task's windows
+    doc="per-layer scales from gradient sensitivity and logit distances",
+))
 
 
 def _label(key: int) -> str:
@@ -176,8 +215,8 @@ def _attach(program: MergeProgram, guide: Callable[[MergeOperator], Optional[Ope
 class _StagePass:
     """Stage workers over one model's layers at a time, and the passes the methods need."""
 
-    def __init__(self, g: GuidanceConfig, specs: list[SourceSpec], base: int, quiet: bool) -> None:
-        self.g, self.specs, self.base, self.quiet = g, specs, base, quiet
+    def __init__(self, g: GuidanceConfig, specs: list[SourceSpec], base: int, quiet: bool, in_process: bool = False) -> None:
+        self.g, self.specs, self.base, self.quiet, self.in_process = g, specs, base, quiet, in_process
 
     def __enter__(self) -> "_StagePass":
         from raymerge.runtime.guidance_worker import GuidanceWorkerImpl
@@ -196,10 +235,14 @@ class _StagePass:
         cals = [self.g.calibration, *self.g.task_calibration.values()]
         tokens = max(c.nsamples * resolve_seqlen(c.seqlen, self.shape.max_positions) for c in cals)
         _check_memory(self.g, self.shape, int(self.model_config.get("vocab_size") or 0), tokens)
-        self.bounds = even_stages(self.shape.num_layers, self.g.stages)
+        if self.in_process:  # one stage holding every layer, in this process
+            self.bounds = [(0, self.shape.num_layers - 1)]
+            workers: list[Any] = [GuidanceWorkerImpl(0)]
+        else:
+            self.bounds = even_stages(self.shape.num_layers, self.g.stages)
+            workers, _ = _start_workers(len(self.bounds), GuidanceWorkerImpl, what="guidance stage workers")
         n = len(self.bounds)
-        workers, _ = _start_workers(n, GuidanceWorkerImpl, what="guidance stage workers")
-        self.d = _Driver(workers, remote=True)
+        self.d = _Driver(workers, remote=not self.in_process)
         self.pipe = _Pipeline(self.d, workers, self.g.batch_size, self.quiet)
         try:
             settings = PruneSettings(method="wanda", modules=self.shape.modules, dtype=self.g.dtype)

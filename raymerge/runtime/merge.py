@@ -17,6 +17,14 @@ Resume (`runtime.recovery`): the staging folder's manifest records each finished
 interrupted merge (Ctrl-C, a killed driver, workers that keep dying) leaves the folder, and
 rerunning the same merge reuses the shards whose checksums still match and runs only the
 operators of the others. A worker actor that dies mid-merge is replaced (`runtime.executor`).
+
+`in_process=True` (CLI `--in-process`) runs the same steps without Ray: the pool is one
+`MergeWorkerImpl` in the driver (`runtime.executor.LocalPool`), calibrated and planned for like
+a one-worker Ray pool, so the summary still shows predicted against measured, and the bytes are
+those of a Ray merge with one worker. Whole-model trimming, guidance statistics (one stage in
+the driver) and S3 outputs (the driver uploads) work the same way. For small merges and tests,
+where starting Ray and its actors costs more than the merge; `workers` or `address` with it is
+refused as a contradiction.
 """
 
 from __future__ import annotations
@@ -37,7 +45,9 @@ from raymerge.checkpoints.writer import DEFAULT_SHARD_BYTES, human_bytes
 from raymerge.config import ConfigError, MergeConfig, ModelRef, load_config
 from raymerge.runtime.actor_resources import check_actor_count
 from raymerge.runtime.costs import representative_ops
-from raymerge.runtime.executor import ExecutionStats, WorkerPool, acquire_pool, ensure_ray, release_pool, run_plan, work_items
+from raymerge.runtime.executor import (
+    ExecutionStats, LocalPool, WorkerPool, acquire_pool, ensure_ray, release_pool, run_plan, work_items,
+)
 from raymerge.runtime.global_trim import apply_model_trim, uses_model_trim
 from raymerge.runtime.output import JobOutput, upload_on
 from raymerge.runtime.recovery import ShardTracker, input_fingerprint, job_identity, remaining_operators
@@ -149,6 +159,7 @@ class MergeOptions:
     s3_endpoint_url: Optional[str] = None  # S3-compatible store for s3:// inputs and output
     resume: Optional[bool] = None  # None: resume when the staging folder holds this job (runtime.recovery)
     scan_nonfinite: bool = False  # read every input tensor once, before any work, for NaN/Inf
+    in_process: bool = False  # one worker in this process, no Ray (runtime.executor.LocalPool)
 
 
 def _version() -> str:
@@ -306,6 +317,7 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
     """Run one merge; see `raymerge.merge` for the user-facing description."""
     t0 = time.perf_counter()
     check_actor_count(options.workers, "workers")  # before anything starts (runtime.actor_resources)
+    _check_in_process(options)
     # The driver resolves the S3 endpoint (option, else AWS_ENDPOINT_URL[_S3]) so that workers,
     # whose environment may differ, get it through the source specs and the output target.
     options = replace(options, s3_endpoint_url=resolve_endpoint_url(options.s3_endpoint_url))
@@ -334,9 +346,10 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
         from raymerge.runtime.guidance import check_guidance, guide_program
 
         checked = check_guidance(cfg, label, program)
-        ensure_ray(options.address or (profile.address if profile is not None else None))
-        shutdown_pool()  # the statistics' stage workers need the CPU slots a kept pool holds
-        guidance = guide_program(checked, cfg, program, specs, quiet=options.quiet)
+        if not options.in_process:
+            ensure_ray(options.address or (profile.address if profile is not None else None))
+            shutdown_pool()  # the statistics' stage workers need the CPU slots a kept pool holds
+        guidance = guide_program(checked, cfg, program, specs, quiet=options.quiet, in_process=options.in_process)
         extra_files = {**(extra_files or {}), "guidance.json": guidance.to_json()}
     if settings is not None and settings.export_task_vectors:
         from raymerge.runtime.onebit_export import task_vector_files
@@ -352,15 +365,21 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
         scan_nonfinite(specs, inputs_by_model(program.operators, len(specs)), quiet=options.quiet)
     t_plan = time.perf_counter()
 
-    ensure_ray(options.address or (profile.address if profile is not None else None))
-    t_ray = time.perf_counter()
-    pool = acquire_pool(options.workers)
+    pool: Union[WorkerPool, LocalPool]
+    if options.in_process:
+        t_ray = time.perf_counter()
+        pool = LocalPool()  # the same worker code in this process: no Ray, no actors
+    else:
+        ensure_ray(options.address or (profile.address if profile is not None else None))
+        t_ray = time.perf_counter()
+        pool = acquire_pool(options.workers)
     keep = options.keep_workers
     try:
         resumed = dest.open(layout)
         pool.begin(specs, str(dest.staging))
         if uses_model_trim(program.operators):
-            program.operators, _ = apply_model_trim(program.operators, pool.actors, [str(m) for m in program.models], label)
+            trim_on = pool.workers if isinstance(pool, LocalPool) else pool.actors
+            program.operators, _ = apply_model_trim(program.operators, trim_on, [str(m) for m in program.models], label)
         todo = remaining_operators(program.operators, layout, resumed.finished)
         plan = problem = topology = None
         stats = ExecutionStats(workers=len(pool), seconds=0.0)
@@ -426,7 +445,19 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
     )
 
 
-def _pool_description(pool: WorkerPool, options: MergeOptions) -> str:
+def _check_in_process(options: MergeOptions) -> None:
+    """`in_process` is one worker in this process: options asking for Ray workers contradict it."""
+    if not options.in_process:
+        return
+    if options.workers not in (None, 1):
+        raise ConfigError(f"in_process runs one worker in this process; workers={options.workers} needs Ray (drop one of them)")
+    if options.address is not None:
+        raise ConfigError(f"in_process starts no Ray; address={options.address!r} asks for a Ray cluster (drop one of them)")
+
+
+def _pool_description(pool: Union[WorkerPool, LocalPool], options: MergeOptions) -> str:
+    if isinstance(pool, LocalPool):
+        return "in process (no Ray), 1 worker, calibrated"
     nodes = len({i.node_id for i in pool.infos()})
     where = "local Ray" if (options.address or os.environ.get("RAY_ADDRESS")) is None else "Ray cluster"
     return f"{where}, {len(pool)} worker(s) on {nodes} node(s), calibrated"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -74,7 +74,11 @@ class MergeOperator:
     base_index: Optional[int]
     model_params: tuple[dict[str, Any], ...]
     params: dict[str, Any]
-    work_dtype: Optional[str]  # cast inputs to this (config `dtype`); None = promote input dtypes
+    # The dtype the inputs are cast to and the method computes in, by name: `resolve_work_dtype`
+    # (the config's `dtype`, else the promotion of the inputs'), resolved once at compile time so
+    # the workers, the whole-model trim and the planner's cost model all use the same one. None
+    # (operators built by hand, integer tensors): promote the dtypes of the tensors read.
+    work_dtype: Optional[str]
     out_dtype: str  # safetensors dtype code of the output
     shape: tuple[int, ...]
     seed: Optional[int]  # per-tensor seed for random methods
@@ -330,8 +334,9 @@ class _Planner:
             raise ConfigError(f"{self.label}: tensor {out_name!r}: {err}") from None
 
         in_dtypes = [i.dtype for i in infos]
-        work = DTYPES[cfg.dtype] if cfg.dtype else promote_dtypes(in_dtypes)
-        if not all(d.is_floating_point for d in in_dtypes):
+        work = resolve_work_dtype(cfg.dtype, in_dtypes)
+        floating = all(d.is_floating_point for d in in_dtypes)
+        if not floating:
             out = in_dtypes[0]  # integer buffers are copied, never merged
         else:
             out = DTYPES[cfg.out_dtype] if cfg.out_dtype else work
@@ -344,7 +349,7 @@ class _Planner:
                 base_index=base_index,
                 model_params=tuple(model_params),
                 params=params,
-                work_dtype=cfg.dtype,
+                work_dtype=dtype_name(work) if floating else cfg.dtype,
                 out_dtype=dtype_code(out),
                 shape=infos[0].shape,
                 seed=tensor_seed(self.random_seed, out_name) if self.spec.random else None,
@@ -366,6 +371,17 @@ def promote_dtypes(dtypes: list[torch.dtype]) -> torch.dtype:
     for d in dtypes[1:]:
         out = torch.promote_types(out, d)
     return out
+
+
+def resolve_work_dtype(config_dtype: Optional[str], input_dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    """The one working-dtype rule: the config's `dtype`, else the promotion of the inputs' dtypes
+    (every input of the operator, not a pair of them)."""
+    return DTYPES[config_dtype] if config_dtype else promote_dtypes(list(input_dtypes))
+
+
+def dtype_name(dtype: torch.dtype) -> Optional[str]:
+    """The config name of a floating dtype ("bfloat16", ...), None for another dtype."""
+    return next((name for name, d in DTYPES.items() if d == dtype), None)
 
 
 def build_program(

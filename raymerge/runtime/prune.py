@@ -53,13 +53,12 @@ from raymerge.pruning.decoder import ModelShape, describe_model
 from raymerge.pruning.layerwise import explicit_sparsities, owl_sparsities, uniform_sparsities
 from raymerge.pruning.report import REPORT_FILE, PruneReport, perplexity
 from raymerge.pruning.stage import DTYPES, ModuleResult, PruneSettings
+from raymerge.pruning.statistics import statistic_bytes
 from raymerge.runtime.actor_resources import actor_resources, check_actor_count, default_actor_count
 from raymerge.runtime.executor import ensure_ray
 from raymerge.runtime.output import JobOutput, upload_on
 from raymerge.runtime.planning import topology_from_workers
 from raymerge.runtime.prune_worker import PruneWorkerImpl
-
-STATISTIC_BYTES = {"norms": 8, "hessian": 4}  # per element of a module's statistic (see statistics.py)
 
 
 @dataclass
@@ -217,8 +216,7 @@ def plan_stages(shape: ModelShape, infos: Sequence[Any], settings: PruneSettings
     kind = settings.statistic
     if kind is not None and mode == "parallel":
         stat_bytes = sum(
-            (width * width if kind == "hessian" else width) * STATISTIC_BYTES[kind]
-            for _, width in shape.module_shapes.values()
+            statistic_bytes(kind, width) for _, width in shape.module_shapes.values()
         )
     layers = [
         planners.Layer(f"layer{i}", compute_s=float(shape.layer_params), memory_bytes=float(shape.layer_params * element + stat_bytes))

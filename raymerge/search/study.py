@@ -23,7 +23,6 @@ count towards `n_trials`, trials left running by a killed driver are marked fail
 
 from __future__ import annotations
 
-import importlib
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -41,18 +40,19 @@ from raymerge.config.prune_config import PruneConfig, parse_prune_config
 from raymerge.config.search_config import Objective, SearchConfig, load_search_config
 from raymerge.pruning.decoder import ModelShape, describe_model
 from raymerge.pruning.layerwise import owl_sparsities
+from raymerge.pruning.methods import get_prune_method
 from raymerge.pruning.report import perplexity
 from raymerge.pruning.stage import PruneSettings
 from raymerge.runtime.actor_resources import actor_resources, check_actor_count
 from raymerge.runtime.compile import CompiledMerge, CompileOptions, MergeCompiler
 from raymerge.runtime.operators import MergeOperator
 from raymerge.runtime.prune import _Driver, _Pipeline, _tokenizer, even_stages
-from raymerge.search.lm_eval_objective import donor_files, lm_eval_value
+from raymerge.search.lm_eval_objective import donor_files
+from raymerge.search.objectives import REFERENCE_KEYS, ObjectiveContext, get_objective
 from raymerge.search.space import SearchSpace, SearchSpaceError
 from raymerge.runtime.search_worker import SearchWorkerImpl
 
 STUDY_FILE = "study.journal"
-REFERENCE_KEYS = 100000  # objective k's reference logits are kept under keys k * REFERENCE_KEYS + batch
 
 
 @dataclass
@@ -165,7 +165,8 @@ class _PruneTask:
 
     def __init__(self, cfg: SearchConfig, label: str) -> None:
         self.prune: PruneConfig = parse_prune_config(cfg.prune, f"{label}: prune")
-        if self.prune.method == "sparsegpt" or self.prune.nm is not None or self.prune.calibration is None:
+        exponents = get_prune_method(self.prune.method).search_exponents
+        if exponents is None or self.prune.nm is not None or self.prune.calibration is None:
             raise ConfigError(f"{label}: prune: searches support unstructured magnitude/wanda-family metrics with calibration text")
         self.space_cfg = cfg.space
         self.target = self.prune.target_sparsity
@@ -180,9 +181,9 @@ class _PruneTask:
             raise ConfigError(f"{label}: prune: searching the pruning of a merged model (`merge:`) is not supported; merge first")
         self.specs = [SourceSpec(m.path, m.revision, config_from=m.config_from)]
         self.source = self.specs[0].open()
-        # Trials mask rows with |W|^a * ||X||^b; magnitude is b = 0 (compared per row, as Wanda does).
-        self.default_exponents = (1.0, 0.0) if self.prune.method == "magnitude" else (
-            self.prune.wanda.weight_exponent, self.prune.wanda.norm_exponent)
+        # Trials mask rows with |W|^a * ||X||^b; the method's spec gives its (a, b) (magnitude: b = 0,
+        # compared per row, as Wanda does).
+        self.default_exponents = exponents(self.prune)
 
     def suggest(self, trial: Any, n_layers: int) -> dict[str, Any]:
         sp, out = self.space_cfg, {}
@@ -313,14 +314,14 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
     shape = describe_model(model_config, None if isinstance(task, _MergeTask) else task.prune.modules)
     tokenizer = _tokenizer(donor)
     objectives = cfg.objectives
-    files = donor_files(donor) if any(o.kind == "lm_eval" for o in objectives) else None
+    files = donor_files(donor) if any(get_objective(o.kind).model_files for o in objectives) else None
     windows = [_windows(cfg, task, tokenizer, shape, o) for o in objectives]
     prune_windows = None
     if isinstance(task, _PruneTask):
         calib = task.prune.calibration.model_copy(update={"curate": None})
         prune_windows = load_calibration(calib, tokenizer, shape.max_positions).calibration
     refs = [
-        (o.reference or (task.models[task.donor] if isinstance(task, _MergeTask) else None)) if o.kind == "reconstruction" else None
+        (o.reference or (task.models[task.donor] if isinstance(task, _MergeTask) else None)) if get_objective(o.kind).reference else None
         for o in objectives
     ]
     settings = PruneSettings(method="wanda", modules=shape.modules, dtype=cfg.dtype)
@@ -361,7 +362,7 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
             p.pipe.dense_pass(prune_windows, ("norms",))
             d.get([d.call(w, "keep_dense") for w in d.workers])
             for k, ref in enumerate(refs):
-                if objectives[k].kind == "reconstruction":
+                if get_objective(objectives[k].kind).reference:
                     _keep_reference(p, windows[k], k)  # the dense model is the reference
 
     storage = _storage(cfg, out)
@@ -405,7 +406,7 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
                 for number in _ready(running, options.in_process):
                     trial, pipe, handles = running.pop(number)
                     try:
-                        values = _values(pipe, handles, objectives, files, out)
+                        values = _values(pipe, handles, objectives, windows, files, out)
                         _tell(study, trial, values if len(values) > 1 else values[0])
                     except Exception as err:  # noqa: BLE001 - recorded on the trial; the study goes on
                         _tell_failed(study, trial, f"{type(err).__name__}: {err}", optuna)
@@ -477,37 +478,26 @@ def _submit(trial, p: _SearchPipeline, task, objectives: list[Objective], window
                           values.get("norm_exponent", task.default_exponents[1]))
                    for w, (a, b) in zip(d.workers, p.plans)]
     handles = [applied]  # waited for first: a failure while applying fails the trial
-    last = d.workers[-1]
-    for k, (obj, win) in enumerate(zip(objectives, windows)):
-        if obj.kind == "perplexity":
-            handles.append([d.call(last, "loss", p.pipe.forward(ids), ids) for ids in win.heldout.split(p.pipe.batch_size)])
-        elif obj.kind == "reconstruction":
-            handles.append([d.call(last, "reconstruction", p.pipe.forward(ids), k * REFERENCE_KEYS + j)
-                            for j, ids in enumerate(win.heldout.split(p.pipe.batch_size))])
-        elif obj.kind == "lm_eval":
-            handles.append(("lm_eval", obj, None))
-        else:
-            handles.append(("user", obj.kind, win))
+    for k, (obj, win) in enumerate(zip(objectives, windows)):  # each objective's spec queues its work
+        handles.append(get_objective(obj.kind).submit(_objective_context(p, obj, k, win)))
     return handles
 
 
-def _values(p: _SearchPipeline, handles: list[Any], objectives: list[Objective], files: Optional[dict], out: Path) -> list[float]:
+def _values(p: _SearchPipeline, handles: list[Any], objectives: list[Objective], windows: list[CalibrationWindows],
+            files: Optional[dict], out: Path) -> list[float]:
     p.driver.get(handles[0])
-    values = []
-    for obj, h in zip(objectives, handles[1:]):
-        if isinstance(h, tuple) and h and h[0] == "user":
-            values.append(float(_user_objective(h[1])(lambda ids: _logits(p, ids), h[2].heldout)))
-            continue
-        if isinstance(h, tuple) and h and h[0] == "lm_eval":
-            values.append(lm_eval_value(obj.lm_eval, lambda names: _gather(p, names), files, out))
-            continue
-        parts = p.driver.get(h)
-        total, count = sum(x[0] for x in parts), sum(x[1] for x in parts)
-        if obj.kind == "perplexity":
-            values.append(perplexity(total, count))
-        else:
-            values.append(total / count)
-    return values
+    return [float(get_objective(obj.kind).value(_objective_context(p, obj, k, win, files, out), pending))
+            for k, (obj, win, pending) in enumerate(zip(objectives, windows, handles[1:]))]
+
+
+def _objective_context(p: _SearchPipeline, obj: Objective, k: int, win: CalibrationWindows,
+                       files: Optional[dict] = None, out: Optional[Path] = None) -> ObjectiveContext:
+    d = p.driver
+    return ObjectiveContext(
+        objective=obj, index=k, windows=win, batch_size=p.pipe.batch_size,
+        last=lambda method, ids, *args: d.call(d.workers[-1], method, p.pipe.forward(ids), *args),
+        get=d.get, logits=lambda ids: _logits(p, ids), state_dict=lambda names: _gather(p, names), files=files, out=out,
+    )
 
 
 def _gather(p: _SearchPipeline, names: list[str]) -> dict[str, torch.Tensor]:
@@ -519,14 +509,6 @@ def _gather(p: _SearchPipeline, names: list[str]) -> dict[str, torch.Tensor]:
 
 def _logits(p: _SearchPipeline, ids: torch.Tensor) -> torch.Tensor:
     return p.driver.get(p.driver.call(p.driver.workers[-1], "logits", p.pipe.forward(ids)))
-
-
-def _user_objective(spec: str) -> Callable[..., float]:
-    module, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError(f"objective {spec!r}: cannot import it: {err}") from None
 
 
 def _ready(running: dict, in_process: bool) -> list[int]:
@@ -667,6 +649,8 @@ def _materialize(cfg: SearchConfig, best: Path, out: Path, options: SearchOption
     overwrite = True if options.materialize is True else options.overwrite
     kwargs = dict(overwrite=overwrite, quiet=options.quiet, address=options.address, s3_endpoint_url=options.s3_endpoint_url)
     if cfg.merge is not None:
+        if options.in_process:  # an in-process search materializes in process too: no Ray
+            kwargs.update(in_process=True, address=None)
         result = run_merge(best, target, MergeOptions(allow_pickle=options.allow_pickle,
                                                       allow_mixed_architectures=options.allow_mixed_architectures, **kwargs))
     else:

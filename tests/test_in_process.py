@@ -1,0 +1,115 @@
+"""`merge(..., in_process=True)`: the same worker code with no Ray, and the same bytes as on Ray.
+
+The fast tests (method grid, mergekit differential, whole-model trim, SVD methods) merge in
+process; this file is what lets them: an in-process merge gives the bytes of a Ray merge with 1
+and with 2 workers, starts no Ray, and still reports the planner's prediction next to the
+measured makespan.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import raymerge
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def _config(method: str, models: dict[str, Path]) -> dict:
+    params = {"density": 0.5, "weight": 0.6}
+    return {
+        "merge_method": method,
+        "base_model": str(models["base"]),
+        "models": [{"model": str(models[f"ft{i}"]), "parameters": params} for i in (1, 2, 3)],
+        "parameters": {"normalize": True},
+        "dtype": "float32",
+    }
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_in_process_equals_ray_with_one_and_two_workers(method, llama_models, ray_session, tmp_path):
+    cfg = _config(method, llama_models)
+    local = raymerge.merge(cfg, tmp_path / "local", in_process=True, random_seed=7, quiet=True, out_shard_size="300KB")
+    assert local.workers == 1 and local.plan is not None and local.plan.measured_makespan > 0
+    assert "measured" in local.summary() and "in process" in local.plan.report.topology.description
+    expected = _files(tmp_path / "local")
+    assert any(name.endswith(".safetensors") for name in expected) and len(expected) > 3
+    for workers in (1, 2):
+        out = tmp_path / f"ray{workers}"
+        raymerge.merge(cfg, out, workers=workers, random_seed=7, quiet=True, out_shard_size="300KB")
+        got = _files(out)
+        assert got.keys() == expected.keys(), workers
+        differ = [name for name in expected if got[name] != expected[name]]
+        assert not differ, f"{method}: in process vs {workers} Ray worker(s): {differ} differ"
+
+
+def test_in_process_starts_no_ray(llama_models, tmp_path):
+    # A subprocess: this test session may already have started Ray (the session fixture).
+    cfg = _config("ties", llama_models)
+    script = textwrap.dedent(f"""
+        import sys, ray, raymerge
+        assert not ray.is_initialized()
+        result = raymerge.merge({cfg!r}, {str(tmp_path / 'out')!r}, in_process=True, quiet=True)
+        assert result.plan is not None, "the planner step is kept"
+        print("ray initialized:", ray.is_initialized())
+        sys.exit(3 if ray.is_initialized() else 0)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ray initialized: False" in proc.stdout
+    assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_in_process_refuses_ray_options(llama_models, tmp_path):
+    cfg = _config("ties", llama_models)
+    with pytest.raises(raymerge.ConfigError, match="in_process"):
+        raymerge.merge(cfg, tmp_path / "a", in_process=True, workers=2)
+    with pytest.raises(raymerge.ConfigError, match="in_process"):
+        raymerge.merge(cfg, tmp_path / "b", in_process=True, address="ray://nowhere:10001")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_merge_in_process(llama_models, tmp_path):
+    import yaml
+
+    from raymerge.cli import main
+
+    cfg_path = tmp_path / "ties.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config("ties", llama_models)))
+    assert main(["merge", str(cfg_path), str(tmp_path / "out"), "--in-process", "--quiet"]) == 0
+    assert (tmp_path / "out" / "config.json").exists()
+    proc = subprocess.run([sys.executable, "-m", "raymerge.cli", "merge", "--help"], capture_output=True, text=True, timeout=120)
+    assert "--in-process" in proc.stdout and "without Ray" in proc.stdout
+
+
+def test_guided_merge_in_process_equals_ray(llama_models, ray_session, tmp_path):
+    """The statistics pass of a guided merge runs as one stage in this process: same bytes as
+    two Ray stage workers and one Ray merge worker."""
+    from raymerge.demo import demo_text
+
+    (tmp_path / "calib.txt").write_text(demo_text(8, 120, seed=5))
+    calibration = {"dataset": str(tmp_path / "calib.txt"), "nsamples": 4, "seqlen": 24, "eval_samples": 0, "seed": 3}
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(llama_models["base"]),
+        "models": [{"model": str(llama_models[m]), "parameters": {"weight": w}} for m, w in (("ft1", 0.6), ("ft2", 0.5))],
+        "dtype": "float32",
+        "raymerge": {"guidance": {"method": "acm", "calibration": calibration, "stages": 2}},
+    }
+    local = raymerge.merge(cfg, tmp_path / "local", in_process=True, quiet=True)
+    assert local.guidance is not None
+    raymerge.merge(cfg, tmp_path / "ray", workers=1, quiet=True)
+    local_files, ray_files = _files(tmp_path / "local"), _files(tmp_path / "ray")
+    reports = [json.loads(files.pop("guidance.json")) for files in (local_files, ray_files)]
+    for report in reports:
+        report.pop("seconds")  # how long the statistics pass took
+    assert reports[0] == reports[1] and reports[0]["coefficients"]
+    assert local_files == ray_files

@@ -1,0 +1,43 @@
+"""Which Ray a command uses: with no `--address` and no RAY_ADDRESS raymerge starts a local Ray of
+its own, even when another Ray cluster runs on the machine (Ray's default would join it)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from raymerge.runtime.executor import ensure_ray
+
+    from ray._private.services import find_gcs_addresses
+
+    other = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        running = set(find_gcs_addresses()) | {other.address}
+        ensure_ray(None)
+        ours = ray.get_runtime_context().gcs_address
+        print("OURS" if ours not in running else "JOINED", ours, sorted(running))
+        ray.shutdown()
+        ensure_ray("auto")
+        print("AUTO-JOINED" if ray.get_runtime_context().gcs_address == other.address else "AUTO-ELSEWHERE")
+        ray.shutdown()
+    finally:
+        other.shutdown()
+    """
+)
+
+
+def test_no_address_starts_our_own_ray_and_auto_joins_the_running_one():
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.split(" ")[0] in ("OURS", "JOINED", "AUTO-JOINED", "AUTO-ELSEWHERE")]
+    assert lines[0].startswith("OURS "), done.stdout
+    assert lines[1] == "AUTO-JOINED", done.stdout
