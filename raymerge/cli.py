@@ -30,7 +30,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=None, metavar="N",
                    help="number of worker actors (default: one per GPU in the cluster, else one per CPU slot)")
     g.add_argument("--address", default=None,
-                   help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray of its own; "auto" joins the cluster running on this machine)")
+                   help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray of its own; 'auto' joins the cluster running on this machine)")
     g.add_argument("--random-seed", type=int, default=None, metavar="SEED",
                    help="seed of random methods (DARE, DELLA); each tensor is seeded from (SEED, tensor name). Default 0")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--workers", type=int, default=None, metavar="N",
                     help="stage workers (default: one per GPU in the cluster, else one per CPU slot; at most one per layer)")
     pr.add_argument("--in-process", action="store_true", help="run in this process as a single stage, without Ray")
-    pr.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray of its own; "auto" joins the cluster running on this machine)")
+    pr.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray of its own; 'auto' joins the cluster running on this machine)")
     pr.add_argument("--plot", default=None, metavar="PNG", help="write a per-layer sparsity chart (needs matplotlib)")
     pr.add_argument("--json", default=None, metavar="FILE", dest="report_json",
                     help="also write the report (prune_report.json in OUTPUT) to FILE")
@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also write the best model: to OUT/best-model, or to TARGET (a folder or s3://bucket/prefix, "
                          "published like `raymerge merge` does; checked before the study starts)")
     se.add_argument("--overwrite", action="store_true", help="replace what the --materialize TARGET holds")
-    se.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray of its own; "auto" joins the cluster running on this machine)")
+    se.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray of its own; 'auto' joins the cluster running on this machine)")
     se.add_argument("--quiet", action="store_true", help="no progress bar")
     se.add_argument("--s3-endpoint-url", default=None, metavar="URL",
                     help="endpoint of an S3-compatible store for s3:// models and an s3:// --materialize TARGET "

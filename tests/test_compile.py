@@ -100,7 +100,7 @@ def test_dare_ties_trial_value_equals_the_merged_model(llama_models, heldout, tm
 
     def values_and_weights(p, *args):
         out = original(p, *args)
-        names = p.driver.get(p.driver.call(p.driver.workers[0], "held_parameters"))
+        names = p.driver.get(p.driver.workers[0].held_parameters())
         states.append(study_mod._gather(p, names))  # in-process: one pipeline, trials in order
         return out
 

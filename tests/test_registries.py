@@ -121,7 +121,7 @@ def test_a_registered_prune_method_runs_end_to_end(random_score_method, trained,
 
 # -- a search objective registered in this file scores trials ---------------------------------------------
 def _neg_nll_submit(ctx):
-    return [ctx.last("loss", ids, ids) for ids in ctx.batches()]
+    return [ctx.last_stage.loss(ctx.forward(ids), ids) for ids in ctx.batches()]
 
 
 def _neg_nll_value(ctx, pending):

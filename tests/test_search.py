@@ -198,7 +198,7 @@ def test_lost_actor_is_replaced_and_the_study_goes_on(opposite_finetunes, traine
     def submit_then_kill_once(trial, pipe, *args):
         handles = original(trial, pipe, *args)
         if not killed:
-            ray.kill(pipe.driver.workers[0])
+            ray.kill(pipe.driver.actors[0])
             killed.append(trial.number)
         return handles
 

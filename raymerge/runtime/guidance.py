@@ -1,7 +1,7 @@
 """The statistics pass of a guided merge (AIM, ACM, Sens-Merging), and what it does to the operators.
 
 Before the tensors are merged, calibration windows flow through layer-stage workers
-(`GuidanceWorkerImpl`, the same kind of stage the pruning pipeline uses: each holds a block of
+(`runtime.stage_actor.StageActor`, the stage the pruning pipeline uses: each holds a block of
 decoder layers of one model, so no worker ever holds a whole model) and the statistics come back
 as small per-layer numbers or per-channel vectors:
 
@@ -42,6 +42,7 @@ from raymerge.pruning.stage import PruneSettings
 from raymerge.runtime.guidance_methods import GuidanceSpec, get_guidance_method
 from raymerge.runtime.guidance_methods import register as register_guidance
 from raymerge.runtime.operators import MergeOperator, MergeProgram, OperatorGuide
+from raymerge.runtime.stage_actor import StageRef
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +220,8 @@ class _StagePass:
         self.g, self.specs, self.base, self.quiet, self.in_process = g, specs, base, quiet, in_process
 
     def __enter__(self) -> "_StagePass":
-        from raymerge.runtime.guidance_worker import GuidanceWorkerImpl
-        from raymerge.runtime.prune import _Driver, _Pipeline, _start_workers, _tokenizer, even_stages
+        from raymerge.runtime.prune import _Pipeline, _start_workers, _tokenizer, even_stages
+        from raymerge.runtime.stage_actor import Stages
 
         self._windows: dict[str, torch.Tensor] = {}
         src = self.specs[self.base].open()
@@ -237,17 +238,17 @@ class _StagePass:
         _check_memory(self.g, self.shape, int(self.model_config.get("vocab_size") or 0), tokens)
         if self.in_process:  # one stage holding every layer, in this process
             self.bounds = [(0, self.shape.num_layers - 1)]
-            workers: list[Any] = [GuidanceWorkerImpl(0)]
+            self.d = Stages.in_process()
         else:
             self.bounds = even_stages(self.shape.num_layers, self.g.stages)
-            workers, _ = _start_workers(len(self.bounds), GuidanceWorkerImpl, what="guidance stage workers")
+            actors, _ = _start_workers(len(self.bounds), what="guidance stage workers")
+            self.d = Stages(actors, remote=True)
         n = len(self.bounds)
-        self.d = _Driver(workers, remote=not self.in_process)
-        self.pipe = _Pipeline(self.d, workers, self.g.batch_size, self.quiet)
+        self.pipe = _Pipeline(self.d, self.d.workers, self.g.batch_size, self.quiet)
         try:
             settings = PruneSettings(method="wanda", modules=self.shape.modules, dtype=self.g.dtype)
             last = n - 1
-            self.d.get([self.d.call(w, "load", self.model_config, self.specs[self.base], a, b, settings, k == 0, k == last, None, None)
+            self.d.get([w.load(self.model_config, self.specs[self.base], a, b, settings, k == 0, k == last)
                         for k, (w, (a, b)) in enumerate(zip(self.d.workers, self.bounds))])
         except BaseException:
             self.d.kill()  # a failed setup must not leave actors holding the cluster's slots
@@ -268,30 +269,31 @@ class _StagePass:
 
     def load(self, model: int) -> None:
         if model != self.loaded:
-            self.d.get([self.d.call(w, "reload", self.specs[model]) for w in self.d.workers])
+            self.d.get([w.reload(self.specs[model]) for w in self.d.workers])
             self.loaded = model
 
-    def each(self, method: str, *args: Any) -> list[Any]:
-        return self.d.get([self.d.call(w, method, *args) for w in self.d.workers])
+    def each(self, call: Callable[..., Any], *args: Any) -> list[Any]:
+        """`call(stage, *args)` on every stage, e.g. `each(StageRef.aim_end)`; their results."""
+        return self.d.get([call(w, *args) for w in self.d.workers])
 
     def run(self, windows: torch.Tensor, desc: str) -> None:
         """Every window through the layers and the last stage's final norm and head (collectors see all)."""
         last = self.d.workers[-1]
-        self.d.get([self.d.call(last, "head", self.pipe.forward(ids)) for ids in self.pipe.batches(windows)],
+        self.d.get([last.head(self.pipe.forward(ids)) for ids in self.pipe.batches(windows)],
                    desc=desc, quiet=self.quiet)
 
     def layer_keys(self) -> dict[str, Optional[int]]:
         keys: dict[str, Optional[int]] = {}
-        for part in self.each("layer_keys"):
+        for part in self.each(StageRef.layer_keys):
             keys.update(part)
         return keys
 
     # -- the methods ------------------------------------------------------------------------
     def aim(self) -> dict[str, torch.Tensor]:
-        self.each("aim_begin")
+        self.each(StageRef.aim_begin)
         self.run(self.windows(), "AIM statistics (base)")
         sums: dict[str, torch.Tensor] = {}
-        for part in self.each("aim_end"):
+        for part in self.each(StageRef.aim_end):
             for name, s in part.items():
                 sums[name] = sums[name] + s if name in sums else s
         return {name: aim_importance(s) for name, s in sums.items()}
@@ -299,18 +301,18 @@ class _StagePass:
     def acm(self, theta: float) -> tuple[dict[int, dict[int, float]], dict[int, dict[int, float]]]:
         windows = self.windows()
         self.load(self.base)
-        self.each("acm_begin", "record")
+        self.each(StageRef.acm_begin, "record")
         self.run(windows, "ACM activations (base)")
-        self.each("acm_end")
+        self.each(StageRef.acm_end)
         scales, nmis = {}, {}
         for i, spec in enumerate(self.specs):
             if i == self.base:
                 continue
             self.load(i)
-            self.each("acm_begin", "compare")
+            self.each(StageRef.acm_begin, "compare")
             self.run(windows, f"ACM activations ({spec.path})")
             nmi: dict[int, float] = {}
-            for part in self.each("acm_end"):
+            for part in self.each(StageRef.acm_end):
                 nmi.update(part)
             nmis[i], scales[i] = nmi, acm_coefficients(nmi, theta)
         return scales, nmis
@@ -328,7 +330,7 @@ class _StagePass:
                 if i != j:
                     self.load(i)
                     distances[a][b] = self._distance(data[j])
-            self.each("drop_references")
+            self.each(StageRef.drop_references)
         layers = sorted({k for s in sensitivity.values() for k in s})
         alpha = [sens_layer_scores([sensitivity[i].get(k, 0.0) for k in layers]) for i in tasks]
         tau = sens_transferability(distances)
@@ -342,23 +344,23 @@ class _StagePass:
         return out, extra
 
     def _sensitivity(self, windows: torch.Tensor, name: str) -> dict[int, float]:
-        self.each("grad_begin")
+        self.each(StageRef.grad_begin)
         ws = self.d.workers
         for ids in tqdm(windows.split(1), desc=f"Sens gradients ({name})", unit="window", disable=self.quiet, leave=False):
-            h = self.d.call(ws[0], "embed", ids)
+            h = ws[0].embed(ids)
             for w in ws[:-1]:
-                h = self.d.call(w, "grad_forward", h)
-            grad = self.d.call(ws[-1], "grad_loss_backward", h, ids)
+                h = w.grad_forward(h)
+            grad = ws[-1].grad_loss_backward(h, ids)
             for w in reversed(ws[:-1]):
-                grad = self.d.call(w, "grad_backward", grad)
+                grad = w.grad_backward(grad)
             self.d.get(grad)
         out: dict[int, float] = {}
-        for part in self.each("grad_end"):
+        for part in self.each(StageRef.grad_end):
             out.update(part)
         return out
 
     def _distance(self, windows: torch.Tensor) -> float:
         last = self.d.workers[-1]
-        parts = self.d.get([self.d.call(last, "logit_distance", self.pipe.forward(ids), j)
+        parts = self.d.get([last.logit_distance(self.pipe.forward(ids), j)
                             for j, ids in enumerate(self.pipe.batches(windows))])
         return sum(p[0] for p in parts) / max(1, sum(p[1] for p in parts))

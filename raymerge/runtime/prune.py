@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
-from tqdm.auto import tqdm
 
 import planners
 from raymerge.calibration import CalibrationError, CalibrationWindows, load_calibration, resolve_seqlen
@@ -58,7 +57,7 @@ from raymerge.runtime.actor_resources import actor_resources, check_actor_count,
 from raymerge.runtime.executor import ensure_ray
 from raymerge.runtime.output import JobOutput, upload_on
 from raymerge.runtime.planning import topology_from_workers
-from raymerge.runtime.prune_worker import PruneWorkerImpl
+from raymerge.runtime.stage_actor import StageActor, Stages
 
 
 @dataclass
@@ -153,42 +152,6 @@ def _tokenizer(source: CheckpointSource):
         return AutoTokenizer.from_pretrained(tmp)
 
 
-# -- talking to the stage workers -----------------------------------------------------------------------
-class _Driver:
-    """Calls on stage workers: Ray actors (futures) or in-process objects (immediate values)."""
-
-    def __init__(self, workers: list[Any], remote: bool) -> None:
-        self.workers, self.remote = workers, remote
-
-    def call(self, worker: Any, method: str, *args: Any) -> Any:
-        fn = getattr(worker, method)
-        return fn.remote(*args) if self.remote else fn(*args)
-
-    def get(self, handles: Any, desc: Optional[str] = None, quiet: bool = True) -> Any:
-        if not self.remote:
-            return handles
-        import ray
-
-        if isinstance(handles, list) and desc and not quiet:
-            pending = list(handles)
-            with tqdm(total=len(pending), desc=desc, unit="step", leave=False) as bar:
-                while pending:
-                    done, pending = ray.wait(pending, num_returns=1)
-                    bar.update(len(done))
-        return ray.get(handles)
-
-    def kill(self) -> None:
-        """End the workers: Ray actors are killed; in-process workers close their files."""
-        if not self.remote:
-            for w in self.workers:
-                w.close()
-            return
-        import ray
-
-        for w in self.workers:
-            ray.kill(w)
-
-
 @dataclass(frozen=True)
 class _StagePlan:
     worker: int
@@ -196,7 +159,7 @@ class _StagePlan:
     last: int
 
 
-def _start_workers(n: int, impl: type = PruneWorkerImpl, what: str = "prune stage workers") -> tuple[list[Any], list[Any]]:
+def _start_workers(n: int, impl: type = StageActor, what: str = "prune stage workers") -> tuple[list[Any], list[Any]]:
     """Start `n` stage actors (of class `impl`) with the one resource rule (`runtime.actor_resources`:
     one GPU each, else shares of the CPUs; SPREAD over the nodes); return them and what each reported."""
     import ray
@@ -232,7 +195,9 @@ def plan_stages(shape: ModelShape, infos: Sequence[Any], settings: PruneSettings
 
 # -- the flows ------------------------------------------------------------------------------------------
 class _Pipeline:
-    def __init__(self, driver: _Driver, stages: list[Any], batch_size: int, quiet: bool) -> None:
+    """Micro-batches through a driver's stages (`StageRef`s, called through their typed methods)."""
+
+    def __init__(self, driver: Stages, stages: list[Any], batch_size: int, quiet: bool) -> None:
         self.d, self.stages, self.batch_size, self.quiet = driver, stages, batch_size, quiet
 
     def batches(self, windows: torch.Tensor) -> list[torch.Tensor]:
@@ -241,10 +206,10 @@ class _Pipeline:
     def forward(self, ids: torch.Tensor, collect: Sequence[str] = (), emit: bool = True) -> Any:
         """Embed a micro-batch and push it through every stage; the handle of the hidden states
         leaving the last layer (`emit=False`: the last stage keeps them, a statistics-only pass)."""
-        h = self.d.call(self.stages[0], "embed", ids)
+        h = self.stages[0].embed(ids)
         last = len(self.stages) - 1
         for k, s in enumerate(self.stages):
-            h = self.d.call(s, "forward", h, tuple(collect), emit or k < last)
+            h = s.forward(h, tuple(collect), emit or k < last)
         return h
 
     def dense_pass(self, windows: torch.Tensor, collect: Sequence[str] = (), desc: str = "dense pass") -> None:
@@ -252,35 +217,35 @@ class _Pipeline:
         self.d.get([self.forward(ids, collect, emit=False) for ids in self.batches(windows)], desc, self.quiet)
 
     def nll(self, windows: torch.Tensor, desc: str) -> tuple[float, int]:
-        handles = [self.d.call(self.stages[-1], "loss", self.forward(ids), ids) for ids in self.batches(windows)]
+        handles = [self.stages[-1].loss(self.forward(ids), ids) for ids in self.batches(windows)]
         parts = self.d.get(handles, desc, self.quiet)
         return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
     def features(self, windows: torch.Tensor) -> torch.Tensor:
-        handles = [self.d.call(self.stages[-1], "features", self.forward(ids)) for ids in self.batches(windows)]
+        handles = [self.stages[-1].features(self.forward(ids)) for ids in self.batches(windows)]
         return torch.cat(self.d.get(handles, "curation features", self.quiet))
 
     def keep_reference(self, windows: torch.Tensor, first_key: int = 0) -> None:
         """Have the last stage keep the logits of each micro-batch under keys first_key, +1, ..."""
         last = self.stages[-1]
-        self.d.get([self.d.call(last, "keep_reference", self.forward(ids), first_key + j)
+        self.d.get([last.keep_reference(self.forward(ids), first_key + j)
                     for j, ids in enumerate(self.batches(windows))])
 
     def prune_sequential(self, windows: torch.Tensor, sparsities: list[list[dict[int, float]]]) -> None:
         for ids in self.batches(windows):
-            self.d.call(self.stages[0], "store", self.d.call(self.stages[0], "embed", ids))
+            self.stages[0].store(self.stages[0].embed(ids))
         prev = None
         handles = []
         last = len(self.stages) - 1
         for k, s in enumerate(self.stages):
             if prev is not None:
-                self.d.call(s, "store_all", prev)
-            prev = self.d.call(s, "prune_sequential", sparsities[k], k < last)
+                s.store_all(prev)
+            prev = s.prune_sequential(sparsities[k], k < last)
             handles.append(prev)
         self.d.get(handles, "pruning stages", self.quiet)
 
     def prune_collected(self, sparsities: list[dict[int, float]]) -> None:
-        handles = [self.d.call(s, "prune_collected", sp) for s, sp in zip(self.stages, sparsities)]
+        handles = [s.prune_collected(sp) for s, sp in zip(self.stages, sparsities)]
         self.d.get(handles, "pruning stages", self.quiet)
 
 
@@ -344,29 +309,24 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
     )
     t_checked = time.perf_counter()
 
-    driver: Optional[_Driver] = None
+    driver: Optional[Stages] = None
     try:
         if options.in_process:
-            driver = _Driver([PruneWorkerImpl(0)], remote=False)
+            driver = Stages.in_process()
             plans = [_StagePlan(0, 0, shape.num_layers - 1)]
             infos = [None]
         else:
             ensure_ray(options.address)
             n = options.workers if options.workers is not None else default_actor_count()
             actors, infos = _start_workers(max(1, min(n, shape.num_layers)))
-            driver = _Driver(actors, remote=True)
+            driver = Stages(actors, remote=True)
             plans = plan_stages(shape, infos, settings, cfg.mode)
-            unused = [a for i, a in enumerate(actors) if i not in {p.worker for p in plans}]
-            for a in unused:
-                import ray
-
-                ray.kill(a)
-            driver.workers = [actors[p.worker] for p in plans]
+            driver.keep([p.worker for p in plans])  # the unused actors end
         stages = driver.workers
         dest.open(layout)
         last = len(plans) - 1
         loaded = [
-            driver.call(w, "load", model_config, spec, p.first, p.last, settings, k == 0, k == last, str(dest.staging), layout)
+            w.load(model_config, spec, p.first, p.last, settings, k == 0, k == last, str(dest.staging), layout)
             for k, (w, p) in enumerate(zip(stages, plans))
         ]
         stage_bytes = driver.get(loaded)
@@ -382,11 +342,11 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
             collect = ("norms",) if cfg.mode == "sequential" or kind is None else tuple(dict.fromkeys(("norms", kind)))
             pipe.dense_pass(windows.calibration, collect, "OWL dense pass")
             ratios: dict[int, float] = {}
-            for part in driver.get([driver.call(s, "outlier_ratios", cfg.layerwise.owl.m) for s in stages]):
+            for part in driver.get([s.outlier_ratios(cfg.layerwise.owl.m) for s in stages]):
                 ratios.update(part)
             layer_sparsities = owl_sparsities([ratios[i] for i in range(shape.num_layers)], cfg.target_sparsity, cfg.layerwise.owl.lam)
             if cfg.mode == "sequential":
-                driver.get([driver.call(s, "clear_statistics") for s in stages])
+                driver.get([s.clear_statistics() for s in stages])
         else:
             layer_sparsities = fixed
             if kind is not None and cfg.mode == "parallel":
@@ -400,8 +360,8 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
         t_pruned = time.perf_counter()
 
         copies = _copy_lists(shape, tensors, plans)
-        driver.get([driver.call(s, "copy", names) for s, names in zip(stages, copies)])
-        finished = driver.get([driver.call(s, "finish") for s in stages])
+        driver.get([s.copy(names) for s, names in zip(stages, copies)])
+        finished = driver.get([s.finish() for s in stages])
         results: list[ModuleResult] = [r for part in finished for r in part[0]]
         report = PruneReport.build(
             results, method=cfg.method, pattern=cfg.pattern, mode=cfg.mode, target=cfg.target_sparsity,
@@ -420,7 +380,7 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
             report.calibration = {"nsamples": windows.nsamples, "seqlen": windows.seqlen, "eval_windows": int(windows.heldout.shape[0])}
         # An S3 output's shards are uploaded by the stage workers (the driver, in process).
         out = dest.publish(layout, {**extra_files, REPORT_FILE: report.to_json()},
-                           spread=upload_on(driver.workers) if driver.remote else None)
+                           spread=upload_on(driver.actors) if driver.remote else None)
     except BaseException as err:
         if driver is not None:
             driver.kill()  # before removing the staging folder the workers write into

@@ -42,12 +42,14 @@ class ObjectiveContext:
     index: int  # its position in the config's objectives
     windows: Any  # `CalibrationWindows`; `.heldout` are the token windows scored
     batch_size: int
-    last: Callable[..., Any]  # last(method, ids, *args): run ids through the stages, then `method` on the last
+    last: Callable[..., Any]  # last(method, ids, *args): `last_stage.<method>(forward(ids), *args)` (by name; prefer those two)
     get: Callable[[Any], Any]  # resolve handles
     logits: Callable[[Any], Any]  # token ids -> logits of the trial's model (blocking)
     state_dict: Callable[[list[str]], dict]  # parameter names -> the trial's tensors
     files: Optional[dict] = None  # the donor's config and tokenizer files (`model_files` objectives)
     out: Optional[Path] = None  # the search's output folder
+    forward: Optional[Callable[[Any], Any]] = None  # token ids -> handle of the hidden states leaving the last layer
+    last_stage: Any = None  # the last stage (`runtime.stage_actor.StageRef`): its typed methods queue work
 
     def batches(self) -> list[Any]:
         return list(self.windows.heldout.split(self.batch_size))
@@ -110,7 +112,7 @@ def _sums(ctx: ObjectiveContext, pending: Any) -> tuple[float, int]:
 
 
 def _perplexity_submit(ctx: ObjectiveContext) -> list[Any]:
-    return [ctx.last("loss", ids, ids) for ids in ctx.batches()]
+    return [ctx.last_stage.loss(ctx.forward(ids), ids) for ids in ctx.batches()]
 
 
 def _perplexity_value(ctx: ObjectiveContext, pending: Any) -> float:
@@ -120,7 +122,7 @@ def _perplexity_value(ctx: ObjectiveContext, pending: Any) -> float:
 
 
 def _reconstruction_submit(ctx: ObjectiveContext) -> list[Any]:
-    return [ctx.last("reconstruction", ids, ctx.reference_key(j)) for j, ids in enumerate(ctx.batches())]
+    return [ctx.last_stage.reconstruction(ctx.forward(ids), ctx.reference_key(j)) for j, ids in enumerate(ctx.batches())]
 
 
 def _reconstruction_value(ctx: ObjectiveContext, pending: Any) -> float:

@@ -1,7 +1,7 @@
 """Optuna studies over merge coefficients and sparsity ratios, evaluated in memory on Ray.
 
 The driver owns the study (ask/tell) and never holds weights. Each of `concurrency` pipelines
-is a set of resident stage workers (`SearchWorkerImpl`) that together hold the model once,
+is a set of resident stage actors (`runtime.stage_actor.StageActor`) that together hold the model once,
 split into contiguous blocks of layers; a pipeline evaluates one trial at a time:
 
 - merge searches: the trial's values are put into the config (`SearchSpace.fill`), the merge
@@ -41,16 +41,15 @@ from raymerge.config.search_config import Objective, SearchConfig, load_search_c
 from raymerge.pruning.decoder import ModelShape, describe_model
 from raymerge.pruning.layerwise import owl_sparsities
 from raymerge.pruning.methods import get_prune_method
-from raymerge.pruning.report import perplexity
 from raymerge.pruning.stage import PruneSettings
 from raymerge.runtime.actor_resources import actor_resources, check_actor_count
 from raymerge.runtime.compile import CompiledMerge, CompileOptions, MergeCompiler
 from raymerge.runtime.operators import MergeOperator
-from raymerge.runtime.prune import _Driver, _Pipeline, _tokenizer, even_stages
+from raymerge.runtime.prune import _Pipeline, _tokenizer, even_stages
 from raymerge.search.lm_eval_objective import donor_files
 from raymerge.search.objectives import REFERENCE_KEYS, ObjectiveContext, get_objective
 from raymerge.search.space import SearchSpace, SearchSpaceError
-from raymerge.runtime.search_worker import SearchWorkerImpl
+from raymerge.runtime.stage_actor import StageActor, Stages
 
 STUDY_FILE = "study.journal"
 
@@ -220,7 +219,7 @@ def _middle(d) -> Any:
 class _SearchPipeline:
     """One set of resident stage workers, loaded for the search."""
 
-    def __init__(self, builder: Callable[[], tuple[_Driver, list[Any]]], setup: Callable[["_SearchPipeline"], None]) -> None:
+    def __init__(self, builder: Callable[[], tuple[Stages, list[Any]]], setup: Callable[["_SearchPipeline"], None]) -> None:
         self.builder, self.setup = builder, setup
         self.start()
 
@@ -328,9 +327,9 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
     bounds = even_stages(shape.num_layers, options.stages)
     n_stages = len(bounds)
 
-    def build() -> tuple[_Driver, list[Any]]:
+    def build() -> tuple[Stages, list[Any]]:
         if options.in_process:
-            return _Driver([SearchWorkerImpl(0)], remote=False), [(0, shape.num_layers - 1)]
+            return Stages.in_process(), [(0, shape.num_layers - 1)]
         import ray
 
         from raymerge.runtime.executor import ensure_ray
@@ -339,28 +338,28 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
         # Every pipeline's stages share the cluster: one rule for all stages x concurrency actors.
         what = f"search stage workers (stages {n_stages} x concurrency {cfg.study.concurrency})"
         rule = actor_resources(n_stages * cfg.study.concurrency, what=what)
-        actor = ray.remote(SearchWorkerImpl).options(max_restarts=0, **rule.options)
-        return _Driver([actor.remote(k, rule.threads) for k in range(n_stages)], remote=True), bounds
+        actor = ray.remote(StageActor).options(max_restarts=0, **rule.options)
+        return Stages([actor.remote(k, rule.threads) for k in range(n_stages)], remote=True), bounds
 
     def setup(p: _SearchPipeline) -> None:
         d = p.driver
         last = len(p.plans) - 1
-        d.get([d.call(w, "load", model_config, task.specs[task.donor] if isinstance(task, _MergeTask) else task.specs[0],
-                      first, end, settings, k == 0, k == last, None, None)
+        d.get([w.load(model_config, task.specs[task.donor] if isinstance(task, _MergeTask) else task.specs[0],
+                      first, end, settings, k == 0, k == last)
                for k, (w, (first, end)) in enumerate(zip(d.workers, p.plans))])
         p.pipe = _Pipeline(d, d.workers, cfg.batch_size, True)
         if isinstance(task, _MergeTask):
-            held = d.get([d.call(w, "held_parameters") for w in d.workers])
+            held = d.get([w.held_parameters() for w in d.workers])
             p.owned = _owned(task.first_ops, held)
             needed = [[sorted({i.name for op in ops for i in op.inputs if i.model == m}) for m in range(len(task.models))] for ops in p.owned]
-            d.get([d.call(w, "hold_inputs", task.specs, need) for w, need in zip(d.workers, needed)])
+            d.get([w.hold_inputs(task.specs, need) for w, need in zip(d.workers, needed)])
             for k, ref in enumerate(refs):
                 if ref is not None:
                     d.get(_apply_merge(p, task.reference_operators(ref)))
                     _keep_reference(p, windows[k], k)
         else:
             p.pipe.dense_pass(prune_windows, ("norms",))
-            d.get([d.call(w, "keep_dense") for w in d.workers])
+            d.get([w.keep_dense() for w in d.workers])
             for k, ref in enumerate(refs):
                 if get_objective(objectives[k].kind).reference:
                     _keep_reference(p, windows[k], k)  # the dense model is the reference
@@ -450,7 +449,7 @@ def _owned(ops: list[MergeOperator], held: list[list[str]]) -> list[list[MergeOp
 
 def _apply_merge(p: _SearchPipeline, ops: list[MergeOperator]) -> list[Any]:
     by_name = {op.name: op for op in ops}
-    return [p.driver.call(w, "apply_merge", [by_name[o.name] for o in own if o.name in by_name])
+    return [w.apply_merge([by_name[o.name] for o in own if o.name in by_name])
             for w, own in zip(p.driver.workers, p.owned)]
 
 
@@ -468,14 +467,14 @@ def _submit(trial, p: _SearchPipeline, task, objectives: list[Objective], window
         values = task.suggest(trial, shape.num_layers)
         ratios = None
         if "owl_m" in values:
-            parts = d.get([d.call(w, "outlier_ratios", values["owl_m"]) for w in d.workers])
+            parts = d.get([w.outlier_ratios(values["owl_m"]) for w in d.workers])
             merged = {k: v for part in parts for k, v in part.items()}
             ratios = [merged[i] for i in range(shape.num_layers)]
         sparsities = task.sparsities(values, shape.num_layers, ratios)
         trial.set_user_attr("layer_sparsities", sparsities)
-        applied = [d.call(w, "apply_prune", {i: sparsities[i] for i in range(a, b + 1)},
-                          values.get("weight_exponent", task.default_exponents[0]),
-                          values.get("norm_exponent", task.default_exponents[1]))
+        applied = [w.apply_prune({i: sparsities[i] for i in range(a, b + 1)},
+                                 values.get("weight_exponent", task.default_exponents[0]),
+                                 values.get("norm_exponent", task.default_exponents[1]))
                    for w, (a, b) in zip(d.workers, p.plans)]
     handles = [applied]  # waited for first: a failure while applying fails the trial
     for k, (obj, win) in enumerate(zip(objectives, windows)):  # each objective's spec queues its work
@@ -495,20 +494,21 @@ def _objective_context(p: _SearchPipeline, obj: Objective, k: int, win: Calibrat
     d = p.driver
     return ObjectiveContext(
         objective=obj, index=k, windows=win, batch_size=p.pipe.batch_size,
-        last=lambda method, ids, *args: d.call(d.workers[-1], method, p.pipe.forward(ids), *args),
+        last=lambda method, ids, *args: getattr(d.workers[-1], method)(p.pipe.forward(ids), *args),
+        forward=p.pipe.forward, last_stage=d.workers[-1],
         get=d.get, logits=lambda ids: _logits(p, ids), state_dict=lambda names: _gather(p, names), files=files, out=out,
     )
 
 
 def _gather(p: _SearchPipeline, names: list[str]) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    for part in p.driver.get([p.driver.call(w, "state_dict", names) for w in p.driver.workers]):
+    for part in p.driver.get([w.state_dict(names) for w in p.driver.workers]):
         state.update(part)
     return state
 
 
 def _logits(p: _SearchPipeline, ids: torch.Tensor) -> torch.Tensor:
-    return p.driver.get(p.driver.call(p.driver.workers[-1], "logits", p.pipe.forward(ids)))
+    return p.driver.get(p.driver.workers[-1].logits(p.pipe.forward(ids)))
 
 
 def _ready(running: dict, in_process: bool) -> list[int]:
