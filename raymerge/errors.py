@@ -18,6 +18,11 @@ class RaymergeError(Exception):
     where (file, key, tensor)."""
 
 
+class ConfigError(RaymergeError, ValueError):
+    """A config is invalid; the message names the file and the offending key. (Defined here, below
+    every layer, so registries outside config/ can raise it; `raymerge.config` exports it.)"""
+
+
 def one_line(message: object) -> str:
     """A (possibly multi-line) error message as one line: a header line ending in ':' is joined
     with the first problem under it, and further lines are counted, not printed."""

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from raymerge.checkpoints import CheckpointError, OutputError, ShardFileWriter, StagedOutput, open_source, parse_size, plan_shards
+from raymerge.checkpoints import CheckpointError, OutputError, ShardFileWriter, StagedOutput, open_source, plan_shards
+from raymerge.config.cluster import parse_size
 from raymerge.checkpoints.local import LocalSource
 
 

@@ -51,15 +51,17 @@ def test_search_objectives_registry():
     assert available_objectives() == ["lm_eval", "perplexity", "reconstruction"]
     assert get_objective("lm_eval").direction == "maximize" and get_objective("reconstruction").reference
     assert get_objective("pkg.mod:fn").name == "pkg.mod:fn"  # user functions need no registration
-    with pytest.raises(ConfigError, match=r"unknown objective 'perplexty': must be one of perplexity, reconstruction, lm_eval"):
+    with pytest.raises(ConfigError, match=r"unknown objective 'perplexty': must be one of lm_eval, perplexity, reconstruction or 'package.module:function'"):
         get_objective("perplexty")
 
 
 def test_search_config_rejects_an_unknown_objective_naming_the_field():
     from raymerge.config.search_config import load_search_config
+    from raymerge.search.objectives import check_objectives
 
-    with pytest.raises(ConfigError, match=r"objective: unknown objective 'perplexty'"):
-        load_search_config({"merge": {}, "evaluation": {"dataset": "x"}, "objective": "perplexty"})
+    cfg, _ = load_search_config({"merge": {}, "evaluation": {"dataset": "x"}, "objective": "perplexty"})
+    with pytest.raises(ConfigError, match=r"invalid search config s.yaml: objective.kind: unknown objective 'perplexty'"):
+        check_objectives(cfg.objectives, "s.yaml")
 
 
 def test_guidance_methods_registry():
@@ -74,13 +76,14 @@ def test_guidance_methods_registry():
 
 def test_guidance_config_names_the_field():
     from raymerge.config.guidance_config import parse_guidance_config
+    from raymerge.runtime.guidance import check_against_registry, strength
 
     calib = {"dataset": "c.txt"}
-    with pytest.raises(ConfigError, match=r"m.yaml.*\n.*raymerge.guidance.method: unknown guidance method 'acn'"):
-        parse_guidance_config({"method": "acn", "calibration": calib}, "m.yaml")
-    with pytest.raises(ConfigError, match=r"'theta' is not a parameter of aim \(it has 'omega'\)"):
-        parse_guidance_config({"method": "aim", "theta": 1.0, "calibration": calib}, "m.yaml")
-    assert parse_guidance_config({"method": "acm", "calibration": calib}).strength == 10.0
+    with pytest.raises(ConfigError, match=r"m.yaml: raymerge.guidance.method: unknown guidance method 'acn'"):
+        check_against_registry(parse_guidance_config({"method": "acn", "calibration": calib}, "m.yaml"), "m.yaml")
+    with pytest.raises(ConfigError, match=r"m.yaml: raymerge.guidance.theta: not a parameter of aim \(it has 'omega'\)"):
+        check_against_registry(parse_guidance_config({"method": "aim", "theta": 1.0, "calibration": calib}, "m.yaml"), "m.yaml")
+    assert strength(parse_guidance_config({"method": "acm", "calibration": calib})) == 10.0
 
 
 # -- a prune method registered in this file works end to end ----------------------------------------------
@@ -100,7 +103,7 @@ def random_score_method():
 
     spec = methods.register(methods.PruneMethodSpec("random-score", _random_score, doc="test only"))
     yield spec
-    methods._REGISTRY.pop(spec.name)
+    methods.REGISTRY.unregister(spec.name)
 
 
 def test_a_registered_prune_method_runs_end_to_end(random_score_method, trained, tmp_path):
@@ -135,7 +138,7 @@ def neg_nll_objective():
 
     spec = objectives.register(objectives.ObjectiveSpec("neg-nll", _neg_nll_submit, _neg_nll_value, direction="maximize"))
     yield spec
-    objectives._REGISTRY.pop(spec.name)
+    objectives.REGISTRY.unregister(spec.name)
 
 
 def test_a_registered_objective_scores_search_trials(neg_nll_objective, trained, tmp_path):
@@ -199,7 +202,7 @@ def test_a_registered_merge_method_declares_its_cost(llama_models):
         n = costs.elements(op)
         assert costs.peak_memory(op) == (2 + 1.0) * n * 4 + op.bytes_out
     finally:
-        registry._REGISTRY.pop("test_first")
+        registry.REGISTRY.unregister("test_first")
 
 
 def test_the_planner_times_the_dtype_the_workers_compute_in(llama_models):
@@ -226,7 +229,7 @@ def test_checkpoint_source_kinds_registry():
 
     assert available_source_kinds() == ["deepspeed", "shape-only", "local", "s3", "hub"]  # the order they are tried
     assert get_source_kind("deepspeed").config_from and not get_source_kind("local").config_from
-    with pytest.raises(CheckpointError, match=r"unknown checkpoint source kind 'gcs'; available: deepspeed, shape-only, local, s3, hub"):
+    with pytest.raises(CheckpointError, match=r"unknown checkpoint source kind 'gcs'; available: deepspeed, hub, local, s3, shape-only"):
         get_source_kind("gcs")
 
 
@@ -246,4 +249,27 @@ def test_a_registered_source_kind_opens_model_references(llama_models):
         src.close()
         ref.close()
     finally:
-        resolve._KINDS.remove(kind)
+        resolve.SOURCE_KINDS.unregister(kind.name)
+
+
+def test_one_registry_shape():
+    """Every extension point keeps its specs in the same `Registry`: duplicates refused, unknown
+    names listed, `before=` ordering."""
+    from dataclasses import dataclass
+
+    from raymerge.registries import Registry
+
+    @dataclass(frozen=True)
+    class Spec:
+        name: str
+
+    reg: Registry[Spec] = Registry("widget", KeyError)
+    reg.register(Spec("b"))
+    reg.register(Spec("a"), before="b")
+    assert [s.name for s in reg.in_order()] == ["a", "b"] and reg.names() == ["a", "b"]
+    with pytest.raises(ValueError, match="widget 'a' registered twice"):
+        reg.register(Spec("a"))
+    with pytest.raises(KeyError, match="unknown widget 'c'; available: a, b"):
+        reg.get("c")
+    reg.unregister("a")
+    assert "a" not in reg

@@ -173,8 +173,11 @@ def test_search_config_errors_name_the_field(tmp_path):
         load_search_config({"objective": "perplexity"})
     with pytest.raises(ConfigError, match=r"study.sampler"):
         load_search_config({"merge": {}, "evaluation": {"dataset": "x"}, "study": {"sampler": "bayes"}})
-    with pytest.raises(ConfigError, match=r"objective.*must be one of perplexity, reconstruction"):
-        load_search_config({"merge": {}, "evaluation": {"dataset": "x"}, "objective": {"kind": "accuracy"}})
+    from raymerge.search.objectives import check_objectives
+
+    cfg, _ = load_search_config({"merge": {}, "evaluation": {"dataset": "x"}, "objective": {"kind": "accuracy"}})
+    with pytest.raises(ConfigError, match=r"s.yaml: objective.kind: .*must be one of lm_eval, perplexity, reconstruction"):
+        check_objectives(cfg.objectives, "s.yaml")
 
 
 def test_cli_search(opposite_finetunes, trained, tmp_path, capsys):

@@ -9,7 +9,6 @@ from raymerge.checkpoints.writer import (
     StagedOutput,
     plan_shards,
 )
-from raymerge.config.cluster import parse_size  # the one size parser (cluster memory, out_shard_size)
 
 __all__ = [
     "CheckpointError",
@@ -22,6 +21,5 @@ __all__ = [
     "TOKENIZER_FILES",
     "TensorInfo",
     "open_source",
-    "parse_size",
     "plan_shards",
 ]

@@ -40,6 +40,7 @@ from raymerge.checkpoints.deepspeed import DeepSpeedSource, is_deepspeed_checkpo
 from raymerge.checkpoints.local import LocalSource
 from raymerge.checkpoints.shapes import CONFIG_FILE, ShapeOnlySource
 from raymerge.checkpoints.source import CheckpointError, CheckpointSource
+from raymerge.registries import Registry
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
@@ -100,28 +101,21 @@ class SourceKind:
     doc: str = ""
 
 
-_KINDS: list[SourceKind] = []
+SOURCE_KINDS: Registry[SourceKind] = Registry("checkpoint source kind", CheckpointError)
 
 
 def register_source(kind: SourceKind, *, before: Optional[str] = None) -> SourceKind:
     """Add a kind, tried after the ones registered before it (or just before the kind `before`)."""
-    if any(k.name == kind.name for k in _KINDS):
-        raise ValueError(f"checkpoint source kind {kind.name!r} registered twice")
-    at = len(_KINDS) if before is None else _KINDS.index(get_source_kind(before))
-    _KINDS.insert(at, kind)
-    return kind
+    return SOURCE_KINDS.register(kind, before=before)
 
 
 def get_source_kind(name: str) -> SourceKind:
-    for k in _KINDS:
-        if k.name == name:
-            return k
-    raise CheckpointError(f"unknown checkpoint source kind {name!r}; available: {', '.join(available_source_kinds())}")
+    return SOURCE_KINDS.get(name)
 
 
 def available_source_kinds() -> list[str]:
     """The kinds in the order `open_source` tries them."""
-    return [k.name for k in _KINDS]
+    return [k.name for k in SOURCE_KINDS.in_order()]
 
 
 def open_source(
@@ -136,7 +130,7 @@ def open_source(
     `config_from`: for DeepSpeed checkpoints, a Hugging Face directory with config.json/tokenizer.
     """
     options = SourceOptions(revision, allow_pickle, shape_only, s3_endpoint_url, config_from)
-    for kind in _KINDS:
+    for kind in SOURCE_KINDS.in_order():
         if kind.matches(path, options):
             if config_from is not None and not kind.config_from:
                 break

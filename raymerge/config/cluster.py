@@ -83,7 +83,7 @@ def _check_positive(value: float, text: Any) -> float:
 def parse_size(value: Any) -> int:
     """Bytes from a number or a string such as "80GB", "80 GiB", "512M", "5_000_000" (units are
     case-insensitive; "5B" is 5 bytes). raymerge's one size parser: cluster memory, and
-    `out_shard_size` of merges and prunes (also exported as `raymerge.checkpoints.parse_size`)."""
+    `out_shard_size` of merges and prunes."""
     number = _number(value)
     if number is None:
         match = _SIZE.match(value.strip().replace("_", "")) if isinstance(value, str) else None

@@ -15,27 +15,24 @@ config's merge method with adjustments computed from calibration text::
           org/math-model: {dataset: math.jsonl, field: text}
         stages: 2              # layer-stage workers the statistics pass is split over
 
-A parameter that belongs to another method is an error (so a typo cannot be silently ignored).
-The methods, their parameter and its default come from the guidance registry
-(`raymerge.runtime.guidance_methods`, imported when a config is validated).
+This model checks the structure and each value's range. Which methods exist, which strength
+parameter each takes and its default come from the guidance registry
+(`raymerge.runtime.guidance_methods`); the runtime checks a config against it
+(`raymerge.runtime.guidance.check_guidance`, before any work), since config/ imports nothing of
+ours above it. A parameter that belongs to another method is an error there (so a typo cannot
+be silently ignored).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError
 
 from raymerge.config.calibration import CalibrationConfig
 from raymerge.config.merge_config import ConfigError, _Strict, format_validation_error
 
 PARAMETERS = ("omega", "theta", "temperature")  # the strength fields a guidance method's spec may name
-
-
-def _guidance_method(name: str):
-    from raymerge.runtime.guidance_methods import get_guidance_method
-
-    return get_guidance_method(name)
 
 
 class GuidanceConfig(_Strict):
@@ -51,33 +48,10 @@ class GuidanceConfig(_Strict):
     batch_size: int = Field(default=4, gt=0)
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
 
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, v: str) -> str:
-        try:
-            _guidance_method(v)
-        except ConfigError as err:
-            raise ValueError(str(err)) from None
-        return v
-
-    @model_validator(mode="after")
-    def _own_parameters(self) -> "GuidanceConfig":
-        spec = _guidance_method(self.method)
-        own = spec.parameter
-        for name in PARAMETERS:
-            if name != own and getattr(self, name) is not None:
-                raise ValueError(f"{name!r} is not a parameter of {self.method} (it has {own!r})")
-        if self.task_calibration and not spec.task_calibration:
-            raise ValueError(f"task_calibration is not used by method: {self.method} (only by methods that take "
-                             "each fine-tune's own text, such as sens)")
-        return self
-
-    @property
-    def strength(self) -> float:
-        """The method's own parameter: omega (AIM), theta (ACM) or temperature (Sens)."""
-        spec = _guidance_method(self.method)
-        value = getattr(self, spec.parameter)
-        return spec.default if value is None else value
+    def strength_or(self, parameter: str, default: float) -> float:
+        """The value of the strength field `parameter` (omega, theta, temperature), else `default`."""
+        value = getattr(self, parameter)
+        return default if value is None else value
 
 
 def parse_guidance_config(data: Any, source: str = "<dict>") -> GuidanceConfig:

@@ -18,14 +18,12 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from raymerge.errors import RaymergeError
+from raymerge.errors import ConfigError, RaymergeError  # noqa: F401  (ConfigError: raised and exported here)
 
 ScalarParameter = Union[bool, int, float, str]
 ScalarOrGradient = Union[ScalarParameter, list[ScalarParameter]]
 
 
-class ConfigError(RaymergeError, ValueError):
-    """A merge config is invalid; the message names the file and the offending key."""
 
 
 class _Strict(BaseModel):

@@ -45,14 +45,9 @@ from raymerge.config.calibration import CalibrationConfig
 from raymerge.config.merge_config import ConfigError, ModelRef, _Strict, format_validation_error, read_yaml
 
 BUILTIN_OBJECTIVES = ("perplexity", "reconstruction", "lm_eval")  # `kind:` accepts any registered objective
-
-
-def _objective(kind: str):
-    """The registered objective `kind` (`raymerge.search.objectives`, imported when needed so this
-    module loads nothing else); ConfigError listing the known kinds."""
-    from raymerge.search.objectives import get_objective
-
-    return get_objective(kind)
+# Which kinds exist, and each one's default direction, come from the objective registry
+# (`raymerge.search.objectives`); the search checks a config against it when it starts
+# (`raymerge.search.objectives.check_objectives`, before any work): config/ imports nothing above it.
 SAMPLERS = ("tpe", "cmaes", "random", "grid", "nsga2", "nsga3")
 
 
@@ -76,18 +71,8 @@ class Objective(_Strict):
     kind: str = "perplexity"
     dataset: Optional[str] = None  # held-out text for this objective (default: evaluation.dataset)
     reference: Optional[ModelRef] = None  # reconstruction only; default: the base/first model
-    direction: Literal["minimize", "maximize"] = "minimize"  # default: the objective's (lm_eval: maximize)
+    direction: Optional[Literal["minimize", "maximize"]] = None  # default: the objective's (lm_eval: maximize)
     lm_eval: Optional[LmEvalSettings] = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_direction(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("kind"), str) and "direction" not in data:
-            try:
-                data = {**data, "direction": _objective(data["kind"]).direction}
-            except ConfigError:
-                pass  # reported by the `kind` validator
-        return data
 
     @model_validator(mode="after")
     def _lm_eval_settings(self) -> "Objective":
@@ -99,15 +84,6 @@ class Objective(_Strict):
             if importlib.util.find_spec("lm_eval") is None:
                 raise ValueError("kind: lm_eval needs lm-evaluation-harness: pip install lm-eval")
         return self
-
-    @field_validator("kind")
-    @classmethod
-    def _kind(cls, v: str) -> str:
-        try:
-            _objective(v)
-        except ConfigError as err:
-            raise ValueError(str(err)) from None
-        return v
 
     @field_validator("reference", mode="before")
     @classmethod
@@ -148,17 +124,6 @@ class SearchConfig(_Strict):
     study: StudySettings = StudySettings()
     batch_size: int = Field(default=8, gt=0)
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
-
-    @field_validator("objective")
-    @classmethod
-    def _known_objectives(cls, v: Any) -> Any:
-        for o in v if isinstance(v, list) else [v]:
-            if isinstance(o, str) and o != "lm_eval":  # lm_eval without its settings: reported below
-                try:
-                    _objective(o)
-                except ConfigError as err:
-                    raise ValueError(str(err)) from None
-        return v
 
     @model_validator(mode="after")
     def _one_kind(self) -> "SearchConfig":

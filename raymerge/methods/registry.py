@@ -37,6 +37,7 @@ from typing import Any, Callable
 import torch
 
 from raymerge.errors import RaymergeError
+from raymerge.registries import Registry
 
 MethodFn = Callable[..., torch.Tensor]
 
@@ -129,28 +130,20 @@ class MethodSpec:
         return {p.name for p in self.params}
 
 
-_REGISTRY: dict[str, MethodSpec] = {}
+def _load_builtins() -> None:
+    from raymerge import methods as _load  # noqa: F401  (importing the package registers all methods)
+
+
+REGISTRY: Registry[MethodSpec] = Registry("merge_method", MethodError, _load_builtins)
 
 
 def register(spec: MethodSpec) -> MethodSpec:
-    if spec.name in _REGISTRY:
-        raise ValueError(f"merge method {spec.name!r} registered twice")
-    _REGISTRY[spec.name] = spec
-    return spec
+    return REGISTRY.register(spec)
 
 
 def get_method(name: str) -> MethodSpec:
-    from raymerge import methods as _load  # noqa: F401  (importing the package registers all methods)
-
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise MethodError(
-            f"unknown merge_method {name!r}; available: {', '.join(sorted(_REGISTRY))}"
-        ) from None
+    return REGISTRY.get(name)
 
 
 def available_methods() -> list[str]:
-    from raymerge import methods as _load  # noqa: F401
-
-    return sorted(_REGISTRY)
+    return REGISTRY.names()

@@ -33,6 +33,7 @@ from raymerge.pruning.masks import PruningError, matrix_mask, nm_mask, row_mask
 from raymerge.pruning.scores import magnitude_scores, wanda_scores
 from raymerge.pruning.sparsegpt import sparsegpt_prune
 from raymerge.pruning.statistics import STATISTICS
+from raymerge.registries import Registry
 
 PruneFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
@@ -53,27 +54,21 @@ class PruneMethodSpec:
         return self.statistic is not None
 
 
-_REGISTRY: dict[str, PruneMethodSpec] = {}
+REGISTRY: Registry[PruneMethodSpec] = Registry("prune method", PruningError)
 
 
 def register(spec: PruneMethodSpec) -> PruneMethodSpec:
-    if spec.name in _REGISTRY:
-        raise ValueError(f"prune method {spec.name!r} registered twice")
     if spec.statistic is not None and spec.statistic not in STATISTICS:
         raise ValueError(f"prune method {spec.name!r}: statistic must be one of {', '.join(STATISTICS)} or None")
-    _REGISTRY[spec.name] = spec
-    return spec
+    return REGISTRY.register(spec)
 
 
 def get_prune_method(name: str) -> PruneMethodSpec:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise PruningError(f"unknown prune method {name!r}; available: {', '.join(sorted(_REGISTRY))}") from None
+    return REGISTRY.get(name)
 
 
 def available_prune_methods() -> list[str]:
-    return sorted(_REGISTRY)
+    return REGISTRY.names()
 
 
 def scored_mask(scores: torch.Tensor, sparsity: float, nm: Optional[tuple[int, int]], name: str, *, per_row: bool) -> torch.Tensor:

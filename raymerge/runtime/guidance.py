@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from raymerge.calibration import load_calibration
 from raymerge.checkpoints import SourceSpec
-from raymerge.config.guidance_config import GuidanceConfig, parse_guidance_config
+from raymerge.config.guidance_config import PARAMETERS, GuidanceConfig, parse_guidance_config
 from raymerge.config.merge_config import ConfigError, MergeConfig
 from raymerge.methods.guided import (
     acm_coefficients,
@@ -42,7 +42,7 @@ from raymerge.pruning.stage import PruneSettings
 from raymerge.runtime.guidance_methods import GuidanceSpec, get_guidance_method
 from raymerge.runtime.guidance_methods import register as register_guidance
 from raymerge.runtime.operators import MergeOperator, MergeProgram, OperatorGuide
-from raymerge.runtime.stage_actor import StageRef
+from raymerge.runtime.stage_actor import StageRef, Stages
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +94,34 @@ def guide_program(
     t0 = time.perf_counter()
     base = program.models.index(cfg.base_model)
     names = [str(m) for m in program.models]
-    report = GuidanceReport(method=g.method, strength=g.strength, models=names)
+    report = GuidanceReport(method=g.method, strength=strength(g), models=names)
     with _StagePass(g, specs, base, quiet, in_process) as sp:
         get_guidance_method(g.method).run(sp, g, program, base, names, report)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def strength(g: GuidanceConfig) -> float:
+    """The method's own strength parameter (AIM omega, ACM theta, Sens temperature) or its default."""
+    spec = get_guidance_method(g.method)
+    return g.strength_or(spec.parameter, spec.default)
+
+
+def check_against_registry(g: GuidanceConfig, label: str) -> GuidanceSpec:
+    """The method's spec; ConfigError naming `label` for an unknown method, a strength parameter
+    of another method, or task_calibration for a method that takes none."""
+    where = f"invalid merge config {label}: raymerge.guidance"
+    try:
+        spec = get_guidance_method(g.method)
+    except ConfigError as err:
+        raise ConfigError(f"{where}.method: {err}") from None
+    for name in PARAMETERS:
+        if name != spec.parameter and getattr(g, name) is not None:
+            raise ConfigError(f"{where}.{name}: not a parameter of {g.method} (it has {spec.parameter!r})")
+    if g.task_calibration and not spec.task_calibration:
+        raise ConfigError(f"{where}.task_calibration: not used by method: {g.method} (only by methods that take "
+                          "each fine-tune's own text, such as sens)")
+    return spec
 
 
 def check_guidance(cfg: MergeConfig, label: str, program: MergeProgram) -> GuidanceConfig:
@@ -107,6 +130,7 @@ def check_guidance(cfg: MergeConfig, label: str, program: MergeProgram) -> Guida
     from raymerge.runtime.global_trim import uses_model_trim
 
     g = parse_guidance_config(cfg.raymerge.guidance if cfg.raymerge else None, label)
+    check_against_registry(g, label)
     if cfg.base_model is None or cfg.base_model not in program.models:
         raise ConfigError(f"{label}: raymerge.guidance ({g.method}) needs a base_model")
     if get_method(cfg.merge_method).base == "none":
@@ -148,7 +172,7 @@ def _check_memory(g: GuidanceConfig, shape: Any, vocab: int, tokens: int) -> Non
 # -- the built-in methods (the registry: `raymerge.runtime.guidance_methods`) ----------------------------
 def _run_aim(sp: "_StagePass", g: GuidanceConfig, program: MergeProgram, base: int, names: list[str], report: GuidanceReport) -> None:
     importance = sp.aim()
-    _attach(program, lambda op: OperatorGuide(importance=importance[op.name].float(), omega=g.strength)
+    _attach(program, lambda op: OperatorGuide(importance=importance[op.name].float(), omega=strength(g))
             if op.name in importance else None)
     report.channels = sum(1 for op in program.operators if op.guide is not None)
 
@@ -176,7 +200,7 @@ def _layer_scales(scaling: Callable[["_StagePass", GuidanceConfig, list[str], Gu
 
 
 def _acm_scales(sp: "_StagePass", g: GuidanceConfig, names: list[str], report: GuidanceReport) -> dict[int, dict[int, float]]:
-    scales, nmi = sp.acm(g.strength)
+    scales, nmi = sp.acm(strength(g))
     report.extra["nmi"] = {names[i]: {_label(k): v for k, v in sorted(m.items())} for i, m in nmi.items()}
     return scales
 
@@ -221,7 +245,6 @@ class _StagePass:
 
     def __enter__(self) -> "_StagePass":
         from raymerge.runtime.prune import _Pipeline, _start_workers, _tokenizer, even_stages
-        from raymerge.runtime.stage_actor import Stages
 
         self._windows: dict[str, torch.Tensor] = {}
         src = self.specs[self.base].open()
@@ -334,7 +357,7 @@ class _StagePass:
         layers = sorted({k for s in sensitivity.values() for k in s})
         alpha = [sens_layer_scores([sensitivity[i].get(k, 0.0) for k in layers]) for i in tasks]
         tau = sens_transferability(distances)
-        scales = sens_scales(alpha, tau, g.strength)
+        scales = sens_scales(alpha, tau, strength(g))
         out = {i: {k: scales[a][n] for n, k in enumerate(layers)} for a, i in enumerate(tasks)}
         extra = {
             "sensitivity": {names[i]: {str(k): v for k, v in sorted(sensitivity[i].items())} for i in tasks},

@@ -27,7 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from raymerge.config.merge_config import ConfigError
+from raymerge.errors import ConfigError
+from raymerge.registries import Registry
 
 
 @dataclass(frozen=True)
@@ -43,30 +44,20 @@ class GuidanceSpec:
     doc: str = ""
 
 
-_REGISTRY: dict[str, GuidanceSpec] = {}
-
-
-def register(spec: GuidanceSpec) -> GuidanceSpec:
-    if spec.name in _REGISTRY:
-        raise ValueError(f"guidance method {spec.name!r} registered twice")
-    _REGISTRY[spec.name] = spec
-    return spec
-
-
 def _load_builtins() -> None:
     import raymerge.runtime.guidance  # noqa: F401  (registers aim, acm, sens)
 
 
+REGISTRY: Registry[GuidanceSpec] = Registry("guidance method", ConfigError, _load_builtins)
+
+
+def register(spec: GuidanceSpec) -> GuidanceSpec:
+    return REGISTRY.register(spec)
+
+
 def get_guidance_method(name: str) -> GuidanceSpec:
-    _load_builtins()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown guidance method {name!r}; available: {', '.join(available_guidance_methods())}"
-        ) from None
+    return REGISTRY.get(name)
 
 
 def available_guidance_methods() -> list[str]:
-    _load_builtins()
-    return sorted(_REGISTRY)
+    return REGISTRY.names()

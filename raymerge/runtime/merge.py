@@ -37,7 +37,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from raymerge.checkpoints import CheckpointSource, SourceSpec, parse_size, plan_shards
+from raymerge.checkpoints import CheckpointSource, SourceSpec, plan_shards
+from raymerge.config.cluster import parse_size
 from raymerge.checkpoints.model_files import merged_model_config, model_card, tokenizer_files
 from raymerge.checkpoints.source import CheckpointError
 from raymerge.checkpoints.s3 import resolve_endpoint_url

@@ -40,7 +40,8 @@ import torch
 
 import planners
 from raymerge.calibration import CalibrationError, CalibrationWindows, load_calibration, resolve_seqlen
-from raymerge.checkpoints import CheckpointError, CheckpointSource, SourceSpec, parse_size, plan_shards
+from raymerge.checkpoints import CheckpointError, CheckpointSource, SourceSpec, plan_shards
+from raymerge.config.cluster import parse_size
 from raymerge.checkpoints.model_files import tokenizer_files
 from raymerge.checkpoints.s3 import resolve_endpoint_url
 from raymerge.checkpoints.safetensors_format import dtype_code

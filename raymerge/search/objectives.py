@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from raymerge.config.merge_config import ConfigError
+from raymerge.errors import ConfigError
+from raymerge.registries import Registry
 
 REFERENCE_KEYS = 100000  # objective k's reference logits are kept under keys k * REFERENCE_KEYS + batch
 
@@ -69,18 +70,15 @@ class ObjectiveSpec:
     doc: str = ""
 
 
-_REGISTRY: dict[str, ObjectiveSpec] = {}
+REGISTRY: Registry[ObjectiveSpec] = Registry("objective", ConfigError)
 
 
 def register(spec: ObjectiveSpec) -> ObjectiveSpec:
-    if spec.name in _REGISTRY:
-        raise ValueError(f"search objective {spec.name!r} registered twice")
     if ":" in spec.name:
         raise ValueError(f"search objective {spec.name!r}: ':' is reserved for package.module:function objectives")
     if spec.direction not in ("minimize", "maximize"):
         raise ValueError(f"search objective {spec.name!r}: direction must be minimize or maximize")
-    _REGISTRY[spec.name] = spec
-    return spec
+    return REGISTRY.register(spec)
 
 
 def is_user_function(kind: str) -> bool:
@@ -88,17 +86,32 @@ def is_user_function(kind: str) -> bool:
 
 
 def get_objective(kind: str) -> ObjectiveSpec:
-    if kind in _REGISTRY:
-        return _REGISTRY[kind]
-    if is_user_function(kind):
+    if kind not in REGISTRY and is_user_function(kind):
         return ObjectiveSpec(kind, _no_submit, _user_value, doc="a user function package.module:function")
-    raise ConfigError(
-        f"unknown objective {kind!r}: must be one of {', '.join(_REGISTRY)} or 'package.module:function'"
-    )
+    if kind not in REGISTRY:
+        raise ConfigError(
+            f"unknown objective {kind!r}: must be one of {', '.join(REGISTRY.names())} or 'package.module:function'"
+        )
+    return REGISTRY.get(kind)
 
 
 def available_objectives() -> list[str]:
-    return sorted(_REGISTRY)
+    return REGISTRY.names()
+
+
+def check_objectives(objectives: Any, label: str) -> None:
+    """Every objective's kind is registered (or a package.module:function): else ConfigError
+    naming the search config `label` (run when a search starts, before any work)."""
+    for o in objectives:
+        try:
+            get_objective(o.kind)
+        except ConfigError as err:
+            raise ConfigError(f"invalid search config {label}: objective.kind: {err}") from None
+
+
+def direction_of(objective: Any) -> str:
+    """The objective's `direction`, else its spec's default (lm_eval: maximize)."""
+    return objective.direction or get_objective(objective.kind).direction
 
 
 # -- built-ins ------------------------------------------------------------------------------------------

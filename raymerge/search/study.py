@@ -47,7 +47,7 @@ from raymerge.runtime.compile import CompiledMerge, CompileOptions, MergeCompile
 from raymerge.runtime.operators import MergeOperator
 from raymerge.runtime.prune import _Pipeline, _tokenizer, even_stages
 from raymerge.search.lm_eval_objective import donor_files
-from raymerge.search.objectives import REFERENCE_KEYS, ObjectiveContext, get_objective
+from raymerge.search.objectives import REFERENCE_KEYS, ObjectiveContext, check_objectives, direction_of, get_objective
 from raymerge.search.space import SearchSpace, SearchSpaceError
 from raymerge.runtime.stage_actor import StageActor, Stages
 
@@ -243,6 +243,7 @@ def run_search(config: Union[str, Path, dict[str, Any], SearchConfig], output: U
     t0 = time.perf_counter()
     check_actor_count(options.stages, "stages")
     cfg, label = load_search_config(config)
+    check_objectives(cfg.objectives, label)
     if cfg.merge is not None:
         from raymerge.checkpoints.s3 import resolve_endpoint_url
 
@@ -365,7 +366,7 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
                     _keep_reference(p, windows[k], k)  # the dense model is the reference
 
     storage = _storage(cfg, out)
-    directions = [o.direction for o in objectives]
+    directions = [direction_of(o) for o in objectives]
     grid = (lambda: task.space.grid()) if isinstance(task, _MergeTask) else None
     study = optuna.create_study(study_name=cfg.study.study_name, storage=storage, sampler=_sampler(cfg, grid, optuna),
                                 directions=directions, load_if_exists=True)
