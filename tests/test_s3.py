@@ -310,17 +310,23 @@ def test_merge_from_s3_is_byte_identical(s3, s3_models, reference, tmp_path, mon
     assert result.bytes_read < s3.recorder.bytes_sent() < result.bytes_read + 4 * 1024 * 1024
 
 
-def test_merge_to_s3_is_byte_identical_and_config_comes_last(s3, llama_models, reference, tmp_path, monkeypatch):
+@pytest.fixture
+def from_driver(tmp_path, monkeypatch) -> list[str]:
+    """The names of the files the driver uploads (the rest come from the workers); staging in tmp_path."""
     monkeypatch.setenv(s3mod.STAGING_ENV, str(tmp_path / "staging"))
     (tmp_path / "staging").mkdir()
-    from_driver: list[str] = []
+    names: list[str] = []
     upload = s3mod.upload_files
 
-    def recording_upload(target, staging, names, **kw):
-        from_driver.extend(names)
-        return upload(target, staging, names, **kw)
+    def recording_upload(target, staging, files, **kw):
+        names.extend(files)
+        return upload(target, staging, files, **kw)
 
     monkeypatch.setattr(s3mod, "upload_files", recording_upload)
+    return names
+
+
+def test_merge_to_s3_is_byte_identical_and_config_comes_last(s3, llama_models, reference, tmp_path, from_driver):
     s3.recorder.clear()
     result = raymerge.merge(ties(llama_models), f"s3://{OUT_BUCKET}/local-in/", s3_endpoint_url=s3.url, **MERGE)
     assert from_driver and not [n for n in from_driver if n.endswith(".safetensors")]  # the workers uploaded the shards
@@ -335,18 +341,8 @@ def test_merge_to_s3_is_byte_identical_and_config_comes_last(s3, llama_models, r
     assert not any((tmp_path / "staging").iterdir())  # staging removed
 
 
-def test_in_process_merge_to_s3_uploads_from_the_driver(s3, llama_models, reference, tmp_path, monkeypatch):
+def test_in_process_merge_to_s3_uploads_from_the_driver(s3, llama_models, reference, tmp_path, from_driver):
     """No actors to upload: the driver uploads every shard, and the bytes are the Ray merge's."""
-    monkeypatch.setenv(s3mod.STAGING_ENV, str(tmp_path / "staging"))
-    (tmp_path / "staging").mkdir()
-    from_driver: list[str] = []
-    upload = s3mod.upload_files
-
-    def recording_upload(target, staging, names, **kw):
-        from_driver.extend(names)
-        return upload(target, staging, names, **kw)
-
-    monkeypatch.setattr(s3mod, "upload_files", recording_upload)
     result = raymerge.merge(ties(llama_models), f"s3://{OUT_BUCKET}/in-process/", s3_endpoint_url=s3.url,
                             quiet=True, out_shard_size="300KB", in_process=True)
     assert result.output == f"s3://{OUT_BUCKET}/in-process"

@@ -101,6 +101,11 @@ def test_in_process_stage_runs_a_model_block(llama_models):
         assert n == 2 * 7 and nll > 0
         ratios = s.outlier_ratios(5.0)
         assert sorted(ratios) == list(range(shape.num_layers))
+        # a search's trial re-masks from the kept dense weights; OWL ratios still come from those
+        s.keep_dense()
+        zeros = s.apply_prune({i: 0.5 for i in range(shape.num_layers)})
+        assert zeros == pytest.approx(0.5, abs=0.01)
+        assert s.outlier_ratios(5.0) == ratios
         s.keep_reference(h, 0)
         err, count = s.reconstruction(h, 0)
         assert err == 0.0 and count > 0

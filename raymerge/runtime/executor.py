@@ -76,6 +76,15 @@ class ExecutionStats:
     peak_device_bytes: int = 0
     per_worker_seconds: dict[int, float] = field(default_factory=dict)
 
+    def add(self, worker: int, result: BatchStats) -> None:
+        """Count one finished batch of `worker`."""
+        self.bytes_read += result.bytes_read
+        self.bytes_written += result.bytes_written
+        self.parts += result.operators
+        self.peak_worker_rss_bytes = max(self.peak_worker_rss_bytes, result.peak_rss_bytes)
+        self.peak_device_bytes = max(self.peak_device_bytes, result.peak_device_bytes)
+        self.per_worker_seconds[worker] = self.per_worker_seconds.get(worker, 0.0) + result.seconds
+
 
 def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
     """Connect to `address` (or RAY_ADDRESS; "auto" joins the cluster already running on this
@@ -394,12 +403,7 @@ def run_plan(
                 except RayActorError as err:
                     lost(i, err, batch)
                     continue
-                stats.bytes_read += result.bytes_read
-                stats.bytes_written += result.bytes_written
-                stats.parts += result.operators
-                stats.peak_worker_rss_bytes = max(stats.peak_worker_rss_bytes, result.peak_rss_bytes)
-                stats.peak_device_bytes = max(stats.peak_device_bytes, result.peak_device_bytes)
-                stats.per_worker_seconds[i] = stats.per_worker_seconds.get(i, 0.0) + result.seconds
+                stats.add(i, result)
                 done_parts += result.operators
                 if on_done is not None:
                     on_done(batch)
@@ -436,12 +440,7 @@ def _run_local(
         for i, queue in enumerate(queues):
             for batch in batches_of(queue):
                 result = pool.workers[i].run(batch)
-                stats.bytes_read += result.bytes_read
-                stats.bytes_written += result.bytes_written
-                stats.parts += result.operators
-                stats.peak_worker_rss_bytes = max(stats.peak_worker_rss_bytes, result.peak_rss_bytes)
-                stats.peak_device_bytes = max(stats.peak_device_bytes, result.peak_device_bytes)
-                stats.per_worker_seconds[i] = stats.per_worker_seconds.get(i, 0.0) + result.seconds
+                stats.add(i, result)
                 done_parts += result.operators
                 if on_done is not None:
                     on_done(list(batch))

@@ -43,14 +43,13 @@ class ObjectiveContext:
     index: int  # its position in the config's objectives
     windows: Any  # `CalibrationWindows`; `.heldout` are the token windows scored
     batch_size: int
-    last: Callable[..., Any]  # last(method, ids, *args): `last_stage.<method>(forward(ids), *args)` (by name; prefer those two)
+    forward: Callable[[Any], Any]  # token ids -> handle of the hidden states leaving the last layer
+    last_stage: Any  # the last stage (`runtime.stage_actor.StageRef`): `last_stage.loss(forward(ids), ids)` queues work
     get: Callable[[Any], Any]  # resolve handles
     logits: Callable[[Any], Any]  # token ids -> logits of the trial's model (blocking)
     state_dict: Callable[[list[str]], dict]  # parameter names -> the trial's tensors
     files: Optional[dict] = None  # the donor's config and tokenizer files (`model_files` objectives)
     out: Optional[Path] = None  # the search's output folder
-    forward: Optional[Callable[[Any], Any]] = None  # token ids -> handle of the hidden states leaving the last layer
-    last_stage: Any = None  # the last stage (`runtime.stage_actor.StageRef`): its typed methods queue work
 
     def batches(self) -> list[Any]:
         return list(self.windows.heldout.split(self.batch_size))

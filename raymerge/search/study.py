@@ -495,7 +495,6 @@ def _objective_context(p: _SearchPipeline, obj: Objective, k: int, win: Calibrat
     d = p.driver
     return ObjectiveContext(
         objective=obj, index=k, windows=win, batch_size=p.pipe.batch_size,
-        last=lambda method, ids, *args: getattr(d.workers[-1], method)(p.pipe.forward(ids), *args),
         forward=p.pipe.forward, last_stage=d.workers[-1],
         get=d.get, logits=lambda ids: _logits(p, ids), state_dict=lambda names: _gather(p, names), files=files, out=out,
     )
