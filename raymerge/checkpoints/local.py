@@ -9,6 +9,13 @@ a buffer). Callers may modify the tensor: writes stay private to the process.
 
 `pytorch_model*.bin` checkpoints are pickles; they are read only when the caller opts in
 (`allow_pickle=True`), always with `torch.load(weights_only=True, mmap=True)`.
+
+The model folder is a boundary: every file opened here (index, shards named by an index,
+config and tokenizer files) must resolve, after symlinks, inside the folder — or, for a Hugging
+Face cache snapshot (`models--org--name/snapshots/<rev>/`, whose files are symlinks into
+`../../blobs/`), inside that repository's cache folder. Anything else (`../`, an absolute path,
+a symlink that leaves the folder) is refused before a byte of it is read, with a message naming
+the entry and never the target's content.
 """
 
 from __future__ import annotations
@@ -64,6 +71,30 @@ def parse_weight_map(data: bytes, where: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in weight_map.items()}
 
 
+def boundary(root: Path) -> Path:
+    """The folder every file of the model at `root` must resolve inside (module docstring)."""
+    real = root.resolve()
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        return real.parent.parent  # the Hub cache's repository folder: snapshots/ and blobs/
+    return real
+
+
+def inside(root: Path, name: str, what: str) -> Path:
+    """`root / name`, refused (CheckpointError naming `what` and `name`) unless it resolves inside
+    the model's boundary."""
+    limit = boundary(root)
+    if not isinstance(name, str) or not name or os.path.isabs(name) or "\x00" in name:
+        raise CheckpointError(f"{root}: {what} {name!r} is not a file name inside the model folder; refused")
+    path = root / name
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        raise CheckpointError(f"{root}: {what} {name!r} cannot be resolved; refused") from None
+    if real != limit and limit not in real.parents:
+        raise CheckpointError(f"{root}: {what} {name!r} points outside the model folder; refused")
+    return path
+
+
 def _map_range(fd: int, begin: int, end: int) -> memoryview:
     """Bytes [begin, end) of an open file, mapped copy-on-write (empty view for an empty range)."""
     if end <= begin:
@@ -88,7 +119,7 @@ class LocalSource(CheckpointSource):
         self._entries: dict[str, tuple[str, TensorEntry]] = {}
         self._pickled: dict[str, str] = {}
         if (self.root / SAFE_INDEX).is_file():
-            weight_map = _load_weight_map(self.root / SAFE_INDEX)
+            weight_map = _load_weight_map(inside(self.root, SAFE_INDEX, "index"))
             self._load_safetensors(sorted(set(weight_map.values())), weight_map)
         elif (self.root / SAFE_SINGLE).is_file():
             self._load_safetensors([SAFE_SINGLE], None)
@@ -108,7 +139,7 @@ class LocalSource(CheckpointSource):
     # -- opening -----------------------------------------------------------------------------
     def _load_safetensors(self, files: list[str], weight_map: Optional[dict[str, str]]) -> None:
         for fname in files:
-            fpath = self.root / fname
+            fpath = inside(self.root, fname, f"shard listed in {SAFE_INDEX}" if weight_map is not None else "weights file")
             if not fpath.is_file():
                 raise CheckpointError(f"{fpath}: shard listed in {SAFE_INDEX} is missing")
             for name, entry in read_safetensors_header(fpath).items():
@@ -125,14 +156,16 @@ class LocalSource(CheckpointSource):
 
     def _load_pickles(self) -> None:
         if (self.root / BIN_INDEX).is_file():
-            weight_map = _load_weight_map(self.root / BIN_INDEX)
+            weight_map = _load_weight_map(inside(self.root, BIN_INDEX, "index"))
+            for fname in sorted(set(weight_map.values())):
+                inside(self.root, fname, f"shard listed in {BIN_INDEX}")
         else:
             weight_map = {n: BIN_SINGLE for n in self._load_pickle(BIN_SINGLE)}
         self._pickled = weight_map
 
     def _load_pickle(self, fname: str) -> dict[str, torch.Tensor]:
         if fname not in self._pickle_cache:
-            path = self.root / fname
+            path = inside(self.root, fname, "weights file")
             try:
                 sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as err:  # noqa: BLE001 - torch raises many types for bad pickles
@@ -178,12 +211,14 @@ class LocalSource(CheckpointSource):
     def _fd(self, fname: str) -> int:
         with self._lock:
             if fname not in self._fds:
-                self._fds[fname] = os.open(self.root / fname, os.O_RDONLY)
+                self._fds[fname] = os.open(inside(self.root, fname, "weights file"), os.O_RDONLY)
             return self._fds[fname]
 
     def read_bytes(self, filename: str) -> Optional[bytes]:
         path = self.root / filename
-        return path.read_bytes() if path.is_file() else None
+        if not path.is_file() and not path.is_symlink():
+            return None
+        return inside(self.root, filename, "file").read_bytes() if path.is_file() else None
 
     def bytes_read(self) -> int:
         return self._bytes_read
