@@ -107,3 +107,30 @@ def test_hub_cache_snapshot_symlinks_into_blobs_open(llama_models, tmp_path):
     name = sorted(source.tensors())[0]
     assert source.read(name).equal(reference.read(name))
     assert source.read_bytes("tokenizer.json") == reference.read_bytes("tokenizer.json")
+
+
+def test_deepspeed_latest_tag_outside_the_folder_is_refused(tmp_path):
+    from raymerge.checkpoints.deepspeed import find_tag_folder
+
+    root, elsewhere = tmp_path / "ckpt", tmp_path / "elsewhere"
+    root.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "mp_rank_00_model_states.pt").write_bytes(SECRET)
+    (root / "latest").write_text("../elsewhere")
+    with pytest.raises(CheckpointError, match="tag named by latest '../elsewhere' points outside the model folder"):
+        find_tag_folder(root)
+    (root / "latest").unlink()
+    (root / "latest").symlink_to(tmp_path / "secret.txt")
+    (tmp_path / "secret.txt").write_bytes(SECRET)
+    with pytest.raises(CheckpointError, match="tag file 'latest' points outside") as err:
+        find_tag_folder(root)
+    assert "TOPSECRET" not in str(err.value)
+
+
+def test_s3_index_entries_must_stay_under_the_prefix():
+    from raymerge.checkpoints.local import check_relative_name
+
+    for bad in ("../other/model.safetensors", "/abs.safetensors", "a/../../b.safetensors", ""):
+        with pytest.raises(CheckpointError, match="not a file name inside the model folder"):
+            check_relative_name(bad, "s3://b/m/model.safetensors.index.json", "shard")
+    assert check_relative_name("model-00001-of-00002.safetensors", "x", "shard") == "model-00001-of-00002.safetensors"

@@ -64,6 +64,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from raymerge.checkpoints.local import inside
 from raymerge.checkpoints.source import CheckpointError, CheckpointSource, TensorInfo, row_span
 
 LATEST = "latest"
@@ -101,8 +102,8 @@ def find_tag_folder(root: Path) -> Path:
         return root
     latest = root / LATEST
     if latest.is_file():
-        tag = latest.read_text().strip()
-        folder = root / tag
+        tag = inside(root, LATEST, "tag file").read_text().strip()
+        folder = inside(root, tag, f"tag named by {LATEST}") if tag else root / tag
         if not tag or not folder.is_dir():
             raise CheckpointError(f"{latest} names tag {tag!r}, but {folder} does not exist")
         if not _has_model_states(folder):

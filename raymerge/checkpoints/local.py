@@ -79,12 +79,21 @@ def boundary(root: Path) -> Path:
     return real
 
 
+def check_relative_name(name: object, where: str, what: str) -> str:
+    """`name` if it is a relative file name that stays below its folder (no absolute path, no `..`
+    component); else CheckpointError naming `where`, `what` and `name`. For S3 keys as for paths."""
+    if (not isinstance(name, str) or not name or "\x00" in name or os.path.isabs(name) or name.startswith("/")
+            or ".." in name.replace("\\", "/").split("/")):
+        raise CheckpointError(f"{where}: {what} {name!r} is not a file name inside the model folder; refused")
+    return name
+
+
 def inside(root: Path, name: str, what: str) -> Path:
     """`root / name`, refused (CheckpointError naming `what` and `name`) unless it resolves inside
     the model's boundary."""
     limit = boundary(root)
     if not isinstance(name, str) or not name or os.path.isabs(name) or "\x00" in name:
-        raise CheckpointError(f"{root}: {what} {name!r} is not a file name inside the model folder; refused")
+        check_relative_name(name, str(root), what)
     path = root / name
     try:
         real = path.resolve()

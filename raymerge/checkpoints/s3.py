@@ -74,7 +74,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import torch
 
-from raymerge.checkpoints.local import SAFE_INDEX, SAFE_SINGLE, parse_weight_map
+from raymerge.checkpoints.local import SAFE_INDEX, SAFE_SINGLE, check_relative_name, parse_weight_map
 from raymerge.checkpoints.safetensors_format import HeaderError, TensorEntry, header_length, parse_header, tensor_from_bytes
 from raymerge.checkpoints.source import CheckpointError, CheckpointSource, TensorInfo, row_span
 
@@ -350,6 +350,8 @@ class S3Source(CheckpointSource):
         if index is not None:
             weight_map = parse_weight_map(index, self.s3.url(SAFE_INDEX))
             files = sorted(set(weight_map.values()))
+            for fname in files:  # keys stay under the model's prefix
+                check_relative_name(fname, self.s3.url(SAFE_INDEX), f"shard listed in {SAFE_INDEX}")
             headers = list(_thread_pool().map(self._shard_header, files))
             for fname, entries in zip(files, headers):
                 if entries is None:

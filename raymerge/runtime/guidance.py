@@ -43,6 +43,7 @@ from raymerge.runtime.guidance_methods import GuidanceSpec, get_guidance_method
 from raymerge.runtime.guidance_methods import register as register_guidance
 from raymerge.runtime.operators import MergeOperator, MergeProgram, OperatorGuide
 from raymerge.runtime.stage_actor import StageRef, Stages
+from raymerge.runtime.stage_faults import StageJob
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +95,18 @@ def guide_program(
     t0 = time.perf_counter()
     base = program.models.index(cfg.base_model)
     names = [str(m) for m in program.models]
-    report = GuidanceReport(method=g.method, strength=strength(g), models=names)
-    with _StagePass(g, specs, base, quiet, in_process) as sp:
-        get_guidance_method(g.method).run(sp, g, program, base, names, report)
+    # A stage actor that dies ends the attempt; the whole pass reruns on fresh actors, a bounded
+    # number of times (`runtime.stage_faults`: the merge pool's policy). The operators get their
+    # guides only once every statistic is in, so a lost attempt leaves the program unchanged.
+    job = StageJob("guidance statistics")
+
+    def attempt() -> GuidanceReport:
+        report = GuidanceReport(method=g.method, strength=strength(g), models=names)
+        with _StagePass(g, specs, base, quiet, in_process, job) as sp:
+            get_guidance_method(g.method).run(sp, g, program, base, names, report)
+        return report
+
+    report = job.run(attempt)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -240,8 +250,10 @@ def _attach(program: MergeProgram, guide: Callable[[MergeOperator], Optional[Ope
 class _StagePass:
     """Stage workers over one model's layers at a time, and the passes the methods need."""
 
-    def __init__(self, g: GuidanceConfig, specs: list[SourceSpec], base: int, quiet: bool, in_process: bool = False) -> None:
+    def __init__(self, g: GuidanceConfig, specs: list[SourceSpec], base: int, quiet: bool, in_process: bool = False,
+                 job: Optional[StageJob] = None) -> None:
         self.g, self.specs, self.base, self.quiet, self.in_process = g, specs, base, quiet, in_process
+        self.job = job  # told about the stages, to name a lost one and end them all
 
     def __enter__(self) -> "_StagePass":
         from raymerge.runtime.prune import _Pipeline, _start_workers, _tokenizer, even_stages
@@ -266,6 +278,8 @@ class _StagePass:
             self.bounds = even_stages(self.shape.num_layers, self.g.stages)
             actors, _ = _start_workers(len(self.bounds), what="guidance stage workers")
             self.d = Stages(actors, remote=True)
+        if self.job is not None:
+            self.job.watch(self.d, [f"guidance stage {k} (layers {a}-{b})" for k, (a, b) in enumerate(self.bounds)])
         n = len(self.bounds)
         self.pipe = _Pipeline(self.d, self.d.workers, self.g.batch_size, self.quiet)
         try:

@@ -21,7 +21,10 @@
    folder is published through the output path merges use (`runtime.output.JobOutput`): renamed
    onto a local folder, or, for `s3://bucket/prefix`, its shards uploaded by the stage workers and
    `config.json` last. Nothing is published unless everything succeeded. (A prune does not resume
-   an interrupted run: it starts afresh.)
+   an interrupted run: it starts afresh.) A stage actor that dies mid-run is handled like a lost
+   merge worker (`runtime.stage_faults`): all stages are replaced and the pass reruns from the
+   start into a freshly reset staging folder, at most `MAX_WORKER_RESTARTS` times, then
+   `WorkerLostError`.
 
 `in_process=True` runs the same stage code in the driver as a single stage, without Ray: the
 reference the distributed runs are tested against.
@@ -59,6 +62,7 @@ from raymerge.runtime.executor import ensure_ray
 from raymerge.runtime.output import JobOutput, upload_on
 from raymerge.runtime.planning import topology_from_workers
 from raymerge.runtime.stage_actor import StageActor, Stages
+from raymerge.runtime.stage_faults import StageJob
 
 
 @dataclass
@@ -310,21 +314,27 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
     )
     t_checked = time.perf_counter()
 
-    driver: Optional[Stages] = None
-    try:
+    # A stage actor that dies ends the attempt: fresh actors, a fresh staging folder, the whole
+    # pass again, a bounded number of times (`runtime.stage_faults`, the merge pool's policy).
+    job = StageJob("prune")
+
+    def attempt() -> tuple:
         if options.in_process:
             driver = Stages.in_process()
+            job.watch(driver)
             plans = [_StagePlan(0, 0, shape.num_layers - 1)]
-            infos = [None]
+            infos: list[Any] = [None]
         else:
             ensure_ray(options.address)
             n = options.workers if options.workers is not None else default_actor_count()
             actors, infos = _start_workers(max(1, min(n, shape.num_layers)))
             driver = Stages(actors, remote=True)
+            job.watch(driver)
             plans = plan_stages(shape, infos, settings, cfg.mode)
             driver.keep([p.worker for p in plans])  # the unused actors end
+            job.watch(driver, [f"stage {k} (layers {p.first}-{p.last})" for k, p in enumerate(plans)])
         stages = driver.workers
-        dest.open(layout)
+        dest.open(layout)  # afresh on every attempt: nothing a lost attempt wrote is kept
         last = len(plans) - 1
         loaded = [
             w.load(model_config, spec, p.first, p.last, settings, k == 0, k == last, str(dest.staging), layout)
@@ -332,16 +342,17 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
         ]
         stage_bytes = driver.get(loaded)
         pipe = _Pipeline(driver, stages, cfg.batch_size, options.quiet)
-        if cfg.calibration is not None and windows is None:  # curation: pick windows by activations
-            windows = _curated_windows(cfg, tokenizer, shape, pipe, label)
+        wins = windows
+        if cfg.calibration is not None and wins is None:  # curation: pick windows by activations
+            wins = _curated_windows(cfg, tokenizer, shape, pipe, label)
         t_loaded = time.perf_counter()
 
-        nll_before = pipe.nll(windows.heldout, "perplexity (dense)") if _evaluates(cfg, windows) else None
+        nll_before = pipe.nll(wins.heldout, "perplexity (dense)") if _evaluates(cfg, wins) else None
         kind = settings.statistic
         if fixed is None:  # OWL
-            assert isinstance(cfg.layerwise, Owl) and windows is not None
+            assert isinstance(cfg.layerwise, Owl) and wins is not None
             collect = ("norms",) if cfg.mode == "sequential" or kind is None else tuple(dict.fromkeys(("norms", kind)))
-            pipe.dense_pass(windows.calibration, collect, "OWL dense pass")
+            pipe.dense_pass(wins.calibration, collect, "OWL dense pass")
             ratios: dict[int, float] = {}
             for part in driver.get([s.outlier_ratios(cfg.layerwise.owl.m) for s in stages]):
                 ratios.update(part)
@@ -351,18 +362,23 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
         else:
             layer_sparsities = fixed
             if kind is not None and cfg.mode == "parallel":
-                pipe.dense_pass(windows.calibration, (kind,), "calibration pass")
+                pipe.dense_pass(wins.calibration, (kind,), "calibration pass")
         per_stage = _per_stage(plans, layer_sparsities)
         if kind is not None and cfg.mode == "sequential":
-            pipe.prune_sequential(windows.calibration, per_stage)
+            pipe.prune_sequential(wins.calibration, per_stage)
         else:
             pipe.prune_collected(per_stage)
-        nll_after = pipe.nll(windows.heldout, "perplexity (pruned)") if _evaluates(cfg, windows) else None
+        nll_after = pipe.nll(wins.heldout, "perplexity (pruned)") if _evaluates(cfg, wins) else None
         t_pruned = time.perf_counter()
 
         copies = _copy_lists(shape, tensors, plans)
         driver.get([s.copy(names) for s, names in zip(stages, copies)])
         finished = driver.get([s.finish() for s in stages])
+        return driver, plans, infos, stage_bytes, wins, nll_before, nll_after, finished, t_loaded, t_pruned
+
+    driver: Optional[Stages] = None
+    try:
+        driver, plans, infos, stage_bytes, windows, nll_before, nll_after, finished, t_loaded, t_pruned = job.run(attempt)
         results: list[ModuleResult] = [r for part in finished for r in part[0]]
         report = PruneReport.build(
             results, method=cfg.method, pattern=cfg.pattern, mode=cfg.mode, target=cfg.target_sparsity,
@@ -383,13 +399,11 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
         out = dest.publish(layout, {**extra_files, REPORT_FILE: report.to_json()},
                            spread=upload_on(driver.actors) if driver.remote else None)
     except BaseException as err:
-        if driver is not None:
-            driver.kill()  # before removing the staging folder the workers write into
+        job.kill()  # before removing the staging folder the workers write into
         dest.fail(err)
         raise
     finally:
-        if driver is not None:
-            driver.kill()
+        job.kill()
     if options.plot is not None:
         report.plot(options.plot)
     t_end = time.perf_counter()
