@@ -166,6 +166,7 @@ def prune(
     address: Optional[str] = None,
     plot: Union[str, Path, None] = None,
     s3_endpoint_url: Optional[str] = None,
+    allow_pickle: bool = False,
 ):
     """Prune the model of a prune config (see `raymerge.config.prune_config`) and publish it.
 
@@ -182,6 +183,8 @@ def prune(
         address: Ray cluster address (default: `RAY_ADDRESS`, else a local Ray).
         plot: write a per-layer sparsity chart (PNG) here.
         s3_endpoint_url: endpoint of an S3-compatible store for an `s3://` model and output.
+        allow_pickle: accept `pytorch_model*.bin` and DeepSpeed ZeRO inputs (torch pickles). Only
+            here or on the command line: a config file cannot opt in.
 
     Returns:
         A `PruneResult`: output path, `report` (per-layer target and achieved sparsity, N:M
@@ -195,7 +198,7 @@ def prune(
 
     options = PruneOptions(
         workers=workers, in_process=in_process, address=address, overwrite=overwrite, quiet=quiet, plot=plot,
-        s3_endpoint_url=s3_endpoint_url,
+        s3_endpoint_url=s3_endpoint_url, allow_pickle=allow_pickle,
     )
     return run_prune(config, output, options)
 

@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--workers", type=int, default=None, metavar="N",
                     help="stage workers (default: one per GPU in the cluster, else one per CPU slot; at most one per layer)")
     pr.add_argument("--in-process", action="store_true", help="run in this process as a single stage, without Ray")
+    pr.add_argument("--allow-pickle", action="store_true",
+                    help="accept pytorch_model*.bin and DeepSpeed ZeRO inputs (torch.load(weights_only=True)); "
+                         "a config file cannot opt in")
     pr.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray of its own; 'auto' joins the cluster running on this machine)")
     pr.add_argument("--plot", default=None, metavar="PNG", help="write a per-layer sparsity chart (needs matplotlib)")
     pr.add_argument("--json", default=None, metavar="FILE", dest="report_json",
@@ -216,6 +219,7 @@ def _prune(args: argparse.Namespace) -> int:
     result = raymerge.prune(
         args.config, args.output, workers=args.workers, in_process=args.in_process, overwrite=args.overwrite,
         quiet=args.quiet, address=args.address, plot=args.plot, s3_endpoint_url=args.s3_endpoint_url,
+        allow_pickle=args.allow_pickle,
     )
     print(result.report.table())
     print(result.summary())

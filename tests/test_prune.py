@@ -402,3 +402,25 @@ def test_merge_then_prune_config_errors(trained, finetune_of_trained, tmp_path):
     with pytest.raises(ConfigError, match="change the layer stack"):
         run_prune({**cfg, "merge": frank}, tmp_path / "x", PruneOptions(in_process=True, quiet=True))
     assert not (tmp_path / "x").exists()
+
+
+# -- pickles: an opt-in of the command line or the API, never of the config file ----------------------
+def test_pickle_opt_in_comes_from_the_caller_not_the_config(trained, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from raymerge.checkpoints import CheckpointError
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(trained["model"], folder)
+    torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match="allow_pickle: .*cannot opt in to loading pickles; pass --allow-pickle"):
+        _prune(trained, tmp_path, "from-config", model=str(folder), allow_pickle=True)
+    with pytest.raises(CheckpointError, match="only pytorch_model.*bin weights found.*--allow-pickle"):
+        _prune(trained, tmp_path, "refused", model=str(folder))
+    opted = _prune(trained, tmp_path, "opted", model=str(folder), options=PruneOptions(in_process=True, quiet=True, allow_pickle=True))
+    safe = _prune(trained, tmp_path, "safe")
+    a, b = load_state(opted.output), load_state(safe.output)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

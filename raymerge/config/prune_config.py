@@ -94,7 +94,18 @@ class PruneConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
     evaluate: bool = True
     out_shard_size: Union[int, str, None] = None
-    allow_pickle: bool = False  # accept pytorch_model*.bin and DeepSpeed ZeRO folders (torch pickles)
+    # Not a config key: loading pickles (pytorch_model*.bin, DeepSpeed ZeRO folders) can run code,
+    # and a config is a shared file that must not opt in for the user. It is `--allow-pickle`
+    # (API: allow_pickle=True), as for `raymerge merge`.
+    allow_pickle: Optional[Any] = None
+
+    @field_validator("allow_pickle")
+    @classmethod
+    def _pickle_is_not_a_config_key(cls, v: Any) -> Any:
+        if v is not None:
+            raise ValueError("a config file cannot opt in to loading pickles; pass --allow-pickle on the command line "
+                             "(API: allow_pickle=True)")
+        return v
 
     @field_validator("model", mode="before")
     @classmethod

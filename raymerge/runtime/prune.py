@@ -74,6 +74,7 @@ class PruneOptions:
     quiet: bool = False
     plot: Union[str, Path, None] = None
     s3_endpoint_url: Optional[str] = None  # S3-compatible store for an s3:// model and output
+    allow_pickle: bool = False  # accept pytorch_model*.bin and DeepSpeed ZeRO folders (torch pickles)
 
 
 @dataclass
@@ -280,10 +281,10 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
     if cfg.merge is not None:  # prune the merged tensors; the merged model is never written
         from raymerge.runtime.merged_source import merged_spec
 
-        spec: Any = merged_spec(cfg.merge, label, allow_pickle=cfg.allow_pickle, s3_endpoint_url=endpoint)
+        spec: Any = merged_spec(cfg.merge, label, allow_pickle=options.allow_pickle, s3_endpoint_url=endpoint)
     else:
         assert cfg.model is not None
-        spec = SourceSpec(cfg.model.path, cfg.model.revision, allow_pickle=cfg.allow_pickle,
+        spec = SourceSpec(cfg.model.path, cfg.model.revision, allow_pickle=options.allow_pickle,
                           s3_endpoint_url=endpoint, config_from=cfg.model.config_from)
     source = spec.open()
     try:

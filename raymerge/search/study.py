@@ -654,5 +654,5 @@ def _materialize(cfg: SearchConfig, best: Path, out: Path, options: SearchOption
         result = run_merge(best, target, MergeOptions(allow_pickle=options.allow_pickle,
                                                       allow_mixed_architectures=options.allow_mixed_architectures, **kwargs))
     else:
-        result = run_prune(best, target, PruneOptions(in_process=options.in_process, **kwargs))
+        result = run_prune(best, target, PruneOptions(in_process=options.in_process, allow_pickle=options.allow_pickle, **kwargs))
     return result.output

@@ -1,0 +1,121 @@
+"""Stage actors that die during a prune (`runtime.stage_faults`): the pass reruns on fresh actors
+and gives the same bytes as an undisturbed run; stages that keep dying end the job with
+`WorkerLostError` after `MAX_WORKER_RESTARTS` restarts, and nothing is published.
+
+Deaths are injected from the driver at fixed points of the job (no sleeps): the stage actors'
+PIDs come from `_start_workers` (what each actor's `describe()` reported), and the process is
+SIGKILLed, as the merge tests do with worker actors (tests/test_resume.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+import raymerge.runtime.prune as prune
+from raymerge.pruning.report import REPORT_FILE
+from raymerge.runtime.executor import MAX_WORKER_RESTARTS, WorkerLostError
+from raymerge.runtime.prune import PruneOptions, run_prune
+
+
+def _config(trained) -> dict:
+    return {
+        "model": str(trained["model"]), "method": "wanda", "sparsity": 0.5, "mode": "sequential",
+        "calibration": {"dataset": str(trained["calib"]), "nsamples": 8, "seqlen": 32, "eval_samples": 4},
+        "batch_size": 4,
+    }
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    # The report holds timings and worker PIDs; everything else must be byte-identical.
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir()) if f.is_file() and f.name != REPORT_FILE}
+
+
+def _kill(pid: int, timeout: float = 30.0) -> None:
+    """SIGKILL `pid` and wait (bounded) until it no longer runs."""
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        try:  # a zombie (not reaped yet) is dead too
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ", 1)[1].startswith("Z"):
+                    return
+        except (OSError, IndexError):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"stage actor process {pid} still runs {timeout} s after SIGKILL")
+
+
+@pytest.fixture
+def started(monkeypatch):
+    """Records the (pid per stage) of every set of stage actors a prune starts."""
+    real = prune._start_workers
+    attempts: list[list[int]] = []
+
+    def recording(n, *args, **kwargs):
+        actors, infos = real(n, *args, **kwargs)
+        attempts.append([info.pid for info in infos])
+        return actors, infos
+
+    monkeypatch.setattr(prune, "_start_workers", recording)
+    return attempts
+
+
+def test_killed_stage_is_replaced_and_output_identical(trained, tmp_path, ray_session, started, monkeypatch, capsys):
+    clean = run_prune(_config(trained), tmp_path / "clean", PruneOptions(workers=2, quiet=True))
+    assert len(clean.stages) == 2 and len(started) == 1
+
+    real = prune._Pipeline.prune_sequential
+    killed: list[int] = []
+
+    def kill_then_prune(self, *args, **kwargs):
+        # Mid-run: the stages are loaded and the dense perplexity pass is done. Kill the last stage
+        # of the first disturbed attempt, then let the pipeline run into the dead actor.
+        if not killed:
+            killed.append(started[-1][-1])
+            _kill(killed[0])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(prune._Pipeline, "prune_sequential", kill_then_prune)
+    started.clear()
+    result = run_prune(_config(trained), tmp_path / "disturbed", PruneOptions(workers=2, quiet=True))
+    assert len(killed) == 1 and len(started) == 2, "exactly one replacement of the stage actors"
+    assert killed[0] not in started[1]
+    assert _files(result.output) == _files(clean.output)
+    assert len(_files(result.output)) > 2
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "warning: prune: stage 1 (layers 2-3) died" in line]
+    assert len(warnings) == 1, err
+    assert not (tmp_path / ".disturbed.raymerge-staging").exists()
+
+
+def test_stages_that_keep_dying_end_with_worker_lost(trained, tmp_path, ray_session, monkeypatch, capsys):
+    real = prune._start_workers
+    attempts: list[int] = []
+
+    def start_and_kill(n, *args, **kwargs):
+        actors, infos = real(n, *args, **kwargs)
+        attempts.append(infos[0].pid)
+        _kill(infos[0].pid)  # every attempt loses its first stage
+        return actors, infos
+
+    monkeypatch.setattr(prune, "_start_workers", start_and_kill)
+    out = tmp_path / "out"
+    with pytest.raises(WorkerLostError) as info:
+        run_prune(_config(trained), out, PruneOptions(workers=2, quiet=True))
+    assert len(attempts) == MAX_WORKER_RESTARTS + 1
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"in {MAX_WORKER_RESTARTS + 1} attempts" in message and "stage 0 (layers 0-1)" in message, message
+    err = capsys.readouterr().err
+    assert err.count("warning: prune: stage 0 (layers 0-1) died") == MAX_WORKER_RESTARTS, err
+    assert not out.exists(), "nothing may be published"
+    assert not [p.name for p in tmp_path.iterdir() if "staging" in p.name]
