@@ -139,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
             "{low: 0, high: 1} in place of numbers, or `prune:` with `space:`; `objective`, `evaluation`, `study`; "
             "see README). Resident stage workers hold the input models' layers and re-merge or re-mask them per "
             "trial; nothing is written to disk per trial. OUT receives study.journal (rerun to continue), "
-            "best.yaml (ready for `raymerge merge`/`prune`) and plots."
+            "best.yaml (ready for `raymerge merge`/`prune`) and plots. An objective written as "
+            "package.module:function imports that module and runs that function, by design: run only "
+            "search configs you trust. Exit status 1 when every trial of the study failed (the first error "
+            "is printed)."
         ),
     )
     se.add_argument("config", help="search config (YAML)")
@@ -242,6 +245,13 @@ def _search(args: argparse.Namespace) -> int:
         print(f"plot: {path}")
     if result.materialized is not None:
         print(f"best model: {result.materialized}")
+    if result.failed and not result.completed:
+        from raymerge.errors import one_line
+
+        first = next((t.user_attrs.get("error", "") for t in result.study.trials if t.user_attrs.get("error")), "")
+        print(f"raymerge search: every trial failed ({result.failed}); first error: {one_line(first) or 'unknown'}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -134,3 +134,33 @@ def test_s3_index_entries_must_stay_under_the_prefix():
         with pytest.raises(CheckpointError, match="not a file name inside the model folder"):
             check_relative_name(bad, "s3://b/m/model.safetensors.index.json", "shard")
     assert check_relative_name("model-00001-of-00002.safetensors", "x", "shard") == "model-00001-of-00002.safetensors"
+
+
+# -- secrets and private staging (S3) ---------------------------------------------------------------
+def test_credentials_in_the_endpoint_never_reach_a_message():
+    from raymerge.checkpoints.s3 import explain, scrub
+
+    url = "http://AKIAUSER:s3cr3tpass@127.0.0.1:1"
+    assert "s3cr3tpass" not in scrub(f"Invalid endpoint: {url}", url) and "AKIAUSER" not in scrub(url, url)
+    assert "s3cr3tpass" not in explain(ValueError(f"bad {url}"), "s3://b/k", "b", url)
+
+
+def test_s3_staging_is_private_to_the_user(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from raymerge.checkpoints import OutputError
+    from raymerge.checkpoints.s3 import STAGING_ENV, S3StagedOutput
+
+    monkeypatch.setenv(STAGING_ENV, str(tmp_path))
+    out = S3StagedOutput("s3://bucket/model")
+    parent = out.staging.parent
+    assert parent.name == f"raymerge-{os.getuid()}" and stat.S_IMODE(parent.stat().st_mode) == 0o700
+    parent.chmod(0o777)  # e.g. planted by another user, or opened up
+    with pytest.raises(OutputError, match="is not private"):
+        S3StagedOutput("s3://bucket/model")
+    parent.rmdir()
+    parent.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    with pytest.raises(OutputError, match="is not private"):
+        S3StagedOutput("s3://bucket/model")

@@ -114,12 +114,22 @@ def failing_objective(logits_fn, heldout):
     raise ValueError("objective refused this trial")
 
 
-def test_failed_trials_are_recorded_and_the_study_goes_on(opposite_finetunes, trained, tmp_path):
+def test_failed_trials_are_recorded_and_the_study_goes_on(opposite_finetunes, trained, tmp_path, capsys):
     cfg = _merge_search(opposite_finetunes, trained["calib"], n_trials=2, sampler="random",
                         objective="tests.test_search:failing_objective")
     result = raymerge.optimize(cfg, tmp_path / "s", in_process=True, quiet=True)
     assert result.failed == 2 and result.completed == 0
     assert all("objective refused" in t.user_attrs["error"] for t in result.study.trials)
+    # From the command line, a study whose every trial failed exits 1 with the first error.
+    import yaml
+
+    from raymerge.cli import main as cli_main
+
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
+    code = cli_main(["search", str(tmp_path / "s.yaml"), str(tmp_path / "s-cli"), "--in-process", "--quiet"])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("raymerge search: every trial failed (2); first error:") and "objective refused" in err[-1]
 
 
 def test_prune_search_keeps_mean_sparsity_and_exports_a_runnable_config(trained, tmp_path):

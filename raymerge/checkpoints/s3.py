@@ -174,7 +174,7 @@ def s3_client(endpoint_url: Optional[str] = None):
             try:
                 client = boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, config=_client_config())
             except ValueError as err:  # botocore rejects a malformed endpoint URL with ValueError
-                raise CheckpointError(f"invalid S3 endpoint URL {safe_endpoint(endpoint_url)}: {err}") from None
+                raise CheckpointError(scrub(f"invalid S3 endpoint URL {safe_endpoint(endpoint_url)}: {err}", endpoint_url)) from None
             _clients[key] = client
         return client
 
@@ -222,8 +222,27 @@ def _is_client_error(err: BaseException) -> bool:
     return isinstance(err, ClientError)
 
 
+def scrub(text: str, endpoint_url: Optional[str]) -> str:
+    """`text` with the user and password of `endpoint_url` (if it embeds any) masked: botocore's
+    own messages can quote the URL as given."""
+    if not endpoint_url:
+        return text
+    try:
+        parts = urlsplit(endpoint_url)
+        secrets = [s for s in (parts.password, parts.username) if s]
+    except ValueError:
+        secrets = [endpoint_url]  # unparsable: never echo it at all
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
 def explain(err: BaseException, where: str, bucket: str, endpoint_url: Optional[str] = None) -> str:
     """One clear line for an S3 failure at `where` (never containing credentials)."""
+    return scrub(_explain(err, where, bucket, endpoint_url), endpoint_url)
+
+
+def _explain(err: BaseException, where: str, bucket: str, endpoint_url: Optional[str] = None) -> str:
     from botocore.exceptions import (
         BotoCoreError,
         ClientError,
@@ -560,6 +579,26 @@ def balance_shards(shards: Sequence[tuple[str, int]], ways: int) -> list[list[st
     return assigned
 
 
+def private_folder(path: Path) -> Path:
+    """`path`, created with mode 0700 if missing; refused (OutputError) when it is a symlink, is
+    owned by another user, or lets others in."""
+    from raymerge.checkpoints.writer import OutputError
+
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(path)
+    except OSError as err:
+        raise OutputError(f"cannot create the private staging folder {path}: {err.strerror}") from None
+    import stat
+
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise OutputError(
+            f"staging folder {path} is not private (a symlink, another user's, or open to others); "
+            f"remove it or set {STAGING_ENV} to a folder of your own"
+        )
+    return path
+
+
 class S3StagedOutput:
     """An `s3://bucket/prefix` output: local staging, shards uploaded by workers, config last."""
 
@@ -569,9 +608,11 @@ class S3StagedOutput:
         self.output = str(s3)
         self.overwrite = overwrite
         root = Path(os.environ.get(STAGING_ENV) or tempfile.gettempdir())
-        # Named after the target, so a rerun after a crash finds it again (resume: runtime.recovery).
+        # Named after the target, so a rerun after a crash finds it again (resume: runtime.recovery),
+        # inside a folder only this user can enter (`private_folder`): a predictable name in a shared
+        # temp folder must not let another user plant or read the staged model.
         key = hashlib.sha256(f"{endpoint_url or ''} {self.output}".encode()).hexdigest()[:16]
-        self.staging = root / f"raymerge-staging-{key}"
+        self.staging = private_folder(root / f"raymerge-{os.getuid()}") / f"staging-{key}"
         self.published: list[str] = []
         self._existing: set[str] = set()
         self._shards: list[tuple[str, int]] = []
@@ -580,6 +621,14 @@ class S3StagedOutput:
     @property
     def _client(self):
         return s3_client(self.target.endpoint_url)
+
+    def _remove_staging(self) -> None:
+        """Remove this output's staging folder, and the private parent when nothing else is in it."""
+        shutil.rmtree(self.staging, ignore_errors=True)
+        try:
+            self.staging.parent.rmdir()
+        except OSError:
+            pass  # another output's staging is still there
 
     def _fail(self, err: BaseException, name: str = ""):
         return _fail_output(err, self.target.url.url(name), self.target)
@@ -677,7 +726,7 @@ class S3StagedOutput:
         except _s3_failures() as err:
             raise self._fail(err) from None
         self.published = sorted(new)
-        shutil.rmtree(self.staging, ignore_errors=True)
+        self._remove_staging()
         return self.output
 
     def abort(self) -> None:
@@ -685,7 +734,7 @@ class S3StagedOutput:
         names = {n for n, _ in self._shards}
         if self.staging.exists():
             names |= {p.name for p in self.staging.iterdir()}
-        shutil.rmtree(self.staging, ignore_errors=True)
+        self._remove_staging()
         if not self._upload_started or not names:
             return
         try:
