@@ -159,3 +159,13 @@ def test_cli_prints_a_search_config_error_on_one_line(tmp_path, capsys):
     assert main(["search", str(path), str(tmp_path / "out"), "--in-process", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "my-search.yaml" in err and "weight" in err and "Traceback" not in err, err
+
+
+def test_the_same_model_listed_twice_is_an_error(tmp_path):
+    from raymerge.config import ConfigError, load_config
+
+    cfg = tmp_path / "twice.yaml"
+    cfg.write_text("merge_method: linear\nmodels:\n  - model: ./a\n    parameters: {weight: 0.3}\n"
+                   "  - model: ./b\n    parameters: {weight: 0.3}\n  - model: ./a\n    parameters: {weight: 0.4}\n")
+    with pytest.raises(ConfigError, match=r"(?s)twice.yaml.*models: ./a is listed twice"):
+        load_config(cfg)

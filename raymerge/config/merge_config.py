@@ -190,6 +190,12 @@ class MergeConfig(_Strict):
             )
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise ValueError("give either 'tokenizer_source' or 'tokenizer', not both")
+        seen: set[tuple[str, Optional[str]]] = set()
+        for m in self.models or []:
+            key = (m.model.path, m.model.revision)
+            if key in seen:  # mergekit refuses it too; both entries would get the first one's parameters
+                raise ValueError(f"models: {m.model.path} is listed twice; list each model once")
+            seen.add(key)
         if self.modules:
             if len(self.modules) != 1:
                 raise ValueError(
