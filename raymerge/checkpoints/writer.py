@@ -28,7 +28,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Collection, Iterable, Optional
+from typing import Collection, Iterable, Optional, Sequence
 
 import torch
 
@@ -115,6 +115,45 @@ def holds_model(path: Path) -> bool:
     )
 
 
+# What a folder written by raymerge (or transformers' save_pretrained) holds: `--overwrite`
+# replaces a folder only when it has config.json and every entry is a regular file matching these.
+MODEL_FOLDER_FILES = (
+    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+    "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer*", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.*", "README.md",
+    "mergekit_config.yml", "raymerge_prune.yml", "prune_report.json", "guidance.json",
+    "task_vectors.json", "task_vectors-*.onebit", "*.png",
+)
+
+
+def replaceable_model(path: Path) -> Optional[str]:
+    """None when `--overwrite` may replace the folder `path` (a model folder, nothing else in it);
+    else why not."""
+    import fnmatch
+
+    if not (path / "config.json").is_file():
+        return "it does not hold a model (no config.json)"
+    for entry in path.iterdir():
+        if entry.is_symlink() or not entry.is_file():
+            return f"it holds {entry.name!r}, which is not a file of a model"
+        if not any(fnmatch.fnmatch(entry.name, pattern) for pattern in MODEL_FOLDER_FILES):
+            return f"it holds {entry.name!r}, which is not a file of a model"
+    return None
+
+
+def protect(output: Path, keep: Sequence[str | os.PathLike] = ()) -> None:
+    """Refuse (OutputError) an output that would replace the current directory or one above it,
+    or a path in `keep` (input model folders, the config file) or a folder holding one."""
+    out = Path(output).absolute().resolve()
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise OutputError(f"output path {output} is the current directory or holds it; choose a new folder for the model")
+    for p in keep:
+        kept = Path(p).absolute().resolve()
+        if out == kept or out in kept.parents:
+            raise OutputError(f"output path {output} is or holds an input of this job ({p}); choose a new folder for the model")
+
+
 class StagedOutput:
     """A staging folder that becomes the output directory in one rename."""
 
@@ -130,8 +169,13 @@ class StagedOutput:
             if not out.is_dir():
                 raise OutputError(f"output path {out} exists and is not a directory")
             if any(out.iterdir()) and not self.overwrite:
-                what = "already holds a model" if holds_model(out) else "exists and is not empty"
-                raise OutputError(f"output path {out} {what}; pass --overwrite (overwrite=True) to replace it")
+                if holds_model(out) and replaceable_model(out) is None:
+                    raise OutputError(f"output path {out} already holds a model; pass --overwrite (overwrite=True) to replace it")
+                raise OutputError(f"output path {out} exists and is not empty; choose a new folder for the model")
+            if any(out.iterdir()) and self.overwrite:
+                why = replaceable_model(out)
+                if why is not None:
+                    raise OutputError(f"output path {out} is not replaced by --overwrite: {why}; choose a new folder for the model")
         parent = out.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)

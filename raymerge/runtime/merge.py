@@ -330,7 +330,8 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
     except ValueError as err:
         raise ConfigError(f"out_shard_size: {err}") from None
     dest = JobOutput(output, overwrite=options.overwrite, s3_endpoint_url=options.s3_endpoint_url,
-                     resume=options.resume, resumable=True)  # checked now, before any work
+                     resume=options.resume, resumable=True,  # checked now, before any work
+                     keep=[label, *(m.path for m in cfg.referenced_models())])
     profile = None
     if options.cluster is not None:
         from raymerge.config import load_cluster

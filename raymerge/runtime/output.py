@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from raymerge.checkpoints.s3 import S3StagedOutput, balance_shards, resolve_endpoint_url
 from raymerge.checkpoints.sinks import open_output
-from raymerge.checkpoints.writer import OutputLayout, check_disk_space
+from raymerge.checkpoints.writer import OutputLayout, check_disk_space, protect
 from raymerge.runtime.recovery import ResumeState, find_resumable, keeps_staging, prepare_staging
 
 FileData = Union[bytes, str]
@@ -48,9 +48,14 @@ class JobOutput:
     """Where a job's model goes (module docstring): check, reserve, open, publish or fail."""
 
     def __init__(self, output: Union[str, Path], *, overwrite: bool = False, s3_endpoint_url: Optional[str] = None,
-                 resume: Optional[bool] = False, resumable: bool = False, check: bool = True) -> None:
+                 resume: Optional[bool] = False, resumable: bool = False, check: bool = True,
+                 keep: Sequence[Union[str, Path]] = ()) -> None:
+        """`keep`: the job's inputs (model folders, config file); a local output that is one of them,
+        holds one, or is the current directory is refused (`checkpoints.writer.protect`)."""
         self.endpoint_url = resolve_endpoint_url(s3_endpoint_url)
         self.staged = open_output(output, overwrite=overwrite, s3_endpoint_url=self.endpoint_url)
+        if not isinstance(self.staged, S3StagedOutput):
+            protect(Path(output), [p for p in keep if Path(p).exists()])
         self.resumable = resumable
         self.resume = resume if resumable else False
         self.state: Optional[ResumeState] = None

@@ -275,7 +275,12 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
     except ValueError as err:
         raise ConfigError(f"{label}: out_shard_size: {err}") from None
     # Local folder or s3:// URL, checked now (`runtime.output`: the output path merge uses too).
-    dest = JobOutput(output, overwrite=options.overwrite, s3_endpoint_url=options.s3_endpoint_url)
+    inputs = [cfg.model.path] if cfg.model is not None else []
+    if cfg.merge is not None:
+        from raymerge.config import parse_config
+
+        inputs = [m.path for m in parse_config(cfg.merge, label).referenced_models()]
+    dest = JobOutput(output, overwrite=options.overwrite, s3_endpoint_url=options.s3_endpoint_url, keep=[label, *inputs])
     # The driver resolves the S3 endpoint so workers get it in the spec (not their environment).
     endpoint = resolve_endpoint_url(options.s3_endpoint_url)
     if cfg.merge is not None:  # prune the merged tensors; the merged model is never written
