@@ -14,9 +14,7 @@ import raymerge
 import raymerge.runtime.costs as costs
 import raymerge.runtime.merge as merge_module
 from raymerge.cli import main as cli_main
-from raymerge.config import load_config
-from raymerge.runtime.merge import open_sources
-from raymerge.runtime.operators import build_program
+from raymerge.runtime.compile import compile_merge
 from raymerge.runtime.planning import (
     Topology,
     build_problem,
@@ -38,13 +36,8 @@ def linear_config(p: dict[str, Path]) -> dict:
 
 
 def program_of(cfg: dict):
-    config, label = load_config(cfg)
-    opened = open_sources(config.referenced_models(), False)
-    try:
-        return build_program(config, {r: s for r, (_, s) in opened.items()}, source_label=label)
-    finally:
-        for _, s in opened.values():
-            s.close()
+    """The compiled operators of a merge config (headers only; no Ray)."""
+    return compile_merge(cfg).program
 
 
 def file_bytes(folder: Path) -> dict[str, bytes]:

@@ -160,17 +160,9 @@ def test_a_registered_objective_scores_search_trials(neg_nll_objective, trained,
 # -- per-method knowledge lives on the merge method's spec -------------------------------------------------
 def program_of(cfg: dict):
     """The compiled operators of a merge config (headers only; no Ray)."""
-    from raymerge.config import load_config
-    from raymerge.runtime.merge import open_sources
-    from raymerge.runtime.operators import build_program
+    from raymerge.runtime.compile import compile_merge
 
-    config, label = load_config(cfg)
-    opened = open_sources(config.referenced_models(), False)
-    try:
-        return build_program(config, {r: s for r, (_, s) in opened.items()}, source_label=label)
-    finally:
-        for _, s in opened.values():
-            s.close()
+    return compile_merge(cfg).program
 
 
 def test_merge_specs_carry_costs_copies_and_the_trim_key():
