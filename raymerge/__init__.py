@@ -150,9 +150,9 @@ def plan(
 
 def shutdown_workers() -> None:
     """End the worker actors kept by `merge(..., keep_workers=True)`."""
-    from raymerge.runtime.executor import shutdown_pool
+    from raymerge.runtime.actor_pool import shutdown_kept
 
-    shutdown_pool()
+    shutdown_kept()
 
 
 def prune(

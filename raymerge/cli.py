@@ -3,18 +3,22 @@
 Thin by design: parse arguments, call the public API, print the summary. Errors that come from
 the user's inputs (config, model paths, output path: `raymerge.errors.RaymergeError`, plus the
 planner's own `PlanError`/`ProblemError`) print one line (`errors.one_line`) and exit with 2;
-anything else is a bug and keeps its traceback.
+anything else is a bug and keeps its traceback. Ctrl-C prints one line (with where the staging
+folder was kept for a resume) and exits 130; a closed stdout pipe (`| tee` died) prints one line
+and exits 1, never a second "Exception ignored" at exit.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 USER_ERRORS_EXIT = 2
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
@@ -333,12 +337,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"merge": _merge, "prune": _prune, "search": _search, "plan": _plan, "demo": _demo, "methods": _methods}[args.command]
     try:
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, as one line, not as "Exception ignored" at exit
+        return code
     except _user_error_types() as err:
         from raymerge.errors import one_line
 
         print(f"raymerge: error: {one_line(err)}", file=sys.stderr)
         return USER_ERRORS_EXIT
+    except KeyboardInterrupt as err:
+        _settle_stdout()
+        print(f"raymerge: interrupted{_kept_note(err)}", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    except BrokenPipeError as err:
+        _settle_stdout()
+        print(f"raymerge: standard output was closed (broken pipe){_kept_note(err)}", file=sys.stderr)
+        return 1
+
+
+def _kept_note(err: BaseException) -> str:
+    """'; staging folder ... kept: ...' when the job kept its staging folder (`JobOutput.fail`'s note)."""
+    notes = getattr(err, "__notes__", None) or []
+    return f"; {notes[0]}" if notes else ""
+
+
+def _settle_stdout() -> None:
+    """Flush stdout; when it is a closed pipe (`| tee` died), point it at /dev/null so that the
+    exit's own flush prints no second error."""
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, OSError, ValueError):
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ checkpoints/ included, can derive from it. `planners/` is standalone and keeps i
 
 from __future__ import annotations
 
+import re
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
 
 class RaymergeError(Exception):
     """A user mistake: the CLI prints one line and exits 2. The message says what is wrong and
@@ -23,10 +27,24 @@ class ConfigError(RaymergeError, ValueError):
     every layer, so registries outside config/ can raise it; `raymerge.config` exports it.)"""
 
 
+def user_cause(err: BaseException) -> BaseException:
+    """The error a user should see: for an error re-raised from a Ray worker (Ray's
+    `RayTaskError`, which carries the worker's exception as `.cause` and prints the remote
+    traceback), the worker's own exception; else `err`. Duck-typed: this module imports nothing."""
+    seen = 0
+    while isinstance(getattr(err, "cause", None), BaseException) and seen < 16:
+        err, seen = err.cause, seen + 1  # type: ignore[attr-defined]
+    return err
+
+
 def one_line(message: object) -> str:
     """A (possibly multi-line) error message as one line: a header line ending in ':' is joined
-    with the first problem under it, and further lines are counted, not printed."""
-    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    with the first problem under it, and further lines are counted, not printed. An exception
+    from a Ray worker is shown as the worker's exception, without the remote traceback or
+    terminal colour codes."""
+    if isinstance(message, BaseException):
+        message = user_cause(message)
+    lines = [line.strip() for line in _ANSI.sub("", str(message)).splitlines() if line.strip()]
     if not lines:
         return ""
     head, rest = lines[0], lines[1:]

@@ -52,7 +52,7 @@ def no_work(monkeypatch):
         raise AssertionError("work started (Ray or workers) before the bad input was reported")
 
     monkeypatch.setattr(merge_mod, "ensure_ray", forbidden)
-    monkeypatch.setattr(merge_mod, "acquire_pool", forbidden)
+    monkeypatch.setattr(merge_mod, "_start_pool", forbidden)
 
 
 def copy_model(src: Path, dst: Path) -> Path:
@@ -349,7 +349,7 @@ def test_not_enough_disk_space(models, tmp_path, no_work, monkeypatch):
     assert seen == [staging]
     assert re.fullmatch(
         rf"not enough disk space for the output: its 1 shard\(s\) and small files need 6\d\d\.\d\d kB "
-        rf"in the staging folder {re.escape(str(staging))}, whose filesystem has 1\.00 kB free",
+        rf"in the staging folder {re.escape(str(staging))}, whose filesystem has 1\.00 kB free \(6\d\d\.\d\d kB missing\)",
         text,
     ), text
 

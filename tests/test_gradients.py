@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from raymerge.checkpoints import SourceSpec
-from raymerge.pruning.decoder import DecoderBlock
-from raymerge.pruning.gradients import GradientStage
+from raymerge.blocks.decoder import DecoderBlock
+from raymerge.blocks.gradients import GradientStage
 
 VOCAB = 48
 SEQLEN = 12

@@ -395,3 +395,34 @@ def test_job_hash_covers_the_guidance():
     assert a == h(OperatorGuide(importance=torch.tensor([1.0, 0.5])))
     assert a != h(OperatorGuide(importance=torch.tensor([1.0, 0.25])))
     assert h(OperatorGuide(input_scales=(1.0, 0.7))) != h(OperatorGuide(input_scales=(1.0, 0.8))) != h(None)
+
+
+def test_guidance_runs_on_a_kept_merge_pool(ray_session, family):
+    """A guided merge's statistics run on the merge's own pool: with a pool kept by
+    `keep_workers=True` holding every CPU (2 workers of 1 CPU on 2 CPUs), the guided merge neither
+    hangs waiting for slots nor shuts the kept pool down, and gives the in-process bytes."""
+    from test_actor_resources import finishes_within
+
+    from raymerge.runtime import actor_pool
+
+    models = [("ft1", 0.7), ("ft2", 0.5)]
+    root = family["root"]
+    cfg = guided_config(family, "aim", models, merge_method="ties", stages=2, omega=OMEGA)
+    cfg["parameters"] = {"density": 0.6}
+    local = raymerge.merge(cfg, root / "kept-local", quiet=True, in_process=True).output
+    plain = {k: v for k, v in cfg.items() if k != "raymerge"}
+    try:
+        raymerge.merge(plain, root / "kept-first", quiet=True, workers=2, keep_workers=True)
+        pool = actor_pool.kept()
+        assert pool is not None and len(pool) == 2 and pool.rule.cpus == 1
+        actors = list(pool.actors)
+        out = finishes_within(120, raymerge.merge, cfg, root / "kept-guided", quiet=True, workers=2, keep_workers=True).output
+        assert actor_pool.kept() is pool and pool.actors == actors  # the same actors, still kept
+    finally:
+        raymerge.shutdown_workers()
+    reports = [json.loads((p / "guidance.json").read_text()) for p in (out, local)]
+    for r in reports:
+        r.pop("seconds", None)
+    assert reports[0] == reports[1]
+    mine, theirs = load_state(out), load_state(local)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[n], theirs[n]) for n in mine)

@@ -171,19 +171,20 @@ def test_result_reports_predicted_and_measured_makespan(ray_session, llama_model
 
 
 def test_kept_worker_pool_is_reused(ray_session, llama_models, tmp_path):
-    from raymerge.runtime import executor
+    from raymerge.runtime import actor_pool
 
     cfg = linear_config(llama_models)
     try:
         a = raymerge.merge(cfg, tmp_path / "a", workers=1, quiet=True, keep_workers=True)
-        pool = executor._kept_pool
+        pool = actor_pool.kept()
         assert pool is not None and len(pool) == 1
+        actors = list(pool.actors)
         b = raymerge.merge(cfg, tmp_path / "b", workers=1, quiet=True, keep_workers=True)
-        assert executor._kept_pool is pool  # same actors
+        assert actor_pool.kept() is pool and pool.actors == actors  # same actors
         assert file_bytes(a.output) == file_bytes(b.output)
     finally:
         raymerge.shutdown_workers()
-    assert executor._kept_pool is None
+    assert actor_pool.kept() is None
 
 
 # -- raymerge plan / merge --plan-only ---------------------------------------------------------------

@@ -300,7 +300,7 @@ def test_decoder_blocks_reproduce_the_model(model_root, arch, overrides):
 
     from raymerge.checkpoints import open_source
     from raymerge.demo import build_tiny_model
-    from raymerge.pruning.decoder import DecoderBlock
+    from raymerge.blocks.decoder import DecoderBlock
 
     name = arch + "".join(f"-{k}" for k in overrides)
     path = model_root / "blocks" / name

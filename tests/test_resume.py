@@ -24,6 +24,7 @@ import yaml
 
 import raymerge
 import raymerge.runtime.executor as executor
+import raymerge.runtime.actor_pool as actor_pool
 from raymerge.checkpoints.manifest import load_manifest
 from raymerge.cli import main as cli_main
 
@@ -95,17 +96,17 @@ def interrupt(monkeypatch, staging: Path, *, after_shards: int = 0, after_waits:
 
 def test_killed_worker_actor_is_replaced(llama_models, tmp_path, monkeypatch, clean, small_batches):
     pools = []
-    real_begin = executor.WorkerPool.begin
+    real_begin = executor.begin
 
-    def begin(self, *args):
-        pools.append((self, [info.pid for info in self.infos()]))
-        return real_begin(self, *args)
+    def begin(pool, *args):
+        pools.append((pool, [info.pid for info in pool.infos()]))
+        return real_begin(pool, *args)
 
     def action(n):
         if n == 3:  # worker 0 has batches in flight and more queued: SIGKILL its process
             os.kill(pools[0][1][0], signal.SIGKILL)
 
-    monkeypatch.setattr(executor.WorkerPool, "begin", begin)
+    monkeypatch.setattr(executor, "begin", begin)
     wait_hook(monkeypatch, action)
     out = tmp_path / "out"
     result = merge(linear_config(llama_models), out)
@@ -211,17 +212,17 @@ def test_corrupt_finished_shard_is_redone(llama_models, tmp_path, monkeypatch, c
 def test_workers_that_keep_dying_end_the_merge_resumably(llama_models, tmp_path, monkeypatch, clean, small_batches):
     out = tmp_path / "out"
     pids = []
-    real_begin = executor.WorkerPool.begin
+    real_begin = executor.begin
 
-    def begin(self, *args):
-        pids.extend(info.pid for info in self.infos())
-        return real_begin(self, *args)
+    def begin(pool, *args):
+        pids.extend(info.pid for info in pool.infos())
+        return real_begin(pool, *args)
 
     with monkeypatch.context() as m:
-        m.setattr(executor, "MAX_WORKER_RESTARTS", 0)
-        m.setattr(executor.WorkerPool, "begin", begin)
+        m.setattr(actor_pool, "MAX_WORKER_RESTARTS", 0)
+        m.setattr(executor, "begin", begin)
         wait_hook(m, lambda n: os.kill(pids[1], signal.SIGKILL) if n == 4 else None)
-        with pytest.raises(executor.WorkerLostError, match=r"died 1 times during this merge \(limit 0\)"):
+        with pytest.raises(actor_pool.WorkerLostError, match=r"merge: actors died 1 times \(limit 0 restarts\); last lost: merge worker 1"):
             merge(linear_config(llama_models), out)
     assert not out.exists() and load_manifest(staging_of(out)) is not None  # kept for a resume
     result = merge(linear_config(llama_models), out)

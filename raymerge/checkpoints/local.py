@@ -20,7 +20,6 @@ the entry and never the target's content.
 
 from __future__ import annotations
 
-import json
 import mmap
 import os
 import threading
@@ -29,6 +28,7 @@ from typing import Optional
 
 import torch
 
+from raymerge.checkpoints.json_limits import loads_bounded
 from raymerge.checkpoints.safetensors_format import HeaderError, TensorEntry, header_length, parse_header, tensor_from_bytes
 from raymerge.checkpoints.source import CheckpointError, CheckpointSource, TensorInfo, row_span
 
@@ -62,13 +62,16 @@ def _load_weight_map(index_path: Path) -> dict[str, str]:
 
 def parse_weight_map(data: bytes, where: str) -> dict[str, str]:
     """Tensor name -> shard file, from the bytes of a `model.safetensors.index.json`."""
-    try:
-        weight_map = json.loads(data)["weight_map"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{where}: unreadable index ({err})") from None
+    index = loads_bounded(data, where, CheckpointError)
+    if not isinstance(index, dict) or "weight_map" not in index:
+        raise CheckpointError(f"{where}: unreadable index (no 'weight_map' object at the top level)")
+    weight_map = index["weight_map"]
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{where}: 'weight_map' is not a mapping")
-    return {str(k): str(v) for k, v in weight_map.items()}
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CheckpointError(f"{where}: weight_map entry for tensor {name!r} is {shard!r}, not a file name")
+    return dict(weight_map)
 
 
 def boundary(root: Path) -> Path:

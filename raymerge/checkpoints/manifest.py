@@ -3,12 +3,15 @@
 A merge's staging folder (`writer.StagedOutput.staging`) holds one file besides the shards,
 `.raymerge-manifest.jsonl`, one JSON object per line:
 
-    {"raymerge_manifest": 1, "job": "<sha256 hex>", "shards": {"model-00001-of-00002.safetensors": 1234, ...}}
+    {"raymerge_manifest": 1, "job": "<sha256 hex>", "shards": {"model-00001-of-00002.safetensors": 1234, ...},
+     "inputs": {"/models/a/model.safetensors": [size, mtime_ns, ctime_ns, "<header sha256>"], ...}}
     {"shard": "model-00001-of-00002.safetensors", "size": 1234, "sha256": "<hex>"}
     ...
 
 The first line names the job (`runtime.recovery.job_identity`: a hash of everything that decides
-the output bytes) and the shard layout (file name -> size). It is written once, to a temporary
+the output bytes), the shard layout (file name -> size) and each input file's fingerprint
+(`runtime.recovery.input_fingerprint`; the job hash covers them too, this copy only lets a
+resume name the input that changed). It is written once, to a temporary
 file that is fsynced and renamed into place, so a manifest either has it or does not exist.
 Each further line records a shard whose every tensor is written: its size and the sha256 of
 its bytes, appended with one `write` and fsynced (after the shard itself was fsynced). A line
@@ -16,8 +19,9 @@ torn by a crash mid-append does not parse and is ignored, as is a record for a s
 layout does not have; the last record of a shard wins. Records are claims, not proof: a resumed
 run re-hashes each recorded shard and trusts only those whose bytes still match.
 
-The manifest is removed just before the staging folder is published, so it never reaches the
-output.
+The manifest is moved out of the staging folder just before it is published
+(`writer.StagedOutput.publish`), so it never reaches the output, and back if that publish is
+interrupted (`writer.StagedOutput.recover`), so an interrupted publish loses no finished shard.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 MANIFEST_NAME = ".raymerge-manifest.jsonl"
 FORMAT = 1
@@ -52,6 +56,7 @@ class ManifestState:
     job: str
     shards: dict[str, int]  # the layout: file name -> size in bytes
     finished: dict[str, ShardRecord] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)  # input file -> fingerprint (may be empty)
 
 
 def file_sha256(path: str | os.PathLike, *, fsync: bool = False) -> str:
@@ -94,7 +99,8 @@ def load_manifest(staging: str | os.PathLike) -> Optional[ManifestState]:
         head = json.loads(lines[0])
         if head.get("raymerge_manifest") != FORMAT:
             return None
-        state = ManifestState(str(head["job"]), {str(k): int(v) for k, v in head["shards"].items()})
+        state = ManifestState(str(head["job"]), {str(k): int(v) for k, v in head["shards"].items()},
+                              inputs=dict(head.get("inputs") or {}))
     except (IndexError, ValueError, KeyError, TypeError, AttributeError):
         return None
     for text in lines[1:]:
@@ -116,10 +122,13 @@ class Manifest:
         self._lock = threading.Lock()
 
     @classmethod
-    def create(cls, staging: str | os.PathLike, job: str, shards: dict[str, int], records: Iterable[ShardRecord] = ()) -> "Manifest":
-        """Write a new manifest (replacing any) for `job` and its layout, with `records` already in it."""
+    def create(cls, staging: str | os.PathLike, job: str, shards: dict[str, int], records: Iterable[ShardRecord] = (),
+               inputs: Optional[Mapping[str, Any]] = None) -> "Manifest":
+        """Write a new manifest (replacing any) for `job`, its layout and its input files'
+        fingerprints, with `records` already in it."""
         manifest = cls(staging)
-        text = json.dumps({"raymerge_manifest": FORMAT, "job": job, "shards": shards}) + "\n"
+        head = {"raymerge_manifest": FORMAT, "job": job, "shards": shards, "inputs": dict(inputs or {})}
+        text = json.dumps(head) + "\n"
         text += "".join(r.line() for r in records)
         tmp = manifest.path.with_name(MANIFEST_NAME + ".tmp")
         with open(tmp, "w") as f:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any, Optional, Sequence
 
-from raymerge.checkpoints.source import TOKENIZER_FILES, CheckpointSource
+from raymerge.checkpoints.source import TOKENIZER_FILES, CheckpointError, CheckpointSource
 
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
@@ -80,3 +80,21 @@ def model_card(*, method: str, models: Sequence[str], base: Optional[str], confi
         lines += [f"Base model: `{base}`", ""]
     lines += ["Models merged:", ""] + [f"- `{m}`" for m in models] + ["", "## Configuration", "", "```yaml", config_yaml.rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def load_tokenizer(source: CheckpointSource) -> Any:
+    """The `transformers` tokenizer of a model, from its tokenizer files (read through the
+    source, so a Hub, S3 or DeepSpeed model works like a local folder); `CheckpointError` when
+    it has none."""
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    files = tokenizer_files(source)
+    if not any(name.startswith("tokenizer") or name in ("vocab.json",) for name in files):
+        raise CheckpointError(f"{source.location}: no tokenizer files (needed to tokenize the calibration text)")
+    with tempfile.TemporaryDirectory(prefix="raymerge-tok-") as tmp:
+        for name, data in files.items():
+            Path(tmp, name).write_bytes(data)
+        return AutoTokenizer.from_pretrained(tmp)

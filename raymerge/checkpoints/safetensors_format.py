@@ -21,6 +21,7 @@ from typing import Any, Iterable
 
 import torch
 
+from raymerge.checkpoints.json_limits import loads_bounded
 from raymerge.errors import RaymergeError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -90,35 +91,70 @@ def header_length(prefix: bytes, where: str, file_size: int | None = None) -> in
     return n
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _entry(name: str, info: Any, where: str, data_start: int) -> TensorEntry:
+    """One header entry, every field of the JSON type safetensors requires (the `safetensors`
+    library refuses the same files): dtype a known string, shape a list of non-negative
+    integers, data_offsets two integers 0 <= begin <= end spanning exactly shape x dtype."""
+    if not isinstance(info, dict):
+        raise HeaderError(f"{where}: corrupt safetensors header entry for tensor {name!r} (not a JSON object)")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+    if missing:
+        raise HeaderError(f"{where}: corrupt safetensors header entry for tensor {name!r} (no {missing[0]!r})")
+    code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(code, str):
+        raise HeaderError(f"{where}: tensor {name!r} has dtype {code!r}, not a string")
+    if code not in DTYPES:
+        raise HeaderError(f"{where}: tensor {name!r} has unsupported dtype {code!r}")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise HeaderError(f"{where}: tensor {name!r} has shape {shape!r}, not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise HeaderError(f"{where}: tensor {name!r} has data_offsets {offsets!r}, not two integers 0 <= begin <= end")
+    begin, end = offsets
+    numel = 1
+    for d in shape:
+        numel *= d
+    if end - begin != numel * element_size(code):
+        raise HeaderError(
+            f"{where}: tensor {name!r} has offsets {begin}..{end} that do not match "
+            f"shape {list(shape)} and dtype {code}"
+        )
+    return TensorEntry(name, code, tuple(shape), data_start + begin, data_start + end)
+
+
+def _check_overlaps(entries: dict[str, TensorEntry], where: str) -> None:
+    """Two tensors sharing bytes would alias each other: refused (as `safetensors` does)."""
+    spans = sorted((e.begin, e.end, e.name) for e in entries.values() if e.end > e.begin)
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise HeaderError(f"{where}: tensor {n1!r} (bytes {b1}..{e1}) overlaps tensor {n0!r} (bytes {b0}..{e0})")
+
+
 def parse_header(
     header_json: bytes, where: str, file_size: int | None = None
 ) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Parse a header's JSON; return entries (offsets absolute in the file) and metadata."""
-    try:
-        raw = json.loads(header_json.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise HeaderError(f"{where}: corrupt safetensors header (invalid JSON: {err})") from None
+    """Parse a header's JSON; return entries (offsets absolute in the file) and metadata.
+    Every malformation is a HeaderError naming `where` and, for an entry, the tensor."""
+    def corrupt(message: str) -> HeaderError:
+        detail = message.removeprefix(f"{where}: ")
+        return HeaderError(f"{where}: corrupt safetensors header ({detail})")
+
+    raw = loads_bounded(header_json, where, corrupt)
     if not isinstance(raw, dict):
         raise HeaderError(f"{where}: corrupt safetensors header (not a JSON object)")
     data_start = 8 + len(header_json)
-    metadata = raw.pop("__metadata__", None) or {}
-    entries: dict[str, TensorEntry] = {}
-    for name, info in raw.items():
-        try:
-            code, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise HeaderError(f"{where}: corrupt safetensors header entry for tensor {name!r}") from None
-        if code not in DTYPES:
-            raise HeaderError(f"{where}: tensor {name!r} has unsupported dtype {code!r}")
-        numel = 1
-        for d in shape:
-            numel *= d
-        if end - begin != numel * element_size(code) or begin < 0:
-            raise HeaderError(
-                f"{where}: tensor {name!r} has offsets {begin}..{end} that do not match "
-                f"shape {list(shape)} and dtype {code}"
-            )
-        entries[name] = TensorEntry(name, code, shape, data_start + begin, data_start + end)
+    metadata = raw.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise HeaderError(f"{where}: corrupt safetensors header (__metadata__ must be a JSON object of strings, "
+                          f"got {type(metadata).__name__})")
+    entries = {name: _entry(name, info, where, data_start) for name, info in raw.items()}
+    _check_overlaps(entries, where)
     if file_size is not None:
         # Checked against the file's size when it is opened, so a truncated download fails up
         # front; the tensor named is the first one (by offset) whose bytes are not all there.
@@ -129,7 +165,7 @@ def parse_header(
                 f"{where}: truncated file: tensor {first.name!r} ends at byte {first.end} "
                 f"but the file has {file_size} bytes ({len(cut)} tensor(s) past the end)"
             )
-    return entries, {str(k): str(v) for k, v in metadata.items()}
+    return entries, dict(metadata)
 
 
 def build_header(

@@ -32,6 +32,7 @@ from typing import Any, Optional
 
 import torch
 
+from raymerge.checkpoints.json_limits import loads_bounded
 from raymerge.checkpoints.source import CheckpointError, CheckpointSource, TensorInfo
 
 CONFIG_FILE = "config.json"
@@ -115,9 +116,9 @@ class ShapeOnlySource(CheckpointSource):
             raise CheckpointError(f"{self.config_path}: not found (a shape-only source needs a config.json)")
         try:
             self._config_bytes = self.config_path.read_bytes()
-            self._config = json.loads(self._config_bytes)
-        except (OSError, ValueError) as err:
+        except OSError as err:
             raise CheckpointError(f"{self.config_path}: unreadable config ({err})") from None
+        self._config = loads_bounded(self._config_bytes, str(self.config_path), CheckpointError)
         if not isinstance(self._config, dict):
             raise CheckpointError(f"{self.config_path}: expected a JSON object")
         try:

@@ -9,12 +9,12 @@ source and reads only the tensors of its own operators.
 from __future__ import annotations
 
 import abc
-import json
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
+from raymerge.checkpoints.json_limits import loads_bounded
 from raymerge.errors import RaymergeError
 
 
@@ -74,10 +74,11 @@ class CheckpointSource(abc.ABC):
         data = self.read_bytes(filename)
         if data is None:
             return None
-        try:
-            return json.loads(data)
-        except ValueError as err:
-            raise CheckpointError(f"{self.file_label(filename)}: invalid JSON ({err})") from None
+        where = self.file_label(filename)
+        value = loads_bounded(data, where, CheckpointError)  # nesting bounded, UTF-8, one line
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{where}: expected a JSON object at the top level, got {type(value).__name__}")
+        return value
 
     def file_label(self, filename: str) -> str:
         """How messages name a side file of the checkpoint."""
@@ -92,6 +93,21 @@ class CheckpointSource(abc.ABC):
         if cfg is None:
             raise CheckpointError(f"{self.location}: no config.json")
         return cfg
+
+    def architecture(self) -> str:
+        """The model's architecture from config.json (`architectures`, else `model_type`); a
+        CheckpointError naming the file when config.json is missing or these keys are odd."""
+        cfg = self.config()
+        where = self.file_label("config.json")
+        archs = cfg.get("architectures")
+        if archs is not None:
+            if not isinstance(archs, list) or not archs or not all(isinstance(a, str) and a for a in archs):
+                raise CheckpointError(f"{where}: 'architectures' must be a non-empty list of names, got {archs!r:.80}")
+            return ",".join(archs)
+        model_type = cfg.get("model_type")
+        if model_type is not None and not isinstance(model_type, str):
+            raise CheckpointError(f"{where}: 'model_type' must be a name, got {model_type!r:.80}")
+        return model_type or "?"
 
     def close(self) -> None:
         """Release open files or connections."""

@@ -14,6 +14,14 @@
    staging folder, fsyncs, and renames it onto the output path. Until that rename nothing at the
    output path exists, so a crash never leaves something there that loads as a model.
 
+   The rename is made crash-safe by a journal (`StagedOutput.publish`, `StagedOutput.recover`):
+   a kill at any point leaves either the old output or the new one in place plus what the next
+   run needs to finish or roll back the swap, and never loses the finished shards.
+5. Disk space (`check_disk_space`) is counted in filesystem blocks: each shard and small file
+   rounded up to the allocation unit (`statvfs().f_frsize`), plus the resume manifest. A disk that
+   fills anyway later (another writer took the space) fails with `DiskSpaceError`, which says how
+   much is missing and is kept for a resume (`runtime.recovery.keeps_staging`).
+
 `sinks.open_output` picks the sink: a local directory, or an `s3://bucket/prefix`, which stages the
 same way in a local folder and then uploads (shards by the workers, `config.json` last; see
 `raymerge.checkpoints.s3`).
@@ -25,6 +33,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +41,7 @@ from typing import Collection, Iterable, Optional, Sequence
 
 import torch
 
+from raymerge.checkpoints.manifest import MANIFEST_NAME
 from raymerge.checkpoints.safetensors_format import TensorEntry, build_header, tensor_bytes
 from raymerge.errors import RaymergeError
 
@@ -40,6 +50,27 @@ DEFAULT_SHARD_BYTES = 5 * 1000**3
 
 class OutputError(RaymergeError, ValueError):
     """The output path cannot be written (exists already, not writable, ...)."""
+
+
+class DiskSpaceError(OutputError):
+    """The staging filesystem cannot hold the output; `missing` is how many bytes are lacking."""
+
+    def __init__(self, message: str, missing: int = 0):
+        super().__init__(message)
+        self.missing = missing
+
+
+PAUSE_ENV = "RAYMERGE_TEST_PAUSE_AT"
+
+
+def pause_point(window: str) -> None:
+    """Test hook for crash-recovery tests: when $RAYMERGE_TEST_PAUSE_AT names `window`, this
+    process stops itself (SIGSTOP) there, so a test can SIGKILL it, or change the disk and SIGCONT
+    it, at exactly that point. Windows: `locked` (output lock taken), `open` (staging folder set
+    up), `publish-manifest-aside` (manifest moved out of the staging folder, nothing renamed yet),
+    `publish-between-renames` (old output moved aside, staging not yet renamed). Unset, a no-op."""
+    if os.environ.get(PAUSE_ENV) == window:
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 @dataclass(frozen=True)
@@ -192,10 +223,32 @@ class StagedOutput:
 
     def write_file(self, name: str, data: bytes | str) -> None:
         path = self.staging / name
-        path.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        try:
+            path.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        except OSError as err:
+            if err.filename is None:  # a failed write() names no file: say which one
+                raise OSError(err.errno, err.strerror, str(path)) from None
+            raise
+
+    @property
+    def journal(self) -> Path:
+        """The publish journal beside the output: exists only while a publish is under way."""
+        return self.output.parent / f".{self.output.name}.raymerge-publish"
+
+    @property
+    def manifest_aside(self) -> Path:
+        """Where the resume manifest waits, out of the staging folder, during a publish. (Sibling
+        names stay within `output_name.AFFIX`: `.raymerge-publish.tmp` is the longest.)"""
+        return self.output.parent / f".{self.output.name}.raymerge-manifest"
 
     def publish(self) -> Path:
-        """fsync the staged files and move them to the output path in one rename."""
+        """fsync the staged files and move them to the output path in one rename.
+
+        Crash-safe order: (1) fsync every staged file; (2) write the journal (the name the old
+        output will get, if any); (3) move the resume manifest out of the staging folder, so it
+        never reaches the output but is not lost; (4) rename the old output aside; (5) rename the
+        staging folder onto the output; (6) remove the old output, the manifest and the journal.
+        A kill anywhere in (2)-(6) is repaired by the next run's `recover`."""
         for path in self.staging.iterdir():
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -206,11 +259,62 @@ class StagedOutput:
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.raymerge-old-{uuid.uuid4().hex[:8]}"
+        _write_durably(self.journal, json.dumps({"old": None if old is None else old.name}) + "\n")
+        if (self.staging / MANIFEST_NAME).exists():
+            os.rename(self.staging / MANIFEST_NAME, self.manifest_aside)
+            _fsync_dir(out.parent)
+        pause_point("publish-manifest-aside")
+        if old is not None:
             os.rename(out, old)
+            _fsync_dir(out.parent)
+        pause_point("publish-between-renames")
         os.rename(self.staging, out)
+        _fsync_dir(out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        for path in (self.manifest_aside, self.journal):
+            _unlink(path)
         return out
+
+    def recover(self) -> Optional[str]:
+        """Finish or roll back a publish that a crash interrupted (call with the output lock held);
+        returns one line saying what was done, or None when there was nothing to do.
+
+        The staging folder is gone: the new output was renamed into place, only the cleanup is
+        left (the old output, the manifest set aside, the journal); were the output missing too,
+        the old output is put back rather than removed. The staging folder is still
+        there: the swap is rolled back — the old output renamed back onto the output path, the
+        manifest back into the staging folder — so the next run resumes from the finished shards
+        (or, as another job, discards them) and the old model is never stranded."""
+        _unlink(self.journal.with_name(self.journal.name + ".tmp"))  # killed while writing it: nothing moved yet
+        if not self.journal.exists():
+            return None
+        try:
+            old_name = json.loads(self.journal.read_text()).get("old")
+        except (OSError, ValueError, AttributeError):
+            old_name = None
+        old = self.output.parent / old_name if old_name else None
+        if not self.staging.exists():
+            if old is not None and old.exists():
+                if self.output.exists():  # the new output is in place: the old one is done with
+                    shutil.rmtree(old, ignore_errors=True)
+                else:  # the staging folder was lost (removed by hand?): never strand the old output
+                    os.rename(old, self.output)
+                    _fsync_dir(self.output.parent)
+            for path in (self.manifest_aside, self.journal):
+                _unlink(path)
+            return f"raymerge: finished the interrupted publish of {self.output} (removed what it left behind)"
+        restored = False
+        if old is not None and old.exists() and not self.output.exists():
+            os.rename(old, self.output)
+            restored = True
+        if self.manifest_aside.exists():
+            os.rename(self.manifest_aside, self.staging / MANIFEST_NAME)
+        _fsync_dir(self.output.parent)
+        _unlink(self.journal)
+        back = "the previous model is back in place; " if restored else ""
+        return (f"raymerge: rolled back the interrupted publish of {self.output}: {back}"
+                f"its finished shards stay in {self.staging} for a resume")
 
     def abort(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
@@ -238,13 +342,26 @@ def allocate_shards(folder: Path, layout: OutputLayout, skip: Collection[str] = 
             _reserve(f.fileno(), shard.size, folder / shard.filename)
 
 
-def free_bytes(path: Path) -> int:
-    """Free bytes for an unprivileged writer on the filesystem of `path` (or of its nearest
-    existing parent, for a folder not created yet)."""
+def _existing(path: Path) -> Path:
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
-    return shutil.disk_usage(path).free
+    return path
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes for an unprivileged writer on the filesystem of `path` (or of its nearest
+    existing parent, for a folder not created yet)."""
+    return shutil.disk_usage(_existing(path)).free
+
+
+def block_size(path: Path) -> int:
+    """The allocation unit of the filesystem of `path` (statvfs f_frsize, else f_bsize, else 4096)."""
+    try:
+        st = os.statvfs(_existing(path))
+    except OSError:
+        return 4096
+    return st.f_frsize or st.f_bsize or 4096
 
 
 def human_bytes(n: float) -> str:
@@ -254,24 +371,55 @@ def human_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def check_disk_space(staging: Path, layout: OutputLayout, extra_bytes: int = 0) -> None:
-    """Fail before any work when the staging folder's filesystem cannot hold the output (its
-    shards, headers included, plus `extra_bytes` of small files). Space already allocated to a
-    shard of an existing staging folder counts as available. `_reserve` stays the second line
-    of defence (another writer may take the space between this check and the allocation)."""
+def manifest_bytes(layout: OutputLayout) -> int:
+    """A generous estimate of the resume manifest's size: its first line (job, layout, inputs)
+    and one record per shard."""
+    return 4096 + sum(len(s.filename) * 2 + 200 for s in layout.shards)
+
+
+def space_needed(staging: Path, files: dict[str, int], block: Optional[int] = None) -> int:
+    """Bytes still to allocate in `staging` for `files` (name -> size): each rounded up to whole
+    filesystem blocks, less the blocks a file of that name already holds there."""
     staging = Path(staging)
-    needed = extra_bytes
-    for shard in layout.shards:
+    block = block or block_size(staging)
+    needed = 0
+    for name, size in files.items():
         try:
-            held = (staging / shard.filename).stat().st_blocks * 512
+            held = (staging / name).stat().st_blocks * 512
         except OSError:
             held = 0
-        needed += max(0, shard.size - held)
+        needed += max(0, -(-size // block) * block - held)
+    return needed
+
+
+def output_files(layout: OutputLayout, small_files: Sequence[int] = (), extra_bytes: int = 0) -> dict[str, int]:
+    """What a staging folder will hold, name -> size: the shards, the resume manifest, the small
+    files (sizes only: named `<small i>`) and `extra_bytes` as one more small file."""
+    files = {s.filename: s.size for s in layout.shards}
+    files[MANIFEST_NAME] = manifest_bytes(layout)
+    for i, size in enumerate(small_files):
+        files[f"<small {i}>"] = size
+    if extra_bytes:
+        files["<small files>"] = extra_bytes
+    return files
+
+
+def check_disk_space(staging: Path, layout: OutputLayout, extra_bytes: int = 0, small_files: Sequence[int] = ()) -> None:
+    """Fail before any work when the staging folder's filesystem cannot hold the output: its
+    shards (headers included), the resume manifest and the small files (`small_files`, one size
+    each; `extra_bytes`, a total counted as one file), each rounded up to filesystem blocks. Space
+    already allocated to a shard of an existing staging folder counts as available. `_reserve`
+    stays the second line of defence (another writer may take the space between this check and
+    the allocation)."""
+    staging = Path(staging)
+    needed = space_needed(staging, output_files(layout, small_files, extra_bytes))
     free = free_bytes(staging)
     if needed > free:
-        raise OutputError(
+        raise DiskSpaceError(
             f"not enough disk space for the output: its {len(layout.shards)} shard(s) and small files need "
-            f"{human_bytes(needed)} in the staging folder {staging}, whose filesystem has {human_bytes(free)} free"
+            f"{human_bytes(needed)} in the staging folder {staging}, whose filesystem has {human_bytes(free)} free "
+            f"({human_bytes(needed - free)} missing)",
+            needed - free,
         )
 
 
@@ -282,9 +430,43 @@ def _reserve(fd: int, size: int, path: Path) -> None:
         os.posix_fallocate(fd, 0, size)
     except OSError as err:
         if err.errno == errno.ENOSPC:
-            raise OutputError(f"not enough disk space for {path} ({size} bytes)") from None
+            free = free_bytes(path)
+            missing = f", {human_bytes(size - free)} missing" if size > free else ""
+            raise DiskSpaceError(f"not enough disk space for {path} ({size} bytes): {human_bytes(free)} free{missing}",
+                                 max(size - free, 0)) from None
         if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             raise
+
+
+def _write_durably(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: a temporary file, fsynced, renamed into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot fsync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 class ShardFileWriter:

@@ -43,7 +43,6 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Callable, Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from raymerge.config.merge_config import ConfigError
@@ -331,11 +330,9 @@ def load_cluster(path: Union[str, Path]) -> ClusterProfile:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: cluster profile not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML: {err}") from None
-    return parse_cluster(data, str(path))
+    from raymerge.config.yaml_loader import load_yaml_file
+
+    return parse_cluster(load_yaml_file(path), str(path))
 
 
 __all__ = [

@@ -13,10 +13,10 @@ top-level `raymerge:` key so that the rest of the file stays valid for mergekit.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raymerge.errors import ConfigError, RaymergeError  # noqa: F401  (ConfigError: raised and exported here)
 
@@ -36,7 +36,21 @@ class ConditionalParameter(_Strict):
 
 
 ParameterSetting = Union[list[ConditionalParameter], ConditionalParameter, ScalarOrGradient]
-Parameters = dict[str, ParameterSetting]
+
+
+def _no_empty_lists(v: Any) -> Any:
+    """`density: []` (or a filter entry's `value: []`) has no value at any layer: refused, where
+    mergekit would fail later inside the merge."""
+    if isinstance(v, dict):
+        for name, setting in v.items():
+            values = setting if isinstance(setting, list) else [setting]
+            if setting == [] or any(isinstance(e, dict) and e.get("value") == [] for e in values):
+                raise ValueError(f"{name}: an empty list is not a value (give a number, a list of numbers "
+                                 "(a gradient over layers) or a filter list)")
+    return v
+
+
+Parameters = Annotated[dict[str, ParameterSetting], BeforeValidator(_no_empty_lists)]
 
 
 class ModelRef(_Strict):
@@ -296,10 +310,9 @@ def read_yaml(path: Union[str, Path], what: str) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} not found: {path}")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"invalid YAML in {path}: {err}") from None
+    from raymerge.config.yaml_loader import load_yaml_file
+
+    return load_yaml_file(path)  # bounded: an alias bomb or a non-UTF-8 file is one line
 
 
 def load_config(config: Union[str, Path, dict[str, Any], MergeConfig]) -> tuple[MergeConfig, str]:

@@ -32,6 +32,7 @@ error rather than being silently overridden.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -142,6 +143,16 @@ class PruneConfig(_Strict):
     def _pattern(cls, v: str) -> str:
         nm = parse_nm(v)
         return "unstructured" if nm is None else f"{nm[0]}:{nm[1]}"
+
+    @field_validator("modules")
+    @classmethod
+    def _regexes(cls, v: Optional[list[str]]) -> Optional[list[str]]:
+        for i, pattern in enumerate(v or []):
+            try:
+                re.compile(pattern)
+            except (re.error, RecursionError, OverflowError) as err:
+                raise ValueError(f"[{i}] {pattern!r} is not a valid regular expression ({err})") from None
+        return v
 
     @field_validator("layerwise")
     @classmethod

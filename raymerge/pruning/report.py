@@ -17,7 +17,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from raymerge.pruning.stage import ModuleResult
+
+@dataclass
+class ModuleResult:
+    """What pruning did to one linear module (for the report)."""
+
+    layer: int
+    module: str
+    target: float
+    zeros: int
+    numel: int
+    nm_valid: Optional[bool] = None
+
+    @property
+    def achieved(self) -> float:
+        return self.zeros / self.numel if self.numel else 0.0
+
 
 REPORT_FILE = "prune_report.json"
 

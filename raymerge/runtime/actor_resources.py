@@ -1,8 +1,8 @@
 """The one resource rule for every pool of Ray actors: what each actor reserves, and its threads.
 
-Every job starts its actors through `actor_resources` — the merge worker pool
-(`runtime.executor`), the prune stage workers and the guidance statistics stages
-(`runtime.prune._start_workers`), the search stage workers (`search.study`) — so a number of
+Every job's actors are an `ActorPool` (`runtime.actor_pool`), started through `actor_resources` —
+the merge worker pool (whose actors also run a guided merge's statistics), the prune stage
+workers, the search stage workers (one rule for all pipelines' actors) — so a number of
 actors the user asks for (`--workers`, `--stages`, `concurrency`) means the same thing in every
 job, and either runs or fails at once with a message naming the resources. Never a silent hang:
 Ray keeps an actor whose reservation no node can satisfy pending forever, without a word.
@@ -27,9 +27,10 @@ The rule, for `n` actors on a cluster:
 - `scheduling_strategy="SPREAD"`: actors go to different nodes where they can, so a pool uses
   the whole cluster's memory and bandwidth, not the first node's.
 
-What this does not see: resources held at that moment by other Ray work (another job, a pool
-kept by `keep_workers=True` — the jobs shut that down before starting other actors); actors
-then wait for those resources like any Ray work.
+What this does not see: resources held at that moment by other Ray work (another job); actors
+then wait for those resources like any Ray work. A pool kept by `keep_workers=True` is this
+process's own: a merge or prune reuses it when it matches (a guided merge's statistics run on
+it), and a job that needs other actors shuts it down first (`runtime.actor_pool`).
 """
 
 from __future__ import annotations

@@ -1,12 +1,11 @@
-"""Running a plan on a pool of Ray worker actors, with a progress bar.
+"""Running a merge plan on an actor pool (`runtime.actor_pool`), with a progress bar.
 
 The pool: one actor per GPU when the cluster has GPUs, else one per CPU slot (`workers=N`
 overrides); what each actor reserves, and its torch threads, is the one rule of
-`runtime.actor_resources` (fractional CPU shares, or a refusal naming the GPUs). Starting an
-actor costs a Python process and a torch import (about a second on a small CPU machine), so
-a pool can outlive a merge: `acquire_pool(..., keep=True)` keeps it for the next merge of this
-driver process (sweeps, pipelines); by default it is released (`release`) when the merge ends,
-so it never holds CPU slots the caller may want for other Ray work.
+`runtime.actor_resources`, and a pool can be kept for the next merge of this driver process
+(`actor_pool.acquire` / `release`). `begin` points the pool's actors at a merge (a replacement
+actor is pointed at it too), `calibrate` times the job's methods for the planner, `finish`
+closes the job's files.
 
 Execution: the plan fixes which worker runs each part (`work_items`: in output order, shard by
 shard, so shards finish one after another); each worker's parts are sent in small batches, at
@@ -16,23 +15,23 @@ output bytes: every part writes at its precomputed offset. The measured makespan
 sent to last batch done) is returned next to each worker's busy seconds, so the planner's
 prediction can be checked.
 
-Fault tolerance: a worker actor that dies mid-merge (its process killed, out of memory, its
-node lost) is replaced by a new actor with the same resources, pointed at the same job; the
-batches it had been sent but not finished go back to the front of its queue, where the
-replacement (or, by the same work stealing, another worker) runs them again. Rerunning a part
-rewrites the same bytes at the same offsets, so the output does not change. After
-`MAX_WORKER_RESTARTS` replacements in one merge, `WorkerLostError` ends it (the staging folder
-is kept for a resume: `runtime.recovery`). `on_done(batch)` is called for each batch that
-finished, which is how the driver learns which shards are complete.
+Fault tolerance (the pool's one policy, `actor_pool.Restarts`): a worker actor that dies
+mid-merge (its process killed, out of memory, its node lost) is replaced by a new actor with
+the same resources, pointed at the same job; the batches it had been sent but not finished go
+back to the front of its queue, where the replacement (or, by the same work stealing, another
+worker) runs them again. Rerunning a part rewrites the same bytes at the same offsets, so the
+output does not change. After `MAX_WORKER_RESTARTS` replacements in one merge, `WorkerLostError`
+ends it (the staging folder is kept for a resume: `runtime.recovery`). `on_done(batch)` is
+called for each batch that finished, which is how the driver learns which shards are complete.
 
 Ray is started locally when no cluster is given (`address=None` and no `RAY_ADDRESS`); with an
 address, the pool is spread over the cluster's nodes. The output staging folder must then be on
 storage every node can write (a shared filesystem).
 
-In process (`merge(..., in_process=True)`): a `LocalPool` holds one `MergeWorkerImpl` in the
-driver, with the interface of `WorkerPool`; `run_plan` then runs the plan's work items (a plan
-for that one worker) batch by batch in this process. Same worker code, same work items, no Ray:
-for small merges and the test suite, where starting Ray and actors costs more than the merge.
+In process (`merge(..., in_process=True)`): the pool is `ActorPool.in_process()`, one
+`PoolActor` in the driver; `run_plan` then runs the plan's work items (a plan for that one
+worker) batch by batch in this process. Same actor code, same work items, no Ray: for small
+merges and the test suite, where starting Ray and actors costs more than the merge.
 """
 
 from __future__ import annotations
@@ -46,22 +45,15 @@ from typing import Any, Callable, Optional, Sequence
 from tqdm.auto import tqdm
 
 from raymerge.checkpoints import OutputLayout, SourceSpec
-from raymerge.runtime.actor_resources import actor_resources, check_actor_count, default_actor_count
+from raymerge.runtime import actor_pool
+from raymerge.runtime.actor_pool import ActorPool, Restarts, WorkerLostError
 from raymerge.runtime.costs import part_rows
 from raymerge.runtime.operators import MergeOperator
-from raymerge.runtime.worker import BatchStats, MergeWorkerImpl, WorkerInfo, WorkItem, WriteTarget
+from raymerge.runtime.worker import BatchStats, WorkItem, WriteTarget
 
 BATCH_BYTES = 64 * 1024 * 1024
 BATCH_OPS = 16
 IN_FLIGHT_PER_WORKER = 2
-MAX_WORKER_RESTARTS = 3  # worker actors replaced per merge before giving up
-RESTART_TIMEOUT_S = 300.0  # how long a replacement may take to start (e.g. waiting for resources)
-
-
-class WorkerLostError(RuntimeError):
-    """Worker actors kept dying (or a replacement could not start): the merge cannot go on."""
-
-
 @dataclass
 class ExecutionStats:
     workers: int
@@ -105,167 +97,31 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) ->
     ray.init(address=address, **kwargs)
 
 
-class WorkerPool:
-    """Merge worker actors, what each reported about itself, and its calibration cache."""
-
-    def __init__(self, n: int, resources: dict, threads: int):
-        import ray
-
-        self._actor_cls = ray.remote(MergeWorkerImpl).options(max_concurrency=1, **resources)
-        self._threads = threads
-        self._job: Optional[tuple[list[SourceSpec], str]] = None
-        self.key = _pool_key(n, resources, threads)
-        self.actors = [self._actor_cls.remote(i, threads) for i in range(n)]
-        self._infos: Optional[list[WorkerInfo]] = None
-        self.calibration: dict[Any, list[float]] = {}  # cost key -> seconds per element, per worker
-
-    def __len__(self) -> int:
-        return len(self.actors)
-
-    def infos(self) -> list[WorkerInfo]:
-        import ray
-
-        if self._infos is None:
-            self._infos = ray.get([a.describe.remote() for a in self.actors])
-        return self._infos
-
-    def calibrate(self, samples: dict[Any, MergeOperator]) -> list[list[float]]:
-        """Per worker, seconds per element of each sample's method (cached by key)."""
-        import ray
-
-        missing = [k for k in samples if k not in self.calibration]
-        if missing:
-            ops = [samples[k] for k in missing]
-            rows = ray.get([a.calibrate.remote(ops) for a in self.actors])
-            for j, k in enumerate(missing):
-                self.calibration[k] = [row[j] for row in rows]
-        return [[self.calibration[k][w] for k in samples] for w in range(len(self.actors))]
-
-    def begin(self, sources: Sequence[SourceSpec], staging: str) -> None:
-        import ray
-
-        self._job = (list(sources), staging)
-        ray.get([a.begin.remote(list(sources), staging) for a in self.actors])
-
-    def replace(self, i: int):
-        """Replace actor `i` (dead, or to be given up) by a new one with the same resources and
-        job; returns the ref of its `begin` (tasks sent to it later run after it)."""
-        import ray
-
-        try:
-            ray.kill(self.actors[i], no_restart=True)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
-        self.actors[i] = self._actor_cls.remote(i, self._threads)
-        self._infos = None
-        if self._job is None:
-            return self.actors[i].describe.remote()
-        return self.actors[i].begin.remote(*self._job)
-
-    def finish(self) -> list[int]:
-        import ray
-
-        return ray.get([a.finish.remote() for a in self.actors])
-
-    def kill(self) -> None:
-        import ray
-
-        for a in self.actors:
-            ray.kill(a)
-        self.actors = []
+def begin(pool: ActorPool, sources: Sequence[SourceSpec], staging: str) -> None:
+    """Point every actor of `pool` at a merge (its sources and staging folder); a replacement
+    actor is pointed at it too (`ActorPool.setup`)."""
+    job = (list(sources), staging)
+    pool.setup = lambda ref: ref.merge_begin(*job)
+    pool.get([pool.setup(w) for w in pool.workers])
 
 
-class LocalPool:
-    """One merge worker in this process, behind `WorkerPool`'s interface (describe, calibrate,
-    begin, run through `run_plan`, finish): a merge with `in_process=True` starts no Ray and no
-    actor. It is the same `MergeWorkerImpl` a worker actor wraps, given the same work items of
-    a plan made for one worker, so its bytes are those of a Ray merge with one worker. The
-    torch thread count is left as this process has it (a library must not change its caller's);
-    the numbers do not depend on it. `actors` is empty: there are no actors to upload S3
-    shards, so the driver uploads them (`runtime.output.upload_on`)."""
-
-    def __init__(self) -> None:
-        self.workers = [MergeWorkerImpl(0)]
-        self.actors: list = []
-        self._infos: Optional[list[WorkerInfo]] = None
-        self.calibration: dict[Any, list[float]] = {}
-
-    def __len__(self) -> int:
-        return len(self.workers)
-
-    def infos(self) -> list[WorkerInfo]:
-        if self._infos is None:
-            self._infos = [w.describe() for w in self.workers]
-        return self._infos
-
-    def calibrate(self, samples: dict[Any, MergeOperator]) -> list[list[float]]:
-        """Per worker, seconds per element of each sample's method (cached by key)."""
-        missing = [k for k in samples if k not in self.calibration]
-        if missing:
-            rows = [w.calibrate([samples[k] for k in missing]) for w in self.workers]
-            for j, k in enumerate(missing):
-                self.calibration[k] = [row[j] for row in rows]
-        return [[self.calibration[k][w] for k in samples] for w in range(len(self.workers))]
-
-    def begin(self, sources: Sequence[SourceSpec], staging: str) -> None:
-        for w in self.workers:
-            w.begin(list(sources), staging)
-
-    def finish(self) -> list[int]:
-        return [w.finish() for w in self.workers]
-
-    def kill(self) -> None:
-        """Close the job's files (a failed merge); nothing to end."""
-        for w in self.workers:
-            w.finish()
+def calibrate(pool: ActorPool, samples: dict[Any, MergeOperator]) -> list[list[float]]:
+    """Per actor, seconds per element of each sample's method (cached on the pool by key, so a
+    kept pool calibrates a method once)."""
+    cache: dict[Any, list[float]] = pool.cache.setdefault("calibration", {})
+    missing = [k for k in samples if k not in cache]
+    if missing:
+        ops = [samples[k] for k in missing]
+        rows = pool.get([w.calibrate(ops) for w in pool.workers])
+        for j, k in enumerate(missing):
+            cache[k] = [row[j] for row in rows]
+    return [[cache[k][w] for k in samples] for w in range(len(pool))]
 
 
-_kept_pool: Optional[WorkerPool] = None
-
-
-def _pool_key(n: int, resources: dict, threads: int) -> tuple:
-    """What a kept pool must match to be reused: Ray session (job), size, resources, threads."""
-    import ray
-
-    return (ray.get_runtime_context().get_job_id(), n, tuple(sorted(resources.items())), threads)
-
-
-def acquire_pool(workers: Optional[int] = None) -> WorkerPool:
-    """The kept pool when it matches (same Ray session, size and resources), else a new one
-    (the kept one, if any, is shut down first so it does not hold the CPU slots)."""
-    global _kept_pool
-    check_actor_count(workers, "workers")
-    n = workers if workers is not None else default_actor_count()
-    rule = actor_resources(n, what="merge workers")  # raises at once what the cluster cannot hold
-    resources, threads = rule.options, rule.threads
-    if _kept_pool is not None:
-        if _kept_pool.key == _pool_key(n, resources, threads) and _kept_pool.actors:
-            pool, _kept_pool = _kept_pool, None
-            return pool
-        shutdown_pool()
-    return WorkerPool(n, resources, threads)
-
-
-def release_pool(pool: WorkerPool, keep: bool) -> None:
-    """Keep `pool` for the next merge of this process, or shut its actors down."""
-    global _kept_pool
-    if keep and pool.actors:
-        if _kept_pool is not None and _kept_pool is not pool:
-            _kept_pool.kill()
-        _kept_pool = pool
-    else:
-        pool.kill()
-
-
-def shutdown_pool() -> None:
-    """Shut down the worker pool kept by `keep_workers=True`, if any."""
-    global _kept_pool
-    if _kept_pool is not None:
-        try:
-            _kept_pool.kill()
-        except Exception:  # noqa: BLE001 - Ray may already be shut down
-            pass
-        _kept_pool = None
+def finish(pool: ActorPool) -> list[int]:
+    """Close every actor's merge files; each actor's peak RSS bytes."""
+    pool.setup = None
+    return pool.get([w.merge_finish() for w in pool.workers])
 
 
 def work_items(plan, ops: Sequence[MergeOperator], layout: OutputLayout, worker_names: Sequence[str]) -> list[list[WorkItem]]:
@@ -315,7 +171,7 @@ def _steal(pending_batches: list[deque], thief: int, may_take_from) -> Optional[
 
 
 def run_plan(
-    pool: WorkerPool,
+    pool: ActorPool,
     queues: Sequence[Sequence[WorkItem]],
     operators: int,
     *,
@@ -330,10 +186,10 @@ def run_plan(
     (`may_take_from(thief, owner)` says which workers may: e.g. not onto less memory), counted
     in `ExecutionStats.stolen_parts`; and a worker actor that dies is replaced, its unfinished
     batches requeued (module docstring), counted in `ExecutionStats.worker_restarts`.
-    `on_done(batch)` is called for every batch once it has finished. A `LocalPool` runs the
+    `on_done(batch)` is called for every batch once it has finished. An in-process pool runs the
     same batches in this process, one after another (`_run_local`).
     """
-    if isinstance(pool, LocalPool):
+    if not pool.remote:
         return _run_local(pool, queues, operators, quiet=quiet, on_done=on_done)
     import ray
     from ray.exceptions import RayActorError
@@ -347,6 +203,7 @@ def run_plan(
     pending: dict = {}  # ref of a batch sent -> (worker, batch)
     starting: dict = {}  # ref of a replacement's begin -> (worker, when it was asked for)
     in_flight = [0] * n
+    restarts = Restarts("merge")
     done_parts = 0
     start = time.perf_counter()
 
@@ -360,11 +217,7 @@ def run_plan(
         pending_batches[i].extendleft(reversed(unfinished))
         in_flight[i] = 0
         stats.worker_restarts += 1
-        if stats.worker_restarts > MAX_WORKER_RESTARTS:
-            raise WorkerLostError(
-                f"worker actors died {stats.worker_restarts} times during this merge (limit {MAX_WORKER_RESTARTS}); "
-                f"last: worker {i}: {err}"
-            ) from err
+        restarts.lost(pool.labels[i], err, "a new actor reruns its unfinished batches")
         starting[pool.replace(i)] = (i, time.perf_counter())
 
     try:
@@ -383,7 +236,7 @@ def run_plan(
                         stats.stolen_parts += len(batch)
                     else:
                         break
-                    pending[pool.actors[i].run.remote(batch)] = (i, batch)
+                    pending[pool.workers[i].merge_run(batch)] = (i, batch)
                     in_flight[i] += 1
             if not pending and not starting:
                 raise RuntimeError("run_plan: work left but none sent")  # a bug: every worker with work sends it
@@ -411,8 +264,9 @@ def run_plan(
                 bar.set_postfix_str(f"{done_parts}/{total_parts} parts", refresh=False)
             now = time.perf_counter()
             for ref, (i, asked) in starting.items():
-                if now - asked > RESTART_TIMEOUT_S:
-                    raise WorkerLostError(f"a replacement for worker {i} did not start within {RESTART_TIMEOUT_S:.0f} s")
+                if now - asked > actor_pool.RESTART_TIMEOUT_S:
+                    raise WorkerLostError(f"merge: a replacement for {pool.labels[i]} did not start within "
+                                          f"{actor_pool.RESTART_TIMEOUT_S:.0f} s")
     finally:
         bar.close()
     stats.seconds = time.perf_counter() - start
@@ -420,14 +274,14 @@ def run_plan(
 
 
 def _run_local(
-    pool: LocalPool,
+    pool: ActorPool,
     queues: Sequence[Sequence[WorkItem]],
     operators: int,
     *,
     quiet: bool = False,
     on_done: Optional[Callable[[list[WorkItem]], None]] = None,
 ) -> ExecutionStats:
-    """`run_plan` on a `LocalPool`: each worker's queue in the same batches, in order, in this
+    """`run_plan` on an in-process pool: each worker's queue in the same batches, in order, in this
     process (no stealing: nothing runs beside it; no restarts: nothing can die alone)."""
     n = len(pool)
     stats = ExecutionStats(workers=n, seconds=0.0, operators=operators)
@@ -439,7 +293,7 @@ def _run_local(
     try:
         for i, queue in enumerate(queues):
             for batch in batches_of(queue):
-                result = pool.workers[i].run(batch)
+                result = pool.workers[i].merge_run(batch)
                 stats.add(i, result)
                 done_parts += result.operators
                 if on_done is not None:

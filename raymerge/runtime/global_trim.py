@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import struct
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -111,9 +111,9 @@ def _bin_of_kth_largest(counts: torch.Tensor, k: int) -> tuple[int, int]:
     return counts.numel() - 1 - j, k - above
 
 
-def _run_batches(ops: Sequence[MergeOperator], actors: Sequence, high_bins: Optional[dict[int, int]]) -> dict[int, torch.Tensor]:
-    """Histogram batches spread round-robin over the merge worker actors (already begun), or
-    run one after another on in-process workers (`MergeWorkerImpl`s of an in-process merge)."""
+def _run_batches(ops: Sequence[MergeOperator], pool: Any, high_bins: Optional[dict[int, int]]) -> dict[int, torch.Tensor]:
+    """Histogram batches spread round-robin over the merge's pool (`runtime.actor_pool.ActorPool`,
+    its actors already begun; in process, one after another in this process)."""
     batches: list[list[MergeOperator]] = [[]]
     size = 0
     for op in ops:
@@ -124,12 +124,8 @@ def _run_batches(ops: Sequence[MergeOperator], actors: Sequence, high_bins: Opti
         size += op.bytes_in
     totals: dict[int, torch.Tensor] = {}
     work = [b for b in batches if b]
-    if not hasattr(actors[0].histogram, "remote"):  # in process: plain objects, immediate results
-        parts = [actors[i % len(actors)].histogram(b, high_bins) for i, b in enumerate(work)]
-    else:
-        import ray
-
-        parts = ray.get([actors[i % len(actors)].histogram.remote(b, high_bins) for i, b in enumerate(work)])
+    workers = pool.workers
+    parts = pool.get([workers[i % len(workers)].histogram(b, high_bins) for i, b in enumerate(work)])
     for part in parts:
         for m, c in part.items():
             totals[m] = totals[m] + c if m in totals else c
@@ -137,13 +133,13 @@ def _run_batches(ops: Sequence[MergeOperator], actors: Sequence, high_bins: Opti
 
 
 def apply_model_trim(
-    ops: list[MergeOperator], actors: Sequence, model_names: Sequence[str], label: str
+    ops: list[MergeOperator], pool: Any, model_names: Sequence[str], label: str
 ) -> tuple[list[MergeOperator], dict[int, float]]:
     """Find each model's whole-model threshold on the merge worker actors (their job begun with
     this merge's sources); return operators carrying it."""
     densities = model_densities(ops, model_names, label)
     trimmed = [op for op in ops if op.params.get("trim_scope") == "model"]
-    high = _run_batches(trimmed, actors, None)
+    high = _run_batches(trimmed, pool, None)
     thresholds: dict[int, float] = {}
     wanted: dict[int, int] = {}
     chosen: dict[int, int] = {}
@@ -157,7 +153,7 @@ def apply_model_trim(
             k = max(1, int(density * total))
             chosen[m], wanted[m] = _bin_of_kth_largest(high[m], k)
     if chosen:
-        low = _run_batches(trimmed, actors, chosen)
+        low = _run_batches(trimmed, pool, chosen)
         for m, hb in chosen.items():
             lb, _ = _bin_of_kth_largest(low[m], wanted[m])
             thresholds[m] = struct.unpack("<f", struct.pack("<i", (hb << 16) | lb))[0]

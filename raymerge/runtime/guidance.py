@@ -1,7 +1,7 @@
 """The statistics pass of a guided merge (AIM, ACM, Sens-Merging), and what it does to the operators.
 
 Before the tensors are merged, calibration windows flow through layer-stage workers
-(`runtime.stage_actor.StageActor`, the stage the pruning pipeline uses: each holds a block of
+(`runtime.pool_actor.PoolActor`, the stage the pruning pipeline uses: each holds a block of
 decoder layers of one model, so no worker ever holds a whole model) and the statistics come back
 as small per-layer numbers or per-channel vectors:
 
@@ -37,13 +37,13 @@ from raymerge.methods.guided import (
     sens_scales,
     sens_transferability,
 )
-from raymerge.pruning.decoder import describe_model
-from raymerge.pruning.stage import PruneSettings
+from raymerge.blocks.decoder import describe_model
+from raymerge.blocks.stage import PruneSettings
 from raymerge.runtime.guidance_methods import GuidanceSpec, get_guidance_method
 from raymerge.runtime.guidance_methods import register as register_guidance
 from raymerge.runtime.operators import MergeOperator, MergeProgram, OperatorGuide
-from raymerge.runtime.stage_actor import StageRef, Stages
-from raymerge.runtime.stage_faults import StageJob
+from raymerge.runtime.actor_pool import ActorPool, StageJob
+from raymerge.runtime.pool_actor import ActorRef
 
 log = logging.getLogger(__name__)
 
@@ -84,25 +84,27 @@ _KEY_NAMES = {-1: "embed", -2: "norm", -3: "head"}
 
 
 def guide_program(
-    g: GuidanceConfig, cfg: MergeConfig, program: MergeProgram, specs: list[SourceSpec], *, quiet: bool = False,
-    in_process: bool = False,
+    g: GuidanceConfig, cfg: MergeConfig, program: MergeProgram, specs: list[SourceSpec], pool: ActorPool, *,
+    quiet: bool = False,
 ) -> GuidanceReport:
     """Run the statistics pass and put an `OperatorGuide` on each affected operator of `program`
-    (`g`: the settings as `check_guidance` returned them; `in_process`: one stage in this
-    process, no Ray, like `prune(in_process=True)`)."""
+    (`g`: the settings as `check_guidance` returned them). The pass runs on the merge's own
+    `pool` (its first `g.stages` actors, at most all of them; in process, its one actor), which
+    the merge then uses: no other actors are started, and a kept pool stays kept."""
     import time
 
     t0 = time.perf_counter()
     base = program.models.index(cfg.base_model)
     names = [str(m) for m in program.models]
-    # A stage actor that dies ends the attempt; the whole pass reruns on fresh actors, a bounded
-    # number of times (`runtime.stage_faults`: the merge pool's policy). The operators get their
+    # An actor that dies ends the attempt; the whole pass reruns on fresh actors, a bounded
+    # number of times (`runtime.actor_pool.StageJob`: the pools' one policy). The operators get their
     # guides only once every statistic is in, so a lost attempt leaves the program unchanged.
     job = StageJob("guidance statistics")
+    job.watch(pool)
 
     def attempt() -> GuidanceReport:
         report = GuidanceReport(method=g.method, strength=strength(g), models=names)
-        with _StagePass(g, specs, base, quiet, in_process, job) as sp:
+        with _StagePass(g, specs, base, quiet, pool) as sp:
             get_guidance_method(g.method).run(sp, g, program, base, names, report)
         return report
 
@@ -248,21 +250,21 @@ def _attach(program: MergeProgram, guide: Callable[[MergeOperator], Optional[Ope
 
 
 class _StagePass:
-    """Stage workers over one model's layers at a time, and the passes the methods need."""
+    """Stages over one model's layers at a time (the first actors of the merge's pool), and the
+    passes the methods need."""
 
-    def __init__(self, g: GuidanceConfig, specs: list[SourceSpec], base: int, quiet: bool, in_process: bool = False,
-                 job: Optional[StageJob] = None) -> None:
-        self.g, self.specs, self.base, self.quiet, self.in_process = g, specs, base, quiet, in_process
-        self.job = job  # told about the stages, to name a lost one and end them all
+    def __init__(self, g: GuidanceConfig, specs: list[SourceSpec], base: int, quiet: bool, pool: ActorPool) -> None:
+        self.g, self.specs, self.base, self.quiet, self.pool = g, specs, base, quiet, pool
 
     def __enter__(self) -> "_StagePass":
-        from raymerge.runtime.prune import _Pipeline, _start_workers, _tokenizer, even_stages
+        from raymerge.blocks.pipeline import Pipeline, even_stages
+        from raymerge.checkpoints.model_files import load_tokenizer
 
         self._windows: dict[str, torch.Tensor] = {}
         src = self.specs[self.base].open()
         try:
             self.model_config = src.config()
-            self.tokenizer = _tokenizer(src)
+            self.tokenizer = load_tokenizer(src)
         finally:
             src.close()
         self.shape = describe_model(self.model_config)
@@ -271,30 +273,39 @@ class _StagePass:
         cals = [self.g.calibration, *self.g.task_calibration.values()]
         tokens = max(c.nsamples * resolve_seqlen(c.seqlen, self.shape.max_positions) for c in cals)
         _check_memory(self.g, self.shape, int(self.model_config.get("vocab_size") or 0), tokens)
-        if self.in_process:  # one stage holding every layer, in this process
-            self.bounds = [(0, self.shape.num_layers - 1)]
-            self.d = Stages.in_process()
-        else:
-            self.bounds = even_stages(self.shape.num_layers, self.g.stages)
-            actors, _ = _start_workers(len(self.bounds), what="guidance stage workers")
-            self.d = Stages(actors, remote=True)
-        if self.job is not None:
-            self.job.watch(self.d, [f"guidance stage {k} (layers {a}-{b})" for k, (a, b) in enumerate(self.bounds)])
+        if self.g.stages > len(self.pool) and self.pool.remote:
+            log.warning("raymerge: guidance.stages is %d but the merge has %d worker(s): the statistics pass "
+                        "runs on %d stage(s)", self.g.stages, len(self.pool), len(self.pool))
+        self.bounds = even_stages(self.shape.num_layers, min(self.g.stages, len(self.pool)))
+        self.workers = self.pool.workers[:len(self.bounds)]
+        self.d = self.pool
+        self._labels = list(self.pool.labels)
+        for k, (a, b) in enumerate(self.bounds):
+            self.pool.labels[k] = f"guidance stage {k} (layers {a}-{b})"
         n = len(self.bounds)
-        self.pipe = _Pipeline(self.d, self.d.workers, self.g.batch_size, self.quiet)
+        self.pipe = Pipeline(self.pool, self.workers, self.g.batch_size, self.quiet)
         try:
             settings = PruneSettings(method="wanda", modules=self.shape.modules, dtype=self.g.dtype)
             last = n - 1
-            self.d.get([w.load(self.model_config, self.specs[self.base], a, b, settings, k == 0, k == last)
-                        for k, (w, (a, b)) in enumerate(zip(self.d.workers, self.bounds))])
+            self.pool.get([w.load(self.model_config, self.specs[self.base], a, b, settings, k == 0, k == last)
+                           for k, (w, (a, b)) in enumerate(zip(self.workers, self.bounds))])
         except BaseException:
-            self.d.kill()  # a failed setup must not leave actors holding the cluster's slots
+            self._release()
             raise
         self.loaded = self.base
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.d.kill()
+        self._release()
+
+    def _release(self) -> None:
+        """Free the stages' layers and statistics (the actors stay, for the merge); a dead actor
+        is left to the fault policy."""
+        self.pool.labels[:len(self._labels)] = self._labels
+        try:
+            self.pool.get([w.close() for w in self.pool.workers[:len(self.bounds)]])
+        except Exception:  # noqa: BLE001 - an actor lost mid-pass: StageJob renews the pool
+            pass
 
     # -- plumbing ---------------------------------------------------------------------------
     def windows(self, key: Optional[str] = None) -> torch.Tensor:
@@ -306,31 +317,31 @@ class _StagePass:
 
     def load(self, model: int) -> None:
         if model != self.loaded:
-            self.d.get([w.reload(self.specs[model]) for w in self.d.workers])
+            self.d.get([w.reload(self.specs[model]) for w in self.workers])
             self.loaded = model
 
     def each(self, call: Callable[..., Any], *args: Any) -> list[Any]:
-        """`call(stage, *args)` on every stage, e.g. `each(StageRef.aim_end)`; their results."""
-        return self.d.get([call(w, *args) for w in self.d.workers])
+        """`call(stage, *args)` on every stage, e.g. `each(ActorRef.aim_end)`; their results."""
+        return self.d.get([call(w, *args) for w in self.workers])
 
     def run(self, windows: torch.Tensor, desc: str) -> None:
         """Every window through the layers and the last stage's final norm and head (collectors see all)."""
-        last = self.d.workers[-1]
+        last = self.workers[-1]
         self.d.get([last.head(self.pipe.forward(ids)) for ids in self.pipe.batches(windows)],
                    desc=desc, quiet=self.quiet)
 
     def layer_keys(self) -> dict[str, Optional[int]]:
         keys: dict[str, Optional[int]] = {}
-        for part in self.each(StageRef.layer_keys):
+        for part in self.each(ActorRef.layer_keys):
             keys.update(part)
         return keys
 
     # -- the methods ------------------------------------------------------------------------
     def aim(self) -> dict[str, torch.Tensor]:
-        self.each(StageRef.aim_begin)
+        self.each(ActorRef.aim_begin)
         self.run(self.windows(), "AIM statistics (base)")
         sums: dict[str, torch.Tensor] = {}
-        for part in self.each(StageRef.aim_end):
+        for part in self.each(ActorRef.aim_end):
             for name, s in part.items():
                 sums[name] = sums[name] + s if name in sums else s
         return {name: aim_importance(s) for name, s in sums.items()}
@@ -338,18 +349,18 @@ class _StagePass:
     def acm(self, theta: float) -> tuple[dict[int, dict[int, float]], dict[int, dict[int, float]]]:
         windows = self.windows()
         self.load(self.base)
-        self.each(StageRef.acm_begin, "record")
+        self.each(ActorRef.acm_begin, "record")
         self.run(windows, "ACM activations (base)")
-        self.each(StageRef.acm_end)
+        self.each(ActorRef.acm_end)
         scales, nmis = {}, {}
         for i, spec in enumerate(self.specs):
             if i == self.base:
                 continue
             self.load(i)
-            self.each(StageRef.acm_begin, "compare")
+            self.each(ActorRef.acm_begin, "compare")
             self.run(windows, f"ACM activations ({spec.path})")
             nmi: dict[int, float] = {}
-            for part in self.each(StageRef.acm_end):
+            for part in self.each(ActorRef.acm_end):
                 nmi.update(part)
             nmis[i], scales[i] = nmi, acm_coefficients(nmi, theta)
         return scales, nmis
@@ -367,7 +378,7 @@ class _StagePass:
                 if i != j:
                     self.load(i)
                     distances[a][b] = self._distance(data[j])
-            self.each(StageRef.drop_references)
+            self.each(ActorRef.drop_references)
         layers = sorted({k for s in sensitivity.values() for k in s})
         alpha = [sens_layer_scores([sensitivity[i].get(k, 0.0) for k in layers]) for i in tasks]
         tau = sens_transferability(distances)
@@ -381,8 +392,8 @@ class _StagePass:
         return out, extra
 
     def _sensitivity(self, windows: torch.Tensor, name: str) -> dict[int, float]:
-        self.each(StageRef.grad_begin)
-        ws = self.d.workers
+        self.each(ActorRef.grad_begin)
+        ws = self.workers
         for ids in tqdm(windows.split(1), desc=f"Sens gradients ({name})", unit="window", disable=self.quiet, leave=False):
             h = ws[0].embed(ids)
             for w in ws[:-1]:
@@ -392,12 +403,12 @@ class _StagePass:
                 grad = w.grad_backward(grad)
             self.d.get(grad)
         out: dict[int, float] = {}
-        for part in self.each(StageRef.grad_end):
+        for part in self.each(ActorRef.grad_end):
             out.update(part)
         return out
 
     def _distance(self, windows: torch.Tensor) -> float:
-        last = self.d.workers[-1]
+        last = self.workers[-1]
         parts = self.d.get([last.logit_distance(self.pipe.forward(ids), j)
                             for j, ids in enumerate(self.pipe.batches(windows))])
         return sum(p[0] for p in parts) / max(1, sum(p[1] for p in parts))

@@ -78,3 +78,24 @@ def layer_count(config: dict) -> Optional[tuple[str, int]]:
     if isinstance(text, dict):
         return layer_count(text)
     return None
+
+
+def layer_index_problem(layout: ModelLayout, config: Optional[dict]) -> Optional[tuple[str, str]]:
+    """(tensor name, problem) when a layer index is past the model's layers, else None.
+
+    A model's layers are the indices its tensors use, counted from 0; planning walks every index
+    up to the largest, so one tensor named `model.layers.16000000.x` would make it loop sixteen
+    million times. The largest index must be below both the number of distinct indices present
+    and config.json's layer count, whichever is larger (DeepSeek-V3's multi-token-prediction
+    layer sits one past `num_hidden_layers`, and is present, so it passes).
+    """
+    if not layout.layers:
+        return None
+    counted = layer_count(config) if isinstance(config, dict) else None
+    limit = max(len(layout.layers), counted[1] if counted else 0)
+    top = max(layout.layers)
+    if top < limit:
+        return None
+    said = f"config.json {counted[0]}: {counted[1]}" if counted else "config.json gives no layer count"
+    return layout.layers[top][0], (f"has layer index {top}, past the model's {len(layout.layers)} layers ({said}); "
+                                   "layer indices count up from 0")

@@ -39,6 +39,7 @@ from typing import Any, Optional, Union
 
 from raymerge.checkpoints import CheckpointSource, SourceSpec, plan_shards
 from raymerge.config.cluster import parse_size
+from raymerge.checkpoints.output_name import check_output_name
 from raymerge.checkpoints.model_files import merged_model_config, model_card, tokenizer_files
 from raymerge.checkpoints.source import CheckpointError
 from raymerge.checkpoints.s3 import resolve_endpoint_url
@@ -46,9 +47,9 @@ from raymerge.checkpoints.writer import DEFAULT_SHARD_BYTES, human_bytes
 from raymerge.config import ConfigError, MergeConfig, ModelRef, load_config
 from raymerge.runtime.actor_resources import check_actor_count
 from raymerge.runtime.costs import representative_ops
-from raymerge.runtime.executor import (
-    ExecutionStats, LocalPool, WorkerPool, acquire_pool, ensure_ray, release_pool, run_plan, work_items,
-)
+from raymerge.runtime import actor_pool, executor
+from raymerge.runtime.actor_pool import ActorPool
+from raymerge.runtime.executor import ExecutionStats, ensure_ray, run_plan, work_items
 from raymerge.runtime.global_trim import apply_model_trim, uses_model_trim
 from raymerge.runtime.output import JobOutput, upload_on
 from raymerge.runtime.recovery import ShardTracker, input_fingerprint, job_identity, remaining_operators
@@ -329,6 +330,7 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
         shard_bytes = parse_size(shard_size)
     except ValueError as err:
         raise ConfigError(f"out_shard_size: {err}") from None
+    check_output_name(output)  # a dangling symlink or an over-long name: refused now, not after the merge
     dest = JobOutput(output, overwrite=options.overwrite, s3_endpoint_url=options.s3_endpoint_url,
                      resume=options.resume, resumable=True,  # checked now, before any work
                      keep=[label, *(m.path for m in cfg.referenced_models())])
@@ -343,52 +345,51 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
     # (so a resume never mixes shards of different statistics) and the disk-space check.
     guidance = None
     t_guide = time.perf_counter()
-    if settings is not None and settings.guidance is not None:
-        from raymerge.runtime.executor import shutdown_pool
-        from raymerge.runtime.guidance import check_guidance, guide_program
-
-        checked = check_guidance(cfg, label, program)
-        if not options.in_process:
-            ensure_ray(options.address or (profile.address if profile is not None else None))
-            shutdown_pool()  # the statistics' stage workers need the CPU slots a kept pool holds
-        guidance = guide_program(checked, cfg, program, specs, quiet=options.quiet, in_process=options.in_process)
-        extra_files = {**(extra_files or {}), "guidance.json": guidance.to_json()}
-    if settings is not None and settings.export_task_vectors:
-        from raymerge.runtime.onebit_export import task_vector_files
-
-        extra_files = {**(extra_files or {}), **task_vector_files(program, specs, quiet=options.quiet)}
-    t_guide = time.perf_counter() - t_guide
-    layout = plan_shards([(op.name, op.out_dtype, op.shape) for op in program.operators], shard_bytes)
-    job = job_identity(cfg.to_yaml(), program.operators, layout, inputs, _version())
-    dest.reserve(layout, list((extra_files or {}).values()), job)  # a resumable staging folder, disk space
-    if options.scan_nonfinite:
-        from raymerge.runtime.scan import inputs_by_model, scan_nonfinite
-
-        scan_nonfinite(specs, inputs_by_model(program.operators, len(specs)), quiet=options.quiet)
-    t_plan = time.perf_counter()
-
-    pool: Union[WorkerPool, LocalPool]
-    if options.in_process:
-        t_ray = time.perf_counter()
-        pool = LocalPool()  # the same worker code in this process: no Ray, no actors
-    else:
-        ensure_ray(options.address or (profile.address if profile is not None else None))
-        t_ray = time.perf_counter()
-        pool = acquire_pool(options.workers)
+    pool: Optional[ActorPool] = None
     keep = options.keep_workers
     try:
+        if settings is not None and settings.guidance is not None:
+            from raymerge.runtime.guidance import check_guidance, guide_program
+
+            checked = check_guidance(cfg, label, program)
+            # The statistics run on the merge's own pool (a kept one too): no other actors.
+            pool = _start_pool(options, profile)
+            guidance = guide_program(checked, cfg, program, specs, pool, quiet=options.quiet)
+            extra_files = {**(extra_files or {}), "guidance.json": guidance.to_json()}
+        if settings is not None and settings.export_task_vectors:
+            from raymerge.runtime.onebit_export import task_vector_files
+
+            extra_files = {**(extra_files or {}), **task_vector_files(program, specs, quiet=options.quiet)}
+        t_guide = time.perf_counter() - t_guide
+        layout = plan_shards([(op.name, op.out_dtype, op.shape) for op in program.operators], shard_bytes)
+        job = job_identity(cfg.to_yaml(), program.operators, layout, inputs, _version())
+        # The output's lock (one writer per output), a resumable staging folder, disk space.
+        dest.reserve(layout, list((extra_files or {}).values()), job, inputs)
+        if options.scan_nonfinite:
+            from raymerge.runtime.scan import inputs_by_model, scan_nonfinite
+
+            scan_nonfinite(specs, inputs_by_model(program.operators, len(specs)), quiet=options.quiet)
+        t_plan = time.perf_counter()
+        if pool is None:
+            pool = _start_pool(options, profile)
+        t_ray = time.perf_counter()
+    except BaseException:
+        dest.release()  # nothing staged yet: the output's lock goes, its staging folder stays as it was
+        if pool is not None:
+            actor_pool.release(pool, keep=False)
+        raise
+    try:
         resumed = dest.open(layout)
-        pool.begin(specs, str(dest.staging))
+        executor.begin(pool, specs, str(dest.staging))
         if uses_model_trim(program.operators):
-            trim_on = pool.workers if isinstance(pool, LocalPool) else pool.actors
-            program.operators, _ = apply_model_trim(program.operators, trim_on, [str(m) for m in program.models], label)
+            program.operators, _ = apply_model_trim(program.operators, pool, [str(m) for m in program.models], label)
         todo = remaining_operators(program.operators, layout, resumed.finished)
         plan = problem = topology = None
         stats = ExecutionStats(workers=len(pool), seconds=0.0)
         t_planned = time.perf_counter()
         if todo:
             samples = representative_ops(todo)
-            measured = pool.calibrate(samples)
+            measured = executor.calibrate(pool, samples)
             table, speeds = calibrated_costs(list(samples), measured)
             topology = topology_from_workers(pool.infos(), speeds, profile, description=_pool_description(pool, options))
             plan, problem = plan_merge(todo, topology, table, planner=options.planner, time_limit=options.plan_time_limit)
@@ -404,19 +405,19 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
                 raise
             # An S3 upload takes a while: have every shard recorded first, so a crash in it resumes.
             tracker.close(wait=dest.remote)
-        peaks = pool.finish()
+        peaks = executor.finish(pool)
         stats.peak_worker_rss_bytes = max([stats.peak_worker_rss_bytes, *peaks])
         t_merge = time.perf_counter()
         # An S3 output's shards are uploaded by the workers; config.json comes last.
-        out = dest.publish(layout, extra_files or {}, spread=upload_on(pool.actors))
+        out = dest.publish(layout, extra_files or {}, spread=upload_on(pool.actors if pool.remote else []))
     except BaseException as err:
         keep = False  # a failed job may leave work queued on the actors
-        if dest.fail(err):
+        if dest.fail(err) and not isinstance(err, KeyboardInterrupt):  # the CLI prints Ctrl-C's note
             log.warning("raymerge: merge interrupted (%s); staging folder %s kept: rerun the same merge to resume",
                         type(err).__name__, dest.staging)
         raise
     finally:
-        release_pool(pool, keep)
+        actor_pool.release(pool, keep)
     t_end = time.perf_counter()
     return MergeResult(
         output=out,
@@ -457,8 +458,17 @@ def _check_in_process(options: MergeOptions) -> None:
         raise ConfigError(f"in_process starts no Ray; address={options.address!r} asks for a Ray cluster (drop one of them)")
 
 
-def _pool_description(pool: Union[WorkerPool, LocalPool], options: MergeOptions) -> str:
-    if isinstance(pool, LocalPool):
+def _start_pool(options: MergeOptions, profile: Any) -> ActorPool:
+    """The merge's actor pool: one `PoolActor` in this process (`in_process`), else the kept
+    pool or new Ray actors (`actor_pool.acquire`; Ray is started or joined first)."""
+    if options.in_process:
+        return ActorPool.in_process()  # the same actor code in this process: no Ray, no actors
+    ensure_ray(options.address or (profile.address if profile is not None else None))
+    return actor_pool.acquire(options.workers)
+
+
+def _pool_description(pool: ActorPool, options: MergeOptions) -> str:
+    if not pool.remote:
         return "in process (no Ray), 1 worker, calibrated"
     nodes = len({i.node_id for i in pool.infos()})
     where = "local Ray" if (options.address or os.environ.get("RAY_ADDRESS")) is None else "Ray cluster"

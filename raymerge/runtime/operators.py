@@ -30,7 +30,7 @@ from raymerge.config.merge_config import ConfigError, InputSlice, OutputSlice, P
 from raymerge.config.parameters import is_missing, resolve_parameter
 from raymerge.errors import RaymergeError
 from raymerge.methods import MethodError, MethodSpec, available_methods, get_method
-from raymerge.runtime.layers import ModelLayout, parse_layer_name, split_layout
+from raymerge.runtime.layers import ModelLayout, layer_index_problem, parse_layer_name, split_layout
 
 # Tensors whose rows are the vocabulary: token embeddings and output heads (llama, gpt2, gpt-neox, bloom, ...).
 _VOCAB_TENSOR = re.compile(r"(embed_tokens|lm_head|embed_in|embed_out|\bwte|word_embeddings|tok_embeddings|^output)\.weight$")
@@ -136,12 +136,31 @@ class _Planner:
         self.sources = sources
         self.headers: dict[ModelRef, dict[str, TensorInfo]] = {m: s.tensors() for m, s in sources.items()}
         self.layouts: dict[ModelRef, ModelLayout] = {m: split_layout(h) for m, h in self.headers.items()}
+        self._check_layer_indices()
         self.random_seed = random_seed
         self.operators: list[MergeOperator] = []
         self.layer_sources: list[tuple[int, int]] = []
         self._check_parameter_names()
 
     # -- validation ------------------------------------------------------------------------
+    def _check_layer_indices(self) -> None:
+        """Planning walks layer indices: bound them before it does (`layers.layer_index_problem`)."""
+        for m, layout in self.layouts.items():
+            problem = layer_index_problem(layout, self.sources[m].read_json("config.json"))
+            if problem is not None:
+                name, what = problem
+                raise MergePlanError(f"{self._file(m, self.headers[m][name])}: tensor {name!r} {what}")
+
+    def _check_layer_counts(self, models: list[ModelRef]) -> None:
+        """Without `slices:`, every model contributes all its layers: their counts must agree."""
+        counts: dict[int, list[str]] = {}
+        for m in dict.fromkeys(models):
+            counts.setdefault(self.layouts[m].num_layers, []).append(self.sources[m].location)
+        if len(counts) > 1:
+            detail = "; ".join(f"{n} layers: {', '.join(locs)}" for n, locs in counts.items())
+            raise MergePlanError(f"{self.label}: models have different numbers of layers ({detail}); "
+                                 "use slices: with a layer_range per model to choose which layers are merged")
+
     def _scopes(self) -> list[tuple[str, Optional[Parameters]]]:
         cfg = self.config
         scopes: list[tuple[str, Optional[Parameters]]] = [("parameters", cfg.parameters), ("modules.parameters", cfg.module_parameters())]
@@ -174,6 +193,8 @@ class _Planner:
         slices = cfg._slice_list()
         if slices:
             return slices
+        self._check_layer_counts([m.model for m in cfg._model_list() or []]
+                                 + ([cfg.base_model] if cfg.base_model is not None else []))
         sources: list[InputSlice] = []
         listed = False
         for m in cfg._model_list() or []:
@@ -416,9 +437,7 @@ def check_sources_compatible(sources: dict[ModelRef, CheckpointSource], allow_mi
         return
     archs: dict[str, list[str]] = {}
     for ref, src in sources.items():
-        cfg = src.read_json("config.json") or {}
-        arch = ",".join(cfg.get("architectures") or [cfg.get("model_type", "?")])
-        archs.setdefault(arch, []).append(src.location)
+        archs.setdefault(src.architecture(), []).append(src.location)  # config.json missing or odd: one line
     if len(archs) > 1:
         detail = "; ".join(f"{a}: {', '.join(locs)}" for a, locs in archs.items())
         raise MergePlanError(f"models have different architectures ({detail}); pass --allow-mixed-architectures to merge anyway")

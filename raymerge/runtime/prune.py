@@ -22,7 +22,7 @@
    onto a local folder, or, for `s3://bucket/prefix`, its shards uploaded by the stage workers and
    `config.json` last. Nothing is published unless everything succeeded. (A prune does not resume
    an interrupted run: it starts afresh.) A stage actor that dies mid-run is handled like a lost
-   merge worker (`runtime.stage_faults`): all stages are replaced and the pass reruns from the
+   merge worker (`runtime.actor_pool`, the pools' one fault policy): all stages are replaced and the pass reruns from the
    start into a freshly reset staging folder, at most `MAX_WORKER_RESTARTS` times, then
    `WorkerLostError`.
 
@@ -33,7 +33,6 @@ reference the distributed runs are tested against.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,24 +44,26 @@ import planners
 from raymerge.calibration import CalibrationError, CalibrationWindows, load_calibration, resolve_seqlen
 from raymerge.checkpoints import CheckpointError, CheckpointSource, SourceSpec, plan_shards
 from raymerge.config.cluster import parse_size
-from raymerge.checkpoints.model_files import tokenizer_files
+from raymerge.checkpoints.model_files import load_tokenizer, tokenizer_files
 from raymerge.checkpoints.s3 import resolve_endpoint_url
 from raymerge.checkpoints.safetensors_format import dtype_code
 from raymerge.checkpoints.writer import DEFAULT_SHARD_BYTES
 from raymerge.config.merge_config import ConfigError
 from raymerge.config.prune_config import Owl, PruneConfig, load_prune_config
 from raymerge.errors import RaymergeError
-from raymerge.pruning.decoder import ModelShape, describe_model
+from raymerge.blocks.decoder import ModelShape, describe_model
 from raymerge.pruning.layerwise import explicit_sparsities, owl_sparsities, uniform_sparsities
 from raymerge.pruning.report import REPORT_FILE, PruneReport, perplexity
-from raymerge.pruning.stage import DTYPES, ModuleResult, PruneSettings
+from raymerge.blocks.pipeline import Pipeline
+from raymerge.blocks.stage import DTYPES, PruneSettings
+from raymerge.pruning.report import ModuleResult
 from raymerge.pruning.statistics import statistic_bytes
-from raymerge.runtime.actor_resources import actor_resources, check_actor_count, default_actor_count
+from raymerge.runtime.actor_resources import check_actor_count, default_actor_count
 from raymerge.runtime.executor import ensure_ray
 from raymerge.runtime.output import JobOutput, upload_on
 from raymerge.runtime.planning import topology_from_workers
-from raymerge.runtime.stage_actor import StageActor, Stages
-from raymerge.runtime.stage_faults import StageJob
+from raymerge.runtime import actor_pool
+from raymerge.runtime.actor_pool import ActorPool, StageJob
 
 
 @dataclass
@@ -146,18 +147,6 @@ def _fixed_sparsities(cfg: PruneConfig, n_layers: int, label: str) -> Optional[l
     return uniform_sparsities(n_layers, cfg.target_sparsity)
 
 
-def _tokenizer(source: CheckpointSource):
-    from transformers import AutoTokenizer
-
-    files = tokenizer_files(source)
-    if not any(name.startswith("tokenizer") or name in ("vocab.json",) for name in files):
-        raise CheckpointError(f"{source.location}: no tokenizer files (needed to tokenize the calibration text)")
-    with tempfile.TemporaryDirectory(prefix="raymerge-tok-") as tmp:
-        for name, data in files.items():
-            Path(tmp, name).write_bytes(data)
-        return AutoTokenizer.from_pretrained(tmp)
-
-
 @dataclass(frozen=True)
 class _StagePlan:
     worker: int
@@ -165,16 +154,10 @@ class _StagePlan:
     last: int
 
 
-def _start_workers(n: int, impl: type = StageActor, what: str = "prune stage workers") -> tuple[list[Any], list[Any]]:
-    """Start `n` stage actors (of class `impl`) with the one resource rule (`runtime.actor_resources`:
-    one GPU each, else shares of the CPUs; SPREAD over the nodes); return them and what each reported."""
-    import ray
-
-    rule = actor_resources(n, what=what)
-    actor = ray.remote(impl).options(max_concurrency=1, **rule.options)
-    actors = [actor.remote(i, rule.threads) for i in range(n)]
-    infos = ray.get([a.describe.remote() for a in actors])
-    return actors, infos
+def _describe(pool: ActorPool) -> list[Any]:
+    """What each stage actor reported about itself (node, host, pid, device, memory); None for
+    the in-process stage."""
+    return pool.infos() if pool.remote else [None] * len(pool)
 
 
 def plan_stages(shape: ModelShape, infos: Sequence[Any], settings: PruneSettings, mode: str) -> list[_StagePlan]:
@@ -199,68 +182,6 @@ def plan_stages(shape: ModelShape, infos: Sequence[Any], settings: PruneSettings
     return [_StagePlan(index[s.worker], s.first, s.last) for s in plan.stages]
 
 
-# -- the flows ------------------------------------------------------------------------------------------
-class _Pipeline:
-    """Micro-batches through a driver's stages (`StageRef`s, called through their typed methods)."""
-
-    def __init__(self, driver: Stages, stages: list[Any], batch_size: int, quiet: bool) -> None:
-        self.d, self.stages, self.batch_size, self.quiet = driver, stages, batch_size, quiet
-
-    def batches(self, windows: torch.Tensor) -> list[torch.Tensor]:
-        return list(windows.split(self.batch_size))
-
-    def forward(self, ids: torch.Tensor, collect: Sequence[str] = (), emit: bool = True) -> Any:
-        """Embed a micro-batch and push it through every stage; the handle of the hidden states
-        leaving the last layer (`emit=False`: the last stage keeps them, a statistics-only pass)."""
-        h = self.stages[0].embed(ids)
-        last = len(self.stages) - 1
-        for k, s in enumerate(self.stages):
-            h = s.forward(h, tuple(collect), emit or k < last)
-        return h
-
-    def dense_pass(self, windows: torch.Tensor, collect: Sequence[str] = (), desc: str = "dense pass") -> None:
-        """Push windows through all stages, collecting statistics; keep no outputs."""
-        self.d.get([self.forward(ids, collect, emit=False) for ids in self.batches(windows)], desc, self.quiet)
-
-    def nll(self, windows: torch.Tensor, desc: str) -> tuple[float, int]:
-        handles = [self.stages[-1].loss(self.forward(ids), ids) for ids in self.batches(windows)]
-        parts = self.d.get(handles, desc, self.quiet)
-        return sum(p[0] for p in parts), sum(p[1] for p in parts)
-
-    def features(self, windows: torch.Tensor) -> torch.Tensor:
-        handles = [self.stages[-1].features(self.forward(ids)) for ids in self.batches(windows)]
-        return torch.cat(self.d.get(handles, "curation features", self.quiet))
-
-    def keep_reference(self, windows: torch.Tensor, first_key: int = 0) -> None:
-        """Have the last stage keep the logits of each micro-batch under keys first_key, +1, ..."""
-        last = self.stages[-1]
-        self.d.get([last.keep_reference(self.forward(ids), first_key + j)
-                    for j, ids in enumerate(self.batches(windows))])
-
-    def prune_sequential(self, windows: torch.Tensor, sparsities: list[list[dict[int, float]]]) -> None:
-        for ids in self.batches(windows):
-            self.stages[0].store(self.stages[0].embed(ids))
-        prev = None
-        handles = []
-        last = len(self.stages) - 1
-        for k, s in enumerate(self.stages):
-            if prev is not None:
-                s.store_all(prev)
-            prev = s.prune_sequential(sparsities[k], k < last)
-            handles.append(prev)
-        self.d.get(handles, "pruning stages", self.quiet)
-
-    def prune_collected(self, sparsities: list[dict[int, float]]) -> None:
-        handles = [s.prune_collected(sp) for s, sp in zip(self.stages, sparsities)]
-        self.d.get(handles, "pruning stages", self.quiet)
-
-
-def even_stages(num_layers: int, n: int) -> list[tuple[int, int]]:
-    """(first, last) layer of each of min(n, num_layers) contiguous blocks of near-equal size."""
-    n = max(1, min(n, num_layers))
-    return [(k * num_layers // n, (k + 1) * num_layers // n - 1) for k in range(n)]
-
-
 def _per_stage(plans: list[_StagePlan], values: list[float]) -> list[dict[int, float]]:
     return [{i: values[i] for i in range(p.first, p.last + 1)} for p in plans]
 
@@ -280,6 +201,9 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
         from raymerge.config import parse_config
 
         inputs = [m.path for m in parse_config(cfg.merge, label).referenced_models()]
+    from raymerge.checkpoints.output_name import check_output_name
+
+    check_output_name(output)  # a dangling symlink or an over-long name: refused before any work
     dest = JobOutput(output, overwrite=options.overwrite, s3_endpoint_url=options.s3_endpoint_url, keep=[label, *inputs])
     # The driver resolves the S3 endpoint so workers get it in the spec (not their environment).
     endpoint = resolve_endpoint_url(options.s3_endpoint_url)
@@ -303,7 +227,7 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
         if cfg.calibration is not None:
             try:
                 resolve_seqlen(cfg.calibration.seqlen, shape.max_positions)
-                tokenizer = _tokenizer(source)
+                tokenizer = load_tokenizer(source)
                 if cfg.calibration.curate is None:
                     windows = load_calibration(cfg.calibration, tokenizer, shape.max_positions)
             except CalibrationError as err:
@@ -321,24 +245,28 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
     t_checked = time.perf_counter()
 
     # A stage actor that dies ends the attempt: fresh actors, a fresh staging folder, the whole
-    # pass again, a bounded number of times (`runtime.stage_faults`, the merge pool's policy).
+    # pass again, a bounded number of times (`runtime.actor_pool.StageJob`, the pools' one policy).
     job = StageJob("prune")
+    driver: Optional[ActorPool] = None
+    plans: list[_StagePlan] = []
 
     def attempt() -> tuple:
-        if options.in_process:
-            driver = Stages.in_process()
-            job.watch(driver)
-            plans = [_StagePlan(0, 0, shape.num_layers - 1)]
-            infos: list[Any] = [None]
+        nonlocal driver, plans
+        if driver is not None:
+            infos = _describe(driver)  # a rerun: the fresh actors
+        elif options.in_process:
+            driver = ActorPool.in_process("in-process stage")
+            plans, infos = [_StagePlan(0, 0, shape.num_layers - 1)], _describe(driver)
         else:
             ensure_ray(options.address)
             n = options.workers if options.workers is not None else default_actor_count()
-            actors, infos = _start_workers(max(1, min(n, shape.num_layers)))
-            driver = Stages(actors, remote=True)
-            job.watch(driver)
-            plans = plan_stages(shape, infos, settings, cfg.mode)
+            driver = actor_pool.acquire(max(1, min(n, shape.num_layers)), what="prune stage workers")
+            every = _describe(driver)
+            plans = plan_stages(shape, every, settings, cfg.mode)
             driver.keep([p.worker for p in plans])  # the unused actors end
-            job.watch(driver, [f"stage {k} (layers {p.first}-{p.last})" for k, p in enumerate(plans)])
+            driver.labels = [f"stage {k} (layers {p.first}-{p.last})" for k, p in enumerate(plans)]
+            infos = [every[p.worker] for p in plans]
+        job.watch(driver)
         stages = driver.workers
         dest.open(layout)  # afresh on every attempt: nothing a lost attempt wrote is kept
         last = len(plans) - 1
@@ -347,7 +275,7 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
             for k, (w, p) in enumerate(zip(stages, plans))
         ]
         stage_bytes = driver.get(loaded)
-        pipe = _Pipeline(driver, stages, cfg.batch_size, options.quiet)
+        pipe = Pipeline(driver, stages, cfg.batch_size, options.quiet)
         wins = windows
         if cfg.calibration is not None and wins is None:  # curation: pick windows by activations
             wins = _curated_windows(cfg, tokenizer, shape, pipe, label)
@@ -380,11 +308,11 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
         copies = _copy_lists(shape, tensors, plans)
         driver.get([s.copy(names) for s, names in zip(stages, copies)])
         finished = driver.get([s.finish() for s in stages])
-        return driver, plans, infos, stage_bytes, wins, nll_before, nll_after, finished, t_loaded, t_pruned
+        return infos, stage_bytes, wins, nll_before, nll_after, finished, t_loaded, t_pruned
 
-    driver: Optional[Stages] = None
     try:
-        driver, plans, infos, stage_bytes, windows, nll_before, nll_after, finished, t_loaded, t_pruned = job.run(attempt)
+        infos, stage_bytes, windows, nll_before, nll_after, finished, t_loaded, t_pruned = job.run(attempt)
+        assert driver is not None
         results: list[ModuleResult] = [r for part in finished for r in part[0]]
         report = PruneReport.build(
             results, method=cfg.method, pattern=cfg.pattern, mode=cfg.mode, target=cfg.target_sparsity,
@@ -392,7 +320,7 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
             stages=[
                 {"worker": "driver" if info is None else f"{info.host}:{info.pid}", "device": "cpu" if info is None else info.device,
                  "layers": [p.first, p.last], "resident_bytes": b, "busy_seconds": round(f[2], 3)}
-                for p, info, b, f in zip(plans, [infos[p.worker] for p in plans], stage_bytes, finished)
+                for p, info, b, f in zip(plans, infos, stage_bytes, finished)
             ],
         )
         if nll_before is not None and nll_after is not None:
@@ -405,11 +333,13 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
         out = dest.publish(layout, {**extra_files, REPORT_FILE: report.to_json()},
                            spread=upload_on(driver.actors) if driver.remote else None)
     except BaseException as err:
-        job.kill()  # before removing the staging folder the workers write into
+        if driver is not None:
+            driver.kill()  # before removing the staging folder the workers write into
         dest.fail(err)
         raise
     finally:
-        job.kill()
+        if driver is not None:
+            driver.kill()
     if options.plot is not None:
         report.plot(options.plot)
     t_end = time.perf_counter()
@@ -424,7 +354,7 @@ def _evaluates(cfg: PruneConfig, windows: Optional[CalibrationWindows]) -> bool:
     return cfg.evaluate and windows is not None and windows.heldout.shape[0] > 0
 
 
-def _curated_windows(cfg: PruneConfig, tokenizer, shape: ModelShape, pipe: _Pipeline, label: str) -> CalibrationWindows:
+def _curated_windows(cfg: PruneConfig, tokenizer, shape: ModelShape, pipe: Pipeline, label: str) -> CalibrationWindows:
     try:
         return load_calibration(cfg.calibration, tokenizer, shape.max_positions, features=pipe.features)
     except CalibrationError as err:

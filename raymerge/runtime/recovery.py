@@ -4,7 +4,10 @@ Job identity. `job_identity` hashes everything that decides the output bytes: th
 version, the config as normalised YAML, every operator as resolved (inputs, method, parameters,
 seeds, dtypes, shapes), the output layout (each shard's name, header and size: so the shard
 size and output dtypes), and each input's fingerprint (`input_fingerprint`: its tensor headers,
-and per weight file its size and modification time — or the ETag of an S3 object).
+and per weight file its size, mtime_ns, ctime_ns and the sha256 of its header bytes — or the
+ETag of an S3 object). The manifest also records the fingerprints per input file, so a resume
+that finds an input changed names it: a finished shard is reused only if every input file it
+may have come from is unchanged (one rule for all shards: any change invalidates the manifest).
 
 Before a merge starts anything (`find_resumable`), the staging folder beside the output is looked
 at, and then set up (`prepare_staging`):
@@ -29,12 +32,14 @@ unfinished shards are planned and run; their bytes are written at the same offse
 run, so a resumed output is byte-identical to an uninterrupted one. A merge that fails with a deterministic error (a bad parameter found by a worker) still
 removes its staging folder; an interruption (Ctrl-C, a killed driver, workers that keep dying:
 `keeps_staging`) leaves it for the next run. Nothing is at the output path until the staging
-folder is published; the manifest is removed just before.
+folder is published; the manifest is moved aside just before, and back if the publish is
+interrupted (`checkpoints.writer.StagedOutput.recover`, run under the output lock).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -43,11 +48,12 @@ from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
 from raymerge.checkpoints import CheckpointSource, OutputError, OutputLayout
+from raymerge.checkpoints.writer import DiskSpaceError
 from raymerge.checkpoints.manifest import MANIFEST_NAME, Manifest, ManifestState, ShardRecord, file_sha256, load_manifest
 
 log = logging.getLogger("raymerge")
@@ -55,8 +61,12 @@ HASH_THREADS = 4  # shards hashed at once on the driver (hashlib and file reads 
 
 
 def input_fingerprint(src: CheckpointSource) -> dict[str, Any]:
-    """What identifies an input's weights: its headers and, per weight file, size and mtime
-    (local files) or ETag (S3 objects, as seen when the headers were read)."""
+    """What identifies an input's weights: its tensor headers and, per weight file, its size,
+    mtime_ns, ctime_ns and the sha256 of its safetensors header bytes (local files), or its ETag
+    (S3 objects, as seen when the headers were read). Rewriting a tensor in place and then
+    restoring the mtime (`os.utime`) still changes the ctime, which only the kernel sets; a header
+    rewritten to the same size and times changes the hash. Tensor bytes are not hashed (a full
+    read of every input): a change that keeps size, header, mtime and ctime goes unseen."""
     infos = src.tensors()
     headers = hashlib.sha256()
     for name in sorted(infos):
@@ -66,11 +76,40 @@ def input_fingerprint(src: CheckpointSource) -> dict[str, Any]:
     files: dict[str, Any] = {}
     for f in sorted({t.file for t in infos.values()}):
         try:
-            st = (Path(src.location) / f).stat()
-            files[f] = [st.st_size, st.st_mtime_ns]
+            path = Path(src.location) / f
+            st = path.stat()
+            files[f] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, _header_sha256(path)]
         except (OSError, ValueError):
             files[f] = etags.get(f)
     return {"location": src.location, "headers": headers.hexdigest(), "files": files}
+
+
+def _header_sha256(path: Path) -> Optional[str]:
+    """The sha256 of a .safetensors file's header (its 8-byte length and the JSON); None for others."""
+    if path.suffix != ".safetensors":
+        return None
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        return hashlib.sha256(head + f.read(min(n, 100 * 1024 * 1024))).hexdigest()
+
+
+def input_files(inputs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Fingerprints (`input_fingerprint`) flattened to one entry per input file: 'location/file' -> fingerprint."""
+    flat: dict[str, Any] = {}
+    for fp in inputs:
+        for f, value in (fp.get("files") or {}).items():
+            flat[f"{str(fp.get('location', '')).rstrip('/')}/{f}"] = value
+    return flat
+
+
+def changed_input(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> Optional[str]:
+    """The first input file whose fingerprint differs between a manifest and this run (or that
+    only one of them has), or None."""
+    for name in sorted(set(recorded) | set(current)):
+        if json.dumps(recorded.get(name)) != json.dumps(current.get(name)):
+            return name
+    return None
 
 
 def _canonical(value: Any) -> Any:
@@ -126,10 +165,12 @@ class ResumeState:
         return line
 
 
-def find_resumable(staged, layout: OutputLayout, job: str, resume: Optional[bool]) -> Optional[ManifestState]:
+def find_resumable(staged, layout: OutputLayout, job: str, resume: Optional[bool],
+                   inputs: Optional[Mapping[str, Any]] = None) -> Optional[ManifestState]:
     """The manifest of `staged`'s staging folder when the merge can resume from it (same job),
-    else None; says why when a folder there will be wiped, and with `resume=True` refuses to
-    wipe one from another job (OutputError). Changes nothing on disk."""
+    else None; says why when a folder there will be wiped (naming the input file that changed,
+    when the manifest and `inputs` (`input_files`) tell), and with `resume=True` refuses to wipe
+    one from another job (OutputError). Changes nothing on disk."""
     staging = Path(staged.staging)
     if resume is False:
         return None
@@ -140,25 +181,30 @@ def find_resumable(staged, layout: OutputLayout, job: str, resume: Optional[bool
     found = load_manifest(staging) if staging.is_dir() else None
     if found is not None and found.job == job and found.shards == {s.filename: s.size for s in layout.shards}:
         return found
+    changed = changed_input(found.inputs, inputs) if found is not None and found.inputs and inputs else None
+    if changed is not None:
+        reason = f"was made from other input bytes ({changed} changed since: size, times or header)"
+    else:
+        reason = "was made by a different merge (config, inputs, raymerge version or shard size changed)"
     if found is not None and resume:
         raise OutputError(
-            f"cannot resume: the staging folder {staging} was made by a different merge (config, inputs, "
-            f"raymerge version or shard size changed); rerun with --no-resume (resume=False) to discard it"
+            f"cannot resume: the staging folder {staging} {reason}; rerun with --no-resume (resume=False) to discard it"
         )
-    why = "was made by a different merge" if found is not None else "has no readable manifest"
+    why = reason if found is not None else "has no readable manifest"
     log.warning("raymerge: staging folder %s %s; discarding it and starting afresh", staging, why)
     return None
 
 
-def prepare_staging(staged, layout: OutputLayout, job: str, found: Optional[ManifestState]) -> ResumeState:
+def prepare_staging(staged, layout: OutputLayout, job: str, found: Optional[ManifestState],
+                    inputs: Optional[Mapping[str, Any]] = None) -> ResumeState:
     """Set up the staging folder of `staged`: resumed from `found` (`find_resumable`) — only the
     recorded shards whose bytes still match are kept — or afresh; returns what was kept, with
-    the manifest open for recording."""
+    the manifest (recording `inputs`, `input_files`) open for recording."""
     staging = Path(staged.staging)
     shards = {s.filename: s.size for s in layout.shards}
     if found is None:
         staged.prepare(layout)
-        return ResumeState(Manifest.create(staging, job, shards))
+        return ResumeState(Manifest.create(staging, job, shards, inputs=inputs))
     finished: dict[str, ShardRecord] = {}
     redone: list[str] = []
     for name, record in sorted(found.finished.items()):
@@ -178,7 +224,7 @@ def prepare_staging(staged, layout: OutputLayout, job: str, found: Optional[Mani
         staged.prepare(layout, keep=set(finished))
     else:
         staged.prepare(layout)
-    return ResumeState(Manifest.create(staging, job, shards, finished.values()), finished, redone, resumed=True)
+    return ResumeState(Manifest.create(staging, job, shards, finished.values(), inputs=inputs), finished, redone, resumed=True)
 
 
 def remaining_operators(operators: Sequence[Any], layout: OutputLayout, finished) -> list[Any]:
@@ -217,12 +263,19 @@ class ShardTracker:
                 f.result()
 
 
+def is_disk_full(err: BaseException) -> bool:
+    """`err` (or the error a Ray task error wraps) is a full disk: ENOSPC or EDQUOT, or our `DiskSpaceError`."""
+    err = getattr(err, "cause", None) or err
+    return isinstance(err, DiskSpaceError) or (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT))
+
+
 def keeps_staging(err: BaseException) -> bool:
-    """Whether a merge ended by `err` leaves its staging folder for a resume: interruptions and
-    lost workers do, errors that a rerun would meet again do not."""
+    """Whether a merge ended by `err` leaves its staging folder for a resume: interruptions,
+    lost workers, a full disk and a closed output pipe do, errors that a rerun would meet again
+    do not."""
     from raymerge.runtime.executor import WorkerLostError
 
-    if isinstance(err, (KeyboardInterrupt, SystemExit, WorkerLostError)):
+    if isinstance(err, (KeyboardInterrupt, SystemExit, WorkerLostError, BrokenPipeError)) or is_disk_full(err):
         return True
     try:
         from ray.exceptions import RayActorError

@@ -1,6 +1,7 @@
-"""The merge worker: a long-lived Ray actor that computes operators and writes their bytes.
+"""Merge work: computing operators and writing their bytes, the `merging` capability of every
+pool actor (`runtime.pool_actor.PoolActor`, run by `runtime.executor`).
 
-One actor per GPU when the cluster has GPUs, else one per CPU slot. For each merge (a job) an
+A merge pool has one actor per GPU when the cluster has GPUs, else one per CPU slot. For each merge (a job) an
 actor opens each input model's source once (headers only), reads just the tensors — or row
 ranges of them, for parts of split operators — it is sent, merges them on its device and writes
 each result at its precomputed offset in the staged shard files.
@@ -101,21 +102,21 @@ def worker_info(worker_id: int, device: torch.device) -> WorkerInfo:
 
 
 class MergeWorkerImpl:
-    """The worker's logic, usable without Ray (the Ray actor class wraps it).
+    """A pool actor's merge work (`PoolActor.merging`), usable on its own without Ray.
 
     A worker outlives one merge: `begin` points it at a job's sources and staging folder, `run`
     computes batches of parts, `finish` closes the job's files. `calibrate` times the job's
     methods on synthetic tensors for the planner; `histogram` serves whole-model TIES trimming.
     """
 
-    def __init__(self, worker_id: int, threads: Optional[int] = None):
+    def __init__(self, worker_id: int, threads: Optional[int] = None, device: Optional[torch.device] = None):
         self.worker_id = worker_id
         self._specs: list[SourceSpec] = []
         self._sources: dict[int, CheckpointSource] = {}
         self._writer: Optional[ShardFileWriter] = None
         if threads:
             torch.set_num_threads(threads)
-        self.device = pick_device()
+        self.device = device if device is not None else pick_device()
 
     def describe(self) -> WorkerInfo:
         return worker_info(self.worker_id, self.device)

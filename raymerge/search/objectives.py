@@ -44,7 +44,7 @@ class ObjectiveContext:
     windows: Any  # `CalibrationWindows`; `.heldout` are the token windows scored
     batch_size: int
     forward: Callable[[Any], Any]  # token ids -> handle of the hidden states leaving the last layer
-    last_stage: Any  # the last stage (`runtime.stage_actor.StageRef`): `last_stage.loss(forward(ids), ids)` queues work
+    last_stage: Any  # the last stage (`runtime.pool_actor.ActorRef`): `last_stage.loss(forward(ids), ids)` queues work
     get: Callable[[Any], Any]  # resolve handles
     logits: Callable[[Any], Any]  # token ids -> logits of the trial's model (blocking)
     state_dict: Callable[[list[str]], dict]  # parameter names -> the trial's tensors

@@ -1,7 +1,7 @@
 """Optuna studies over merge coefficients and sparsity ratios, evaluated in memory on Ray.
 
 The driver owns the study (ask/tell) and never holds weights. Each of `concurrency` pipelines
-is a set of resident stage actors (`runtime.stage_actor.StageActor`) that together hold the model once,
+is a set of resident stage actors (`runtime.pool_actor.PoolActor`) that together hold the model once,
 split into contiguous blocks of layers; a pipeline evaluates one trial at a time:
 
 - merge searches: the trial's values are put into the config (`SearchSpace.fill`), the merge
@@ -38,18 +38,20 @@ from raymerge.checkpoints import CheckpointSource, OutputError, SourceSpec
 from raymerge.config.merge_config import ConfigError, ModelRef, parse_config
 from raymerge.config.prune_config import PruneConfig, parse_prune_config
 from raymerge.config.search_config import Objective, SearchConfig, load_search_config
-from raymerge.pruning.decoder import ModelShape, describe_model
+from raymerge.blocks.decoder import ModelShape, describe_model
 from raymerge.pruning.layerwise import owl_sparsities
 from raymerge.pruning.methods import get_prune_method
-from raymerge.pruning.stage import PruneSettings
+from raymerge.blocks.stage import PruneSettings
 from raymerge.runtime.actor_resources import actor_resources, check_actor_count
 from raymerge.runtime.compile import CompiledMerge, CompileOptions, MergeCompiler
 from raymerge.runtime.operators import MergeOperator
-from raymerge.runtime.prune import _Pipeline, _tokenizer, even_stages
+from raymerge.blocks.pipeline import Pipeline, even_stages
+from raymerge.checkpoints.model_files import load_tokenizer
 from raymerge.search.lm_eval_objective import donor_files
 from raymerge.search.objectives import REFERENCE_KEYS, ObjectiveContext, check_objectives, direction_of, get_objective
 from raymerge.search.space import SearchSpace, SearchSpaceError
-from raymerge.runtime.stage_actor import StageActor, Stages
+from raymerge.runtime import actor_pool
+from raymerge.runtime.actor_pool import ActorPool, Restarts, actor_lost
 
 STUDY_FILE = "study.journal"
 
@@ -217,23 +219,32 @@ def _middle(d) -> Any:
 
 # -- pipelines -------------------------------------------------------------------------------------------
 class _SearchPipeline:
-    """One set of resident stage workers, loaded for the search."""
+    """One set of resident stage actors (an `ActorPool`), loaded for the search. An actor that
+    dies is handled by the pools' one fault policy (`runtime.actor_pool`): the study's
+    `Restarts` counts it (`WorkerLostError` past the limit) and the pipeline's actors are renewed
+    and loaded again; the trial it was running is recorded as failed."""
 
-    def __init__(self, builder: Callable[[], tuple[Stages, list[Any]]], setup: Callable[["_SearchPipeline"], None]) -> None:
-        self.builder, self.setup = builder, setup
+    def __init__(self, pool: ActorPool, plans: list[Any], setup: Callable[["_SearchPipeline"], None],
+                 restarts: Restarts) -> None:
+        self.driver, self.plans, self.setup, self.restarts = pool, plans, setup, restarts
         self.start()
 
     def start(self) -> None:
-        self.driver, self.plans = self.builder()
         try:
             self.setup(self)
         except BaseException:
             self.driver.kill()
             raise
 
-    def restart(self) -> None:
-        self.driver.kill()
+    def lost(self, err: BaseException) -> bool:
+        """When `err` is an actor's death: count it, renew and reload this pipeline (True)."""
+        dead = actor_lost(err)
+        if dead is None:
+            return False
+        self.restarts.lost(self.driver.label_of(dead), dead, "starting fresh actors for its pipeline")
+        self.driver.renew()
         self.start()
+        return True
 
 
 def run_search(config: Union[str, Path, dict[str, Any], SearchConfig], output: Union[str, Path], options: SearchOptions) -> SearchResult:
@@ -253,6 +264,9 @@ def run_search(config: Union[str, Path, dict[str, Any], SearchConfig], output: U
         raise OutputError(f"search output {output}: the study folder (journal, best.yaml, plots) must be local; "
                           "publish the best model to S3 with --materialize s3://bucket/prefix (materialize=...)")
     out = Path(output)
+    from raymerge.search.output_check import check_search_output
+
+    check_search_output(out, STUDY_FILE)  # a file at OUT, or a corrupt journal: one line, before any work
     target = _materialize_target(out, options)
     if target is not None and options.materialize is not True:
         from raymerge.runtime.output import JobOutput
@@ -312,7 +326,7 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
     donor = task.donor_source() if isinstance(task, _MergeTask) else task.source
     model_config = donor.config()
     shape = describe_model(model_config, None if isinstance(task, _MergeTask) else task.prune.modules)
-    tokenizer = _tokenizer(donor)
+    tokenizer = load_tokenizer(donor)
     objectives = cfg.objectives
     files = donor_files(donor) if any(get_objective(o.kind).model_files for o in objectives) else None
     windows = [_windows(cfg, task, tokenizer, shape, o) for o in objectives]
@@ -328,19 +342,19 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
     bounds = even_stages(shape.num_layers, options.stages)
     n_stages = len(bounds)
 
-    def build() -> tuple[Stages, list[Any]]:
+    def build() -> tuple[ActorPool, list[Any]]:
         if options.in_process:
-            return Stages.in_process(), [(0, shape.num_layers - 1)]
-        import ray
-
+            return ActorPool.in_process("in-process stage"), [(0, shape.num_layers - 1)]
         from raymerge.runtime.executor import ensure_ray
 
         ensure_ray(options.address)
+        actor_pool.shutdown_kept()  # a merge pool kept by this process would hold the slots
         # Every pipeline's stages share the cluster: one rule for all stages x concurrency actors.
         what = f"search stage workers (stages {n_stages} x concurrency {cfg.study.concurrency})"
         rule = actor_resources(n_stages * cfg.study.concurrency, what=what)
-        actor = ray.remote(StageActor).options(max_restarts=0, **rule.options)
-        return Stages([actor.remote(k, rule.threads) for k in range(n_stages)], remote=True), bounds
+        pool = ActorPool(n_stages, what="search stage workers", rule=rule)
+        pool.labels = [f"search stage {k} (layers {a}-{b})" for k, (a, b) in enumerate(bounds)]
+        return pool, bounds
 
     def setup(p: _SearchPipeline) -> None:
         d = p.driver
@@ -348,7 +362,7 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
         d.get([w.load(model_config, task.specs[task.donor] if isinstance(task, _MergeTask) else task.specs[0],
                       first, end, settings, k == 0, k == last)
                for k, (w, (first, end)) in enumerate(zip(d.workers, p.plans))])
-        p.pipe = _Pipeline(d, d.workers, cfg.batch_size, True)
+        p.pipe = Pipeline(d, d.workers, cfg.batch_size, True)
         if isinstance(task, _MergeTask):
             held = d.get([w.held_parameters() for w in d.workers])
             p.owned = _owned(task.first_ops, held)
@@ -381,8 +395,9 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
     run = 0
     t_start = time.perf_counter()
     try:
+        restarts = Restarts("search")
         for _ in range(min(n_pipes, remaining)):
-            pipes.append(_SearchPipeline(build, setup))
+            pipes.append(_SearchPipeline(*build(), setup, restarts))
         t_start = time.perf_counter()
         with tqdm(total=remaining, desc="trials", unit="trial", disable=options.quiet) as bar:
             free = list(pipes)
@@ -398,8 +413,7 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
                         running[trial.number] = (trial, pipe, handles)
                     except Exception as err:  # noqa: BLE001 - recorded on the trial; the study goes on
                         _tell_failed(study, trial, str(err) if isinstance(err, TrialError) else f"{type(err).__name__}: {err}", optuna)
-                        if _actor_died(err):
-                            pipe.restart()
+                        pipe.lost(err)
                         bar.update(1)
                         run += 1
                         free.append(pipe)
@@ -410,8 +424,7 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
                         _tell(study, trial, values if len(values) > 1 else values[0])
                     except Exception as err:  # noqa: BLE001 - recorded on the trial; the study goes on
                         _tell_failed(study, trial, f"{type(err).__name__}: {err}", optuna)
-                        if _actor_died(err):
-                            pipe.restart()
+                        pipe.lost(err)
                     run += 1
                     bar.update(1)
                     free.append(pipe)
@@ -527,15 +540,6 @@ def _ready(running: dict, in_process: bool) -> list[int]:
     done, _ = ray.wait(list(finals), num_returns=1)
     done, _ = ray.wait(list(finals), num_returns=len(finals), timeout=0)
     return [finals[r] for r in done]
-
-
-def _actor_died(err: BaseException) -> bool:
-    try:
-        from ray.exceptions import RayActorError
-
-        return isinstance(err, RayActorError)
-    except ImportError:
-        return False
 
 
 def _tell(study, trial, values: Any = None, state: Any = None) -> None:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymerge.methods import reductions
-from raymerge.pruning.decoder import DecoderBlock
+from raymerge.blocks.decoder import DecoderBlock
 
 
 def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:

@@ -1,16 +1,20 @@
-"""The stage actor: one block of decoder layers, and what prune, search and guidance do with it.
+"""The pool actor: the one actor class of every job, composed of the capabilities the jobs need.
 
-Every job that runs a model layer by layer — a prune, a search's resident pipelines, a guided
+Every pool (`runtime.actor_pool.ActorPool`) is made of `PoolActor`s (Ray actors, or the same
+class in the driver process for the in-process modes). A merge uses their `merging` capability;
+every job that runs a model layer by layer — a prune, a search's resident pipelines, a guided
 merge's statistics pass — cuts the decoder layers into contiguous blocks and gives each block to
-one `StageActor` (a Ray actor, or the same class in the driver process for the in-process modes).
-A `StageActor` owns:
+one of them. A `PoolActor` owns:
 
-- `layers` (`StageLayers`): the block itself — a `PruneStage` (a `DecoderBlock` of layers
+- `merging` (`runtime.worker.MergeWorkerImpl`): a merge's work — its input sources, opened on
+  first use, and the staging shards parts are written into at their offsets; the planner's
+  calibration and whole-model TIES trimming's histograms;
+- `layers` (`StageLayers`): a block of decoder layers — a `PruneStage` (a `DecoderBlock` of layers
   first..last, plus the embeddings on the first stage and the final norm and head on the last),
   the checkpoint it was read from, the device, the busy time; `reload` swaps in the same layers
   of another checkpoint;
-- `output` (`StageOutput`): the staging shards its tensors are written into at their planned
-  offsets (pruned ones masked, the rest copied byte for byte), and uploads to an S3 output;
+- `output` (`StageOutput`): the staging shards the block's tensors are written into at their
+  planned offsets (pruned ones masked, the rest copied byte for byte), and uploads to an S3 output;
 - `pruning` (`Pruning`): the prune methods over the block (sequential or from collected
   statistics) and OWL's outlier ratios;
 - `trial` (`Trial`): what a search trial varies — the input models' tensors for re-merging,
@@ -20,12 +24,11 @@ A `StageActor` owns:
 - `statistics` (`Statistics`): a guided merge's collectors (AIM, ACM) and Sens-Merging's
   backward passes.
 
-Each capability is a small class with one job over the shared `StageLayers`; none inherits from
-another. The actor's public methods are the whole call surface. Drivers hold `StageRef`s, whose
-methods are generated from `StageActor`'s (same names, signatures and docs): `stage.load(...)`
-is `actor.load.remote(...)` for a Ray actor (an object reference) or the local object's method
-(the value) in process, and a misspelt method is an `AttributeError` where it is called.
-`Stages` is a driver's group of them (`get` the results, `kill` them).
+Each capability is a small class with one job; none inherits from another. The actor's public
+methods are the whole call surface. Drivers hold `ActorRef`s, whose methods are generated from
+`PoolActor`'s (same names, signatures and docs): `ref.load(...)` is `actor.load.remote(...)` for
+a Ray actor (an object reference) or the local object's method (the value) in process, and a
+misspelt method is an `AttributeError` where it is called.
 """
 
 from __future__ import annotations
@@ -41,13 +44,14 @@ from raymerge.calibration.curation import mean_pooled_features
 from raymerge.checkpoints import OutputLayout, ShardFileWriter, SourceSpec
 from raymerge.checkpoints.memory import MemorySource
 from raymerge.checkpoints.safetensors_format import DTYPES as CODE_DTYPES
-from raymerge.pruning.activations import InputAbsMean, OutputRecorder, layer_keys
+from raymerge.blocks.activations import InputAbsMean, OutputRecorder, layer_keys
 from raymerge.pruning.masks import row_mask
 from raymerge.pruning.scores import wanda_scores
-from raymerge.pruning.stage import ModuleResult, PruneSettings, PruneStage
+from raymerge.blocks.stage import PruneSettings, PruneStage
+from raymerge.pruning.report import ModuleResult
 from raymerge.runtime.compute import compute_operator
 from raymerge.runtime.operators import MergeOperator
-from raymerge.runtime.worker import WorkerInfo, _peak_rss_bytes, pick_device, worker_info
+from raymerge.runtime.worker import BatchStats, MergeWorkerImpl, WorkerInfo, WorkItem, _peak_rss_bytes, pick_device, worker_info
 
 
 # -- capabilities ----------------------------------------------------------------------------------------
@@ -269,8 +273,8 @@ class ReferenceLogits:
 
 class Statistics:
     """A guided merge's statistics on the block: AIM's input statistics and ACM's activation
-    mutual information (`raymerge.pruning.activations`), Sens-Merging's gradients
-    (`raymerge.pruning.gradients`). ACM's recording of the base survives `reload`."""
+    mutual information (`raymerge.blocks.activations`), Sens-Merging's gradients
+    (`raymerge.blocks.gradients`). ACM's recording of the base survives `reload`."""
 
     def __init__(self, layers: StageLayers) -> None:
         self.layers = layers
@@ -320,7 +324,7 @@ class Statistics:
         return layer_keys(self.layers.held.block)
 
     def gradients(self):
-        from raymerge.pruning.gradients import GradientStage
+        from raymerge.blocks.gradients import GradientStage
 
         if self._grads is None:
             self._grads = GradientStage(self.layers.held.block)
@@ -337,9 +341,9 @@ class Statistics:
 
 
 # -- the actor -------------------------------------------------------------------------------------------
-class StageActor:
-    """One block of decoder layers and its capabilities (see the module docstring). The public
-    methods are the calls drivers make (through `StageRef`)."""
+class PoolActor:
+    """Every job's actor: merge work, a block of decoder layers, and what jobs do with it (see the
+    module docstring). The public methods are the calls drivers make (through `ActorRef`)."""
 
     def __init__(self, worker_id: int, threads: Optional[int] = None) -> None:
         self.worker_id = worker_id
@@ -352,9 +356,31 @@ class StageActor:
         self.trial = Trial(self.layers)
         self.references = ReferenceLogits(self.layers)
         self.statistics = Statistics(self.layers)
+        self.merging = MergeWorkerImpl(worker_id, device=self.device)
 
     def describe(self) -> WorkerInfo:
         return worker_info(self.worker_id, self.device)
+
+    # -- merge work (`runtime.executor`) ------------------------------------------------------
+    def calibrate(self, ops: Sequence[MergeOperator]) -> list[float]:
+        """Seconds per output element of each operator's method on this actor (for the planner)."""
+        return self.merging.calibrate(ops)
+
+    def merge_begin(self, sources: Sequence[SourceSpec], staging: str) -> None:
+        """Point this actor at a merge: its sources (opened on first use) and staging folder."""
+        self.merging.begin(sources, staging)
+
+    def merge_run(self, batch: Sequence[WorkItem]) -> BatchStats:
+        """Compute a batch of parts and write each at its offset in the staging shards."""
+        return self.merging.run(batch)
+
+    def histogram(self, ops: Sequence[MergeOperator], high_bins: Optional[dict[int, int]] = None) -> dict[int, torch.Tensor]:
+        """Whole-model TIES trimming's histograms of the merge's task vectors."""
+        return self.merging.histogram(ops, high_bins)
+
+    def merge_finish(self) -> int:
+        """Close the merge's files; this process's peak RSS bytes."""
+        return self.merging.finish()
 
     # -- the block ----------------------------------------------------------------------------
     def load(
@@ -425,10 +451,11 @@ class StageActor:
         return results, _peak_rss_bytes(), self.layers.busy_seconds
 
     def close(self) -> None:
-        """Release the output files and the checkpoint source (idempotent)."""
+        """Release the output files and the checkpoint sources (idempotent)."""
         self.statistics.detach()
         self.output.close()
         self.layers.close()
+        self.merging.finish()
 
     def upload_files(self, target: Any, staging: str, filenames: Sequence[str]) -> int:
         """Upload finished shards of `staging` to an S3 output (`checkpoints.s3.S3Target`) with
@@ -524,10 +551,10 @@ class StageActor:
 
 
 # -- the driver side -------------------------------------------------------------------------------------
-class StageRef:
-    """A driver's handle on one stage: each `StageActor` method, called as `stage.method(...)`,
+class ActorRef:
+    """A driver's handle on one pool actor: each `PoolActor` method, called as `ref.method(...)`,
     runs `actor.method.remote(...)` on a Ray actor (returning an object reference) or the method
-    of an in-process `StageActor` (returning its value). Only `StageActor`'s public methods
+    of an in-process `PoolActor` (returning its value). Only `PoolActor`'s public methods
     exist here, so a misspelt call is an `AttributeError` at the call site."""
 
     __slots__ = ("actor", "remote")
@@ -536,78 +563,25 @@ class StageRef:
         self.actor, self.remote = actor, remote
 
     def __repr__(self) -> str:
-        return f"StageRef({'remote' if self.remote else 'in-process'} {self.actor!r})"
+        return f"ActorRef({'remote' if self.remote else 'in-process'} {self.actor!r})"
 
 
-def stage_methods() -> list[str]:
-    """The public methods of `StageActor`: the calls a driver can make on a stage."""
-    return sorted(n for n, v in vars(StageActor).items() if callable(v) and not n.startswith("_"))
+def actor_methods() -> list[str]:
+    """The public methods of `PoolActor`: the calls a driver can make on an actor."""
+    return sorted(n for n, v in vars(PoolActor).items() if callable(v) and not n.startswith("_"))
 
 
 def _route(name: str) -> Callable[..., Any]:
-    method = getattr(StageActor, name)
+    method = getattr(PoolActor, name)
 
     @functools.wraps(method)
-    def call(self: StageRef, *args: Any, **kwargs: Any) -> Any:
+    def call(self: ActorRef, *args: Any, **kwargs: Any) -> Any:
         bound = getattr(self.actor, name)
         return bound.remote(*args, **kwargs) if self.remote else bound(*args, **kwargs)
 
     return call
 
 
-for _name in stage_methods():
-    setattr(StageRef, _name, _route(_name))
+for _name in actor_methods():
+    setattr(ActorRef, _name, _route(_name))
 del _name
-
-
-class Stages:
-    """A driver's stages, in pipeline order: Ray actors or in-process `StageActor`s."""
-
-    def __init__(self, actors: Sequence[Any], remote: bool) -> None:
-        self.remote = remote
-        self.workers: list[StageRef] = [StageRef(a, remote) for a in actors]
-
-    @classmethod
-    def in_process(cls) -> "Stages":
-        """One stage in this process."""
-        return cls([StageActor(0)], remote=False)
-
-    @property
-    def actors(self) -> list[Any]:
-        """The Ray actor handles (or local objects) behind the stages."""
-        return [s.actor for s in self.workers]
-
-    def keep(self, indices: Sequence[int]) -> None:
-        """Keep only the stages at `indices` (in that order); end the others."""
-        chosen = [self.workers[i] for i in indices]
-        dropped = [s for i, s in enumerate(self.workers) if i not in set(indices)]
-        self.workers = chosen
-        self._end(dropped)
-
-    def get(self, handles: Any, desc: Optional[str] = None, quiet: bool = True) -> Any:
-        """The values behind `handles` (in process: they are the values already)."""
-        if not self.remote:
-            return handles
-        import ray
-
-        if isinstance(handles, list) and desc and not quiet:
-            pending = list(handles)
-            with tqdm(total=len(pending), desc=desc, unit="step", leave=False) as bar:
-                while pending:
-                    done, pending = ray.wait(pending, num_returns=1)
-                    bar.update(len(done))
-        return ray.get(handles)
-
-    def kill(self) -> None:
-        """End the stages: Ray actors are killed; in-process ones close their files."""
-        self._end(self.workers)
-
-    def _end(self, stages: Sequence[StageRef]) -> None:
-        if not self.remote:
-            for s in stages:
-                s.actor.close()
-            return
-        import ray
-
-        for s in stages:
-            ray.kill(s.actor)

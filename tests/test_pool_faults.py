@@ -1,9 +1,9 @@
-"""Stage actors that die during a prune (`runtime.stage_faults`): the pass reruns on fresh actors
+"""Stage actors that die during a prune (`runtime.actor_pool.StageJob`): the pass reruns on fresh actors
 and gives the same bytes as an undisturbed run; stages that keep dying end the job with
 `WorkerLostError` after `MAX_WORKER_RESTARTS` restarts, and nothing is published.
 
 Deaths are injected from the driver at fixed points of the job (no sleeps): the stage actors'
-PIDs come from `_start_workers` (what each actor's `describe()` reported), and the process is
+PIDs come from `prune._describe` (what each actor's `describe()` reported, once per attempt), and the process is
 SIGKILLed, as the merge tests do with worker actors (tests/test_resume.py).
 """
 
@@ -18,7 +18,7 @@ import pytest
 
 import raymerge.runtime.prune as prune
 from raymerge.pruning.report import REPORT_FILE
-from raymerge.runtime.executor import MAX_WORKER_RESTARTS, WorkerLostError
+from raymerge.runtime.actor_pool import MAX_WORKER_RESTARTS, WorkerLostError
 from raymerge.runtime.prune import PruneOptions, run_prune
 
 
@@ -57,15 +57,15 @@ def _kill(pid: int, timeout: float = 30.0) -> None:
 @pytest.fixture
 def started(monkeypatch):
     """Records the (pid per stage) of every set of stage actors a prune starts."""
-    real = prune._start_workers
+    real = prune._describe
     attempts: list[list[int]] = []
 
-    def recording(n, *args, **kwargs):
-        actors, infos = real(n, *args, **kwargs)
+    def recording(pool):
+        infos = real(pool)
         attempts.append([info.pid for info in infos])
-        return actors, infos
+        return infos
 
-    monkeypatch.setattr(prune, "_start_workers", recording)
+    monkeypatch.setattr(prune, "_describe", recording)
     return attempts
 
 
@@ -73,7 +73,7 @@ def test_killed_stage_is_replaced_and_output_identical(trained, tmp_path, ray_se
     clean = run_prune(_config(trained), tmp_path / "clean", PruneOptions(workers=2, quiet=True))
     assert len(clean.stages) == 2 and len(started) == 1
 
-    real = prune._Pipeline.prune_sequential
+    real = prune.Pipeline.prune_sequential
     killed: list[int] = []
 
     def kill_then_prune(self, *args, **kwargs):
@@ -84,7 +84,7 @@ def test_killed_stage_is_replaced_and_output_identical(trained, tmp_path, ray_se
             _kill(killed[0])
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(prune._Pipeline, "prune_sequential", kill_then_prune)
+    monkeypatch.setattr(prune.Pipeline, "prune_sequential", kill_then_prune)
     started.clear()
     result = run_prune(_config(trained), tmp_path / "disturbed", PruneOptions(workers=2, quiet=True))
     assert len(killed) == 1 and len(started) == 2, "exactly one replacement of the stage actors"
@@ -98,23 +98,23 @@ def test_killed_stage_is_replaced_and_output_identical(trained, tmp_path, ray_se
 
 
 def test_stages_that_keep_dying_end_with_worker_lost(trained, tmp_path, ray_session, monkeypatch, capsys):
-    real = prune._start_workers
+    real = prune._describe
     attempts: list[int] = []
 
-    def start_and_kill(n, *args, **kwargs):
-        actors, infos = real(n, *args, **kwargs)
+    def describe_and_kill(pool):
+        infos = real(pool)
         attempts.append(infos[0].pid)
         _kill(infos[0].pid)  # every attempt loses its first stage
-        return actors, infos
+        return infos
 
-    monkeypatch.setattr(prune, "_start_workers", start_and_kill)
+    monkeypatch.setattr(prune, "_describe", describe_and_kill)
     out = tmp_path / "out"
     with pytest.raises(WorkerLostError) as info:
         run_prune(_config(trained), out, PruneOptions(workers=2, quiet=True))
     assert len(attempts) == MAX_WORKER_RESTARTS + 1
     message = str(info.value)
     assert "\n" not in message
-    assert f"in {MAX_WORKER_RESTARTS + 1} attempts" in message and "stage 0 (layers 0-1)" in message, message
+    assert f"actors died {MAX_WORKER_RESTARTS + 1} times" in message and "stage 0 (layers 0-1)" in message, message
     err = capsys.readouterr().err
     assert err.count("warning: prune: stage 0 (layers 0-1) died") == MAX_WORKER_RESTARTS, err
     assert not out.exists(), "nothing may be published"

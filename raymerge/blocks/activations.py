@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from raymerge.methods.guided import normalized_mutual_information
-from raymerge.pruning.decoder import DecoderBlock
+from raymerge.blocks.decoder import DecoderBlock
 
 EMBED_KEY, NORM_KEY, HEAD_KEY = -1, -2, -3
 

@@ -34,11 +34,12 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from raymerge.checkpoints import CheckpointSource
-from raymerge.pruning.decoder import DecoderBlock, input_hook
+from raymerge.blocks.decoder import DecoderBlock, input_hook
 from raymerge.pruning.layerwise import outlier_ratio
 from raymerge.pruning.masks import follows_nm
 from raymerge.pruning.methods import get_prune_method
 from raymerge.pruning.scores import wanda_scores
+from raymerge.pruning.report import ModuleResult
 from raymerge.pruning.statistics import STATISTICS
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -60,22 +61,6 @@ class PruneSettings:
     @property
     def statistic(self) -> Optional[str]:
         return get_prune_method(self.method).statistic
-
-
-@dataclass
-class ModuleResult:
-    """What pruning did to one linear module (for the report)."""
-
-    layer: int
-    module: str
-    target: float
-    zeros: int
-    numel: int
-    nm_valid: Optional[bool] = None
-
-    @property
-    def achieved(self) -> float:
-        return self.zeros / self.numel if self.numel else 0.0
 
 
 Sink = Callable[[int, str, torch.Tensor, torch.Tensor], None]

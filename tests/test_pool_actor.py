@@ -1,4 +1,4 @@
-"""The stage actor: one class composed of capabilities, called through typed methods."""
+"""The pool actor: one class, every job's actor, composed of capabilities, called through typed methods."""
 
 from __future__ import annotations
 
@@ -7,22 +7,24 @@ import inspect
 import pytest
 import torch
 
-from raymerge.runtime import stage_actor as sa
-from raymerge.runtime.stage_actor import StageActor, StageRef, Stages, stage_methods
+from raymerge.runtime import pool_actor as sa
+from raymerge.runtime.actor_pool import ActorPool
+from raymerge.runtime.pool_actor import ActorRef, PoolActor, actor_methods
+from raymerge.runtime.worker import MergeWorkerImpl
 
-CAPABILITIES = (sa.StageLayers, sa.StageOutput, sa.Pruning, sa.Trial, sa.ReferenceLogits, sa.Statistics)
+CAPABILITIES = (MergeWorkerImpl, sa.StageLayers, sa.StageOutput, sa.Pruning, sa.Trial, sa.ReferenceLogits, sa.Statistics)
 
 
-def test_stage_actor_has_no_base_classes_besides_object():
-    assert StageActor.__bases__ == (object,)
-    assert StageActor.__mro__ == (StageActor, object)
+def test_pool_actor_has_no_base_classes_besides_object():
+    assert PoolActor.__bases__ == (object,)
+    assert PoolActor.__mro__ == (PoolActor, object)
 
 
 def test_capabilities_are_separate_classes_composed_by_the_actor():
     for cap in CAPABILITIES:
         assert cap.__bases__ == (object,), cap  # no inheritance chain among them
     assert len(set(CAPABILITIES)) == len(CAPABILITIES)
-    actor = StageActor(0)
+    actor = PoolActor(0)
     held = {type(v) for v in vars(actor).values()}
     assert set(CAPABILITIES) <= held
     # Each capability has its own job.
@@ -32,26 +34,29 @@ def test_capabilities_are_separate_classes_composed_by_the_actor():
     assert "prune_collected" in public[CAPABILITIES.index(sa.Pruning)]
     assert "aim_begin" not in public[CAPABILITIES.index(sa.Trial)]
     assert "apply_merge" not in public[CAPABILITIES.index(sa.Statistics)]
+    assert "run" in public[CAPABILITIES.index(MergeWorkerImpl)]
+    assert "prune_collected" not in public[CAPABILITIES.index(MergeWorkerImpl)]
 
 
 def test_stage_ref_exposes_exactly_the_actor_methods_with_their_signatures():
-    names = stage_methods()
-    assert {"load", "reload", "forward", "embed", "loss", "prune_sequential", "apply_merge", "aim_end"} <= set(names)
+    names = actor_methods()
+    assert {"load", "reload", "forward", "embed", "loss", "prune_sequential", "apply_merge", "aim_end",
+            "merge_begin", "merge_run", "merge_finish", "calibrate", "histogram"} <= set(names)
     for name in names:
-        routed = getattr(StageRef, name)
-        assert routed.__wrapped__ is getattr(StageActor, name)
-        assert inspect.signature(routed) == inspect.signature(getattr(StageActor, name))
+        routed = getattr(ActorRef, name)
+        assert routed.__wrapped__ is getattr(PoolActor, name)
+        assert inspect.signature(routed) == inspect.signature(getattr(PoolActor, name))
 
 
 def test_unknown_call_fails_at_the_call_site():
-    local = Stages.in_process().workers[0]
+    local = ActorPool.in_process().workers[0]
     with pytest.raises(AttributeError):
         local.lod  # noqa: B018 - a typo of load
-    remote = StageRef(object(), remote=True)  # never reaches the actor
+    remote = ActorRef(object(), remote=True)  # never reaches the actor
     with pytest.raises(AttributeError):
         remote.forwrad(torch.zeros(1))
     with pytest.raises(AttributeError):
-        StageRef.not_a_method  # noqa: B018
+        ActorRef.not_a_method  # noqa: B018
 
 
 def test_calls_route_to_remote_or_to_the_local_object():
@@ -69,11 +74,11 @@ def test_calls_route_to_remote_or_to_the_local_object():
         def __getattr__(self, name):
             return _Method(name)
 
-    ref = StageRef(_FakeHandle(), remote=True)
+    ref = ActorRef(_FakeHandle(), remote=True)
     assert ref.forward("h", ("norms",), emit=False) == "ref:forward"
     assert calls == [("forward", ("h", ("norms",)), {"emit": False})]
 
-    local = Stages.in_process()
+    local = ActorPool.in_process()
     assert local.workers[0].describe().device == str(local.actors[0].device)
     with pytest.raises(RuntimeError, match="before load"):
         local.workers[0].embed(torch.zeros(1, 2, dtype=torch.long))
@@ -82,8 +87,8 @@ def test_calls_route_to_remote_or_to_the_local_object():
 
 def test_in_process_stage_runs_a_model_block(llama_models):
     from raymerge.checkpoints import SourceSpec
-    from raymerge.pruning.decoder import describe_model
-    from raymerge.pruning.stage import PruneSettings
+    from raymerge.blocks.decoder import describe_model
+    from raymerge.blocks.stage import PruneSettings
 
     spec = SourceSpec(str(llama_models["base"]))
     src = spec.open()
@@ -91,7 +96,7 @@ def test_in_process_stage_runs_a_model_block(llama_models):
     src.close()
     shape = describe_model(config)
     settings = PruneSettings(method="wanda", modules=shape.modules, dtype="float32")
-    stages = Stages.in_process()
+    stages = ActorPool.in_process()
     s = stages.workers[0]
     try:
         assert stages.get(s.load(config, spec, 0, shape.num_layers - 1, settings, True, True)) > 0

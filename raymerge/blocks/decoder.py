@@ -323,7 +323,7 @@ class DecoderBlock:
         assert catcher.hidden is not None
         return catcher.hidden.to(self.dtype)
 
-    # `grad=True` runs with autograd on (for backward passes, see `raymerge.pruning.gradients`):
+    # `grad=True` runs with autograd on (for backward passes, see `raymerge.blocks.gradients`):
     # gradients then flow back to `hidden`, and to whichever parameters the caller has set to
     # require them (all are loaded with `requires_grad=False`). The default runs without autograd.
     def run_layer(self, index: int, hidden: torch.Tensor, *, grad: bool = False) -> torch.Tensor:

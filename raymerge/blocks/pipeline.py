@@ -1,0 +1,80 @@
+"""Micro-batches through a pipeline of decoder blocks held by several actors.
+
+A prune, a search's resident pipelines and a guided merge's statistics pass all cut a model's
+decoder layers into contiguous blocks (`even_stages`, or the planner's pipeline problem for a
+prune), one per stage actor, and push calibration or evaluation windows through them in
+micro-batches: the first stage embeds, each stage runs its layers and hands the hidden states
+on, the last stage computes the loss, logits or features. `Pipeline` is that flow, written once
+against the stages' typed calls (`runtime.pool_actor.ActorRef`): each call returns a handle (a
+Ray object reference, or the value itself in process), handles are passed straight on to the
+next stage (Ray moves the tensors between actors; the driver never holds activations), and the
+driver's `get` waits for them. No Ray here: the driver object supplies `get`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+
+class Pipeline:
+    """Micro-batches through a driver's stages (module docstring). `driver` turns handles into
+    values (`get(handles, desc, quiet)`: a `runtime.actor_pool.ActorPool`)."""
+
+    def __init__(self, driver: Any, stages: list[Any], batch_size: int, quiet: bool) -> None:
+        self.d, self.stages, self.batch_size, self.quiet = driver, stages, batch_size, quiet
+
+    def batches(self, windows: torch.Tensor) -> list[torch.Tensor]:
+        return list(windows.split(self.batch_size))
+
+    def forward(self, ids: torch.Tensor, collect: Sequence[str] = (), emit: bool = True) -> Any:
+        """Embed a micro-batch and push it through every stage; the handle of the hidden states
+        leaving the last layer (`emit=False`: the last stage keeps them, a statistics-only pass)."""
+        h = self.stages[0].embed(ids)
+        last = len(self.stages) - 1
+        for k, s in enumerate(self.stages):
+            h = s.forward(h, tuple(collect), emit or k < last)
+        return h
+
+    def dense_pass(self, windows: torch.Tensor, collect: Sequence[str] = (), desc: str = "dense pass") -> None:
+        """Push windows through all stages, collecting statistics; keep no outputs."""
+        self.d.get([self.forward(ids, collect, emit=False) for ids in self.batches(windows)], desc, self.quiet)
+
+    def nll(self, windows: torch.Tensor, desc: str) -> tuple[float, int]:
+        handles = [self.stages[-1].loss(self.forward(ids), ids) for ids in self.batches(windows)]
+        parts = self.d.get(handles, desc, self.quiet)
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+    def features(self, windows: torch.Tensor) -> torch.Tensor:
+        handles = [self.stages[-1].features(self.forward(ids)) for ids in self.batches(windows)]
+        return torch.cat(self.d.get(handles, "curation features", self.quiet))
+
+    def keep_reference(self, windows: torch.Tensor, first_key: int = 0) -> None:
+        """Have the last stage keep the logits of each micro-batch under keys first_key, +1, ..."""
+        last = self.stages[-1]
+        self.d.get([last.keep_reference(self.forward(ids), first_key + j)
+                    for j, ids in enumerate(self.batches(windows))])
+
+    def prune_sequential(self, windows: torch.Tensor, sparsities: list[list[dict[int, float]]]) -> None:
+        for ids in self.batches(windows):
+            self.stages[0].store(self.stages[0].embed(ids))
+        prev = None
+        handles = []
+        last = len(self.stages) - 1
+        for k, s in enumerate(self.stages):
+            if prev is not None:
+                s.store_all(prev)
+            prev = s.prune_sequential(sparsities[k], k < last)
+            handles.append(prev)
+        self.d.get(handles, "pruning stages", self.quiet)
+
+    def prune_collected(self, sparsities: list[dict[int, float]]) -> None:
+        handles = [s.prune_collected(sp) for s, sp in zip(self.stages, sparsities)]
+        self.d.get(handles, "pruning stages", self.quiet)
+
+
+def even_stages(num_layers: int, n: int) -> list[tuple[int, int]]:
+    """(first, last) layer of each of min(n, num_layers) contiguous blocks of near-equal size."""
+    n = max(1, min(n, num_layers))
+    return [(k * num_layers // n, (k + 1) * num_layers // n - 1) for k in range(n)]
