@@ -58,6 +58,8 @@ def merge(
     scan_nonfinite: bool = False,
     resume: Optional[bool] = None,
     in_process: bool = False,
+    copy_tokenizer: bool = True,
+    write_model_card: bool = True,
 ) -> MergeResult:
     """Merge the models described by a mergekit-format config and publish the result at `output`.
 
@@ -70,7 +72,8 @@ def merge(
         random_seed: seed of random methods (DARE, DELLA); with the tensor name it seeds each tensor.
         quiet: no progress bar.
         address: Ray cluster address (default: `RAY_ADDRESS`, else a local Ray).
-        out_shard_size: largest output shard, e.g. "5GB" (the default) or a number of bytes.
+        out_shard_size: largest output shard, e.g. "5GB" (the default), "2GiB", mergekit's "5B"
+            (5 billion bytes) or a number of bytes.
         allow_pickle: accept `pytorch_model*.bin` inputs (loaded with `weights_only=True`).
         allow_mixed_architectures: merge models whose `config.json` architectures differ.
         cluster: a `clusters/` profile whose bandwidths (and address) the planner uses.
@@ -91,6 +94,10 @@ def merge(
         in_process: run the merge in this process with one worker, without starting Ray or any
             actor (the same worker code, planned for that one worker; the bytes equal a Ray merge
             with `workers=1`): for small merges and tests. Refused with `workers` > 1 or `address`.
+        copy_tokenizer: copy the tokenizer (and generation) files of the donor or of
+            `tokenizer_source` to the output (mergekit's `--copy-tokenizer`, default True).
+        write_model_card: write `README.md` (a model card) and `mergekit_config.yml` (mergekit's
+            `--write-model-card`, default True).
 
     Returns:
         A `MergeResult`: output path, tensor count, bytes read/written, timings, peak memory,
@@ -119,6 +126,8 @@ def merge(
         scan_nonfinite=scan_nonfinite,
         resume=resume,
         in_process=in_process,
+        copy_tokenizer=copy_tokenizer,
+        write_model_card=write_model_card,
     )
     return run_merge(config, output, options)
 

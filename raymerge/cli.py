@@ -43,8 +43,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def _add_input_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept pytorch_model*.bin inputs (loaded with torch.load(weights_only=True))")
-    p.add_argument("--allow-mixed-architectures", action="store_true",
-                   help="accept models whose config.json architectures differ (mergekit's --allow-crimes)")
+    p.add_argument("--allow-mixed-architectures", "--allow-crimes", action="store_true", dest="allow_mixed_architectures",
+                   help="accept models whose config.json architectures differ (--allow-crimes is mergekit's name for it)")
 
 
 def _add_plan_options(p: argparse.ArgumentParser, for_merge: bool) -> None:
@@ -62,6 +62,45 @@ def _add_plan_options(p: argparse.ArgumentParser, for_merge: bool) -> None:
                    help="draw the planned schedule to this image (needs matplotlib: pip install 'raymerge[gantt]')")
     g.add_argument("--json", default=None, metavar="FILE", dest="plan_json",
                    help="write the plan (assignments, makespan, bound, gap, solver) as JSON")
+
+
+# mergekit-yaml flags that `raymerge merge` accepts but that have nothing to switch in raymerge:
+# (flag, what raymerge does instead). Given (true), each prints that one line on stderr.
+MERGEKIT_NOOP_FLAGS: dict[str, str] = {
+    "cuda": "raymerge computes on the GPU of every worker that Ray gives one (one worker per GPU) and on "
+            "the CPU elsewhere; there is no device switch",
+    "low_cpu_memory": "each worker holds only the inputs of the tensor it is merging and writes its own output "
+                      "shards, so neither RAM nor GPU memory ever holds the whole output",
+    "lazy_unpickle": "inputs are always read tensor by tensor (safetensors by header offsets; pytorch_model*.bin, "
+                     "with --allow-pickle, through torch.load(weights_only=True, mmap=True))",
+    "trust_remote_code": "a merge never runs model code: it reads tensors and config.json only, and guided "
+                         "merges, prune and search build layers from transformers' own classes, so models that "
+                         "need remote code are not supported there, with or without this flag",
+}
+
+
+def _add_mergekit_options(p: argparse.ArgumentParser) -> None:
+    """mergekit-yaml's flags, so that `mergekit-yaml CONFIG OUT [flags]` runs as `raymerge merge`."""
+    g = p.add_argument_group(
+        "mergekit-yaml compatibility",
+        "flags of mergekit-yaml, accepted so that its command lines work unchanged "
+        "(--allow-crimes and --out-shard-size are above)")
+    g.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="copy the tokenizer and generation files (of the base model, else the first model, or of "
+                        "tokenizer_source) to OUTPUT (default: on)")
+    g.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True,
+                   help="write README.md (a Hugging Face model card: base_model, tags merge/raymerge, the method and "
+                        "the config) and mergekit_config.yml (default: on)")
+    for flag, instead in MERGEKIT_NOOP_FLAGS.items():
+        g.add_argument(f"--{flag.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=False,
+                       help=f"accepted, no effect: {instead}")
+
+
+def _note_mergekit_flags(args: argparse.Namespace) -> None:
+    """One line on stderr per mergekit flag given that raymerge has no use for."""
+    for flag, instead in MERGEKIT_NOOP_FLAGS.items():
+        if getattr(args, flag, False):
+            print(f"raymerge: note: --{flag.replace('_', '-')} has no effect in raymerge: {instead}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "$AWS_ENDPOINT_URL); credentials come from boto3's default chain")
     m.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it already holds a model")
     m.add_argument("--out-shard-size", default=None, metavar="SIZE",
-                   help="largest output shard, e.g. 5GB (default), 500MB, 2GiB or bytes")
+                   help="largest output shard in bytes: 5GB (default), 500MB, 2GiB, a number of bytes, or "
+                        "mergekit's counts 5B / 500M / 1K (5 billion / 500 million / 1000 bytes, as mergekit-yaml "
+                        "compares them with bytes)")
     m.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                    help="reuse the finished shards of an interrupted run of the same merge (its staging folder beside "
                         "OUTPUT; each shard is checked against its recorded sha256). Default: automatic, when the "
@@ -106,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "read but headers, nothing is written, Ray is not started")
     _add_run_options(m)
     _add_plan_options(m, for_merge=True)
+    _add_mergekit_options(m)
 
     pr = sub.add_parser(
         "prune",
@@ -204,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _merge(args: argparse.Namespace) -> int:
     import raymerge
 
+    _note_mergekit_flags(args)
     if args.plan_only:
         return _plan(args)
     result = raymerge.merge(
@@ -212,7 +255,7 @@ def _merge(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle, allow_mixed_architectures=args.allow_mixed_architectures,
         cluster=args.cluster, planner=args.planner, plan_time_limit=args.plan_time_limit,
         s3_endpoint_url=args.s3_endpoint_url, scan_nonfinite=args.scan_nonfinite, resume=args.resume,
-        in_process=args.in_process,
+        in_process=args.in_process, copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card,
     )
     print(result.summary())
     if result.plan is not None and result.plan.report is not None:

@@ -179,6 +179,16 @@ def violations(root: Path, root_package: str = "raymerge", planners: str = "plan
             path = reaches(graph, module, ("ray", *io))
             if path:
                 found.append(f"{module} imports Ray or I/O: {chain(path)}")
+        if module.startswith((f"{root_package}.blocks", f"{root_package}.pruning")):
+            path = reaches(graph, module, ("ray",))
+            if path:
+                found.append(f"{module} imports Ray: {chain(path)}")
+        if module.startswith(f"{root_package}.config"):
+            allowed = (f"{root_package}.config", f"{root_package}.errors")
+            ours = sorted(t for t in graph[module] if _top(t) == root_package and t != root_package
+                          and not any(t == a or t.startswith(a + ".") for a in allowed))
+            if ours:
+                found.append(f"{module} imports {', '.join(ours)}: config imports nothing of ours but config and errors")
     cycle = find_cycle(package_graph(graph, root_package))
     if cycle:
         found.append(f"package import cycle: {chain(cycle)}")
@@ -216,6 +226,12 @@ def test_checker_catches_planted_violations(tmp_path):
         "fake/search/__init__.py": "",
         "fake/search/study.py": "def f():\n    from fake.runtime import pool\n",
         "fake/methods/__init__.py": "from fake.checkpoints.s3 import x\n",
+        "fake/errors.py": "",
+        "fake/config/__init__.py": "from fake.errors import E\n",
+        "fake/config/prune.py": "from fake.config import x\ndef f():\n    from fake.pruning.methods import get\n",
+        "fake/pruning/__init__.py": "",
+        "fake/pruning/methods.py": "",
+        "fake/blocks/__init__.py": "def f():\n    import ray\n",
         "fakeplan/__init__.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import ray\nimport torch.nn\n",
     })
     found = violations(tmp_path, "fake", "fakeplan")
@@ -225,6 +241,9 @@ def test_checker_catches_planted_violations(tmp_path):
     assert "fakeplan must be standalone (no torch, Ray or fake): fakeplan -> torch.nn" in text
     assert "fake.methods imports Ray or I/O: fake.methods -> fake.checkpoints.s3" in text
     assert "package import cycle: fake.runtime -> fake.search -> fake.runtime" in text
+    assert "fake.config.prune imports fake.pruning.methods: config imports nothing of ours" in text
+    assert "fake.config imports" not in text  # config and errors are allowed
+    assert "fake.blocks imports Ray: fake.blocks -> ray" in text
     assert "fake.checkpoints.s3 imports Ray: fake.checkpoints.s3 -> fake.checkpoints.writer -> fake.runtime.pool -> ray" in text
     # TYPE_CHECKING imports are not edges
     assert "fakeplan -> ray" not in text

@@ -41,3 +41,32 @@ def test_no_address_starts_our_own_ray_and_auto_joins_the_running_one():
     lines = [line for line in done.stdout.splitlines() if line.split(" ")[0] in ("OURS", "JOINED", "AUTO-JOINED", "AUTO-ELSEWHERE")]
     assert lines[0].startswith("OURS "), done.stdout
     assert lines[1] == "AUTO-JOINED", done.stdout
+
+
+AUTH_SCRIPT = textwrap.dedent(
+    """
+    import os, stat
+    import ray
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    from raymerge.runtime.executor import ensure_ray
+
+    ensure_ray(None, num_cpus=1)
+    mode = get_authentication_mode()
+    token = os.path.expanduser("~/.ray/auth_token")
+    print("AUTH", "token" if mode == AuthenticationMode.TOKEN else "other", oct(os.stat(token).st_mode & 0o777))
+    ray.shutdown()
+    """
+)
+
+
+def test_a_local_ray_of_our_own_requires_a_private_token(tmp_path):
+    """Ray's servers listen on every interface: our local Ray requires token authentication, and
+    the token file Ray generates is readable by this user only (Ray writes it 0644 by umask)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env["HOME"] = str(tmp_path)  # a fresh ~/.ray: no token yet, Ray generates one
+    done = subprocess.run([sys.executable, "-c", AUTH_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "AUTH token 0o600" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert "Token authentication is enabled for this Ray cluster" not in done.stderr  # Ray's warning: we chose it
+    assert (tmp_path / ".ray" / "auth_token").stat().st_mode & 0o077 == 0

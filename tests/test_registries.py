@@ -34,15 +34,25 @@ def test_prune_methods_registry():
         get_prune_method("wnada")
 
 
-def test_prune_config_names_the_field_and_file():
+def test_prune_config_names_the_field_and_file(tmp_path):
+    """The config package knows no registry (any method name parses); the job checks it against
+    the registry before any work, naming the file and the field."""
     from raymerge.config.prune_config import parse_prune_config
+    from raymerge.pruning.methods import check_config_method
 
+    cfg = parse_prune_config({"model": "m", "method": "wnada", "sparsity": 0.5}, "prune.yaml")
     with pytest.raises(ConfigError) as err:
-        parse_prune_config({"model": "m", "method": "wnada", "sparsity": 0.5}, "prune.yaml")
+        check_config_method(cfg.method, cfg.calibration is not None, "prune.yaml")
     assert "prune.yaml" in str(err.value)
     assert "method: unknown prune method 'wnada'; available: magnitude, sparsegpt, wanda" in str(err.value)
-    with pytest.raises(ConfigError, match="calibration: required for method wanda"):
-        parse_prune_config({"model": "m", "method": "wanda", "sparsity": 0.5}, "prune.yaml")
+    cfg = parse_prune_config({"model": "m", "method": "wanda", "sparsity": 0.5}, "prune.yaml")
+    with pytest.raises(ConfigError, match="prune.yaml: calibration: required for method wanda"):
+        check_config_method(cfg.method, cfg.calibration is not None, "prune.yaml")
+    # and through the job, before anything is opened: the model path does not even exist
+    path = tmp_path / "prune.yaml"
+    path.write_text("model: /nowhere\nmethod: wnada\nsparsity: 0.5\n")
+    with pytest.raises(ConfigError, match=r"prune.yaml: method: unknown prune method 'wnada'"):
+        raymerge.prune(str(path), tmp_path / "out", in_process=True, quiet=True)
 
 
 def test_search_objectives_registry():

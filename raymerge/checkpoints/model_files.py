@@ -4,8 +4,11 @@
   dtype key is set to the merge's output dtype; when slices change the layer stack, the layer
   count and every per-layer list (e.g. `layer_types`) are rebuilt from the layers actually used.
 - Tokenizer and generation files are copied byte for byte from one model.
-- `README.md` is a short model card; `mergekit_config.yml` holds the config as run, under the
-  name mergekit uses, so tools that look for it find it.
+- `README.md` is a model card (`huggingface_hub.ModelCard`: `base_model` lists the Hub inputs,
+  tags `merge` and `raymerge`); `mergekit_config.yml` holds the config as run, under the name
+  mergekit uses, so tools that look for it find it. Both can be turned off (`write_model_card`).
+- `PROCESSOR_FILES` (a vision or audio model's image/video/feature processor settings) are copied
+  from the donor, as mergekit copies an architecture's "tag-along" files.
 """
 
 from __future__ import annotations
@@ -15,6 +18,15 @@ from typing import Any, Optional, Sequence
 
 from raymerge.checkpoints.source import TOKENIZER_FILES, CheckpointError, CheckpointSource
 
+# A vision/audio model's processor settings, copied from the donor model whether or not the
+# tokenizer is (mergekit copies these as its architectures' "tag-along" files).
+PROCESSOR_FILES = (
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "normalizer.json",
+)
+
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
@@ -23,12 +35,20 @@ def merged_model_config(
     *,
     dtype: Optional[str],
     layer_sources: Optional[Sequence[tuple[dict[str, Any], int]]] = None,
+    untie: bool = False,
 ) -> dict[str, Any]:
     """The output config: `donor` with dtype and (for slices) the layer stack updated.
 
     `layer_sources` lists, per output layer, (config of the model it came from, its layer there).
+    `untie`: the output stores its own output head although the donor ties it to the embedding
+    (a tied model merged with untied ones): `tie_word_embeddings` is set to false, so that
+    transformers loads the merged head instead of replacing it with the embedding.
     """
     config = json.loads(json.dumps(donor))  # deep copy
+    if untie:
+        config["tie_word_embeddings"] = False
+        if isinstance(config.get("text_config"), dict) and "tie_word_embeddings" in config["text_config"]:
+            config["text_config"]["tie_word_embeddings"] = False
     if dtype is not None:
         keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype"]
         for k in keys:
@@ -52,34 +72,58 @@ def _layer_value(src: dict[str, Any], key: str, layer: int, fallback: list) -> A
     return fallback[min(layer, len(fallback) - 1)]
 
 
-def tokenizer_files(source: CheckpointSource) -> dict[str, bytes]:
+def processor_files(source: CheckpointSource) -> dict[str, bytes]:
+    """The processor files (`PROCESSOR_FILES`) of a model that exist, by file name."""
+    return tokenizer_files(source, PROCESSOR_FILES)
+
+
+def tokenizer_files(source: CheckpointSource, names: Sequence[str] = TOKENIZER_FILES) -> dict[str, bytes]:
     """The tokenizer and generation files of a model that exist, by file name."""
     out: dict[str, bytes] = {}
-    for name in TOKENIZER_FILES:
+    for name in names:
         data = source.read_bytes(name)
         if data is not None:
             out[name] = data
     return out
 
 
-def model_card(*, method: str, models: Sequence[str], base: Optional[str], config_yaml: str, version: str) -> str:
-    """A short README.md for the merged model."""
+def model_card(*, method: str, models: Sequence[str], base: Optional[str], config_yaml: str, version: str,
+               name: Optional[str] = None) -> str:
+    """README.md of a merged model, built with `huggingface_hub.ModelCard`.
+
+    Metadata: `base_model` lists every input that is a Hugging Face Hub id (`org/name`, its
+    revision dropped): the Hub refuses a card whose `base_model` holds anything else, so local
+    folders and `s3://` inputs are named in the text only; `tags: [merge, raymerge]`;
+    `library_name: transformers`. The text names the merge method, the base model, every input and
+    the config as run. (mergekit 0.1.5 writes the same metadata with tags `[mergekit, merge]`.)
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from raymerge.checkpoints.resolve import is_hub_reference
+
+    def hub_id(ref: str) -> Optional[str]:
+        path = ref.rsplit("@", 1)[0] if "@" in ref and not ref.startswith(("/", ".", "s3://")) else ref
+        return path if is_hub_reference(path) else None
+
+    hub_models = list(dict.fromkeys(h for h in (hub_id(m) for m in models) if h))
+    data = ModelCardData(library_name="transformers", base_model=hub_models or None, tags=["merge", "raymerge"])
+
+    def named(ref: str) -> str:
+        h = hub_id(ref)
+        return f"[{ref}](https://huggingface.co/{h})" if h else f"`{ref}`"
+
     lines = [
-        "---",
-        "library_name: transformers",
-        "tags:",
-        "- merge",
-        "- raymerge",
-        "---",
-        "# Merged model",
+        "---", data.to_yaml(), "---", "",
+        f"# {name or 'Merged model'}", "",
+        f"Made with [raymerge](https://github.com/raymerge/raymerge) {version} using the **{method}** merge method"
+        + (f", with {named(base)} as the base model." if base else "."),
         "",
-        f"Made with [raymerge](https://github.com/raymerge/raymerge) {version} using the **{method}** merge method.",
-        "",
+        "## Models merged", "",
     ]
-    if base:
-        lines += [f"Base model: `{base}`", ""]
-    lines += ["Models merged:", ""] + [f"- `{m}`" for m in models] + ["", "## Configuration", "", "```yaml", config_yaml.rstrip(), "```", ""]
-    return "\n".join(lines)
+    lines += [f"- {named(m)}" for m in models if m != base] or ["- (the base model only)"]
+    lines += ["", "## Configuration", "", "The following YAML configuration (mergekit format) produced this model:",
+              "", "```yaml", config_yaml.rstrip(), "```", ""]
+    return str(ModelCard("\n".join(lines)))
 
 
 def load_tokenizer(source: CheckpointSource) -> Any:

@@ -182,10 +182,16 @@ register_source(SourceKind(
 ))
 register_source(SourceKind("s3", lambda p, o: p.startswith("s3://"), _open_s3, doc="s3://bucket/prefix (ranged GETs)"))
 register_source(SourceKind(
-    "hub", lambda p, o: bool(_HUB_ID.match(p)) and not Path(p).expanduser().exists(),
+    "hub", lambda p, o: is_hub_reference(p),
     lambda p, o: LocalSource(_download_from_hub(p, o.revision, o.allow_pickle), allow_pickle=o.allow_pickle),
     doc="a Hugging Face Hub id org/name[@revision], downloaded into the HF cache",
 ))
+
+
+def is_hub_reference(path: str) -> bool:
+    """Whether a model reference is read from the Hugging Face Hub (the `hub` kind above): an
+    `org/name` id that is not a local path."""
+    return bool(_HUB_ID.match(path)) and not Path(path).expanduser().exists()
 
 
 def _download_from_hub(repo_id: str, revision: Optional[str], allow_pickle: bool) -> Path:

@@ -154,6 +154,7 @@ MODEL_FOLDER_FILES = (
     "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.*", "README.md",
     "mergekit_config.yml", "raymerge_prune.yml", "prune_report.json", "guidance.json",
     "task_vectors.json", "task_vectors-*.onebit", "*.png",
+    "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json", "normalizer.json",
 )
 
 

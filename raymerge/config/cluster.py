@@ -19,7 +19,8 @@ bytes/s), so that a plan can be made offline, without the cluster:
 
 This module owns the file format and its validation: unknown keys are errors, and every error
 is a `ConfigError` whose lines read `FILE: field.path: problem`. Sizes are bytes or strings with
-decimal or binary units ("80GB", "80 GiB", "512M"); bandwidths are bytes/s or strings where an
+decimal or binary units ("80GB", "80 GiB", "512M"; a bare B is mergekit's billion: "5B" = 5e9
+bytes, see `parse_size`); bandwidths are bytes/s or strings where an
 upper-case B is bytes and a lower-case b is bits ("25 GB/s", "25GBps", "100 Gbps", "100 Gb/s",
 "100 Gbit/s"; 100 Gbps = 100e9 / 8 bytes/s). Parsing lives here, not in `raymerge.checkpoints`,
 because config/ depends on nothing else of ours (but `raymerge.errors`).
@@ -63,6 +64,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)"
 _PREFIX = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 _SIZE = re.compile(rf"^{_NUMBER}\s*([kmgt]i?)?b?$", re.IGNORECASE)
+_BILLIONS = re.compile(rf"^{_NUMBER}\s*b$", re.IGNORECASE)  # mergekit's "5B": five billion (see parse_size)
 # bandwidth: number, prefix (any case), then B (bytes) / b or bit (bits), then /s or ps
 _BANDWIDTH = re.compile(rf"^{_NUMBER}\s*([kKmMgGtT]i?)?(B|b|bit)(/s|ps)$")
 
@@ -81,14 +83,24 @@ def _check_positive(value: float, text: Any) -> float:
 
 def parse_size(value: Any) -> int:
     """Bytes from a number or a string such as "80GB", "80 GiB", "512M", "5_000_000" (units are
-    case-insensitive; "5B" is 5 bytes). raymerge's one size parser: cluster memory, and
-    `out_shard_size` of merges and prunes."""
+    case-insensitive). raymerge's one size parser: cluster memory, and `out_shard_size` of merges
+    and prunes.
+
+    A bare `B` after the number is mergekit's "billion" (its `--out-shard-size 5B`, parsed by
+    mergekit as K/M/B counts and compared with bytes): "5B" is 5e9 bytes, the same as "5GB";
+    "500M" and "1K" are 500e6 and 1e3 bytes in both tools. Nobody sizes memory or shards in
+    single bytes, so the mergekit reading is the one kept; a byte count is a plain number."""
     number = _number(value)
     if number is None:
-        match = _SIZE.match(value.strip().replace("_", "")) if isinstance(value, str) else None
-        if match is None:
-            raise ValueError(f"cannot parse size {value!r} (use e.g. 5GB, 500MB, 80 GiB or a number of bytes)")
-        number = float(match.group(1)) * _PREFIX[(match.group(2) or "").lower()]
+        text = value.strip().replace("_", "") if isinstance(value, str) else None
+        billions = _BILLIONS.match(text) if text is not None else None
+        match = _SIZE.match(text) if text is not None and billions is None else None
+        if billions is not None:
+            number = float(billions.group(1)) * 1e9
+        elif match is None:
+            raise ValueError(f"cannot parse size {value!r} (use e.g. 5GB, 500MB, 80 GiB, mergekit's 5B or a number of bytes)")
+        else:
+            number = float(match.group(1)) * _PREFIX[(match.group(2) or "").lower()]
     return int(_check_positive(round(number) if math.isfinite(number) else number, value))
 
 

@@ -12,6 +12,7 @@ top-level `raymerge:` key so that the rest of the file stays valid for mergekit.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -38,19 +39,45 @@ class ConditionalParameter(_Strict):
 ParameterSetting = Union[list[ConditionalParameter], ConditionalParameter, ScalarOrGradient]
 
 
-def _no_empty_lists(v: Any) -> Any:
-    """`density: []` (or a filter entry's `value: []`) has no value at any layer: refused, where
-    mergekit would fail later inside the merge."""
+# A number written as a string: YAML 1.1 (PyYAML) reads `5e-1` and `1e3` (no dot) as strings, and
+# a quoted "0.5" is one too. mergekit validates such a string as a number wherever the parameter
+# is numeric; so does raymerge (no parameter of any method takes a numeric-looking label).
+# `inf` and `nan` stay strings (and are then refused as not a finite number).
+_NUMERIC_STRING = re.compile(r"^\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*$")
+
+
+def numeric_string(value: Any) -> Any:
+    """`value` as an int or float when it is a string spelling a finite number, else unchanged."""
+    if isinstance(value, str) and _NUMERIC_STRING.match(value):
+        text = value.strip()
+        return int(text) if text.lstrip("+-").isdigit() else float(text)
+    return value
+
+
+def _coerce_setting(setting: Any) -> Any:
+    """Numeric strings -> numbers in a setting: a scalar, a gradient list, a filter entry or list."""
+    if isinstance(setting, list):
+        return [_coerce_setting(e) for e in setting]
+    if isinstance(setting, dict):
+        return {k: (_coerce_setting(v) if k == "value" else v) for k, v in setting.items()}
+    return numeric_string(setting)
+
+
+def _parameters_in(v: Any) -> Any:
+    """Numeric strings become numbers (as mergekit reads them). `density: []` (or a filter
+    entry's `value: []`) has no value at any layer: refused, where mergekit would fail later
+    inside the merge."""
     if isinstance(v, dict):
         for name, setting in v.items():
             values = setting if isinstance(setting, list) else [setting]
             if setting == [] or any(isinstance(e, dict) and e.get("value") == [] for e in values):
                 raise ValueError(f"{name}: an empty list is not a value (give a number, a list of numbers "
                                  "(a gradient over layers) or a filter list)")
+        return {name: _coerce_setting(setting) for name, setting in v.items()}
     return v
 
 
-Parameters = Annotated[dict[str, ParameterSetting], BeforeValidator(_no_empty_lists)]
+Parameters = Annotated[dict[str, ParameterSetting], BeforeValidator(_parameters_in)]
 
 
 class ModelRef(_Strict):
@@ -70,6 +97,8 @@ class ModelRef(_Strict):
         if isinstance(value, ModelRef):
             return value
         if isinstance(value, dict):
+            if "model" in value:
+                return cls._parse_mergekit_dict(value)
             return cls(**value)
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"a model reference must be a non-empty string, got {value!r}")
@@ -83,6 +112,37 @@ class ModelRef(_Strict):
         if "@" in text and not text.startswith(("/", ".", "s3://")):
             text, revision = text.rsplit("@", 1)
         return cls(path=text, revision=revision)
+
+    @classmethod
+    def _parse_mergekit_dict(cls, value: dict) -> "ModelRef":
+        """mergekit's dict form: `{model: PATH[@REV] | {path: PATH, revision: REV}, lora: ...,
+        override_architecture: ...}` (its serialised `ModelReference`)."""
+        extra = sorted(set(value) - {"model", "lora", "override_architecture"})
+        if extra:
+            raise ValueError(f"unknown key(s) {', '.join(extra)} in a model reference "
+                             "(mergekit's dict form has model, lora and override_architecture)")
+        if value.get("lora") is not None:
+            lora = value["lora"]
+            lora_text = lora if isinstance(lora, str) else (lora or {}).get("path")
+            raise ValueError(
+                f"LoRA model references (lora: {lora_text}) are not supported yet; merge the adapter into its "
+                "base with peft's merge_and_unload() and reference the result"
+            )
+        if value.get("override_architecture") is not None:
+            raise ValueError(
+                "override_architecture is not supported: raymerge reads each model's architecture from its "
+                "config.json (pass --allow-mixed-architectures / --allow-crimes to merge different ones)"
+            )
+        inner = value["model"]
+        if isinstance(inner, dict):
+            unknown = sorted(set(inner) - {"path", "revision"})
+            if unknown:
+                raise ValueError(f"unknown key(s) {', '.join(unknown)} in model: (a model path has path and revision)")
+            if not isinstance(inner.get("path"), str) or not inner["path"].strip():
+                raise ValueError(f"a model path needs a non-empty 'path', got {inner!r}")
+            return cls(path=inner["path"].strip(), revision=inner.get("revision"))
+        ref = cls.parse(inner)
+        return ref
 
     def __str__(self) -> str:
         return self.path if self.revision is None else f"{self.path}@{self.revision}"
@@ -186,6 +246,12 @@ class MergeConfig(_Strict):
         if v is None or v in ("union", "base"):
             return v
         return _model_ref(v)
+
+    @field_validator("dtype", "out_dtype", mode="before")
+    @classmethod
+    def _torch_prefix(cls, v: Any) -> Any:
+        """`torch.bfloat16` is `bfloat16` (mergekit strips the prefix too)."""
+        return v[len("torch."):] if isinstance(v, str) and v.startswith("torch.") else v
 
     @field_validator("dtype", "out_dtype")
     @classmethod

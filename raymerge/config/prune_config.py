@@ -43,14 +43,7 @@ from raymerge.config.calibration import CalibrationConfig
 from raymerge.config.merge_config import ConfigError, ModelRef, _Strict, format_validation_error, read_yaml
 
 METHODS = ("magnitude", "wanda", "sparsegpt")  # the built-ins; `method:` accepts any registered name
-
-
-def _prune_method(name: str):
-    """The registered prune method `name` (`raymerge.pruning.methods`; imported here, not at the
-    top, so loading the config module does not load torch)."""
-    from raymerge.pruning.methods import get_prune_method
-
-    return get_prune_method(name)
+# (checked against the registry when a job starts: `raymerge.pruning.methods.check_config_method`)
 
 
 class OwlSettings(_Strict):
@@ -125,12 +118,6 @@ class PruneConfig(_Strict):
                 raise ValueError(str(err).replace("\n", ";")) from None
         return v
 
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, v: str) -> str:
-        _prune_method(v)  # PruningError (a ValueError) listing the registered names
-        return v
-
     @field_validator("sparsity")
     @classmethod
     def _in_range(cls, v: Optional[float]) -> Optional[float]:
@@ -183,8 +170,6 @@ class PruneConfig(_Strict):
             raise ValueError("sparsity: leave it out when layerwise gives one sparsity per layer (their mean is the target)")
         elif self.sparsity is None and not isinstance(self.layerwise, list):
             raise ValueError("sparsity: required (the fraction of weights to prune, e.g. 0.5)")
-        if _prune_method(self.method).needs_calibration and self.calibration is None:
-            raise ValueError(f"calibration: required for method {self.method} (it scores weights with activations)")
         if isinstance(self.layerwise, Owl) and self.calibration is None:
             raise ValueError("calibration: required for OWL layerwise sparsity (it counts activation outliers)")
         return self

@@ -12,5 +12,11 @@ from raymerge.methods import task_arithmetic as _task_arithmetic  # noqa: E402,F
 from raymerge.methods import lore as _lore  # noqa: E402,F401
 from raymerge.methods import onebit as _onebit  # noqa: E402,F401
 from raymerge.methods import tsv as _tsv  # noqa: E402,F401
+from raymerge.methods import sce as _sce  # noqa: E402,F401
+from raymerge.methods import karcher as _karcher  # noqa: E402,F401
+from raymerge.methods import multislerp as _multislerp  # noqa: E402,F401
+from raymerge.methods import nearswap as _nearswap  # noqa: E402,F401
+from raymerge.methods import arcee_fusion as _arcee_fusion  # noqa: E402,F401
+from raymerge.methods import ram as _ram  # noqa: E402,F401  (registers ram, ramplus_tl)
 
 __all__ = ["MethodError", "MethodSpec", "ParamSpec", "available_methods", "get_method", "register"]

@@ -67,6 +67,23 @@ def get_prune_method(name: str) -> PruneMethodSpec:
     return REGISTRY.get(name)
 
 
+def check_config_method(method: str, calibrated: bool, where: str) -> PruneMethodSpec:
+    """The spec of a prune config's `method`; `ConfigError` naming `where` (the config file) when
+    it is not registered, or when it scores weights with activations and the config gives no
+    calibration text. Run by the jobs (prune, a prune search) on the loaded config: the config
+    package itself knows no registry."""
+    from raymerge.errors import ConfigError
+
+    try:
+        spec = get_prune_method(method)
+    except PruningError as err:
+        raise ConfigError(f"invalid prune config {where}: method: {err}") from None
+    if spec.needs_calibration and not calibrated:
+        raise ConfigError(f"invalid prune config {where}: calibration: required for method {method} "
+                          "(it scores weights with activations)")
+    return spec
+
+
 def available_prune_methods() -> list[str]:
     return REGISTRY.names()
 

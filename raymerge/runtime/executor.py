@@ -36,7 +36,10 @@ merges and the test suite, where starting Ray and actors costs more than the mer
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -84,7 +87,12 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) ->
 
     With neither, a new local Ray is started even when a `ray start --head` is running here
     (`address="local"`): Ray's own default would join whichever local cluster it finds, so the
-    same command could silently run on another user's cluster, or one of several."""
+    same command could silently run on another user's cluster, or one of several.
+
+    A local Ray of our own runs with Ray's token authentication (`local_ray_auth`): Ray's
+    servers listen on every interface (its gRPC servers bind 0.0.0.0; Ray has no option to bind
+    them to loopback only), so the token, readable by this user only, is what keeps other
+    machines, and other users of this one, from running code in it."""
     import ray
 
     if ray.is_initialized():
@@ -94,7 +102,62 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) ->
     if address is None:
         address = "local"
         kwargs.update(include_dashboard=False, num_cpus=num_cpus)
+        with local_ray_auth():
+            ray.init(address=address, **kwargs)
+        return
     ray.init(address=address, **kwargs)
+
+
+TOKEN_FILE = os.path.join("~", ".ray", "auth_token")  # where Ray keeps the token it generates
+
+
+@contextlib.contextmanager
+def local_ray_auth():
+    """Around starting a local Ray of our own, unless the user set `RAY_AUTH_MODE` (respected:
+    `disabled` is theirs to choose, e.g. on a loopback-only test machine): Ray then enables token
+    authentication for a new local cluster by itself (Ray 2.60's default; the test checks it
+    stays so), and its warning that it did is dropped (raymerge chose it; it says nothing to the
+    user). A token file Ray generates here is made readable by this user only (Ray writes it
+    with the umask's mode, e.g. 0644, readable by every local user); an existing one that other
+    users can read is left alone, with a one-line warning."""
+    if os.environ.get("RAY_AUTH_MODE") is not None:
+        yield
+        return
+    path = os.path.expanduser(TOKEN_FILE)
+    existed = os.path.exists(path)
+    ray_auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    chosen = _DropMessage("Token authentication is enabled for this Ray cluster")
+    ray_auth_log.addFilter(chosen)
+    try:
+        yield
+    finally:
+        ray_auth_log.removeFilter(chosen)
+        _private_token_file(path, existed)
+
+
+class _DropMessage(logging.Filter):
+    """Drops log records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def _private_token_file(path: str, existed: bool) -> None:
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except OSError:
+        return
+    if not mode & 0o077:
+        return
+    if not existed:
+        os.chmod(path, 0o600)
+    else:
+        print(f"raymerge: warning: Ray's token file {path} can be read by other users (mode {mode:o}); "
+              f"chmod 600 it so they cannot use this Ray", file=sys.stderr, flush=True)
 
 
 def begin(pool: ActorPool, sources: Sequence[SourceSpec], staging: str) -> None:

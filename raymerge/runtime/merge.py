@@ -1,6 +1,7 @@
 """A whole merge, end to end: config -> headers -> operators -> plan -> workers -> atomic publish.
 
-The worker pool starts, calibrates the job's methods, and the planner (`runtime.planning`)
+The actor pool (`runtime.actor_pool`: kept from an earlier merge of this process, or new) starts,
+a guided merge's statistics run on it (`runtime.guidance`), it calibrates the job's methods, and the planner (`runtime.planning`)
 places every operator — or its row parts — on a worker; the executor runs that plan and the
 result reports the predicted and the measured makespan side by side. `plan_only` makes the
 same plan from headers (or config.json shapes) and a cluster profile, starting nothing.
@@ -19,7 +20,7 @@ rerunning the same merge reuses the shards whose checksums still match and runs 
 operators of the others. A worker actor that dies mid-merge is replaced (`runtime.executor`).
 
 `in_process=True` (CLI `--in-process`) runs the same steps without Ray: the pool is one
-`MergeWorkerImpl` in the driver (`runtime.executor.LocalPool`), calibrated and planned for like
+`PoolActor` in the driver (`ActorPool.in_process()`), calibrated and planned for like
 a one-worker Ray pool, so the summary still shows predicted against measured, and the bytes are
 those of a Ray merge with one worker. Whole-model trimming, guidance statistics (one stage in
 the driver) and S3 outputs (the driver uploads) work the same way. For small merges and tests,
@@ -40,7 +41,7 @@ from typing import Any, Optional, Union
 from raymerge.checkpoints import CheckpointSource, SourceSpec, plan_shards
 from raymerge.config.cluster import parse_size
 from raymerge.checkpoints.output_name import check_output_name
-from raymerge.checkpoints.model_files import merged_model_config, model_card, tokenizer_files
+from raymerge.checkpoints.model_files import merged_model_config, model_card, processor_files, tokenizer_files
 from raymerge.checkpoints.source import CheckpointError
 from raymerge.checkpoints.s3 import resolve_endpoint_url
 from raymerge.checkpoints.writer import DEFAULT_SHARD_BYTES, human_bytes
@@ -161,7 +162,9 @@ class MergeOptions:
     s3_endpoint_url: Optional[str] = None  # S3-compatible store for s3:// inputs and output
     resume: Optional[bool] = None  # None: resume when the staging folder holds this job (runtime.recovery)
     scan_nonfinite: bool = False  # read every input tensor once, before any work, for NaN/Inf
-    in_process: bool = False  # one worker in this process, no Ray (runtime.executor.LocalPool)
+    in_process: bool = False  # one worker in this process, no Ray (ActorPool.in_process())
+    copy_tokenizer: bool = True  # copy the tokenizer files (mergekit's --copy-tokenizer)
+    write_model_card: bool = True  # README.md and mergekit_config.yml (mergekit's --write-model-card)
 
 
 def _version() -> str:
@@ -189,22 +192,40 @@ def _tokenizer_donor(config: MergeConfig, label: str, program: MergeProgram) -> 
     return src
 
 
-def _chat_template_file(config: MergeConfig, label: str) -> Optional[str]:
+def _chat_template_file(
+    config: MergeConfig, label: str, specs: dict[ModelRef, tuple[SourceSpec, CheckpointSource]],
+) -> Optional[str]:
+    """The chat_template.jinja to publish: the config's template, a named one
+    (`checkpoints.chat_templates.NAMED_TEMPLATES`), or for `auto` the one most inputs share
+    (None when none has one: the copied tokenizer files keep the donor's)."""
+    from raymerge.checkpoints.chat_templates import (
+        AUTO, NAMED_TEMPLATES, is_template_text, model_chat_template, most_common_template,
+    )
+
     tmpl = config.chat_template
     if tmpl is None:
         return None
-    if "{{" in tmpl or "{%" in tmpl:
+    if is_template_text(tmpl):
         return tmpl
+    name = tmpl.strip()
+    if name == AUTO:
+        return most_common_template(
+            model_chat_template(src.read_json("tokenizer_config.json"), src.read_bytes("chat_template.jinja"))
+            for _, src in specs.values()
+        )
+    if name in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[name]
     raise ConfigError(
-        f"{label}: chat_template: named templates ({tmpl!r}) are not supported yet; give the Jinja template itself"
+        f"{label}: chat_template: {tmpl!r} is neither a Jinja template nor a known name "
+        f"(names: {', '.join(sorted(NAMED_TEMPLATES))}, or auto: the template most input models share)"
     )
 
 
 def _published_files(
     config: MergeConfig, label: str, program: MergeProgram, specs: dict[ModelRef, tuple[SourceSpec, CheckpointSource]],
-    allow_pickle: bool, s3_endpoint_url: Optional[str] = None,
+    options: MergeOptions,
 ) -> dict[str, bytes | str]:
-    """config.json, tokenizer files, chat template, model card and config copy, by file name."""
+    """config.json, tokenizer and processor files, chat template, model card and config copy, by file name."""
     donor_ref = program.models[program.donor]
     donor_src = specs[donor_ref][1]
     donor_cfg = donor_src.read_json("config.json")
@@ -216,27 +237,34 @@ def _published_files(
         layer_sources = [(cfgs[m], layer) for m, layer in program.layer_sources]
     files: dict[str, bytes | str] = {}
     dtype = config.out_dtype or config.dtype
-    files["config.json"] = json.dumps(merged_model_config(donor_cfg, dtype=dtype, layer_sources=layer_sources), indent=2) + "\n"
-    tok_ref = _tokenizer_donor(config, label, program)
-    if tok_ref is None:
-        files.update(tokenizer_files(donor_src))
-    elif tok_ref in specs:
-        files.update(tokenizer_files(specs[tok_ref][1]))
-    else:
-        src = SourceSpec(tok_ref.path, tok_ref.revision, allow_pickle, s3_endpoint_url=s3_endpoint_url).open()
-        try:
-            files.update(tokenizer_files(src))
-        finally:
-            src.close()
-    tmpl = _chat_template_file(config, label)
-    if tmpl is not None:
-        files["chat_template.jinja"] = tmpl
-    yaml_text = config.to_yaml()
-    files["mergekit_config.yml"] = yaml_text
-    base = str(config.base_model) if config.base_model else None
-    files["README.md"] = model_card(
-        method=config.merge_method, models=[str(m) for m in program.models], base=base, config_yaml=yaml_text, version=_version()
-    )
+    files["config.json"] = json.dumps(merged_model_config(donor_cfg, dtype=dtype, layer_sources=layer_sources,
+                                                          untie=bool(program.tied_heads)), indent=2) + "\n"
+    files.update(processor_files(donor_src))
+    tok_ref = _tokenizer_donor(config, label, program)  # checked even when nothing is copied
+    tmpl = _chat_template_file(config, label, specs)
+    if options.copy_tokenizer:
+        if tok_ref is None:
+            files.update(tokenizer_files(donor_src))
+        elif tok_ref in specs:
+            files.update(tokenizer_files(specs[tok_ref][1]))
+        else:
+            src = SourceSpec(tok_ref.path, tok_ref.revision, options.allow_pickle, s3_endpoint_url=options.s3_endpoint_url).open()
+            try:
+                files.update(tokenizer_files(src))
+            finally:
+                src.close()
+        if tmpl is not None:
+            files["chat_template.jinja"] = tmpl
+    elif tmpl is not None:
+        log.warning("%s: chat_template is not written: the tokenizer is not copied (copy_tokenizer off)", label)
+    if options.write_model_card:
+        yaml_text = config.to_yaml()
+        files["mergekit_config.yml"] = yaml_text
+        base = str(config.base_model) if config.base_model else None
+        files["README.md"] = model_card(
+            method=config.merge_method, models=[str(m) for m in program.models], base=base, config_yaml=yaml_text,
+            version=_version(), name=config.name,
+        )
     return files
 
 
@@ -271,7 +299,7 @@ def _prepare(cfg: MergeConfig, label: str, options: MergeOptions, *, shape_only:
     with MergeCompiler(compile_options(options, shape_only=shape_only)) as compiler:
         compiled = compiler.compile(cfg, label)
         program = compiled.program
-        extra_files = None if shape_only else _published_files(cfg, label, program, compiler.opened, options.allow_pickle, options.s3_endpoint_url)
+        extra_files = None if shape_only else _published_files(cfg, label, program, compiler.opened, options)
         if inputs_out is not None:
             inputs_out.extend(input_fingerprint(compiler.opened[m][1]) for m in program.models)
     return program, compiled.specs, extra_files

@@ -36,6 +36,7 @@ class MergedSpec:
     operators: tuple[MergeOperator, ...]
     donor: int
     dtype: Optional[str] = None  # the merge's out_dtype or dtype (config.json says so, as a merge's does)
+    untie: bool = False  # the merge stores a head a tied donor does not (`MergeProgram.tied_heads`)
 
     def open(self) -> "MergedSource":
         return MergedSource(self)
@@ -50,6 +51,7 @@ class MergedSource(CheckpointSource):
         self._specs = spec.specs
         self._donor_index = spec.donor
         self._dtype = spec.dtype
+        self._untie = spec.untie
         self._sources: Optional[list[CheckpointSource]] = None
         self._cache: dict[str, torch.Tensor] = {}
 
@@ -80,7 +82,7 @@ class MergedSource(CheckpointSource):
         return self._inputs()[self._donor_index].read_bytes(filename)
 
     def config(self) -> dict[str, Any]:
-        return merged_model_config(self._inputs()[self._donor_index].config(), dtype=self._dtype)
+        return merged_model_config(self._inputs()[self._donor_index].config(), dtype=self._dtype, untie=self._untie)
 
     def close(self) -> None:
         for s in self._sources or []:
@@ -106,5 +108,5 @@ def merged_spec(merge: dict[str, Any], label: str, *, allow_pickle: bool = False
     return MergedSpec(
         label=f"merge of {', '.join(str(m) for m in program.models)}",
         specs=tuple(compiled.specs), operators=tuple(program.operators), donor=program.donor,
-        dtype=cfg.out_dtype or cfg.dtype,
+        dtype=cfg.out_dtype or cfg.dtype, untie=bool(program.tied_heads),
     )

@@ -8,7 +8,10 @@ This is where mergekit's planning semantics live (checked against mergekit 0.1.5
 - tensors before the layers (embeddings) come from the first slice's sources, tensors after
   them (final norm, lm_head) from the last slice's; both use t = 0;
 - per-model parameters are resolved with the input's own tensor name, global ones with the
-  output name; the base model gets per-model parameters only for input-scoped ones.
+  output name; the base model gets per-model parameters only for input-scoped ones;
+- an output head (`lm_head.weight`, ...) that one input lacks because its embeddings are tied is
+  read from that input's embedding (`TIED_HEADS`), unless its config.json says
+  `tie_word_embeddings: false`; the output keeps the head only when some input stores one.
 
 Everything is resolved here, in the driver, from headers alone: a bad parameter, a missing
 tensor or a shape mismatch fails before any worker starts or anything is written.
@@ -34,6 +37,17 @@ from raymerge.runtime.layers import ModelLayout, layer_index_problem, parse_laye
 
 # Tensors whose rows are the vocabulary: token embeddings and output heads (llama, gpt2, gpt-neox, bloom, ...).
 _VOCAB_TENSOR = re.compile(r"(embed_tokens|lm_head|embed_in|embed_out|\bwte|word_embeddings|tok_embeddings|^output)\.weight$")
+
+# Output heads that a model with tied embeddings does not store, and where it keeps them instead
+# (mergekit's architecture files list these as the head's `tied_names`).
+TIED_HEADS: dict[str, tuple[str, ...]] = {
+    "lm_head.weight": (
+        "model.embed_tokens.weight", "transformer.wte.weight", "model.language_model.embed_tokens.weight",
+        "language_model.model.embed_tokens.weight", "model.decoder.embed_tokens.weight", "shared.weight",
+    ),
+    "language_model.lm_head.weight": ("language_model.model.embed_tokens.weight",),
+    "embed_out.weight": ("gpt_neox.embed_in.weight",),
+}
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -108,6 +122,9 @@ class MergeProgram:
     layer_count: int
     layer_sources: list[tuple[int, int]] = field(default_factory=list)  # (model, input layer) per output layer
     changes_layers: bool = False
+    # Output heads merged from a tied model's embedding in place of its missing head (output name,
+    # model index, embedding read): the output stores the head, so its config must not tie it.
+    tied_heads: list[tuple[str, int, str]] = field(default_factory=list)
 
 
 def tensor_seed(random_seed: int, tensor_name: str) -> int:
@@ -140,6 +157,7 @@ class _Planner:
         self.random_seed = random_seed
         self.operators: list[MergeOperator] = []
         self.layer_sources: list[tuple[int, int]] = []
+        self.tied_heads: list[tuple[str, int, str]] = []
         self._check_parameter_names()
 
     # -- validation ------------------------------------------------------------------------
@@ -293,17 +311,47 @@ class _Planner:
             f"vocabularies (tokenizer_source: union, tokenizer:) is not supported yet"
         )
 
+    # -- tied embeddings -------------------------------------------------------------------------
+    def _ties_embeddings(self, model: ModelRef) -> bool:
+        """False when the model's config.json says its head is not tied (`tie_word_embeddings:
+        false`, at the top or in `text_config`); True otherwise, transformers' default."""
+        cfg = self.sources[model].read_json("config.json") or {}
+        text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+        for where in (cfg, text):
+            if where.get("tie_word_embeddings") is False:
+                return False
+        return True
+
+    def _tied_substitute(self, model: ModelRef, name: str) -> Optional[str]:
+        """The embedding that stands in for output head `name`, which `model` does not store
+        because its embeddings are tied; None when that does not apply."""
+        if name not in TIED_HEADS or not self._ties_embeddings(model):
+            return None
+        header = self.headers[model]
+        return next((t for t in TIED_HEADS[name] if t in header), None)
+
     # -- one tensor --------------------------------------------------------------------------
     def _plan_tensor(self, out_name: str, inputs: list[tuple[InputSlice, str]], out_slice: OutputSlice, t: float) -> None:
         cfg = self.config
         base = out_slice.base_model or cfg.base_model
         infos: list[TensorInfo] = []
+        read_names: list[str] = []  # the tensor read per input (parameters resolve with `inputs`' names)
         for src, name in inputs:
             info = self.headers[src.model].get(name)
             if info is None:
+                tied = self._tied_substitute(src.model, name)
+                if tied is not None:  # mergekit too: a tied model's head is its embedding
+                    self.tied_heads.append((out_name, self.model_index[src.model], tied))
+                    infos.append(self.headers[src.model][tied])
+                    read_names.append(tied)
+                    continue
                 loc = self.sources[src.model].location
-                raise MergePlanError(f"tensor {name!r} is missing in model {loc} (needed for output tensor {out_name!r})")
+                hint = ""
+                if name in TIED_HEADS and self._ties_embeddings(src.model) is False:
+                    hint = " (its config.json has tie_word_embeddings: false, so its embedding is not used in its place)"
+                raise MergePlanError(f"tensor {name!r} is missing in model {loc} (needed for output tensor {out_name!r}){hint}")
             infos.append(info)
+            read_names.append(name)
         shapes = {i.shape for i in infos}
         if len(shapes) > 1:
             if self._is_vocab_mismatch(inputs, infos):
@@ -366,7 +414,7 @@ class _Planner:
                 index=len(self.operators),
                 name=out_name,
                 method=self.spec.name,
-                inputs=tuple(TensorInput(self.model_index[s.model], n, i.nbytes) for (s, n), i in zip(inputs, infos)),
+                inputs=tuple(TensorInput(self.model_index[s.model], n, i.nbytes) for (s, _), n, i in zip(inputs, read_names, infos)),
                 base_index=base_index,
                 model_params=tuple(model_params),
                 params=params,
@@ -428,6 +476,7 @@ def build_program(
         layer_count=n_out,
         layer_sources=planner.layer_sources,
         changes_layers=bool(config._slice_list()) or n_out != donor_layers,
+        tied_heads=planner.tied_heads,
     )
 
 

@@ -52,6 +52,7 @@ from raymerge.config.merge_config import ConfigError
 from raymerge.config.prune_config import Owl, PruneConfig, load_prune_config
 from raymerge.errors import RaymergeError
 from raymerge.blocks.decoder import ModelShape, describe_model
+from raymerge.pruning.methods import check_config_method
 from raymerge.pruning.layerwise import explicit_sparsities, owl_sparsities, uniform_sparsities
 from raymerge.pruning.report import REPORT_FILE, PruneReport, perplexity
 from raymerge.blocks.pipeline import Pipeline
@@ -191,6 +192,7 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
     t0 = time.perf_counter()
     check_actor_count(options.workers, "workers")
     cfg, label = load_prune_config(config)
+    check_config_method(cfg.method, cfg.calibration is not None, label)
     try:
         shard_bytes = parse_size(cfg.out_shard_size or DEFAULT_SHARD_BYTES)
     except ValueError as err:

@@ -37,6 +37,7 @@ from raymerge.calibration import CalibrationError, CalibrationWindows, load_cali
 from raymerge.checkpoints import CheckpointSource, OutputError, SourceSpec
 from raymerge.config.merge_config import ConfigError, ModelRef, parse_config
 from raymerge.config.prune_config import PruneConfig, parse_prune_config
+from raymerge.pruning.methods import check_config_method
 from raymerge.config.search_config import Objective, SearchConfig, load_search_config
 from raymerge.blocks.decoder import ModelShape, describe_model
 from raymerge.pruning.layerwise import owl_sparsities
@@ -166,6 +167,7 @@ class _PruneTask:
 
     def __init__(self, cfg: SearchConfig, label: str) -> None:
         self.prune: PruneConfig = parse_prune_config(cfg.prune, f"{label}: prune")
+        check_config_method(self.prune.method, self.prune.calibration is not None, f"{label}: prune")
         exponents = get_prune_method(self.prune.method).search_exponents
         if exponents is None or self.prune.nm is not None or self.prune.calibration is None:
             raise ConfigError(f"{label}: prune: searches support unstructured magnitude/wanda-family metrics with calibration text")
