@@ -60,6 +60,7 @@ def merge(
     in_process: bool = False,
     copy_tokenizer: bool = True,
     write_model_card: bool = True,
+    lora_merge_dtype: Optional[str] = None,
 ) -> MergeResult:
     """Merge the models described by a mergekit-format config and publish the result at `output`.
 
@@ -98,6 +99,8 @@ def merge(
             `tokenizer_source` to the output (mergekit's `--copy-tokenizer`, default True).
         write_model_card: write `README.md` (a model card) and `mergekit_config.yml` (mergekit's
             `--write-model-card`, default True).
+        lora_merge_dtype: the dtype in which models given with a LoRA adapter (`model+adapter`)
+            are read, the adapter applied (mergekit's `--lora-merge-dtype`; default: as stored).
 
     Returns:
         A `MergeResult`: output path, tensor count, bytes read/written, timings, peak memory,
@@ -128,6 +131,7 @@ def merge(
         in_process=in_process,
         copy_tokenizer=copy_tokenizer,
         write_model_card=write_model_card,
+        lora_merge_dtype=lora_merge_dtype,
     )
     return run_merge(config, output, options)
 

@@ -91,6 +91,12 @@ def _add_mergekit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True,
                    help="write README.md (a Hugging Face model card: base_model, tags merge/raymerge, the method and "
                         "the config) and mergekit_config.yml (default: on)")
+    g.add_argument("--lora-merge-dtype", default=None, metavar="DTYPE",
+                   help="dtype (float32, float16, bfloat16) in which a model given with a LoRA adapter "
+                        "(MODEL+ADAPTER in the config) is read and the adapter applied (default: as stored)")
+    g.add_argument("--lora-merge-cache", default=None, metavar="DIR",
+                   help="accepted, no effect: raymerge applies a LoRA adapter to each tensor as it is read, "
+                        "so no merged copy of the model is written anywhere")
     for flag, instead in MERGEKIT_NOOP_FLAGS.items():
         g.add_argument(f"--{flag.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=False,
                        help=f"accepted, no effect: {instead}")
@@ -101,6 +107,9 @@ def _note_mergekit_flags(args: argparse.Namespace) -> None:
     for flag, instead in MERGEKIT_NOOP_FLAGS.items():
         if getattr(args, flag, False):
             print(f"raymerge: note: --{flag.replace('_', '-')} has no effect in raymerge: {instead}", file=sys.stderr)
+    if getattr(args, "lora_merge_cache", None):
+        print("raymerge: note: --lora-merge-cache has no effect in raymerge: LoRA adapters are applied to each "
+              "tensor as it is read, nothing is cached", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,6 +265,7 @@ def _merge(args: argparse.Namespace) -> int:
         cluster=args.cluster, planner=args.planner, plan_time_limit=args.plan_time_limit,
         s3_endpoint_url=args.s3_endpoint_url, scan_nonfinite=args.scan_nonfinite, resume=args.resume,
         in_process=args.in_process, copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card,
+        lora_merge_dtype=args.lora_merge_dtype,
     )
     print(result.summary())
     if result.plan is not None and result.plan.report is not None:

@@ -364,3 +364,35 @@ def test_worker_error_is_one_line_without_the_remote_traceback():
     assert isinstance(remote, CheckpointError) and "\x1b[" in str(remote)
     assert one_line(remote) == str(cause)
     assert one_line("\x1b[31mred\x1b[0m problem") == "red problem"
+
+
+def test_error_inside_a_ray_worker_is_one_line_naming_the_tensor(ray_session, models, tmp_path, monkeypatch, capsys):
+    """An input shard cut after the driver's checks passed (e.g. rewritten by another process
+    during the merge): the worker that reads it fails, and the user gets the worker's own message
+    as one line naming the file and the tensor — no remote traceback, no colour codes — exit 2."""
+    import raymerge.runtime.executor as executor_mod
+
+    victim = copy_model(models["ft1"], tmp_path / "ft1")
+    shard = victim / "model.safetensors"
+    real_begin = executor_mod.begin
+
+    def begin_then_cut(pool, *args):
+        with open(shard, "r+b") as f:  # keep the header, drop most tensor bytes
+            header = struct.unpack("<Q", f.read(8))[0]
+            f.truncate(8 + header + 64)
+        return real_begin(pool, *args)
+
+    monkeypatch.setattr(executor_mod, "begin", begin_then_cut)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": str(models["base"]), "parameters": {"weight": 0.5}},
+        {"model": str(victim), "parameters": {"weight": 0.5}}]}))
+    out = tmp_path / "out"
+    code = cli_main(["merge", str(cfg), str(out), "--workers", "1", "--quiet", "--no-resume"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raymerge: error: "), err
+    assert "Traceback" not in err and "\x1b[" not in err and "ray::" not in err, err
+    assert str(shard) in err and "tensor '" in err, err
+    assert not out.exists()

@@ -53,7 +53,7 @@ tokenizer_source: base
         ({"merge_method": "ties", "models": [{"model": "a", "paramters": {}}]}, r"models.0.paramters: unknown key"),
         ({"merge_method": "ties"}, r"exactly one of 'models', 'slices'"),
         ({"merge_method": "ties", "models": [{"model": "a"}], "dtype": "fp8"}, r"dtype.*unknown dtype 'fp8'"),
-        ({"merge_method": "ties", "models": [{"model": "a+lora"}]}, r"lora"),
+        ({"merge_method": "ties", "models": [{"model": "a+lora+more"}]}, r"MODEL\[@REV\]\+LORA"),  # model+lora is read (LoRA)
         ({"merge_method": "x", "slices": [{"sources": [{"model": "a", "layer_range": [0, 4]}, {"model": "b", "layer_range": [0, 3]}]}]}, r"slices.0"),
         ({"models": [{"model": "a"}]}, r"merge_method"),
     ],

@@ -85,6 +85,17 @@ CASES = {
     "onebit": (3, 0, [{"weight": 0.5}, {"weight": 0.5}], {}),
     "tsv": (3, 0, [{}, {}], {}),
     "lore": (3, 0, [{"weight": 0.5}, {"weight": 0.5}], {"iterations": 2}),
+    "sce": (4, 0, [{}, {}, {}], {}),
+    "sce select_topk": (4, 0, [{}, {}, {}], {"select_topk": 0.3}),
+    "sce one_model": (2, 0, [{}], {"select_topk": 0.5}),
+    "karcher": (3, None, [{}, {}, {}], {"tol": 1e-9}),  # a small tol: the nearby directions still iterate
+    "multislerp": (3, None, [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.2}], {}),
+    "multislerp base": (4, 0, [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.2}], {"normalize_weights": False}),
+    "nearswap": (2, 0, [{}], {"t": 0.01}),
+    "arcee_fusion": (2, 0, [{}], {}),
+    # epsilon near the deltas' scale (0.02): a mix of unique, shared and inactive elements
+    "ram": (4, 0, [{}, {}, {}], {"epsilon": 0.03}),
+    "ramplus_tl": (4, 0, [{}, {}, {}], {"epsilon": 0.03, "r": 0.5, "alpha": 1.0}),
 }
 
 

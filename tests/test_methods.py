@@ -4,7 +4,8 @@ The references below (`ref_*`) are written from the published formulas and merge
 semantics, in float64, without calling any helper of `raymerge.methods`; only the method entry
 points (`get_method(name).resolve` / `.fn`) and `raymerge.merge` are exercised. Covered:
 
-- the registry: the 13 built-in methods and their parameter defaults;
+- the registry: every built-in method and its parameter defaults (the seven methods added for
+  mergekit parity have their references in `test_methods_more.py`);
 - unit tests on random tensors (2-D and 1-D) for every method and its options, comparing the
   method's function with the reference (random methods: bit-for-bit the same Bernoulli stream
   from the same seeded generator, shared across the models of a tensor in input order);
@@ -51,7 +52,15 @@ DEFAULT_EPSILON = 0.15
 DEFAULT_LAMBDA = 1.0
 ALL_METHODS = sorted([*FAMILY, "linear", "passthrough", "slerp", "nuslerp", "model_stock"])
 # Methods whose references live in another test file.
-TESTED_ELSEWHERE = {"tsv": "test_svd_methods.py", "lore": "test_svd_methods.py", "onebit": "test_svd_methods.py"}
+TESTED_ELSEWHERE = {"tsv": "test_svd_methods.py", "lore": "test_svd_methods.py", "onebit": "test_svd_methods.py",
+    "sce": "test_methods_more.py",
+    "karcher": "test_methods_more.py",
+    "multislerp": "test_methods_more.py",
+    "nearswap": "test_methods_more.py",
+    "arcee_fusion": "test_methods_more.py",
+    "ram": "test_methods_more.py",
+    "ramplus_tl": "test_methods_more.py",
+}
 RANDOM_METHODS = ("dare_ties", "dare_linear", "della", "della_linear")
 SPARSIFYING = [m for m, (kind, *_rest) in FAMILY.items() if kind is not None]
 

@@ -34,14 +34,7 @@ from raymerge.checkpoints.output_lock import OutputBusyError
 from raymerge.checkpoints.writer import PAUSE_ENV, plan_shards
 from raymerge.runtime.output import JobOutput
 
-SHARD = "100KB"  # the tiny models' 0.6 MB of weights -> 7 shards
-REPO = Path(__file__).resolve().parent.parent
-
-
-def linear_config(p: dict[str, Path], w1: float = 0.5) -> dict:
-    weights = (("ft1", w1), ("ft2", 0.3), ("ft3", 0.2))
-    return {"merge_method": "linear", "dtype": "float32",
-            "models": [{"model": str(p[k]), "parameters": {"weight": w}} for k, w in weights]}
+from test_resume import REPO, SHARD, linear_config
 
 
 def write_config(path: Path, cfg: dict) -> Path:

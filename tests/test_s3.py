@@ -640,3 +640,32 @@ def test_search_materializes_the_best_model_into_s3(ray_session, s3, llama_model
     with pytest.raises(OutputError, match="must be local"):
         raymerge.optimize(cfg, f"s3://{OUT_BUCKET}/study", in_process=True, quiet=True, s3_endpoint_url=s3.url)
     assert_nothing_named_s3(tmp_path)
+
+
+def test_publish_interrupted_before_config_resumes_every_shard(s3, llama_models, reference, tmp_path, monkeypatch):
+    """Ctrl-C while the index and config.json are being uploaded (every shard already in the
+    bucket): the resume manifest is still in the local staging folder (it is never uploaded), so
+    the rerun reuses every shard instead of merging again, and publishes the reference bytes."""
+    monkeypatch.setenv(s3mod.STAGING_ENV, str(tmp_path / "staging"))
+    (tmp_path / "staging").mkdir()
+    upload = s3mod.upload_files
+    uploaded: list[str] = []
+
+    def interrupted_at_config(target, staging, files, **kw):
+        if "config.json" in files:
+            raise KeyboardInterrupt
+        uploaded.extend(files)
+        return upload(target, staging, files, **kw)
+
+    url = f"s3://{OUT_BUCKET}/publish-cut/"
+    opts = dict(s3_endpoint_url=s3.url, quiet=True, out_shard_size="300KB", in_process=True)
+    with monkeypatch.context() as m:
+        m.setattr(s3mod, "upload_files", interrupted_at_config)
+        with pytest.raises(KeyboardInterrupt):
+            raymerge.merge(ties(llama_models), url, **opts)
+    assert not [n for n in uploaded if n.startswith(".raymerge")]  # bookkeeping never reaches the bucket
+    assert "config.json" not in s3.objects(OUT_BUCKET, "publish-cut")  # not a model yet
+    result = raymerge.merge(ties(llama_models), url, **opts)
+    shards = [n for n in reference if n.endswith(".safetensors")]
+    assert result.reused_shards == len(shards) > 1, result.summary()
+    assert s3.objects(OUT_BUCKET, "publish-cut") == reference

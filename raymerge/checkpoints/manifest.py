@@ -75,7 +75,8 @@ def file_sha256(path: str | os.PathLike, *, fsync: bool = False) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder (so a rename or new file in it survives a crash); a no-op where impossible."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -136,7 +137,7 @@ class Manifest:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, manifest.path)
-        _fsync_dir(manifest.path.parent)
+        fsync_dir(manifest.path.parent)
         return manifest
 
     def record(self, record: ShardRecord) -> None:

@@ -105,7 +105,8 @@ def model_card(*, method: str, models: Sequence[str], base: Optional[str], confi
         path = ref.rsplit("@", 1)[0] if "@" in ref and not ref.startswith(("/", ".", "s3://")) else ref
         return path if is_hub_reference(path) else None
 
-    hub_models = list(dict.fromkeys(h for h in (hub_id(m) for m in models) if h))
+    # a `model+adapter` reference contributes both (as mergekit's card does)
+    hub_models = list(dict.fromkeys(h for h in (hub_id(p) for m in models for p in m.split("+")) if h))
     data = ModelCardData(library_name="transformers", base_model=hub_models or None, tags=["merge", "raymerge"])
 
     def named(ref: str) -> str:

@@ -1,9 +1,11 @@
 """Turning a model reference from a config into an open `CheckpointSource`.
 
 A local directory is used in place. Anything else that looks like a Hugging Face Hub id
-(`org/name`, optionally `@revision`) is fetched with `huggingface_hub.snapshot_download`
-(weights, JSON and tokenizer files only) into the usual HF cache, and then used as a local
-directory. `s3://bucket/prefix` opens an `s3.S3Source` (ranged GETs; `SourceSpec.s3_endpoint_url`
+(`org/name`, optionally `@revision`) opens as a `hub.HubSource`: headers over HTTP range
+requests, each shard downloaded into the HF cache on the first read of a tensor in it, all at
+one commit: `SourceSpec.pinned()` (called by the driver before it hands specs to workers)
+resolves the revision to a sha once and fixes the Hub endpoint (`SourceSpec.hub_endpoint`), see
+`checkpoints/hub.py`. `s3://bucket/prefix` opens an `s3.S3Source` (ranged GETs; `SourceSpec.s3_endpoint_url`
 names an S3-compatible store).
 
 A local directory written by DeepSpeed's `engine.save_checkpoint` (it holds a `latest` file, or
@@ -22,7 +24,9 @@ with the usual "no weights found" error. A directory that does have weights open
 `LocalSource` either way: real headers beat reconstructed ones.
 
 The kinds of source form a registry of the same shape as the merge methods': one frozen
-`SourceKind` per kind (`matches(path, options)`, `open(path, options)`), `register_source`,
+`SourceKind` per kind (`matches(path, options)`, `open(path, options)`, and optionally
+`pin(path, options)`: the spec fields that make every process open exactly what the driver
+opened, e.g. the Hub's commit sha), `register_source`,
 `get_source_kind(name)` raising `CheckpointError` that lists the kinds, and
 `available_source_kinds()`. `open_source` tries the kinds in registration order (deepspeed,
 shape-only, local, s3, hub: the first that matches opens the path), so a new kind of storage is
@@ -32,9 +36,9 @@ one module that calls `register_source` (before="hub" puts it ahead of the Hub f
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from raymerge.checkpoints.deepspeed import DeepSpeedSource, is_deepspeed_checkpoint
 from raymerge.checkpoints.local import LocalSource
@@ -43,7 +47,6 @@ from raymerge.checkpoints.source import CheckpointError, CheckpointSource
 from raymerge.registries import Registry
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
 
 
 @dataclass(frozen=True)
@@ -56,12 +59,39 @@ class SourceSpec:
     shape_only: bool = False
     s3_endpoint_url: Optional[str] = None  # for s3:// paths (None: AWS, or AWS_ENDPOINT_URL); no credentials here
     config_from: Optional[str] = None  # DeepSpeed checkpoints: where config.json and the tokenizer are
+    lora: Optional[str] = None  # a PEFT LoRA adapter applied as tensors are read (`checkpoints.lora`)
+    lora_revision: Optional[str] = None
+    lora_dtype: Optional[str] = None  # --lora-merge-dtype: the dtype the adapted model is read in
+    hub_endpoint: Optional[str] = None  # Hub inputs: the endpoint the driver pinned them on (None: HF_ENDPOINT)
+
+    def options(self) -> "SourceOptions":
+        return SourceOptions(self.revision, self.allow_pickle, self.shape_only, self.s3_endpoint_url,
+                             self.config_from, self.hub_endpoint)
+
+    def pinned(self) -> "SourceSpec":
+        """This spec with what its kind pins filled in (a Hub reference: the commit sha its
+        revision points to now, and the endpoint), so that every process that opens it reads
+        the same files; the spec itself for kinds that pin nothing. Called once, by the driver."""
+        kind = source_kind_of(self.path, self.options())
+        if kind is None or kind.pin is None:
+            return self
+        return replace(self, **kind.pin(self.path, self.options()))
 
     def open(self) -> CheckpointSource:
-        return open_source(
+        source = open_source(
             self.path, revision=self.revision, allow_pickle=self.allow_pickle, shape_only=self.shape_only,
-            s3_endpoint_url=self.s3_endpoint_url, config_from=self.config_from,
+            s3_endpoint_url=self.s3_endpoint_url, config_from=self.config_from, hub_endpoint=self.hub_endpoint,
         )
+        if self.lora is None:
+            return source
+        from raymerge.checkpoints.lora import LoraSource, adapter_folder
+
+        try:
+            label = self.lora if self.lora_revision is None else f"{self.lora}@{self.lora_revision}"
+            return LoraSource(source, adapter_folder(self.lora, self.lora_revision), label=label, dtype=self.lora_dtype)
+        except BaseException:
+            source.close()
+            raise
 
 
 def _config_without_weights(directory: Path) -> bool:
@@ -87,18 +117,21 @@ class SourceOptions:
     shape_only: bool = False
     s3_endpoint_url: Optional[str] = None
     config_from: Optional[str] = None
+    hub_endpoint: Optional[str] = None
 
 
 @dataclass(frozen=True)
 class SourceKind:
     """One kind of checkpoint source (see the module docstring). `config_from`: whether the kind
-    takes its config.json and tokenizer from `SourceOptions.config_from`."""
+    takes its config.json and tokenizer from `SourceOptions.config_from`. `pin`: the `SourceSpec`
+    fields (by name) that fix what the path means now (see `SourceSpec.pinned`)."""
 
     name: str
     matches: Callable[[str, SourceOptions], bool]
     open: Callable[[str, SourceOptions], CheckpointSource]
     config_from: bool = False
     doc: str = ""
+    pin: Optional[Callable[[str, SourceOptions], dict[str, Any]]] = None
 
 
 SOURCE_KINDS: Registry[SourceKind] = Registry("checkpoint source kind", CheckpointError)
@@ -118,9 +151,17 @@ def available_source_kinds() -> list[str]:
     return [k.name for k in SOURCE_KINDS.in_order()]
 
 
+def source_kind_of(path: str, options: SourceOptions) -> Optional[SourceKind]:
+    """The kind `open_source` would open `path` with, or None."""
+    for kind in SOURCE_KINDS.in_order():
+        if kind.matches(path, options):
+            return kind
+    return None
+
+
 def open_source(
     path: str, *, revision: Optional[str] = None, allow_pickle: bool = False, shape_only: bool = False,
-    s3_endpoint_url: Optional[str] = None, config_from: Optional[str] = None,
+    s3_endpoint_url: Optional[str] = None, config_from: Optional[str] = None, hub_endpoint: Optional[str] = None,
 ) -> CheckpointSource:
     """Open a model reference with the first source kind that matches it; raise CheckpointError
     naming it when none does.
@@ -128,8 +169,9 @@ def open_source(
     `shape_only`: accept a config.json without weights (see the module docstring).
     `s3_endpoint_url`: the S3 endpoint for `s3://` paths (S3-compatible stores).
     `config_from`: for DeepSpeed checkpoints, a Hugging Face directory with config.json/tokenizer.
+    `hub_endpoint`: the Hub endpoint for Hub ids (None: this process's `HF_ENDPOINT`).
     """
-    options = SourceOptions(revision, allow_pickle, shape_only, s3_endpoint_url, config_from)
+    options = SourceOptions(revision, allow_pickle, shape_only, s3_endpoint_url, config_from, hub_endpoint)
     for kind in SOURCE_KINDS.in_order():
         if kind.matches(path, options):
             if config_from is not None and not kind.config_from:
@@ -181,10 +223,24 @@ register_source(SourceKind(
     doc="a local Hugging Face folder (*.safetensors, or pytorch_model*.bin with allow_pickle)",
 ))
 register_source(SourceKind("s3", lambda p, o: p.startswith("s3://"), _open_s3, doc="s3://bucket/prefix (ranged GETs)"))
+
+
+def _open_hub(path: str, o: SourceOptions) -> CheckpointSource:
+    from raymerge.checkpoints.hub import open_hub
+
+    return open_hub(path, o.revision, endpoint=o.hub_endpoint, allow_pickle=o.allow_pickle)
+
+
+def _pin_hub(path: str, o: SourceOptions) -> dict[str, Any]:
+    from raymerge.checkpoints.hub import pin_hub_reference
+
+    sha, endpoint = pin_hub_reference(path, o.revision, o.hub_endpoint)
+    return {"revision": sha, "hub_endpoint": endpoint}
+
+
 register_source(SourceKind(
-    "hub", lambda p, o: is_hub_reference(p),
-    lambda p, o: LocalSource(_download_from_hub(p, o.revision, o.allow_pickle), allow_pickle=o.allow_pickle),
-    doc="a Hugging Face Hub id org/name[@revision], downloaded into the HF cache",
+    "hub", lambda p, o: is_hub_reference(p), _open_hub, pin=_pin_hub,
+    doc="a Hugging Face Hub id org/name[@revision]: headers over HTTP, shards fetched on first read, one commit",
 ))
 
 
@@ -193,15 +249,3 @@ def is_hub_reference(path: str) -> bool:
     `org/name` id that is not a local path."""
     return bool(_HUB_ID.match(path)) and not Path(path).expanduser().exists()
 
-
-def _download_from_hub(repo_id: str, revision: Optional[str], allow_pickle: bool) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-
-        patterns = HUB_PATTERNS + (["*.bin"] if allow_pickle else [])
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except Exception as err:  # noqa: BLE001 - hub errors come in many types; we report them all
-        raise CheckpointError(
-            f"model path not found: {repo_id} is not a local directory, and fetching it from the "
-            f"Hugging Face Hub failed: {type(err).__name__}: {err}"
-        ) from None

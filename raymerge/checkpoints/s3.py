@@ -644,6 +644,14 @@ class S3StagedOutput:
             deeper = deeper or bool(page.get("CommonPrefixes"))
         return names, deeper
 
+    def _own_unfinished_upload(self, names: set[str]) -> bool:
+        """The objects under the prefix are an earlier, interrupted run of this output by this
+        user: no `config.json` (uploaded last, so never a model) and this output's staging folder
+        still holds its resume manifest. The rerun resumes and replaces them."""
+        from raymerge.checkpoints.manifest import MANIFEST_NAME
+
+        return CONFIG not in names and (self.staging / MANIFEST_NAME).is_file()
+
     def check_target(self) -> None:
         """Fail early, before any work: bucket missing, not listable or writable, prefix in use."""
         from raymerge.checkpoints.writer import OutputError
@@ -652,7 +660,7 @@ class S3StagedOutput:
             names, deeper = self._children()
         except _s3_failures() as err:
             raise self._fail(err) from None
-        if (names or deeper) and not self.overwrite:
+        if (names or deeper) and not self.overwrite and not self._own_unfinished_upload(names):
             holds = CONFIG in names or SAFE_INDEX in names or any(n.endswith((".safetensors", ".bin")) for n in names)
             what = "already holds a model" if holds else "is not empty"
             raise OutputError(f"output path {self.output} {what}; pass --overwrite (overwrite=True) to replace it")
@@ -712,7 +720,9 @@ class S3StagedOutput:
         if not self._upload_started:
             self.upload_shards()
         shards = {n for n, _ in self._shards}
-        small = sorted(p.name for p in self.staging.iterdir() if p.name not in shards)
+        # raymerge's own bookkeeping (the resume manifest, ".raymerge-*") stays local: it is kept
+        # until the model is published, so a publish killed half-way still resumes.
+        small = sorted(p.name for p in self.staging.iterdir() if p.name not in shards and not p.name.startswith(".raymerge"))
         last = [n for n in (SAFE_INDEX, CONFIG) if n in small]
         first = [n for n in small if n not in last]
         try:

@@ -41,7 +41,7 @@ from typing import Collection, Iterable, Optional, Sequence
 
 import torch
 
-from raymerge.checkpoints.manifest import MANIFEST_NAME
+from raymerge.checkpoints.manifest import MANIFEST_NAME, fsync_dir
 from raymerge.checkpoints.safetensors_format import TensorEntry, build_header, tensor_bytes
 from raymerge.errors import RaymergeError
 
@@ -263,14 +263,14 @@ class StagedOutput:
         _write_durably(self.journal, json.dumps({"old": None if old is None else old.name}) + "\n")
         if (self.staging / MANIFEST_NAME).exists():
             os.rename(self.staging / MANIFEST_NAME, self.manifest_aside)
-            _fsync_dir(out.parent)
+            fsync_dir(out.parent)
         pause_point("publish-manifest-aside")
         if old is not None:
             os.rename(out, old)
-            _fsync_dir(out.parent)
+            fsync_dir(out.parent)
         pause_point("publish-between-renames")
         os.rename(self.staging, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         for path in (self.manifest_aside, self.journal):
@@ -301,7 +301,7 @@ class StagedOutput:
                     shutil.rmtree(old, ignore_errors=True)
                 else:  # the staging folder was lost (removed by hand?): never strand the old output
                     os.rename(old, self.output)
-                    _fsync_dir(self.output.parent)
+                    fsync_dir(self.output.parent)
             for path in (self.manifest_aside, self.journal):
                 _unlink(path)
             return f"raymerge: finished the interrupted publish of {self.output} (removed what it left behind)"
@@ -311,7 +311,7 @@ class StagedOutput:
             restored = True
         if self.manifest_aside.exists():
             os.rename(self.manifest_aside, self.staging / MANIFEST_NAME)
-        _fsync_dir(self.output.parent)
+        fsync_dir(self.output.parent)
         _unlink(self.journal)
         back = "the previous model is back in place; " if restored else ""
         return (f"raymerge: rolled back the interrupted publish of {self.output}: {back}"
@@ -447,20 +447,7 @@ def _write_durably(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems cannot fsync a directory
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def _unlink(path: Path) -> None:

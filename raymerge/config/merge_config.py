@@ -5,6 +5,12 @@ The accepted format is mergekit 0.1.5's: exactly one of `models:`, `slices:` or 
 `tokenizer`, `chat_template`. Parameter values are scalars, gradients (lists of numbers,
 interpolated over layers) or filter lists (`[{filter: mlp, value: ...}, {value: ...}]`).
 
+Lenient where mergekit is and it is harmless: a numeric string (`weight: 5e-1`, which YAML 1.1
+reads as a string) is a number in `parameters`; `dtype: torch.bfloat16` is `bfloat16`; a model
+reference may be mergekit's dict form `{model: PATH[@REV] | {path, revision}, lora: ...}` besides
+raymerge's `{path, revision, config_from}` (its `override_architecture` is refused, clearly); a
+LoRA adapter is `MODEL+ADAPTER` or `lora:` there (applied lazily: `checkpoints.lora`).
+
 Unlike mergekit, unknown keys are errors (mergekit ignores them silently, so a typo such as
 `densty:` changes nothing and goes unnoticed). raymerge-only settings live under an optional
 top-level `raymerge:` key so that the rest of the file stays valid for mergekit.
@@ -81,19 +87,34 @@ Parameters = Annotated[dict[str, ParameterSetting], BeforeValidator(_parameters_
 
 
 class ModelRef(_Strict):
-    """A model reference: a local directory, `s3://bucket/prefix`, or a Hub id (`org/name[@rev]`).
+    """A model reference: a local directory, `s3://bucket/prefix`, or a Hub id (`org/name[@rev]`),
+    optionally with a LoRA adapter: `MODEL+ADAPTER` (each `[@rev]`), as in mergekit.
 
     `config_from` (raymerge only, written as `model: {path: ..., config_from: ...}`): for a
     DeepSpeed ZeRO checkpoint folder, the local Hugging Face model directory whose config.json
     and tokenizer files to use when the checkpoint has none.
+    `lora` / `lora_revision`: a PEFT LoRA adapter (a local folder or a Hub id) applied to the
+    model's tensors as they are read (`checkpoints.lora`).
     """
 
     path: str
     revision: Optional[str] = None
     config_from: Optional[str] = None
+    lora: Optional[str] = None
+    lora_revision: Optional[str] = None
 
     @classmethod
-    def parse(cls, value: Any) -> "ModelRef":
+    def parse(cls, value: Any, *, allow_lora: bool = True) -> "ModelRef":
+        """A reference from the config (a string or a dict); `allow_lora=False` where only a plain
+        model can be read (a prune's `model:`: merge the adapter with a `merge:` instead)."""
+        ref = cls._parse(value)
+        if ref.lora is not None and not allow_lora:
+            raise ValueError(f"a LoRA reference ({ref}) is not accepted here; apply it in a merge config "
+                             f"(e.g. `merge: {{merge_method: passthrough, models: [{{model: {ref}}}]}}`)")
+        return ref
+
+    @classmethod
+    def _parse(cls, value: Any) -> "ModelRef":
         if isinstance(value, ModelRef):
             return value
         if isinstance(value, dict):
@@ -103,49 +124,64 @@ class ModelRef(_Strict):
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"a model reference must be a non-empty string, got {value!r}")
         text = value.strip()
-        if "+" in text and not text.startswith(("/", ".", "s3://")):
-            raise ValueError(
-                f"LoRA model references ('{text}') are not supported yet; merge the adapter into "
-                "its base with peft's merge_and_unload() and reference the result"
-            )
-        revision = None
-        if "@" in text and not text.startswith(("/", ".", "s3://")):
-            text, revision = text.rsplit("@", 1)
-        return cls(path=text, revision=revision)
+        lora = lora_rev = None
+        if "+" in text and not Path(text).expanduser().exists():  # a local folder may have a + in its name
+            parts = text.split("+")
+            if len(parts) != 2 or not all(p.strip() for p in parts):
+                raise ValueError(f"cannot parse model reference {text!r}: use MODEL[@REV] or MODEL[@REV]+LORA[@REV]")
+            text, (lora, lora_rev) = parts[0].strip(), _path_and_revision(parts[1].strip())
+        path, revision = _path_and_revision(text)
+        return cls(path=path, revision=revision, lora=lora, lora_revision=lora_rev)
 
     @classmethod
     def _parse_mergekit_dict(cls, value: dict) -> "ModelRef":
-        """mergekit's dict form: `{model: PATH[@REV] | {path: PATH, revision: REV}, lora: ...,
-        override_architecture: ...}` (its serialised `ModelReference`)."""
+        """mergekit's dict form: `{model: PATH[@REV] | {path: PATH, revision: REV}, lora: (the
+        same), override_architecture: ...}` (its serialised `ModelReference`)."""
         extra = sorted(set(value) - {"model", "lora", "override_architecture"})
         if extra:
             raise ValueError(f"unknown key(s) {', '.join(extra)} in a model reference "
                              "(mergekit's dict form has model, lora and override_architecture)")
-        if value.get("lora") is not None:
-            lora = value["lora"]
-            lora_text = lora if isinstance(lora, str) else (lora or {}).get("path")
-            raise ValueError(
-                f"LoRA model references (lora: {lora_text}) are not supported yet; merge the adapter into its "
-                "base with peft's merge_and_unload() and reference the result"
-            )
         if value.get("override_architecture") is not None:
             raise ValueError(
                 "override_architecture is not supported: raymerge reads each model's architecture from its "
                 "config.json (pass --allow-mixed-architectures / --allow-crimes to merge different ones)"
             )
-        inner = value["model"]
-        if isinstance(inner, dict):
-            unknown = sorted(set(inner) - {"path", "revision"})
-            if unknown:
-                raise ValueError(f"unknown key(s) {', '.join(unknown)} in model: (a model path has path and revision)")
-            if not isinstance(inner.get("path"), str) or not inner["path"].strip():
-                raise ValueError(f"a model path needs a non-empty 'path', got {inner!r}")
-            return cls(path=inner["path"].strip(), revision=inner.get("revision"))
-        ref = cls.parse(inner)
-        return ref
+        path, revision = _model_path(value["model"], "model")
+        lora = lora_rev = None
+        if value.get("lora") is not None:
+            lora, lora_rev = _model_path(value["lora"], "lora")
+        return cls(path=path, revision=revision, lora=lora, lora_revision=lora_rev)
+
+    def without_lora(self) -> "ModelRef":
+        return ModelRef(path=self.path, revision=self.revision, config_from=self.config_from)
 
     def __str__(self) -> str:
-        return self.path if self.revision is None else f"{self.path}@{self.revision}"
+        text = self.path if self.revision is None else f"{self.path}@{self.revision}"
+        if self.lora is not None:
+            text += "+" + (self.lora if self.lora_revision is None else f"{self.lora}@{self.lora_revision}")
+        return text
+
+
+def _path_and_revision(text: str) -> tuple[str, Optional[str]]:
+    """`org/name@rev` -> (org/name, rev); local and s3:// paths keep any @ in them."""
+    if "@" in text and not text.startswith(("/", ".", "~", "s3://")):
+        path, revision = text.rsplit("@", 1)
+        return path, revision or None
+    return text, None
+
+
+def _model_path(value: Any, key: str) -> tuple[str, Optional[str]]:
+    """A mergekit `ModelPath`: `PATH[@REV]` or `{path: PATH, revision: REV}`."""
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"path", "revision"})
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(unknown)} in {key}: (a model path has path and revision)")
+        if not isinstance(value.get("path"), str) or not value["path"].strip():
+            raise ValueError(f"{key}: a model path needs a non-empty 'path', got {value!r}")
+        return value["path"].strip(), value.get("revision")
+    if not isinstance(value, str) or not value.strip() or "+" in value:
+        raise ValueError(f"{key}: expected a model path (PATH[@REV] or {{path, revision}}), got {value!r}")
+    return _path_and_revision(value.strip())
 
 
 def _model_ref(v: Any) -> ModelRef:
@@ -325,10 +361,10 @@ class MergeConfig(_Strict):
 
 
 def _refs_to_str(data: Any) -> Any:
-    """Turn dumped ModelRef dicts back into the `path[@rev]` strings of the YAML format."""
+    """Turn dumped ModelRef dicts back into the `path[@rev][+lora[@rev]]` strings of the YAML format."""
     if isinstance(data, dict):
-        if set(data) <= {"path", "revision"} and "path" in data:
-            return data["path"] if data.get("revision") is None else f"{data['path']}@{data['revision']}"
+        if set(data) <= {"path", "revision", "lora", "lora_revision"} and "path" in data:
+            return str(ModelRef(**data))
         return {k: _refs_to_str(v) for k, v in data.items()}
     if isinstance(data, list):
         return [_refs_to_str(v) for v in data]

@@ -104,7 +104,7 @@ class PruneConfig(_Strict):
     @field_validator("model", mode="before")
     @classmethod
     def _parse_model(cls, v: Any) -> Optional[ModelRef]:
-        return None if v is None else ModelRef.parse(v)
+        return None if v is None else ModelRef.parse(v, allow_lora=False)
 
     @field_validator("merge")
     @classmethod

@@ -70,7 +70,7 @@ register(
         min_models=2,
         max_models=2,
         doc="Arcee Fusion: take the other model's values whose change is an importance outlier",
-        cost_ns=20.0,
+        cost_ns=22.0,
         # |x - b|, the two softmaxes, their log ratio, the scores, kthvalue's copy and the mask
         extra_copies=lambda n: 6.0,
     )

@@ -77,7 +77,7 @@ register(
         base="optional",
         non_base_models=(1, None),
         doc="Multi-SLERP: weighted spherical interpolation of any number of models (or task vectors)",
-        cost_ns=6.0,
+        cost_ns=14.0,
         # the stacked points, their unit directions, the tangents and the weighted products
         extra_copies=lambda n: 3.0 * n + 2.0,
     )

@@ -30,7 +30,7 @@ register(
         max_models=2,
         elementwise=True,
         doc="NearSwap: swap in the other model's values where they are within t of the base's",
-        cost_ns=2.5,
+        cost_ns=1.0,
         extra_copies=lambda n: 3.0,
     )
 )

@@ -11,8 +11,8 @@ active there:
 - ``ramplus_tl``: as ``ram``, but each model's unique changes (c = 1) are scaled up by
   lambda_i = 1 + r * clip(rho_i, 0, alpha), where rho_i is the number of model i's active
   elements that are shared (c > 1) divided by the number that are unique to it (at least
-  epsilon), counted over this tensor only (the "tensor-local" of the name; the paper's RAM+
-  counts over the whole model).
+  epsilon), counted over this tensor only (the "tensor-local" of the name, which suggests the
+  paper's RAM+ counts over the whole model; not checked against the paper text).
 
 Choices mergekit 0.1.5 makes that the paper does not spell out, kept here for equal numbers:
 ``epsilon`` (1e-5) is an absolute magnitude threshold on the task vectors, also used as the
@@ -80,7 +80,8 @@ register(
         params=(_EPSILON,),
         base="required",
         doc="RAM: keep changes unique to one model, average shared ones over the models that made them",
-        cost_ns=8.0,
+        elementwise=True,  # every step is per element (no tensor-wide statistic)
+        cost_ns=16.0,
         # the stacked task vectors, the zeroed copy, the masked products and the boolean masks
         extra_copies=lambda n: 3.0 * n + 2.0,
     )
@@ -97,7 +98,7 @@ register(
         ),
         base="required",
         doc="RAM+ (tensor-local): RAM with unique changes scaled by 1 + r clip(shared/unique, 0, alpha)",
-        cost_ns=10.0,
+        cost_ns=20.0,
         extra_copies=lambda n: 3.0 * n + 3.0,
     )
 )

@@ -12,7 +12,7 @@ A method is a pure torch function (no I/O, no Ray) with the signature::
 - `model_params[i]` holds the resolved per-model parameters of `inputs[i]` (a parameter the
   user did not set is absent, never None); `params` holds the resolved global parameters.
   Defaults are applied by `MethodSpec.resolve`, so the function may index them directly.
-- `generator` is a CPU or device generator seeded from (random_seed, tensor name) for methods
+- `generator` is a CPU generator (whatever the inputs' device) seeded from (random_seed, tensor name) for methods
   with `random=True`, so results never depend on which worker ran the tensor.
 
 The runtime resolves parameters per tensor (gradients, filters) and calls `spec.fn`.

@@ -94,7 +94,7 @@ register(
         ),
         base="required",
         doc="SCE: select by variance, weight by task-vector energy, erase minority signs (arXiv 2408.07990)",
-        cost_ns=12.0,
+        cost_ns=8.0,
         # the stacked task vectors, their masked and weighted copies, plus masks and the variance
         extra_copies=lambda n: 2.0 * n + 3.0,
     )

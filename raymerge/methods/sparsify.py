@@ -45,7 +45,7 @@ def kth_smallest_magnitude(w: torch.Tensor, r: int) -> torch.Tensor:
     high = (bits >> shift) if shift else bits
     counts = torch.bincount(high.reshape(-1), minlength=1 << 15)
     cumulative = counts.cumsum(0)
-    bucket = int(torch.searchsorted(cumulative, torch.tensor(r, dtype=cumulative.dtype)))
+    bucket = int(torch.searchsorted(cumulative, torch.tensor(r, dtype=cumulative.dtype, device=cumulative.device)))
     if shift == 0:
         return torch.tensor(bucket, dtype=int_dtype).view(w.dtype).to(w.device)
     before = int(cumulative[bucket - 1]) if bucket > 0 else 0
@@ -143,6 +143,15 @@ def _random_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
+def draw_bernoulli(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """`torch.bernoulli(probs)` drawn on the generator's device and returned on `probs`'s. The
+    runtime passes a CPU generator whatever the device, so the mask a GPU worker draws is the one
+    a CPU worker draws for the same tensor (a CUDA generator's stream differs from the CPU's)."""
+    if generator is None or generator.device == probs.device:
+        return torch.bernoulli(probs, generator=generator)
+    return torch.bernoulli(probs.to(generator.device), generator=generator).to(probs.device)
+
+
 def bernoulli(
     tensor: torch.Tensor, density: float, generator: Optional[torch.Generator], rescale: Optional[str] = None
 ) -> torch.Tensor:
@@ -151,7 +160,7 @@ def bernoulli(
         return tensor
     work = _random_dtype(tensor)
     probs = torch.full_like(tensor, density, dtype=work)
-    mask = torch.bernoulli(probs, generator=generator)
+    mask = draw_bernoulli(probs, generator)
     return _apply(tensor.to(work), mask, rescale, density).to(tensor.dtype)
 
 
@@ -179,7 +188,7 @@ def della_magprune(
     hi = ranks.max(dim=1, keepdim=True).values
     rank_norm = torch.nan_to_num((ranks - lo) / (hi - lo), nan=0.5).clamp(0, 1)  # nan: one-element rows
     probs = (density - epsilon) + rank_norm * 2 * epsilon
-    mask = torch.bernoulli(probs, generator=generator).to(work)
+    mask = draw_bernoulli(probs, generator).to(work)
     rows = rows.to(work)
     if rescale == "inverse_density":
         result = rows * mask / probs

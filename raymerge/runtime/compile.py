@@ -7,7 +7,8 @@ headers are read once: a search compiles one program per trial) turn a merge con
 - the operators, one per output tensor, each random method's operator carrying its per-tensor
   seed (`operators.tensor_seed` of the run's seed and the tensor name);
 - the `SourceSpec` of each input model with its options (allow_pickle, the S3 endpoint,
-  shape-only), which is what workers open;
+  shape-only), which is what workers open; a Hub input's spec is pinned to the commit sha its
+  revision points to when it is compiled (`SourceSpec.pinned`), so every worker reads that commit;
 - every check that needs headers alone (architectures, parameter names, missing tensors, shapes,
   dtypes), each error naming the config's label (its file).
 
@@ -41,6 +42,7 @@ class CompileOptions:
     allow_mixed_architectures: bool = False  # skip the architecture check
     s3_endpoint_url: Optional[str] = None  # for s3:// inputs (already resolved by the driver)
     shape_only: bool = False  # models given as config.json alone (planning only)
+    lora_merge_dtype: Optional[str] = None  # dtype of models read with a LoRA adapter (`model+lora`)
 
 
 @dataclass
@@ -69,7 +71,9 @@ def resolve_seed(config: MergeConfig, options: CompileOptions) -> int:
 def source_spec(ref: ModelRef, options: CompileOptions) -> SourceSpec:
     """How a worker opens `ref` under `options`."""
     return SourceSpec(ref.path, ref.revision, options.allow_pickle, shape_only=options.shape_only,
-                      s3_endpoint_url=options.s3_endpoint_url, config_from=ref.config_from)
+                      s3_endpoint_url=options.s3_endpoint_url, config_from=ref.config_from,
+                      lora=ref.lora, lora_revision=ref.lora_revision,
+                      lora_dtype=options.lora_merge_dtype if ref.lora is not None else None)
 
 
 def open_sources(
@@ -98,7 +102,7 @@ class MergeCompiler:
         out: dict[ModelRef, CheckpointSource] = {}
         for ref in refs:
             if ref not in self.opened:
-                spec = source_spec(ref, self.options)
+                spec = source_spec(ref, self.options).pinned()  # a Hub id: its commit sha, once, here
                 self.opened[ref] = (spec, spec.open())
             out[ref] = self.opened[ref][1]
         return out

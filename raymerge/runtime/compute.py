@@ -41,7 +41,10 @@ def compute_operator(
     tensors = [t.to(device=device, dtype=work) for t in tensors]
     generator = None
     if op.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(op.seed)
+        # Always a CPU generator, on every device: random methods draw their masks from it on the
+        # CPU and move them to the tensors' device (`methods.sparsify.draw_bernoulli`), so a GPU
+        # worker keeps exactly the elements a CPU worker keeps (a CUDA generator's stream differs).
+        generator = torch.Generator(device="cpu").manual_seed(op.seed)
     spec = get_method(op.method)
     guide = op.guide
     if guide is not None and guide.input_scales is not None:

@@ -203,7 +203,7 @@ def measure_seconds_per_element(op: MergeOperator, device: torch.device | str = 
     params: dict[str, Any] = dict(op.params)
     best = math.inf
     for i in range(repeats + 1):
-        generator = torch.Generator(device=device).manual_seed(i) if op.seed is not None else None
+        generator = torch.Generator(device="cpu").manual_seed(i) if op.seed is not None else None
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()

@@ -165,6 +165,7 @@ class MergeOptions:
     in_process: bool = False  # one worker in this process, no Ray (ActorPool.in_process())
     copy_tokenizer: bool = True  # copy the tokenizer files (mergekit's --copy-tokenizer)
     write_model_card: bool = True  # README.md and mergekit_config.yml (mergekit's --write-model-card)
+    lora_merge_dtype: Optional[str] = None  # dtype of `model+lora` inputs (mergekit's --lora-merge-dtype)
 
 
 def _version() -> str:
@@ -309,7 +310,20 @@ def compile_options(options: MergeOptions, *, shape_only: bool = False) -> Compi
     """The options of a merge that decide its program and how its inputs are opened."""
     return CompileOptions(random_seed=options.random_seed, allow_pickle=options.allow_pickle,
                           allow_mixed_architectures=options.allow_mixed_architectures,
-                          s3_endpoint_url=options.s3_endpoint_url, shape_only=shape_only)
+                          s3_endpoint_url=options.s3_endpoint_url, shape_only=shape_only,
+                          lora_merge_dtype=lora_dtype(options.lora_merge_dtype))
+
+
+def lora_dtype(name: Optional[str]) -> Optional[str]:
+    """`--lora-merge-dtype`: a floating dtype name (`torch.` prefix allowed), or ConfigError."""
+    if name is None:
+        return None
+    from raymerge.config.merge_config import DTYPE_NAMES
+
+    bare = name.removeprefix("torch.")
+    if bare not in DTYPE_NAMES:
+        raise ConfigError(f"lora_merge_dtype: unknown dtype {name!r}; use one of {', '.join(DTYPE_NAMES)}")
+    return bare
 
 
 def _offline_topology(options: MergeOptions) -> Topology:
@@ -359,9 +373,11 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
     except ValueError as err:
         raise ConfigError(f"out_shard_size: {err}") from None
     check_output_name(output)  # a dangling symlink or an over-long name: refused now, not after the merge
+    from raymerge.runtime.job_env import check_output_outside_job_dir
+    check_output_outside_job_dir(output)  # not into a Ray job's working dir, which Ray deletes (runtime.job_env)
     dest = JobOutput(output, overwrite=options.overwrite, s3_endpoint_url=options.s3_endpoint_url,
                      resume=options.resume, resumable=True,  # checked now, before any work
-                     keep=[label, *(m.path for m in cfg.referenced_models())])
+                     keep=[label, *(p for m in cfg.referenced_models() for p in (m.path, m.lora) if p)])
     profile = None
     if options.cluster is not None:
         from raymerge.config import load_cluster

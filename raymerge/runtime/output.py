@@ -27,7 +27,8 @@ are published with the merge they come from).
    weights); then the index and the small files, and the staging folder is published
    atomically: renamed onto a local path (the manifest set aside meanwhile, see
    `writer.StagedOutput.publish`), or uploaded with the index and `config.json` last
-   (`checkpoints.s3`; its manifest is removed first). Until then nothing at the output looks
+   (`checkpoints.s3`; the manifest stays local and is removed with the staging folder after
+   `config.json`). Until then nothing at the output looks
    like a model. The lock is released once published.
 5. `fail(err)`: an interruption (Ctrl-C, a closed output pipe, lost workers) or a full disk of a
    resumable job keeps the staging folder for a rerun (a full disk only when some shard is
@@ -177,8 +178,8 @@ class JobOutput:
             self.staged.write_file("model.safetensors.index.json", index)
         for name, data in files.items():
             self.staged.write_file(name, data)
-        if self.state is not None and self.remote:
-            self.state.manifest.discard()  # a local publish sets it aside itself (crash-safe)
+        # The manifest stays until the model is published (a local publish sets it aside itself,
+        # crash-safe; an S3 publish leaves it out of the upload and removes the staging folder last).
         out = self.staged.publish()
         self.files = sorted(p.name for p in out.iterdir()) if isinstance(out, Path) else list(self.staged.published)
         self.release()

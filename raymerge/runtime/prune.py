@@ -206,6 +206,8 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
     from raymerge.checkpoints.output_name import check_output_name
 
     check_output_name(output)  # a dangling symlink or an over-long name: refused before any work
+    from raymerge.runtime.job_env import check_output_outside_job_dir
+    check_output_outside_job_dir(output)  # not into a Ray job's working dir, which Ray deletes (runtime.job_env)
     dest = JobOutput(output, overwrite=options.overwrite, s3_endpoint_url=options.s3_endpoint_url, keep=[label, *inputs])
     # The driver resolves the S3 endpoint so workers get it in the spec (not their environment).
     endpoint = resolve_endpoint_url(options.s3_endpoint_url)
@@ -216,7 +218,7 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
     else:
         assert cfg.model is not None
         spec = SourceSpec(cfg.model.path, cfg.model.revision, allow_pickle=options.allow_pickle,
-                          s3_endpoint_url=endpoint, config_from=cfg.model.config_from)
+                          s3_endpoint_url=endpoint, config_from=cfg.model.config_from).pinned()  # Hub: one commit
     source = spec.open()
     try:
         model_config = source.config()

@@ -67,6 +67,13 @@ def input_fingerprint(src: CheckpointSource) -> dict[str, Any]:
     restoring the mtime (`os.utime`) still changes the ctime, which only the kernel sets; a header
     rewritten to the same size and times changes the hash. Tensor bytes are not hashed (a full
     read of every input): a change that keeps size, header, mtime and ctime goes unseen."""
+    parts = getattr(src, "fingerprint_sources", None)
+    if parts is not None:  # a model read through a LoRA adapter: the base's files and the adapter's
+        (base,) = parts()
+        inner = input_fingerprint(base)
+        files = {f"model/{f}": v for f, v in inner["files"].items()}
+        files.update({f"adapter/{p.name}": _file_fingerprint(p) for p in src.adapter_files()})
+        return {"location": src.location, "headers": inner.get("headers"), "files": files}
     infos = src.tensors()
     headers = hashlib.sha256()
     for name in sorted(infos):
@@ -82,6 +89,14 @@ def input_fingerprint(src: CheckpointSource) -> dict[str, Any]:
         except (OSError, ValueError):
             files[f] = etags.get(f)
     return {"location": src.location, "headers": headers.hexdigest(), "files": files}
+
+
+def _file_fingerprint(path: Path) -> Any:
+    try:
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, _header_sha256(path)]
+    except (OSError, ValueError):
+        return None
 
 
 def _header_sha256(path: Path) -> Optional[str]:

@@ -23,6 +23,7 @@ from raymerge.checkpoints import CheckpointSource, ShardFileWriter, SourceSpec
 from raymerge.checkpoints.safetensors_format import TensorEntry
 from raymerge.runtime.compute import compute_operator
 from raymerge.runtime.costs import measure_seconds_per_element
+from raymerge.runtime.metrics import WorkerMetrics
 from raymerge.runtime.operators import MergeOperator
 
 
@@ -78,10 +79,37 @@ def _peak_rss_bytes() -> int:
 
 
 def pick_device() -> torch.device:
-    """The GPU Ray gave this actor, else the CPU."""
-    if torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES", "") != "":
-        return torch.device("cuda")
-    return torch.device("cpu")
+    """The device this process computes on: a GPU when it may use one, else the CPU.
+
+    - In a Ray actor: the GPU Ray assigned it (`ray.get_gpu_ids()`; actors get one GPU each, see
+      `runtime.actor_resources`), else the CPU, even on a GPU node: an actor started without a
+      GPU may still see the node's GPUs (Ray leaves `CUDA_VISIBLE_DEVICES` unset for it when
+      `RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0`, Ray's announced future default) and must not use one
+      another actor was given.
+    - Elsewhere (the in-process modes, `in_process=True`, run in the driver): the first GPU torch
+      sees, unless `CUDA_VISIBLE_DEVICES` is set empty.
+    """
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    assigned = _ray_actor_gpus()
+    if assigned is not None:
+        return torch.device("cuda") if assigned else torch.device("cpu")
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def _ray_actor_gpus() -> Optional[list]:
+    """The GPU ids Ray assigned this process when it is a Ray actor, else None (not in Ray, or
+    the driver)."""
+    try:
+        import ray
+
+        if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+            return None
+        return list(ray.get_gpu_ids())
+    except Exception:  # noqa: BLE001 - no Ray here: not an actor
+        return None
 
 
 def worker_info(worker_id: int, device: torch.device) -> WorkerInfo:
@@ -117,6 +145,7 @@ class MergeWorkerImpl:
         if threads:
             torch.set_num_threads(threads)
         self.device = device if device is not None else pick_device()
+        self.metrics = WorkerMetrics(worker_id)  # per-batch figures for the Ray dashboard (runtime.metrics)
 
     def describe(self) -> WorkerInfo:
         return worker_info(self.worker_id, self.device)
@@ -129,6 +158,8 @@ class MergeWorkerImpl:
         self._close_job()
         self._specs = list(sources)
         self._writer = ShardFileWriter(staging)
+        if self.device.type == "cuda":  # BatchStats.peak_device_bytes: this job's peak, not the actor's lifetime's
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     def _opened(self, op: MergeOperator) -> dict[int, CheckpointSource]:
         for i in {inp.model for inp in op.inputs}:
@@ -148,8 +179,10 @@ class MergeWorkerImpl:
             written += self._writer.write(item.target.filename, item.target.entry, result, rows=item.rows)
             del result
         read = sum(s.bytes_read() for s in self._sources.values()) - read_before
-        device_peak = torch.cuda.max_memory_allocated() if self.device.type == "cuda" else 0
-        return BatchStats(self.worker_id, len(batch), read, written, time.perf_counter() - start, _peak_rss_bytes(), device_peak)
+        device_peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
+        stats = BatchStats(self.worker_id, len(batch), read, written, time.perf_counter() - start, _peak_rss_bytes(), device_peak)
+        self.metrics.record(stats)
+        return stats
 
     def histogram(self, ops: Sequence[MergeOperator], high_bins: Optional[dict[int, int]] = None) -> dict[int, torch.Tensor]:
         from raymerge.runtime.global_trim import histogram_batch

@@ -182,7 +182,7 @@ class _PruneTask:
         m = self.prune.model
         if m is None:
             raise ConfigError(f"{label}: prune: searching the pruning of a merged model (`merge:`) is not supported; merge first")
-        self.specs = [SourceSpec(m.path, m.revision, config_from=m.config_from)]
+        self.specs = [SourceSpec(m.path, m.revision, config_from=m.config_from).pinned()]  # Hub: one commit
         self.source = self.specs[0].open()
         # Trials mask rows with |W|^a * ||X||^b; the method's spec gives its (a, b) (magnitude: b = 0,
         # compared per row, as Wanda does).
@@ -270,6 +270,8 @@ def run_search(config: Union[str, Path, dict[str, Any], SearchConfig], output: U
 
     check_search_output(out, STUDY_FILE)  # a file at OUT, or a corrupt journal: one line, before any work
     target = _materialize_target(out, options)
+    from raymerge.runtime.job_env import check_output_outside_job_dir
+    check_output_outside_job_dir(out, target)  # not into a Ray job's working dir, which Ray deletes (runtime.job_env)
     if target is not None and options.materialize is not True:
         from raymerge.runtime.output import JobOutput
 
