@@ -297,6 +297,39 @@ def test_merge_determinism_across_workers(ray_session, wide_models, tmp_path):
     assert biggest >= 1 << 20
 
 
+FAKE_CLUSTER_CASES = ("dare_ties", "ties rescale")  # the two whose bf16 bytes split the most (issue 14)
+
+
+def test_merge_bytes_on_a_fake_two_node_cluster(fake_cluster, wide_models, tmp_path):
+    """The same 1M-element merges on a faked 2-node cluster (2 workers of 1 CPU: one on each
+    node, as each node has 1 CPU) publish the bytes of an in-process merge, in both dtypes.
+    (The suite's one faked multi-node cluster: starting one costs ~25 s.)"""
+    import ray
+
+    import raymerge
+
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    rows, differing = [], []
+    for dtype, family in wide_models.items():
+        for case in FAKE_CLUSTER_CASES:
+            cfg = _e2e_config(case, family)
+            name = f"{case.replace(' ', '_')}-{dtype}"
+            local = raymerge.merge(cfg, tmp_path / f"{name}-local", random_seed=7, quiet=True, in_process=True,
+                                   out_shard_size="4MB").output
+            dist = raymerge.merge(cfg, tmp_path / f"{name}-2nodes", workers=2, random_seed=7, quiet=True,
+                                  out_shard_size="4MB")
+            same = _file_bytes(dist.output) == _file_bytes(local)
+            rows.append(f"{case:24s} {dtype:9s} 2 nodes vs in-process: {'identical' if same else 'DIFFERENT'}")
+            if not same:
+                differing.append((case, dtype))
+    print("\n".join(rows))
+    assert not differing, f"bytes differ on the fake 2-node cluster: {differing}"
+
+
+def _file_bytes(folder: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(Path(folder).iterdir()) if f.is_file() and f.name != "README.md"}
+
+
 # -- end to end: prune masks and bytes for in-process, 1, 2 and 4 stages ----------------------------
 # SparseGPT prunes the two 1M-element MLP input projections only: its column-by-column updates over
 # every module would make this the slowest test of the suite, and those two hold the invariant.

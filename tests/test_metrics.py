@@ -10,6 +10,7 @@ checks that the real `ray.util.metrics` objects accept what the worker records.
 
 from __future__ import annotations
 
+import pytest
 import ray
 
 import raymerge
@@ -109,3 +110,46 @@ def test_a_ray_merge_worker_records_its_figures(ray_session, llama_models, tmp_p
     # the final summary is unchanged by the metrics
     assert second.summary().startswith(f"merged {second.tensors} tensors into {tmp_path / 'second'} in ")
     assert first.bytes_written == second.bytes_written
+
+
+def _prometheus_agent() -> bool:
+    try:
+        import aiohttp  # noqa: F401  (ray[default]: the dashboard agent, which hosts the metrics agent)
+        import prometheus_client  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(not _prometheus_agent(), reason="Ray's metrics agent needs ray[default] (pip install '.[cluster]')")
+def test_ray_exports_the_worker_metrics_to_prometheus(ray_session, llama_models, tmp_path):
+    """With ray[default], the values reach the node's Prometheus endpoint (as the dashboard and a
+    Prometheus server read them), named `ray_raymerge_worker_*` (counters with `_total`)."""
+    import time
+    import urllib.request
+
+    cfg = {
+        "merge_method": "linear", "dtype": "float32",
+        "models": [{"model": str(llama_models[f"ft{i}"]), "parameters": {"weight": 0.5}} for i in (1, 2)],
+    }
+    try:
+        result = raymerge.merge(cfg, tmp_path / "out", workers=1, quiet=True, keep_workers=True)
+        actor = actor_pool.kept().workers[0].actor
+        worker_id = ray.get(actor.__ray_call__.remote(lambda self: ray.get_runtime_context().get_worker_id()))
+        port = ray._private.worker.global_worker.node.metrics_export_port
+        wanted = {"ray_raymerge_worker_bytes_read_total": result.bytes_read,
+                  "ray_raymerge_worker_bytes_written_total": result.bytes_written,
+                  "ray_raymerge_worker_tensors_total": result.tensors}
+        found: dict[str, float] = {}
+        deadline = time.time() + 60  # Ray reports metrics every 10 s by default
+        while time.time() < deadline and found.keys() != wanted.keys():
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            for line in text.splitlines():
+                name = line.split("{", 1)[0]
+                if name in wanted and f'WorkerId="{worker_id}"' in line and 'worker="w0"' in line:
+                    found[name] = float(line.rsplit(" ", 1)[1])
+            time.sleep(1)
+    finally:
+        actor_pool.shutdown_kept()
+    assert found == {k: float(v) for k, v in wanted.items()}
