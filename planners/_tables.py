@@ -113,6 +113,9 @@ class Tables:
         self._lp_bound = -1.0
         have = pulp.listSolvers(onlyAvailable=True)
         if "HiGHS" in have:
+            from planners._quiet import hush_highs_banner
+
+            hush_highs_banner()
             cmd = pulp.HiGHS(msg=False)
         elif "COIN_CMD" in have or "PULP_CBC_CMD" in have:
             with warnings.catch_warnings():

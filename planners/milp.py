@@ -55,6 +55,7 @@ from typing import Any, Optional
 import pulp
 
 from planners._tables import Tables
+from planners._quiet import hush_highs_banner
 from planners.greedy import _assignments, _lpt_choices
 from planners.plan import Plan, PlanError, make_plan
 from planners.problem import MergeProblem
@@ -309,6 +310,7 @@ class _Model:
         }
         t0 = time.perf_counter()
         if backend == "highs":
+            hush_highs_banner(msg)
             cmd = _HiGHSWarm(msg=msg, timeLimit=time_limit, gapRel=gap, gapAbs=0.0, threads=threads)
             lp.solve(cmd)
             h = lp.solverModel

@@ -14,6 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from raymerge.progress import quiet_third_party
+
+quiet_third_party()  # before anything imports deepspeed (raymerge.progress; `-v` shows it all)
+
 from raymerge.checkpoints import CheckpointError, OutputError
 from raymerge.config import ConfigError, MergeConfig
 from raymerge.errors import RaymergeError
@@ -172,7 +176,7 @@ def prune(
     config: Union[str, Path, dict[str, Any]],
     output: Union[str, Path],
     *,
-    workers: Optional[int] = None,
+    stages: Optional[int] = None,
     in_process: bool = False,
     overwrite: bool = False,
     quiet: bool = False,
@@ -180,6 +184,7 @@ def prune(
     plot: Union[str, Path, None] = None,
     s3_endpoint_url: Optional[str] = None,
     allow_pickle: bool = False,
+    workers: Optional[int] = None,
 ):
     """Prune the model of a prune config (see `raymerge.config.prune_config`) and publish it.
 
@@ -188,8 +193,10 @@ def prune(
         output: directory to create, or `s3://bucket/prefix` (staged locally, uploaded by the
             workers, `config.json` last: as `merge`); refused if it already holds a model unless
             `overwrite`.
-        workers: stage workers the decoder layers are spread over, each holding a contiguous
-            block (default: one per GPU, else one per CPU slot; never more than the layers).
+        stages: layer-stage workers the decoder layers are spread over, each holding a contiguous
+            block (default: one per GPU, else one per CPU slot; never more than the layers). The
+            same word as `optimize(stages=)` and `--stages` of `raymerge prune` and `search`.
+        workers: the old name of `stages` (still accepted).
         in_process: run everything in this process, one stage, no Ray.
         overwrite: replace an existing output directory (only once the new one is complete).
         quiet: no progress bars.
@@ -209,8 +216,10 @@ def prune(
     """
     from raymerge.runtime.prune import PruneOptions, run_prune
 
+    if stages is not None and workers is not None and stages != workers:
+        raise ConfigError(f"stages={stages} and workers={workers} name the same thing; give one")
     options = PruneOptions(
-        workers=workers, in_process=in_process, address=address, overwrite=overwrite, quiet=quiet, plot=plot,
+        workers=stages if stages is not None else workers, in_process=in_process, address=address, overwrite=overwrite, quiet=quiet, plot=plot,
         s3_endpoint_url=s3_endpoint_url, allow_pickle=allow_pickle,
     )
     return run_prune(config, output, options)

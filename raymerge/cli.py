@@ -37,7 +37,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                    help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray of its own; 'auto' joins the cluster running on this machine)")
     g.add_argument("--random-seed", type=int, default=None, metavar="SEED",
                    help="seed of random methods (DARE, DELLA); each tensor is seeded from (SEED, tensor name). Default 0")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--quiet", action="store_true", help="no progress bar and no step lines on stderr (the summary is printed)")
+
+
+def _add_verbose(p: argparse.ArgumentParser, top: bool = False) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", default=False if top else argparse.SUPPRESS,
+                   help="also show other libraries' messages that raymerge hides by default (the HiGHS banner, "
+                        "DeepSpeed's accelerator note, Optuna's log lines); raymerge's own warnings are always shown")
 
 
 def _add_input_options(p: argparse.ArgumentParser) -> None:
@@ -59,7 +65,7 @@ def _add_plan_options(p: argparse.ArgumentParser, for_merge: bool) -> None:
     g.add_argument("--plan-time-limit", type=float, default=10.0, metavar="S",
                    help="seconds the MILP solver may take (default 10)")
     g.add_argument("--gantt", default=None, metavar="PNG",
-                   help="draw the planned schedule to this image (needs matplotlib: pip install 'raymerge[gantt]')")
+                   help="draw the planned schedule to this image (needs matplotlib: pip install matplotlib)")
     g.add_argument("--json", default=None, metavar="FILE", dest="plan_json",
                    help="write the plan (assignments, makespan, bound, gap, solver) as JSON")
 
@@ -117,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="raymerge",
         description="Merge (and prune) LLM checkpoints on a Ray cluster. Configs use mergekit's YAML format.",
     )
+    _add_verbose(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     m = sub.add_parser(
@@ -172,8 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("config", help="prune config (YAML)")
     pr.add_argument("output", help="output directory (a Hugging Face model folder), or s3://bucket/prefix")
     pr.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it already holds a model")
-    pr.add_argument("--workers", type=int, default=None, metavar="N",
-                    help="stage workers (default: one per GPU in the cluster, else one per CPU slot; at most one per layer)")
+    pr.add_argument("--stages", type=int, default=None, metavar="N",
+                    help="layer-stage workers the decoder layers are split over (default: one per GPU in the cluster, "
+                         "else one per CPU slot; at most one per layer)")
+    pr.add_argument("--workers", type=int, dest="stages", help=argparse.SUPPRESS)  # the old spelling
     pr.add_argument("--in-process", action="store_true", help="run in this process as a single stage, without Ray")
     pr.add_argument("--allow-pickle", action="store_true",
                     help="accept pytorch_model*.bin and DeepSpeed ZeRO inputs (torch.load(weights_only=True)); "
@@ -184,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also write the report (prune_report.json in OUTPUT) to FILE")
     pr.add_argument("--s3-endpoint-url", default=None, metavar="URL",
                     help="endpoint of an S3-compatible store for an s3:// model and output (default: AWS, or $AWS_ENDPOINT_URL)")
-    pr.add_argument("--quiet", action="store_true", help="no progress bars")
+    pr.add_argument("--quiet", action="store_true", help="no progress bars and no step lines on stderr (the report is printed)")
 
     se = sub.add_parser(
         "search",
@@ -210,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "published like `raymerge merge` does; checked before the study starts)")
     se.add_argument("--overwrite", action="store_true", help="replace what the --materialize TARGET holds")
     se.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray of its own; 'auto' joins the cluster running on this machine)")
-    se.add_argument("--quiet", action="store_true", help="no progress bar")
+    se.add_argument("--quiet", action="store_true", help="no progress bar and no step lines on stderr (the summary is printed)")
     se.add_argument("--s3-endpoint-url", default=None, metavar="URL",
                     help="endpoint of an S3-compatible store for s3:// models and an s3:// --materialize TARGET "
                          "(default: AWS, or $AWS_ENDPOINT_URL)")
@@ -239,16 +248,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="build tiny demo models and merge them (no downloads)",
         description=(
             "Build a tiny base model and three fine-tunes with transformers, write a TIES config "
-            "for them and merge them on a local Ray: the whole pipeline on any machine in seconds."
+            "for them, merge them on a local Ray and load the result with transformers: the whole pipeline, "
+            "offline, in well under a minute. With --workdir the models, a calibration text and ready configs "
+            "for `raymerge merge`, `prune` and `search` (ties.yaml, prune.yaml, search.yaml) stay there "
+            "(README, 'The first hour')."
         ),
     )
-    d.add_argument("--workdir", default=None, help="where to put models, config and output (default: a temporary folder)")
+    d.add_argument("--workdir", default=None,
+                   help="where to put models, config and output, kept afterwards (default: a temporary folder, "
+                        "removed at the end)")
     d.add_argument("--method", default="ties", help="merge method of the demo config (default: ties)")
     d.add_argument("--arch", default="llama", choices=["llama", "qwen2", "mistral"], help="demo architecture")
     _add_run_options(d)
 
     sub.add_parser("methods", help="list merge methods and their parameters",
                    description="List every merge method with its parameters and defaults.")
+    for command in sub.choices.values():
+        _add_verbose(command)
     return parser
 
 
@@ -277,7 +293,7 @@ def _prune(args: argparse.Namespace) -> int:
     import raymerge
 
     result = raymerge.prune(
-        args.config, args.output, workers=args.workers, in_process=args.in_process, overwrite=args.overwrite,
+        args.config, args.output, stages=args.stages, in_process=args.in_process, overwrite=args.overwrite,
         quiet=args.quiet, address=args.address, plot=args.plot, s3_endpoint_url=args.s3_endpoint_url,
         allow_pickle=args.allow_pickle,
     )
@@ -341,15 +357,28 @@ def _write_plan_outputs(args: argparse.Namespace, report) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import raymerge
-    from raymerge.demo import build_demo_models, demo_config, write_yaml
+    if args.workdir:
+        return _run_demo(args, Path(args.workdir))
+    import shutil
 
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="raymerge-demo-"))
+    workdir = Path(tempfile.mkdtemp(prefix="raymerge-demo-"))
+    try:
+        return _run_demo(args, workdir)
+    finally:  # the temporary folder goes, however the demo ends; --workdir keeps its files
+        shutil.rmtree(workdir, ignore_errors=True)
+        print(f"removed the temporary folder {workdir} (--workdir DIR keeps the models, config and output)")
+
+
+def _run_demo(args: argparse.Namespace, workdir: Path) -> int:
+    import raymerge
+    from raymerge.demo import write_demo_workdir
+    from raymerge.progress import phase
+
     workdir.mkdir(parents=True, exist_ok=True)
-    print(f"building tiny {args.arch} models in {workdir / 'models'} ...")
-    paths = build_demo_models(workdir / "models", arch=args.arch)
-    config_path = write_yaml(demo_config(paths, args.method), workdir / f"{args.method}.yaml")
-    print(f"config: {config_path}")
+    with phase(f"building tiny {args.arch} models in {workdir / 'models'}", quiet=args.quiet):
+        configs = write_demo_workdir(workdir, arch=args.arch, method=args.method)
+    config_path = configs["merge"]
+    print(f"configs: {config_path} (merge), {configs['prune']} (prune), {configs['search']} (search)")
     result = raymerge.merge(config_path, workdir / "merged", workers=args.workers, overwrite=True,
                             random_seed=args.random_seed, quiet=args.quiet, address=args.address)
     print(result.summary())
@@ -388,6 +417,10 @@ def _methods(_: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        from raymerge.progress import set_verbose
+
+        set_verbose()
     handler = {"merge": _merge, "prune": _prune, "search": _search, "plan": _plan, "demo": _demo, "methods": _methods}[args.command]
     try:
         code = handler(args)

@@ -128,6 +128,45 @@ def demo_config(paths: dict[str, Path], method: str = "ties") -> dict[str, Any]:
     }
 
 
+def demo_prune_config(paths: dict[str, Path], calibration: str | Path) -> dict[str, Any]:
+    """A small Wanda prune of the demo base model (seconds on a CPU)."""
+    return {
+        "model": str(paths["base"]),
+        "method": "wanda",
+        "sparsity": 0.5,
+        "calibration": {"dataset": str(calibration), "nsamples": 8, "seqlen": 32, "eval_samples": 4},
+    }
+
+
+def demo_search_config(paths: dict[str, Path], heldout: str | Path, n_trials: int = 4) -> dict[str, Any]:
+    """A small Optuna study over the weights of a linear merge of two demo fine-tunes."""
+    fts = [k for k in paths if k != "base"][:2]
+    return {
+        "merge": {
+            "merge_method": "linear",
+            "models": [{"model": str(paths[name]), "parameters": {"weight": {"low": 0.2, "high": 1.0}}} for name in fts],
+            "dtype": "float32",
+        },
+        "objective": "perplexity",
+        "evaluation": {"dataset": str(heldout), "seqlen": 32, "eval_samples": 4},
+        "study": {"n_trials": n_trials, "concurrency": 1, "sampler": "random", "seed": 0},
+    }
+
+
+def write_demo_workdir(workdir: str | Path, *, arch: str = "llama", method: str = "ties") -> dict[str, Path]:
+    """Everything `raymerge demo --workdir DIR` leaves for the README's next commands: the models
+    under DIR/models, DIR/calib.txt, and DIR/<method>.yaml, DIR/prune.yaml, DIR/search.yaml."""
+    workdir = Path(workdir)
+    paths = build_demo_models(workdir / "models", arch=arch)
+    calib = workdir / "calib.txt"
+    calib.write_text(demo_text(n_docs=12, words_per_doc=120))
+    return {
+        "merge": write_yaml(demo_config(paths, method), workdir / f"{method}.yaml"),
+        "prune": write_yaml(demo_prune_config(paths, calib), workdir / "prune.yaml"),
+        "search": write_yaml(demo_search_config(paths, calib), workdir / "search.yaml"),
+    }
+
+
 def write_yaml(config: dict[str, Any], path: str | Path) -> Path:
     import yaml
 

@@ -150,5 +150,7 @@ def test_cli_workers_zero_exits_2_with_one_line_before_ray(llama_models, tmp_pat
     assert not (tmp_path / "out").exists()
     with pytest.raises(ActorCountError, match="stages must be at least 1"):
         raymerge.optimize(str(tmp_path / "unused.yaml"), tmp_path / "s", stages=0, quiet=True)
-    with pytest.raises(ActorCountError, match="workers must be at least 1"):
+    with pytest.raises(ActorCountError, match="stages must be at least 1"):
+        raymerge.prune(str(tmp_path / "unused.yaml"), tmp_path / "p", stages=0, quiet=True)
+    with pytest.raises(ActorCountError, match="stages must be at least 1"):  # the old spelling names the same thing
         raymerge.prune(str(tmp_path / "unused.yaml"), tmp_path / "p", workers=0, quiet=True)

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from planners import MergeProblem, Node, Operator, Worker, lpt, solve
-from raymerge.gantt import _bottleneck, draw_gantt, operator_kind
+from raymerge.gantt import draw_gantt, gantt_figure, makespan_setter, operator_kind
 
 GB = 1e9
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -59,10 +59,33 @@ def test_draws_many_workers_with_a_title(tmp_path):
     _check_png(out)
 
 
-def test_makespan_label_names_a_storage_bottleneck():
-    assert _bottleneck(lpt(_problem(nodes=1, per_node=1))) == ""  # one worker: its row is the makespan
+def test_makespan_label_names_what_sets_it():
+    one = lpt(_problem(nodes=1, per_node=1))
+    assert makespan_setter(one) == "worker node0/gpu0"  # one worker: its row is the makespan
     storage_bound = lpt(_problem(layers=8, nodes=40, per_node=8))  # 320 workers share 20 GB/s
-    assert _bottleneck(storage_bound) == " (remote storage)"
+    assert makespan_setter(storage_bound) == "remote storage"
+
+
+def test_figure_shows_compute_links_and_every_kind():
+    """Read from the Figure itself: the axis labels, a row per node link, the makespan's cause, and
+    a legend entry (with visible bars) for every kind, norms included."""
+    problem = _problem()
+    plan = solve(problem, time_limit=5)
+    fig = gantt_figure(plan, problem)
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "seconds (predicted)"
+    assert ax.get_ylabel() == "worker (compute) / node link"
+    ticks = [t.get_text() for t in ax.get_yticklabels()]
+    assert ticks[:4] == [w.name for w in problem.workers]
+    assert [t for t in ticks if t.startswith("link ")] == [f"link {n}" for n, s in sorted(plan.link_seconds.items()) if s > 0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    for kind in ("embed", "lm_head", "attn", "mlp", "norm"):
+        assert any(entry.startswith(f"{kind}: ") for entry in legend), (kind, legend)
+    assert any(entry.startswith("makespan ") and "set by " in entry for entry in legend)
+    # the norm parts are ~1000x shorter than the rest: still drawn a visible width
+    xmax = ax.get_xlim()[1]
+    norm_bars = [b for c in ax.containers for b in c if c.get_label().startswith("norm")]
+    assert norm_bars and min(b.get_width() for b in norm_bars) >= xmax * 0.0019
 
 
 @pytest.mark.parametrize(
@@ -92,6 +115,6 @@ def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     for mod in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, mod, None)  # makes `import` raise ImportError
     problem = _problem(layers=1)
-    with pytest.raises(RuntimeError, match=r"pip install 'raymerge\[gantt\]'"):
+    with pytest.raises(RuntimeError, match=r"pip install matplotlib"):
         draw_gantt(lpt(problem), problem, tmp_path / "plan.png")
     assert not (tmp_path / "plan.png").exists()

@@ -32,9 +32,11 @@ Outputs (`S3StagedOutput`, same protocol as `writer.StagedOutput`):
 2. `prepare`: shards are laid out and pre-allocated in a local staging folder, as for local
    outputs (`tempfile.gettempdir()`, or `$RAYMERGE_STAGING_DIR`; the folder is named after the
    target URL, so a rerun after a crash resumes from it: `runtime.recovery`); workers write tensors there
-   at their offsets. With workers on several nodes, that folder must be on storage every node
-   sees (set `RAYMERGE_STAGING_DIR` to a shared filesystem): the same requirement as for local
-   outputs. The local disk needs room for the whole output.
+   at their offsets. A merge on several nodes needs no shared folder: each node keeps its own
+   copy of the folder (`writer.ensure_node_shards`), every part of a shard runs on one node, and
+   a worker there uploads the shard once finished (`seal_shard`, with its sha256 and job as
+   object metadata: what a resume checks, `verify_finished`, instead of hashing a local copy).
+   A prune's stages still need the folder on storage every node sees when they span nodes.
 3. `upload_shards(spread)`: once every tensor is written, the shards are uploaded under their
    final keys, by the job's worker actors when the runtime passes `spread` (`balance_shards`:
    largest first, each to the least loaded worker; a shard's tensors come from many workers, so
@@ -541,6 +543,7 @@ def upload_files(
     *,
     multipart_threshold: int = MULTIPART_THRESHOLD,
     multipart_chunk: int = MULTIPART_CHUNK,
+    metadata: Optional[dict[str, str]] = None,
 ) -> int:
     """Upload files of a staging folder under the target prefix (multipart above the threshold;
     boto3's managed transfer aborts a failed multipart upload). Returns the bytes uploaded."""
@@ -556,7 +559,8 @@ def upload_files(
         path = Path(staging) / name
         where = target.url.url(name)
         try:
-            client.upload_file(str(path), target.bucket, target.url.key(name), Config=config)
+            client.upload_file(str(path), target.bucket, target.url.key(name), Config=config,
+                               ExtraArgs={"Metadata": metadata} if metadata else None)
         except _s3_failures() as err:
             raise _fail_output(err, where, target) from None
         except Exception as err:  # noqa: BLE001 - s3transfer wraps failures in its own types
@@ -566,6 +570,21 @@ def upload_files(
             raise
         total += path.stat().st_size
     return total
+
+
+SHA_META = "raymerge-sha256"  # user metadata of an uploaded shard: the sha256 of its bytes
+JOB_META = "raymerge-job"  # ... and the job (`runtime.recovery.job_identity`) that wrote it
+
+
+def seal_shard(target: S3Target, staging: str | os.PathLike, name: str, job: str) -> str:
+    """Upload one finished shard from the staging folder of *this* node, with its sha256 and
+    job as object metadata (what a resume checks: `S3StagedOutput.verify_finished`); returns the
+    sha256. Run by a worker on the node that wrote the shard: the driver never reads it."""
+    from raymerge.checkpoints.manifest import file_sha256
+
+    digest = file_sha256(Path(staging) / name, fsync=True)
+    upload_files(target, staging, [name], metadata={SHA_META: digest, JOB_META: job})
+    return digest
 
 
 def balance_shards(shards: Sequence[tuple[str, int]], ways: int) -> list[list[str]]:
@@ -617,6 +636,7 @@ class S3StagedOutput:
         self._existing: set[str] = set()
         self._shards: list[tuple[str, int]] = []
         self._upload_started = False
+        self.uploaded: set[str] = set()  # shards already up (sealed by workers as they finished, or kept by a resume)
 
     @property
     def _client(self):
@@ -697,21 +717,47 @@ class S3StagedOutput:
 
         return OutputError(f"s3://{self.target.bucket}/{key}: cannot delete ({code})")
 
+    def begin_upload(self) -> None:
+        """Before the first shard is uploaded (shards go up as they finish: `seal_shard`): with
+        `overwrite`, the old model's `config.json` and index are deleted first."""
+        if self._upload_started:
+            return
+        self._upload_started = True
+        if self.overwrite:
+            stale_markers = [n for n in (CONFIG, SAFE_INDEX) if n in self._existing]
+            if stale_markers:
+                try:
+                    self._delete(stale_markers)
+                except _s3_failures() as err:
+                    raise self._fail(err) from None
+
+    def verify_finished(self, name: str, size: int, sha256: str) -> bool:
+        """A shard a resumed job recorded as finished is in the bucket with that size and sha256
+        (the metadata `seal_shard` put): kept as uploaded, never downloaded."""
+        try:
+            head = self._client.head_object(Bucket=self.target.bucket, Key=self.target.url.key(name))
+        except _s3_failures():
+            return False
+        ok = head.get("ContentLength") == size and (head.get("Metadata") or {}).get(SHA_META) == sha256
+        if ok:
+            self.uploaded.add(name)
+            self._upload_started = True
+        return ok
+
     def upload_shards(self, spread: Optional[Callable[[S3Target, str, list[tuple[str, int]]], None]] = None) -> None:
         """Upload the (complete) shards under their final keys: from this process, or with
         `spread(target, staging, shards)` ((name, size) pairs), which uploads them elsewhere and
         returns once all are up. The runtime passes one that spreads them over its worker actors
         (`runtime.output`); this module never talks to Ray."""
-        self._upload_started = True
+        self.begin_upload()
+        left = [(n, size) for n, size in self._shards if n not in self.uploaded]
+        if not left:
+            return
         try:
-            if self.overwrite:
-                stale_markers = [n for n in (CONFIG, SAFE_INDEX) if n in self._existing]
-                if stale_markers:
-                    self._delete(stale_markers)
             if spread is None:
-                upload_files(self.target, self.staging, [n for n, _ in self._shards])
+                upload_files(self.target, self.staging, [n for n, _ in left])
             else:
-                spread(self.target, str(self.staging), list(self._shards))
+                spread(self.target, str(self.staging), left)
         except _s3_failures() as err:
             raise self._fail(err) from None
 

@@ -343,6 +343,45 @@ def allocate_shards(folder: Path, layout: OutputLayout, skip: Collection[str] = 
             _reserve(f.fileno(), shard.size, folder / shard.filename)
 
 
+NODE_JOB_MARKER = ".raymerge-node-job"
+
+
+def ensure_node_shards(folder: str | os.PathLike, job: str, shards: Sequence[tuple[str, bytes, int]]) -> bool:
+    """On a node whose disk the driver does not share (a private-disk worker node of an S3
+    output), set up this job's copy of the staging folder: every shard ((name, header, size))
+    allocated there, once per node and job (a marker file names the job; a folder of another job
+    is wiped). A folder holding the resume manifest is the driver's own staging (this node shares
+    the driver's disk): left alone. Workers of one node serialise on a lock file. Returns True
+    when this call allocated the shards."""
+    import fcntl
+
+    from raymerge.checkpoints.manifest import MANIFEST_NAME
+
+    folder = Path(folder)
+    if (folder / MANIFEST_NAME).exists():
+        return False
+    folder.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        if (folder / MANIFEST_NAME).exists():
+            return False
+        marker = folder / NODE_JOB_MARKER
+        try:
+            if marker.read_text() == job:
+                return False
+        except OSError:
+            pass
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(mode=0o700)
+        for name, header, size in shards:
+            with open(folder / name, "wb") as f:
+                f.write(header)
+                f.truncate(size)
+        marker.write_text(job)
+        return True
+
+
 def _existing(path: Path) -> Path:
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:

@@ -238,10 +238,60 @@ class OutputModule(_Strict):
     parameters: Optional[Parameters] = None
 
 
+class ModelTokenEmbedding(_Strict):
+    """`{kind: model_token, model: M, token: T | token_id: I}`: row I (or token T's row) of
+    model M's own embedding."""
+
+    kind: Literal["model_token"]
+    model: ModelRef
+    token_id: Optional[int] = None
+    token: Optional[str] = None
+
+    _parse_model = field_validator("model", mode="before")(lambda cls, v: _model_ref(v))
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "ModelTokenEmbedding":
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token_id or token")
+        return self
+
+
+class ZeroEmbedding(_Strict):
+    """`{kind: zero}`: an all-zero row."""
+
+    kind: Literal["zero"]
+
+
+def _token_source(v: Any) -> Any:
+    if v is None or isinstance(v, (ModelRef, ModelTokenEmbedding, ZeroEmbedding)):
+        return v
+    if isinstance(v, dict) and "kind" in v:
+        return ZeroEmbedding(**v) if v["kind"] == "zero" else ModelTokenEmbedding(**v)
+    return _model_ref(v)
+
+
+class TokenEmbedding(_Strict):
+    """One entry of `tokenizer.tokens`: where the token's embedding row comes from (a model's row
+    of the same token, a given model token, or zero) and whether it replaces rows models have."""
+
+    source: Union[ModelTokenEmbedding, ZeroEmbedding, ModelRef, None] = None
+    force: bool = False
+
+    _parse_source = field_validator("source", mode="before")(lambda cls, v: _token_source(v))
+
+
 class TokenizerSettings(_Strict):
-    source: Union[Literal["union", "base"], ModelRef, None] = None
-    tokens: Optional[dict[str, Any]] = None
-    pad_to_multiple_of: Optional[int] = None
+    """The `tokenizer:` block: the vocabulary (`union` — mergekit's default —, `base` or a model),
+    tokens to add with their embeddings, and padding of the vocabulary (`runtime.vocabulary`)."""
+
+    source: Union[Literal["union", "base"], ModelRef] = "union"
+    tokens: Optional[dict[str, TokenEmbedding]] = None
+    pad_to_multiple_of: Optional[int] = Field(default=None, gt=0)
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _parse_source(cls, v: Any) -> Any:
+        return v if v in ("union", "base") else _model_ref(v)
 
 
 class RaymergeSettings(_Strict):

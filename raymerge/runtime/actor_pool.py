@@ -32,7 +32,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
-from tqdm.auto import tqdm
+from raymerge.progress import bar as tqdm  # tqdm with raymerge.progress.bar_kwargs
 
 from raymerge.runtime.actor_resources import ActorResources, actor_resources, check_actor_count, default_actor_count
 from raymerge.runtime.pool_actor import ActorRef, PoolActor

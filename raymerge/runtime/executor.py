@@ -45,7 +45,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-from tqdm.auto import tqdm
+from raymerge.progress import bar as tqdm  # tqdm with raymerge.progress.bar_kwargs
 
 from raymerge.checkpoints import OutputLayout, SourceSpec
 from raymerge.runtime import actor_pool
@@ -160,10 +160,10 @@ def _private_token_file(path: str, existed: bool) -> None:
               f"chmod 600 it so they cannot use this Ray", file=sys.stderr, flush=True)
 
 
-def begin(pool: ActorPool, sources: Sequence[SourceSpec], staging: str) -> None:
-    """Point every actor of `pool` at a merge (its sources and staging folder); a replacement
-    actor is pointed at it too (`ActorPool.setup`)."""
-    job = (list(sources), staging)
+def begin(pool: ActorPool, sources: Sequence[SourceSpec], staging: str, node_shards: Optional[tuple] = None) -> None:
+    """Point every actor of `pool` at a merge (its sources and staging folder; `node_shards`:
+    see `PoolActor.merge_begin`); a replacement actor is pointed at it too (`ActorPool.setup`)."""
+    job = (list(sources), staging) if node_shards is None else (list(sources), staging, node_shards)
     pool.setup = lambda ref: ref.merge_begin(*job)
     pool.get([pool.setup(w) for w in pool.workers])
 
@@ -201,6 +201,41 @@ def work_items(plan, ops: Sequence[MergeOperator], layout: OutputLayout, worker_
         queues[index[a.worker]].append(WorkItem(op, WriteTarget(filename, entry), part_rows(op, a.part, a.of)))
     shard = {s.filename: i for i, s in enumerate(layout.shards)}
     return [sorted(q, key=lambda item: shard[item.target.filename]) for q in queues]
+
+
+def shards_on_one_node(queues: Sequence[Sequence[WorkItem]], nodes: Sequence[str],
+                       shard_order: dict[str, int]) -> tuple[list[list[WorkItem]], dict[str, int]]:
+    """The plan's queues changed so that every part of a shard runs on workers of one node (the
+    node the plan gave most of the shard's input bytes; parts planned elsewhere go to the least
+    loaded worker of that node), and for each shard the worker that finishes it there: for an
+    output staged on each node's own disk (an S3 output on a cluster), where a shard can only be
+    whole on one node. Bytes never depend on where parts run."""
+    by_node: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        by_node.setdefault(node, []).append(i)
+    load = [sum(item.bytes_in for item in q) for q in queues]
+    per_shard: dict[str, dict[str, int]] = {}
+    for i, q in enumerate(queues):
+        for item in q:
+            counts = per_shard.setdefault(item.target.filename, {})
+            counts[nodes[i]] = counts.get(nodes[i], 0) + item.bytes_in + 1
+    home = {name: max(sorted(c), key=lambda n: c[n]) for name, c in per_shard.items()}
+    out: list[list[WorkItem]] = [[] for _ in queues]
+    for i, q in enumerate(queues):
+        for item in q:
+            node = home[item.target.filename]
+            if nodes[i] == node:
+                out[i].append(item)
+                continue
+            j = min(by_node[node], key=lambda w: load[w])
+            load[j] += item.bytes_in
+            load[i] -= item.bytes_in
+            out[j].append(item)
+    sealer: dict[str, int] = {}
+    for i, q in enumerate(out):
+        for item in q:
+            sealer.setdefault(item.target.filename, i)
+    return [sorted(q, key=lambda item: shard_order[item.target.filename]) for q in out], sealer
 
 
 def batches_of(items: Sequence[WorkItem]) -> deque:
@@ -241,8 +276,14 @@ def run_plan(
     quiet: bool = False,
     may_take_from=None,
     on_done: Optional[Callable[[list[WorkItem]], None]] = None,
+    nodes: Optional[Sequence[str]] = None,
 ) -> ExecutionStats:
     """Run each worker's queue on its actor (`begin` must have been called); measured stats.
+
+    `nodes` (each worker's node id), for an output staged on each node's own disk: a worker
+    whose node is lost, or whose replacement starts on another node, ends the merge at once
+    (`WorkerLostError`: the parts it wrote are on that node's disk; a rerun resumes from the
+    shards already finished), instead of rerunning its batches elsewhere.
 
     The plan is followed as made, with two corrections for reality: a worker that has finished
     its own queue while another still has batches waiting to be sent takes the last of them
@@ -272,6 +313,10 @@ def run_plan(
 
     def lost(i: int, err: BaseException, batch: Optional[list[WorkItem]] = None) -> None:
         """Worker `i` died (running `batch`): requeue what it had been sent, replace it (or give up)."""
+        if nodes is not None and nodes[i] not in _alive_nodes():
+            raise WorkerLostError(
+                f"merge: the node of {pool.labels[i]} ({nodes[i][:12]}) was lost, with the parts it had written to "
+                f"its own disk; rerun the same merge to resume (finished shards are kept)") from None
         unfinished = [] if batch is None else [batch]
         for ref, (j, sent) in list(pending.items()):
             if j == i:
@@ -311,6 +356,11 @@ def run_plan(
                         ray.get(ref)
                     except RayActorError as err:
                         lost(i, err)
+                        continue
+                    if nodes is not None and ray.get(pool.workers[i].describe()).node_id != nodes[i]:
+                        raise WorkerLostError(
+                            f"merge: the replacement of {pool.labels[i]} started on another node than the parts "
+                            f"it had written; rerun the same merge to resume (finished shards are kept)")
                     continue
                 i, batch = pending.pop(ref)
                 in_flight[i] -= 1
@@ -334,6 +384,12 @@ def run_plan(
         bar.close()
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _alive_nodes() -> set[str]:
+    import ray
+
+    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
 
 
 def _run_local(

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 import torch
-from tqdm.auto import tqdm
+from raymerge.progress import bar as tqdm  # tqdm with raymerge.progress.bar_kwargs
 
 from raymerge.calibration import load_calibration
 from raymerge.checkpoints import SourceSpec

@@ -5,10 +5,10 @@ copy of it, `<session>/runtime_resources/working_dir_files/_ray_pkg_<hash>/` on 
 (Ray 2.60: `ray._private.runtime_env.working_dir.WorkingDirPlugin`, which `cd`s there before
 starting the driver). A relative output path such as `merged/` therefore lands in that copy,
 which is the wrong place for a model in three ways: it exists on the head node only (the workers
-on other nodes write their shards into their own nodes' copies, or fail), Ray deletes unused
-working-dir packages once their cache passes `RAY_RUNTIME_ENV_WORKING_DIR_CACHE_SIZE_GB`
-(default 10 GB, which any merged model exceeds), and the whole session folder goes when Ray
-restarts. So merge, prune and search refuse such an output before any work, with one line
+on other nodes write their shards into their own nodes' copies, or fail), Ray may delete it
+once the job is over (working dirs no job uses are evicted from Ray's cache when it passes
+`RAY_RUNTIME_ENV_WORKING_DIR_CACHE_SIZE_GB`, 10 GB by default: `runtime_env/plugin.py`,
+`uri_cache.py`), and the whole session folder is temporary. So merge, prune and search refuse such an output before any work, with one line
 (the CLI exits 2), unless it is an `s3://` URL or an absolute path outside the working dir.
 
 Detection: the driver's working directory lies under `.../runtime_resources/working_dir_files/
@@ -32,7 +32,7 @@ RESOURCES_DIR, WORKING_DIR_FILES = "runtime_resources", "working_dir_files"
 
 
 class JobWorkingDirError(RaymergeError, ValueError):
-    """The output would be written into a Ray job's working directory, which Ray deletes."""
+    """The output would be written into a Ray job's working directory, which Ray may delete."""
 
 
 def job_working_dir(cwd: Union[str, Path, None] = None) -> Optional[Path]:
@@ -81,7 +81,7 @@ def _check_one(text: str, cwd: Union[str, Path, None]) -> None:
         return
     raise JobWorkingDirError(
         f"output {text}: inside this Ray job's working directory ({workdir}), which exists on this node only and "
-        f"which Ray deletes once the job is over; give an s3:// URL or an absolute path outside it, on storage every "
+        f"which Ray may delete once the job is over; give an s3:// URL or an absolute path outside it, on storage every "
         f"node sees (e.g. /shared/models/out)"
     )
 

@@ -50,6 +50,7 @@ from raymerge.runtime.actor_resources import check_actor_count
 from raymerge.runtime.costs import representative_ops
 from raymerge.runtime import actor_pool, executor
 from raymerge.runtime.actor_pool import ActorPool
+from raymerge.progress import phase
 from raymerge.runtime.executor import ExecutionStats, ensure_ray, run_plan, work_items
 from raymerge.runtime.global_trim import apply_model_trim, uses_model_trim
 from raymerge.runtime.output import JobOutput, upload_on
@@ -137,10 +138,12 @@ class PlanOutcome:
     report: Optional["PlanReport"] = field(default=None, repr=False)  # the plan itself, for --gantt/--json
 
     def summary(self) -> str:
-        error = (self.measured_makespan - self.predicted_makespan) / self.predicted_makespan if self.predicted_makespan > 0 else 0.0
+        # A comparison, not an error: tiny merges are dominated by fixed costs the model leaves out.
+        ratio = (f" ({self.measured_makespan / self.predicted_makespan:.1f}x the prediction)"
+                 if self.predicted_makespan > 0 else "")
         return (
             f"plan: {self.parts} parts, solver {self.solver} ({self.status}, gap {self.gap:.1%}, {self.solve_seconds:.2f} s); "
-            f"predicted makespan {self.predicted_makespan:.2f} s, measured {self.measured_makespan:.2f} s ({error:+.0%}); "
+            f"measured makespan {self.measured_makespan:.2f} s vs predicted makespan {self.predicted_makespan:.2f} s{ratio}; "
             f"{self.moved_parts} part(s) moved at run time"
         )
 
@@ -374,7 +377,7 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
         raise ConfigError(f"out_shard_size: {err}") from None
     check_output_name(output)  # a dangling symlink or an over-long name: refused now, not after the merge
     from raymerge.runtime.job_env import check_output_outside_job_dir
-    check_output_outside_job_dir(output)  # not into a Ray job's working dir, which Ray deletes (runtime.job_env)
+    check_output_outside_job_dir(output)  # not into a Ray job's working dir, which Ray may delete (runtime.job_env)
     dest = JobOutput(output, overwrite=options.overwrite, s3_endpoint_url=options.s3_endpoint_url,
                      resume=options.resume, resumable=True,  # checked now, before any work
                      keep=[label, *(p for m in cfg.referenced_models() for p in (m.path, m.lora) if p)])
@@ -415,16 +418,24 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
             scan_nonfinite(specs, inputs_by_model(program.operators, len(specs)), quiet=options.quiet)
         t_plan = time.perf_counter()
         if pool is None:
-            pool = _start_pool(options, profile)
+            with phase("starting the merge workers", options.quiet or options.in_process):
+                pool = _start_pool(options, profile)
         t_ray = time.perf_counter()
     except BaseException:
         dest.release()  # nothing staged yet: the output's lock goes, its staging folder stays as it was
         if pool is not None:
             actor_pool.release(pool, keep=False)
         raise
+    nodes: Optional[list[str]] = None
     try:
         resumed = dest.open(layout)
-        executor.begin(pool, specs, str(dest.staging))
+        # An S3 output on a cluster: each node stages the shards it writes on its own disk (no
+        # shared path needed); every part of a shard runs on one node, and a worker there uploads
+        # the shard as soon as it is finished (`checkpoints.s3.seal_shard`).
+        nodes = [info.node_id for info in pool.infos()] if pool.remote and dest.remote else None
+        node_shards = ((job, [(s.filename, s.header, s.size) for s in layout.shards if s.filename not in resumed.finished])
+                       if nodes is not None else None)
+        executor.begin(pool, specs, str(dest.staging), node_shards)
         if uses_model_trim(program.operators):
             program.operators, _ = apply_model_trim(program.operators, pool, [str(m) for m in program.models], label)
         todo = remaining_operators(program.operators, layout, resumed.finished)
@@ -432,18 +443,37 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
         stats = ExecutionStats(workers=len(pool), seconds=0.0)
         t_planned = time.perf_counter()
         if todo:
-            samples = representative_ops(todo)
-            measured = executor.calibrate(pool, samples)
-            table, speeds = calibrated_costs(list(samples), measured)
-            topology = topology_from_workers(pool.infos(), speeds, profile, description=_pool_description(pool, options))
-            plan, problem = plan_merge(todo, topology, table, planner=options.planner, time_limit=options.plan_time_limit)
+            with phase(f"timing the methods on the workers and planning {len(todo)} tensor(s)",
+                       options.quiet or options.in_process):
+                samples = representative_ops(todo)
+                measured = executor.calibrate(pool, samples)
+                table, speeds = calibrated_costs(list(samples), measured)
+                topology = topology_from_workers(pool.infos(), speeds, profile, description=_pool_description(pool, options))
+                plan, problem = plan_merge(todo, topology, table, planner=options.planner, time_limit=options.plan_time_limit)
             t_planned = time.perf_counter()
             queues = work_items(plan, todo, layout, [w.name for w in problem.workers])
             memory = [w.memory_bytes for w in problem.workers]
-            tracker = ShardTracker(resumed.manifest, dest.staging, layout, queues)
+            seal = None
+            if dest.remote:
+                sealer: dict[str, int] = {}
+                if nodes is not None:
+                    queues, sealer = executor.shards_on_one_node(
+                        queues, nodes, {s.filename: i for i, s in enumerate(layout.shards)})
+                target, staging_dir = dest.staged.target, str(dest.staging)
+
+                def seal(name: str) -> str:
+                    digest = pool.get(pool.workers[sealer.get(name, 0)].seal_shard(target, staging_dir, name, job))
+                    dest.staged.uploaded.add(name)
+                    return digest
+
+                dest.staged.begin_upload()
+            multi_node = nodes is not None and len(set(nodes)) > 1
+            tracker = ShardTracker(resumed.manifest, dest.staging, layout, queues, seal=seal)
             try:
                 stats = run_plan(pool, queues, len(todo), quiet=options.quiet, on_done=tracker.done,
-                                 may_take_from=lambda thief, owner: memory[thief] >= memory[owner])
+                                 may_take_from=lambda thief, owner: memory[thief] >= memory[owner]
+                                 and (nodes is None or nodes[thief] == nodes[owner]),
+                                 nodes=nodes if multi_node else None)
             except BaseException:
                 tracker.close(wait=False)
                 raise
@@ -456,6 +486,14 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
         out = dest.publish(layout, extra_files or {}, spread=upload_on(pool.actors if pool.remote else []))
     except BaseException as err:
         keep = False  # a failed job may leave work queued on the actors
+        dead = actor_pool.actor_lost(err) if nodes is not None and len(set(nodes)) > 1 else None
+        if dead is not None and not isinstance(err, actor_pool.WorkerLostError):
+            # Shards are staged on each node's own disk: what a lost worker wrote is gone with it.
+            lost = actor_pool.WorkerLostError(
+                f"merge: a worker was lost ({actor_pool.first_line(dead)}); the parts it wrote were on its node's own "
+                f"disk: rerun the same merge to resume (finished shards are kept)")
+            dest.fail(lost)
+            raise lost from None
         if dest.fail(err) and not isinstance(err, KeyboardInterrupt):  # the CLI prints Ctrl-C's note
             log.warning("raymerge: merge interrupted (%s); staging folder %s kept: rerun the same merge to resume",
                         type(err).__name__, dest.staging)

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 from safetensors.torch import save
-from tqdm.auto import tqdm
+from raymerge.progress import bar as tqdm  # tqdm with raymerge.progress.bar_kwargs
 
 from raymerge.checkpoints import SourceSpec
 from raymerge.methods.onebit import is_compressible, onebit_storage_bits, pack_onebit

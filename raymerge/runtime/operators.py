@@ -97,6 +97,9 @@ class MergeOperator:
     shape: tuple[int, ...]
     seed: Optional[int]  # per-tensor seed for random methods
     guide: Optional[OperatorGuide] = None  # a guided merge's adjustments (None: a plain merge)
+    # An embedding or output head under a tokenizer choice: how each input's rows are gathered,
+    # permuted and padded into the output vocabulary (`runtime.vocabulary`); None: read as stored.
+    vocab: Optional[Any] = None
 
     @property
     def bytes_in(self) -> int:
@@ -125,6 +128,9 @@ class MergeProgram:
     # Output heads merged from a tied model's embedding in place of its missing head (output name,
     # model index, embedding read): the output stores the head, so its config must not tie it.
     tied_heads: list[tuple[str, int, str]] = field(default_factory=list)
+    # The merged tokenizer and its index maps when the config chooses a tokenizer (driver only:
+    # published with the output; operators carry their own small `vocab` maps).
+    vocabulary: Optional[Any] = None
 
 
 def tensor_seed(random_seed: int, tensor_name: str) -> int:
@@ -141,8 +147,10 @@ def _all_param_names() -> set[str]:
 
 
 class _Planner:
-    def __init__(self, config: MergeConfig, sources: dict[ModelRef, CheckpointSource], source_label: str, random_seed: int):
+    def __init__(self, config: MergeConfig, sources: dict[ModelRef, CheckpointSource], source_label: str, random_seed: int,
+                 vocabulary: Optional[Any] = None):
         self.config = config
+        self.vocabulary = vocabulary
         self.label = source_label
         try:
             self.spec: MethodSpec = get_method(config.merge_method)
@@ -306,9 +314,9 @@ class _Planner:
             f"vocabulary size mismatch for tensor {out_name!r}: {detail}; models with different "
             f"vocabularies cannot be merged row by row. If their tokenizers agree except for added or "
             f"padding tokens, resize the smaller models' embeddings first (transformers: "
-            f"model.resize_token_embeddings({largest}) then save_pretrained) and merge the resized copies; "
-            f"tokenizer_source only chooses whose tokenizer files are copied, and merging different "
-            f"vocabularies (tokenizer_source: union, tokenizer:) is not supported yet"
+            f"model.resize_token_embeddings({largest}) then save_pretrained) and merge the resized copies, "
+            f"or choose the output vocabulary (tokenizer_source: base, union or a model; or a tokenizer: block): "
+            f"the rows are then matched by token"
         )
 
     # -- tied embeddings -------------------------------------------------------------------------
@@ -353,6 +361,16 @@ class _Planner:
             infos.append(info)
             read_names.append(name)
         shapes = {i.shape for i in infos}
+        vocab_map = None
+        out_shape = infos[0].shape
+        if self.vocabulary is not None and _VOCAB_TENSOR.search(out_name) and len(infos[0].shape) >= 1:
+            if len({i.shape[1:] for i in infos}) > 1:
+                detail = ", ".join(f"{self._file(s.model, i)}: {list(i.shape)}" for (s, _), i in zip(inputs, infos))
+                raise MergePlanError(f"shape mismatch for tensor {out_name!r} beyond its vocabulary rows: {detail}")
+            vocab_map = self.vocabulary.operator_map(
+                out_name, [s.model for s, _ in inputs], [i.shape[0] for i in infos], base, self.label)
+            out_shape = (vocab_map.rows, *infos[0].shape[1:])
+            shapes = {out_shape}
         if len(shapes) > 1:
             if self._is_vocab_mismatch(inputs, infos):
                 raise MergePlanError(self._vocab_message(out_name, inputs, infos))
@@ -420,8 +438,9 @@ class _Planner:
                 params=params,
                 work_dtype=dtype_name(work) if floating else cfg.dtype,
                 out_dtype=dtype_code(out),
-                shape=infos[0].shape,
+                shape=out_shape,
                 seed=tensor_seed(self.random_seed, out_name) if self.spec.random else None,
+                vocab=vocab_map,
             )
         )
 
@@ -454,10 +473,13 @@ def dtype_name(dtype: torch.dtype) -> Optional[str]:
 
 
 def build_program(
-    config: MergeConfig, sources: dict[ModelRef, CheckpointSource], *, source_label: str = "<config>", random_seed: int = 0
+    config: MergeConfig, sources: dict[ModelRef, CheckpointSource], *, source_label: str = "<config>", random_seed: int = 0,
+    vocabulary: Optional[Any] = None,
 ) -> MergeProgram:
-    """Resolve every output tensor of `config` over the opened `sources` (keyed by reference)."""
-    planner = _Planner(config, sources, source_label, random_seed)
+    """Resolve every output tensor of `config` over the opened `sources` (keyed by reference).
+    `vocabulary` (`runtime.vocabulary.build_vocabulary`): the merged vocabulary of a config that
+    chooses a tokenizer; its embeddings and heads are then gathered into it."""
+    planner = _Planner(config, sources, source_label, random_seed, vocabulary)
     ops = planner.plan()
     if not ops:
         raise MergePlanError("the merge produces no tensors (are the layer ranges empty?)")
@@ -477,6 +499,7 @@ def build_program(
         layer_sources=planner.layer_sources,
         changes_layers=bool(config._slice_list()) or n_out != donor_layers,
         tied_heads=planner.tied_heads,
+        vocabulary=vocabulary,
     )
 
 

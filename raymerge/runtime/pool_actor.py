@@ -38,7 +38,7 @@ import time
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
+from raymerge.progress import bar as tqdm  # tqdm with raymerge.progress.bar_kwargs
 
 from raymerge.calibration.curation import mean_pooled_features
 from raymerge.checkpoints import OutputLayout, ShardFileWriter, SourceSpec
@@ -366,9 +366,22 @@ class PoolActor:
         """Seconds per output element of each operator's method on this actor (for the planner)."""
         return self.merging.calibrate(ops)
 
-    def merge_begin(self, sources: Sequence[SourceSpec], staging: str) -> None:
-        """Point this actor at a merge: its sources (opened on first use) and staging folder."""
+    def merge_begin(self, sources: Sequence[SourceSpec], staging: str, node_shards: Optional[tuple] = None) -> None:
+        """Point this actor at a merge: its sources (opened on first use) and staging folder;
+        `node_shards` ((job, [(name, header, size)])): an S3 output's shards, allocated in this
+        node's own staging folder when the driver's is not on this node's disk."""
+        if node_shards is not None:
+            from raymerge.checkpoints.writer import ensure_node_shards
+
+            ensure_node_shards(staging, *node_shards)
         self.merging.begin(sources, staging)
+
+    def seal_shard(self, target: Any, staging: str, name: str, job: str) -> str:
+        """Hash and upload one finished shard from this node's staging folder (S3 outputs:
+        `checkpoints.s3.seal_shard`); its sha256."""
+        from raymerge.checkpoints.s3 import seal_shard
+
+        return seal_shard(target, staging, name, job)
 
     def merge_run(self, batch: Sequence[WorkItem]) -> BatchStats:
         """Compute a batch of parts and write each at its offset in the staging shards."""

@@ -48,6 +48,7 @@ from raymerge.checkpoints.model_files import load_tokenizer, tokenizer_files
 from raymerge.checkpoints.s3 import resolve_endpoint_url
 from raymerge.checkpoints.safetensors_format import dtype_code
 from raymerge.checkpoints.writer import DEFAULT_SHARD_BYTES
+from raymerge.progress import phase
 from raymerge.config.merge_config import ConfigError
 from raymerge.config.prune_config import Owl, PruneConfig, load_prune_config
 from raymerge.errors import RaymergeError
@@ -95,7 +96,7 @@ class PruneResult:
         )
         return (
             f"pruned {r.pruned_numel:,} weights ({r.method}, {r.pattern}, {r.mode}) to {r.achieved_sparsity:.2%} "
-            f"zeros into {self.output} in {self.seconds:.1f} s on {where}; "
+            f"zeros into {self.output} in {self.seconds:.1f} s {'in one process' if where == 'in process' else 'on ' + where}; "
             f"peak worker RSS {self.peak_worker_rss_bytes / 2**30:.2f} GiB"
         )
 
@@ -190,7 +191,7 @@ def _per_stage(plans: list[_StagePlan], values: list[float]) -> list[dict[int, f
 def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Union[str, Path], options: PruneOptions) -> PruneResult:
     """Run one prune; see `raymerge.prune` for the user-facing description."""
     t0 = time.perf_counter()
-    check_actor_count(options.workers, "workers")
+    check_actor_count(options.workers, "stages")  # `--stages` (its old spelling: `--workers`)
     cfg, label = load_prune_config(config)
     check_config_method(cfg.method, cfg.calibration is not None, label)
     try:
@@ -207,7 +208,7 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
 
     check_output_name(output)  # a dangling symlink or an over-long name: refused before any work
     from raymerge.runtime.job_env import check_output_outside_job_dir
-    check_output_outside_job_dir(output)  # not into a Ray job's working dir, which Ray deletes (runtime.job_env)
+    check_output_outside_job_dir(output)  # not into a Ray job's working dir, which Ray may delete (runtime.job_env)
     dest = JobOutput(output, overwrite=options.overwrite, s3_endpoint_url=options.s3_endpoint_url, keep=[label, *inputs])
     # The driver resolves the S3 endpoint so workers get it in the spec (not their environment).
     endpoint = resolve_endpoint_url(options.s3_endpoint_url)
@@ -274,23 +275,26 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
         stages = driver.workers
         dest.open(layout)  # afresh on every attempt: nothing a lost attempt wrote is kept
         last = len(plans) - 1
-        loaded = [
-            w.load(model_config, spec, p.first, p.last, settings, k == 0, k == last, str(dest.staging), layout)
-            for k, (w, p) in enumerate(zip(stages, plans))
-        ]
-        stage_bytes = driver.get(loaded)
+        with phase(f"loading {shape.num_layers} layers on {len(plans)} stage(s)", options.quiet):
+            loaded = [
+                w.load(model_config, spec, p.first, p.last, settings, k == 0, k == last, str(dest.staging), layout)
+                for k, (w, p) in enumerate(zip(stages, plans))
+            ]
+            stage_bytes = driver.get(loaded)
         pipe = Pipeline(driver, stages, cfg.batch_size, options.quiet)
         wins = windows
         if cfg.calibration is not None and wins is None:  # curation: pick windows by activations
             wins = _curated_windows(cfg, tokenizer, shape, pipe, label)
         t_loaded = time.perf_counter()
 
-        nll_before = pipe.nll(wins.heldout, "perplexity (dense)") if _evaluates(cfg, wins) else None
+        with phase("perplexity of the dense model", options.quiet or not _evaluates(cfg, wins)):
+            nll_before = pipe.nll(wins.heldout, "perplexity (dense)") if _evaluates(cfg, wins) else None
         kind = settings.statistic
         if fixed is None:  # OWL
             assert isinstance(cfg.layerwise, Owl) and wins is not None
             collect = ("norms",) if cfg.mode == "sequential" or kind is None else tuple(dict.fromkeys(("norms", kind)))
-            pipe.dense_pass(wins.calibration, collect, "OWL dense pass")
+            with phase("OWL dense pass (outlier counts per layer)", options.quiet):
+                pipe.dense_pass(wins.calibration, collect, "OWL dense pass")
             ratios: dict[int, float] = {}
             for part in driver.get([s.outlier_ratios(cfg.layerwise.owl.m) for s in stages]):
                 ratios.update(part)
@@ -300,13 +304,16 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
         else:
             layer_sparsities = fixed
             if kind is not None and cfg.mode == "parallel":
-                pipe.dense_pass(wins.calibration, (kind,), "calibration pass")
+                with phase("calibration pass (statistics of every layer)", options.quiet):
+                    pipe.dense_pass(wins.calibration, (kind,), "calibration pass")
         per_stage = _per_stage(plans, layer_sparsities)
-        if kind is not None and cfg.mode == "sequential":
-            pipe.prune_sequential(wins.calibration, per_stage)
-        else:
-            pipe.prune_collected(per_stage)
-        nll_after = pipe.nll(wins.heldout, "perplexity (pruned)") if _evaluates(cfg, wins) else None
+        with phase(f"pruning ({cfg.method}, {cfg.mode})", options.quiet):
+            if kind is not None and cfg.mode == "sequential":
+                pipe.prune_sequential(wins.calibration, per_stage)
+            else:
+                pipe.prune_collected(per_stage)
+        with phase("perplexity of the pruned model", options.quiet or not _evaluates(cfg, wins)):
+            nll_after = pipe.nll(wins.heldout, "perplexity (pruned)") if _evaluates(cfg, wins) else None
         t_pruned = time.perf_counter()
 
         copies = _copy_lists(shape, tensors, plans)

@@ -222,10 +222,14 @@ def prepare_staging(staged, layout: OutputLayout, job: str, found: Optional[Mani
         return ResumeState(Manifest.create(staging, job, shards, inputs=inputs))
     finished: dict[str, ShardRecord] = {}
     redone: list[str] = []
+    verify_uploaded = getattr(staged, "verify_finished", None)  # an S3 output: finished shards are in the bucket
     for name, record in sorted(found.finished.items()):
         path = staging / name
         try:
-            ok = path.stat().st_size == record.size and file_sha256(path) == record.sha256
+            if verify_uploaded is not None:
+                ok = verify_uploaded(name, record.size, record.sha256)
+            else:
+                ok = path.stat().st_size == record.size and file_sha256(path) == record.sha256
         except OSError:
             ok = False
         if ok:
@@ -250,7 +254,12 @@ def remaining_operators(operators: Sequence[Any], layout: OutputLayout, finished
 class ShardTracker:
     """Records each shard in the manifest once all its parts are done (hashing in a thread)."""
 
-    def __init__(self, manifest: Manifest, staging: Path, layout: OutputLayout, queues: Sequence[Sequence[Any]]):
+    def __init__(self, manifest: Manifest, staging: Path, layout: OutputLayout, queues: Sequence[Sequence[Any]],
+                 seal: Optional[Any] = None):
+        """`seal(name) -> sha256`, when given, finishes a shard where it was written (an S3
+        output: a worker on the shard's node hashes and uploads it, `checkpoints.s3.seal_shard`)
+        instead of hashing the driver's copy: nothing assumes the driver sees the workers' disks."""
+        self.seal = seal
         self.manifest = manifest
         self.staging = Path(staging)
         self.sizes = {s.filename: s.size for s in layout.shards}
@@ -267,7 +276,7 @@ class ShardTracker:
                 self._futures.append(self._threads.submit(self._record, name))
 
     def _record(self, name: str) -> None:
-        digest = file_sha256(self.staging / name, fsync=True)
+        digest = self.seal(name) if self.seal is not None else file_sha256(self.staging / name, fsync=True)
         self.manifest.record(ShardRecord(name, self.sizes[name], digest))
 
     def close(self, wait: bool = True) -> None:

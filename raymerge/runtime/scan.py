@@ -39,7 +39,7 @@ def _all_finite(t: torch.Tensor) -> bool:
 def scan_nonfinite(specs: Sequence[SourceSpec], needed: Sequence[Sequence[str]], *, quiet: bool = False) -> int:
     """Read the tensors `needed[m]` of each model `specs[m]`; raise CheckpointError naming the
     first one with NaN or Inf values. Returns the bytes scanned."""
-    from tqdm.auto import tqdm
+    from raymerge.progress import bar as tqdm  # tqdm with raymerge.progress.bar_kwargs
 
     sources = []
     try:

@@ -24,6 +24,7 @@ count towards `n_trials`, trials left running by a killed driver are marked fail
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,7 +32,8 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 import yaml
-from tqdm.auto import tqdm
+from raymerge.progress import bar as tqdm  # tqdm with raymerge.progress.bar_kwargs
+from raymerge.progress import phase, verbose
 
 from raymerge.calibration import CalibrationError, CalibrationWindows, load_calibration
 from raymerge.checkpoints import CheckpointSource, OutputError, SourceSpec
@@ -271,7 +273,7 @@ def run_search(config: Union[str, Path, dict[str, Any], SearchConfig], output: U
     check_search_output(out, STUDY_FILE)  # a file at OUT, or a corrupt journal: one line, before any work
     target = _materialize_target(out, options)
     from raymerge.runtime.job_env import check_output_outside_job_dir
-    check_output_outside_job_dir(out, target)  # not into a Ray job's working dir, which Ray deletes (runtime.job_env)
+    check_output_outside_job_dir(out, target)  # not into a Ray job's working dir, which Ray may delete (runtime.job_env)
     if target is not None and options.materialize is not True:
         from raymerge.runtime.output import JobOutput
 
@@ -281,9 +283,13 @@ def run_search(config: Union[str, Path, dict[str, Any], SearchConfig], output: U
     task: Union[_MergeTask, _PruneTask] = _MergeTask(cfg, label, CompileOptions(
         allow_pickle=options.allow_pickle, allow_mixed_architectures=options.allow_mixed_architectures,
         s3_endpoint_url=options.s3_endpoint_url)) if cfg.merge is not None else _PruneTask(cfg, label)
+    level = optuna.logging.get_verbosity()
+    if not verbose():  # Optuna's INFO lines ("A new study created", one per trial) repeat our progress bar
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         return _run(cfg, label, out, task, options, t0, optuna)
     finally:
+        optuna.logging.set_verbosity(level)
         task.close()
 
 
@@ -395,15 +401,23 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
         points = math.prod(len(v) for v in grid().values())
         remaining = min(remaining, max(0, points - len(finished)))
     n_pipes = 1 if options.in_process else cfg.study.concurrency
+    if remaining == 0 and not options.quiet:  # said at once, before any stage is loaded
+        print(f"raymerge: study '{cfg.study.study_name}' in {out} already has {len(finished)} finished trial(s) "
+              f"(study.n_trials: {cfg.study.n_trials}{', or every grid point' if cfg.study.sampler == 'grid' else ''}): "
+              "no trial to run; raise study.n_trials to continue it", file=sys.stderr, flush=True)
     pipes: list[_SearchPipeline] = []
     run = 0
     t_start = time.perf_counter()
     try:
         restarts = Restarts("search")
-        for _ in range(min(n_pipes, remaining)):
-            pipes.append(_SearchPipeline(*build(), setup, restarts))
+        if remaining:
+            what = (f"loading the model's {shape.num_layers} layers on {min(n_pipes, remaining)} pipeline(s) of "
+                    f"{n_stages} stage(s){' in process' if options.in_process else ''}")
+            with phase(what, quiet=options.quiet):
+                for _ in range(min(n_pipes, remaining)):
+                    pipes.append(_SearchPipeline(*build(), setup, restarts))
         t_start = time.perf_counter()
-        with tqdm(total=remaining, desc="trials", unit="trial", disable=options.quiet) as bar:
+        with tqdm(total=remaining, desc="trials", unit="trial", disable=options.quiet or not remaining) as bar:
             free = list(pipes)
             running: dict[int, tuple[Any, _SearchPipeline, list[Any]]] = {}
             asked = 0
@@ -432,14 +446,14 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
                     run += 1
                     bar.update(1)
                     free.append(pipe)
-                    bar.set_postfix_str(_best_text(study))
+                    bar.set_postfix_str(_best_text(study), refresh=False)  # shown at the bar's next line
     finally:
         for p in pipes:
             p.driver.kill()
     seconds = time.perf_counter() - t_start
     best = _best_trials(study)
     configs = [_export(cfg, task, t, shape, out, i) for i, t in enumerate(best)]
-    plots = _plots(study, out, len(objectives))
+    plots = _plots(study, out, [objective_label(o) for o in objectives])
     result = SearchResult(
         output=out, study=study, best_configs=configs, plots=plots,
         completed=sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials),
@@ -603,34 +617,63 @@ def _export(cfg: SearchConfig, task, trial, shape: ModelShape, out: Path, i: int
     return path
 
 
-def _plots(study, out: Path, n_objectives: int) -> list[Path]:
+def objective_label(objective: Any) -> str:
+    """An objective as a plot axis says it: 'perplexity (lower is better)'; lm_eval names its metric."""
+    name = objective.kind
+    if objective.kind == "lm_eval" and getattr(objective, "lm_eval", None) is not None:
+        name = f"lm_eval {objective.lm_eval.metric.split(',')[0]}"
+    better = "lower" if direction_of(objective) == "minimize" else "higher"
+    return f"{name} ({better} is better)"
+
+
+def plot_figures(study, labels: list[str]) -> list[tuple[str, Any]]:
+    """(file name, matplotlib Figure) of each plot that can be drawn: the optimisation history and
+    parameter importances, or the Pareto front for several objectives; the axes name the objective
+    and its direction (`objective_label`), not Optuna's "Objective Value"."""
+    import optuna.visualization.matplotlib as vis
+    import warnings
+
+    def history():
+        ax = vis.plot_optimization_history(study, target_name=labels[0])
+        ax.set_ylabel(labels[0])
+        ax.set_title(f"optimisation history: {labels[0]}")
+        return ax
+
+    def importances():
+        return vis.plot_param_importances(study, target_name=labels[0])  # legend: the objective's label
+
+    jobs = [("pareto_front.png", lambda: vis.plot_pareto_front(study, target_names=labels))] if len(labels) > 1 else [
+        ("history.png", history), ("importances.png", importances),
+    ]
+    figures = []
+    for name, draw in jobs:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # experimental-API and empty-legend warnings
+                ax = draw()
+            figures.append((name, ax.figure if hasattr(ax, "figure") else ax[0].figure))
+        except Exception:  # noqa: BLE001 - e.g. importances need two completed trials; skip that plot
+            pass
+    return figures
+
+
+def _plots(study, out: Path, labels: list[str]) -> list[Path]:
     """Optimisation history, parameter importances and (multi-objective) Pareto front as PNG."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        import optuna.visualization.matplotlib as vis
+        import optuna.visualization.matplotlib  # noqa: F401
     except ImportError:
         return []
     made = []
-    jobs = [("pareto_front.png", lambda: vis.plot_pareto_front(study))] if n_objectives > 1 else [
-        ("history.png", lambda: vis.plot_optimization_history(study)),
-        ("importances.png", lambda: vis.plot_param_importances(study)),
-    ]
-    import warnings
-
-    for name, draw in jobs:
+    for name, fig in plot_figures(study, labels):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # experimental-API and empty-legend warnings
-                ax = draw()
-            fig = ax.figure if hasattr(ax, "figure") else ax[0].figure
             fig.savefig(out / name, dpi=90, bbox_inches="tight")
-            plt.close(fig)
             made.append(out / name)
-        except Exception:  # noqa: BLE001 - e.g. importances need two completed trials; skip that plot
-            plt.close("all")
+        finally:
+            plt.close(fig)
     return made
 
 

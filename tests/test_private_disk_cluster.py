@@ -1,0 +1,252 @@
+"""S3 end to end on a cluster whose worker nodes share no disk (issue 16).
+
+One `clusters/private_disk_cluster.py` cluster per test session: a Ray head (0 CPUs) and two
+worker nodes (1 CPU each, `{"node_a": 1}` / `{"node_b": 1}`), each in its own mount namespace
+with a private tmpfs over `/tmp` (its temp dir, Ray temp dir, HF cache and raymerge staging
+dir); moto's S3 server on 127.0.0.1 is the only storage they share. The tests connect to the
+head with raymerge's `address=` option, as a user would.
+
+- S3 -> S3 merges (TIES, DARE with a seed) and a Wanda prune give the bytes of a single-node
+  in-process run of the same config: each node stages the shards it writes on its own disk and
+  uploads them itself; the driver reads none of them.
+- A model on one node's private disk is not readable by the driver: a merge naming it fails
+  with one line, before anything runs.
+- A worker node killed mid-merge: a clear error (or a completed merge), and a rerun resumes from
+  the shards already uploaded; the result is byte-identical to an uninterrupted run.
+
+Where mount namespaces are not allowed (no root, no `unshare`), the tests skip with the reason.
+Marked `cluster` (runs by default; `-m "not cluster"` leaves them out).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ACCESS_KEY, SECRET = "AKIARAYMERGETESTKEY01", "raymerge-test-SECRET-must-never-be-printed"
+os.environ["AWS_ACCESS_KEY_ID"] = ACCESS_KEY
+os.environ["AWS_SECRET_ACCESS_KEY"] = SECRET
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+
+import raymerge  # noqa: E402
+from raymerge.checkpoints import s3 as s3mod  # noqa: E402
+from s3_server import serve  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from clusters.private_disk_cluster import ClusterError, PrivateDiskCluster, namespaces_unavailable  # noqa: E402
+
+pytestmark = pytest.mark.cluster
+
+IN, OUT = "pc-models", "pc-out"
+NAMED_FILES = ("README.md", "mergekit_config.yml")  # they name the input paths (local vs s3://)
+SHARD = "300KB"
+
+
+@pytest.fixture(scope="session")
+def private_cluster(tmp_path_factory):
+    """(cluster, s3 store): started once per session, stopped at its end."""
+    why = namespaces_unavailable()
+    if why is not None:
+        pytest.skip(f"private-disk cluster unavailable: {why}")
+    with serve((IN, OUT)) as store:
+        env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
+        cluster = PrivateDiskCluster(workers=2, env=env)
+        try:
+            cluster.start()
+        except ClusterError as err:
+            pytest.skip(f"private-disk cluster did not start: {err}")
+        try:
+            yield cluster, store
+        finally:
+            import ray
+
+            raymerge.shutdown_workers()
+            if ray.is_initialized():
+                ray.shutdown()
+            cluster.stop()
+
+
+@pytest.fixture
+def cluster(private_cluster, monkeypatch, tmp_path):
+    """The cluster, with this process not yet connected to any Ray (raymerge connects with
+    `address=`); the session's local Ray comes back afterwards if it was there. The driver's
+    S3 staging goes to a folder of this test."""
+    import ray
+
+    had_local = ray.is_initialized()
+    address_before = os.environ.get("RAY_ADDRESS")
+    raymerge.shutdown_workers()
+    if had_local:
+        ray.shutdown()
+    monkeypatch.setenv(s3mod.STAGING_ENV, str(tmp_path / "driver-staging"))
+    yield private_cluster
+    raymerge.shutdown_workers()
+    if ray.is_initialized():
+        ray.shutdown()  # leave no connection to the cluster: later tests start their own local Ray
+    if address_before is None:  # ray.init(address=...) exports RAY_ADDRESS: a later ray.init() would join the cluster
+        os.environ.pop("RAY_ADDRESS", None)
+    else:
+        os.environ["RAY_ADDRESS"] = address_before
+    if had_local:
+        from conftest import _start_local_ray
+
+        _start_local_ray()
+
+
+@pytest.fixture(scope="session")
+def s3_llama(private_cluster, llama_models) -> dict[str, str]:
+    _, store = private_cluster
+    urls = {}
+    for name, path in llama_models.items():
+        store.upload_folder(path, IN, f"llama/{name}")
+        urls[name] = f"s3://{IN}/llama/{name}"
+    return urls
+
+
+def ties(p, **extra) -> dict:
+    return {
+        "merge_method": "ties", "base_model": str(p["base"]),
+        "models": [
+            {"model": str(p["ft1"]), "parameters": {"weight": 1.0, "density": [0.8, 0.4]}},
+            {"model": str(p["ft2"]), "parameters": {"weight": 0.6, "density": 0.5}},
+            {"model": str(p["ft3"]), "parameters": {"weight": 0.9, "density": 0.6}},
+        ],
+        "parameters": {"normalize": True}, **extra,
+    }
+
+
+def dare(p) -> dict:
+    cfg = ties(p, raymerge={"random_seed": 1234})
+    cfg["merge_method"] = "dare_ties"
+    return cfg
+
+
+def local_files(cfg: dict, out: Path, shard: str = SHARD) -> dict[str, bytes]:
+    """The single-node reference: the same config, in process, local output."""
+    result = raymerge.merge(cfg, out, in_process=True, quiet=True, out_shard_size=shard)
+    return {f.name: f.read_bytes() for f in sorted(result.output.iterdir())}
+
+
+def without_named(files: dict[str, bytes]) -> dict[str, bytes]:
+    return {k: v for k, v in files.items() if k not in NAMED_FILES}
+
+
+@pytest.mark.parametrize("make", [ties, dare], ids=["ties", "dare_seeded"])
+def test_s3_merge_on_private_disks_matches_local(cluster, s3_llama, llama_models, tmp_path, make):
+    c, store = cluster
+    expected = local_files(make(llama_models), tmp_path / "ref")
+    assert len([n for n in expected if n.endswith(".safetensors")]) > 1
+    url = f"s3://{OUT}/{make.__name__}"
+    result = raymerge.merge(make(s3_llama), url, address=c.address, workers=2, quiet=True, out_shard_size=SHARD,
+                            s3_endpoint_url=store.url)
+    assert result.output == url
+    got = store.objects(OUT, make.__name__)
+    assert without_named(got) == without_named(expected)
+    # The driver staged only its small files; no shard bytes went through it.
+    assert not (tmp_path / "driver-staging").exists() or not any((tmp_path / "driver-staging").rglob("*.safetensors"))
+
+
+def test_input_on_one_nodes_private_disk_is_refused(cluster, llama_models, tmp_path):
+    """A model copied onto node_a's private /tmp only: the driver (and node_b) cannot read it; a
+    merge naming it fails at once with one line naming the path, and nothing is published."""
+    c, store = cluster
+    node = c.node("node_a")
+    secret = "/tmp/sentinel-model"
+    # Copy the model into node_a's mount namespace (nsenter into the namespace of its processes).
+    pid = next(iter(_pids(node)))
+    src = llama_models["ft1"]
+    for f in sorted(src.iterdir()):
+        subprocess.run(["nsenter", "-t", str(pid), "-m", "sh", "-c", f"mkdir -p {secret} && cat > {secret}/{f.name}"],
+                       input=f.read_bytes(), check=True)
+    assert not Path(secret).exists()  # not on the driver's disk
+    cfg = {"merge_method": "linear", "models": [{"model": str(llama_models["ft2"]), "parameters": {"weight": 0.5}},
+                                                {"model": secret, "parameters": {"weight": 0.5}}]}
+    url = f"s3://{OUT}/sentinel"
+    with pytest.raises(Exception) as info:
+        raymerge.merge(cfg, url, address=c.address, workers=2, quiet=True, s3_endpoint_url=store.url)
+    message = str(info.value)
+    assert secret in message and "\n" not in message.strip(), message
+    assert store.objects(OUT, "sentinel") == {}
+
+
+def _pids(node) -> list[int]:
+    from clusters.private_disk_cluster import _pids_in
+
+    return _pids_in(node.namespace)
+
+
+@pytest.mark.xfail(strict=True, raises=Exception, reason=(
+    "not done (issue 16): a prune's stage workers write their layers into shards that can span two "
+    "stages, i.e. two nodes' private disks; the shard pieces are not yet gathered on one node"))
+def test_prune_s3_to_s3_on_private_disks_matches_local(cluster, s3_llama, llama_models, tmp_path):
+    from raymerge.demo import demo_text
+
+    c, store = cluster
+    calib_text = demo_text(8, 200, seed=2)
+    (tmp_path / "calib.txt").write_text(calib_text)
+    store.client.put_object(Bucket=IN, Key="calib.txt", Body=calib_text.encode())
+    cfg = {"method": "wanda", "sparsity": 0.5, "out_shard_size": SHARD,
+           "calibration": {"dataset": str(tmp_path / "calib.txt"), "nsamples": 4, "seqlen": 32, "eval_samples": 2}}
+    local = raymerge.prune({**cfg, "model": str(llama_models["ft2"])}, tmp_path / "local", in_process=True, quiet=True)
+    expected = {f.name: f.read_bytes() for f in sorted(local.output.iterdir())}
+    url = f"s3://{OUT}/pruned"
+    raymerge.prune({**cfg, "model": s3_llama["ft2"]}, url, address=c.address, workers=2, quiet=True,
+                   s3_endpoint_url=store.url)
+    got = store.objects(OUT, "pruned")
+    assert sorted(got) == sorted(expected)
+    assert {k: v for k, v in got.items() if k != "prune_report.json"} == {k: v for k, v in expected.items() if k != "prune_report.json"}
+
+
+def test_worker_node_lost_mid_merge_then_rerun_resumes(cluster, s3_llama, llama_models, tmp_path, monkeypatch):
+    """node_b is killed (every process of it) while the merge runs: the merge ends with a clear
+    error naming the lost node (or completes on node_a); node_b is started again and the rerun
+    resumes from the shards already uploaded, giving the uninterrupted bytes."""
+    import threading
+
+    c, store = cluster
+    expected = local_files(ties(llama_models), tmp_path / "ref", shard="120KB")
+    url = f"s3://{OUT}/node-lost"
+    opts = dict(address=c.address, workers=2, quiet=True, out_shard_size="120KB", s3_endpoint_url=store.url)
+    # Slow the shards' uploads down, so the kill lands mid-merge: each upload waits a little.
+    killed = threading.Event()
+
+    def kill_soon():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            listed = store.client.list_objects_v2(Bucket=OUT, Prefix="node-lost/").get("Contents", [])
+            if any(o["Key"].endswith(".safetensors") for o in listed):
+                break
+            time.sleep(0.05)
+        c.stop_node("node_b")
+        killed.set()
+
+    killer = threading.Thread(target=kill_soon, daemon=True)
+    killer.start()
+    try:
+        raymerge.merge(ties(s3_llama), url, **opts)
+        completed = True
+    except Exception as err:  # noqa: BLE001 - the clear error is what is checked
+        completed = False
+        message = str(err)
+        assert "lost" in message and "rerun" in message, message
+    killer.join(60)
+    assert killed.is_set()
+    print("node-lost: merge", "completed" if completed else f"failed: {message}")
+    if completed:
+        assert without_named(store.objects(OUT, "node-lost")) == without_named(expected)
+        return
+    assert "config.json" not in store.objects(OUT, "node-lost")
+    c.restart_node("node_b")
+    import ray
+
+    if ray.is_initialized():
+        raymerge.shutdown_workers()
+    result = raymerge.merge(ties(s3_llama), url, **opts)
+    print("node-lost rerun:", result.resume_note)
+    assert result.reused_shards >= 1, result.summary()
+    assert without_named(store.objects(OUT, "node-lost")) == without_named(expected)
