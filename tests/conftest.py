@@ -15,6 +15,9 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite compares bytes with CPU references: compute on the CPU even on a GPU machine (also in
+# the local Ray's actors, which inherit it); tests/test_gpu.py lifts it for its GPU runs.
+os.environ.setdefault("RAYMERGE_DEVICE", "cpu")
 
 
 def _start_local_ray() -> None:

@@ -362,22 +362,30 @@ def test_prune_determinism_across_stages(ray_session, wide_prunable, tmp_path):
     from conftest import load_state
     from raymerge.runtime.prune import PruneOptions, run_prune
 
+    import raymerge
+
+    # Runs outer, cases inner: each stage count's actors are kept from one case to the next
+    # (`keep_workers`), so the matrix starts 3 pools rather than 15.
     runs = {"in-process": PruneOptions(in_process=True, quiet=True)}
-    runs.update({f"{n} stage(s)": PruneOptions(workers=n, quiet=True) for n in (1, 2, 4)})
-    rows, differing = [], []
-    for case, extra in PRUNE_CASES.items():
-        cfg = {
-            "model": str(wide_prunable["model"]), "sparsity": 0.5, "batch_size": 4,
-            "calibration": {"dataset": str(wide_prunable["calib"]), "nsamples": 8, "seqlen": 64, "eval_samples": 0},
-            **extra,
-        }
-        states = {}
+    runs.update({f"{n} stage(s)": PruneOptions(workers=n, quiet=True, keep_workers=True) for n in (1, 2, 4)})
+    states: dict[str, dict[str, dict]] = {case: {} for case in PRUNE_CASES}
+    try:
         for run, options in runs.items():
-            out = tmp_path / f"{case.replace(' ', '_').replace(':', '-')}-{run.split()[0]}"
-            run_prune(cfg, out, options)
-            states[run] = load_state(out)
-        first = states["in-process"]
-        for run, state in states.items():
+            for case, extra in PRUNE_CASES.items():
+                cfg = {
+                    "model": str(wide_prunable["model"]), "sparsity": 0.5, "batch_size": 4,
+                    "calibration": {"dataset": str(wide_prunable["calib"]), "nsamples": 8, "seqlen": 64, "eval_samples": 0},
+                    **extra,
+                }
+                out = tmp_path / f"{case.replace(' ', '_').replace(':', '-')}-{run.split()[0]}"
+                run_prune(cfg, out, options)
+                states[case][run] = load_state(out)
+    finally:
+        raymerge.shutdown_workers()
+    rows, differing = [], []
+    for case in PRUNE_CASES:
+        first = states[case]["in-process"]
+        for run, state in states[case].items():
             same = state.keys() == first.keys() and all(torch.equal(state[k], first[k]) for k in first)
             rows.append(f"{case:14s} {run:11s}: {'identical' if same else 'DIFFERENT'}")
             if not same:

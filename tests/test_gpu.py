@@ -4,7 +4,7 @@ give the CPU's result within a documented tolerance.
 The tests marked `gpu` need a CUDA GPU and are skipped with a reason without one
 (`pytest -m gpu tests/test_gpu.py` runs only them). Each runs the same in-process job twice:
 once on the device `pick_device` chooses (the GPU: in process, raymerge computes on the first
-GPU torch sees), once with `pick_device` forced to the CPU; the GPU run must really have used the
+GPU torch sees; the suite's `RAYMERGE_DEVICE=cpu` is lifted here), once with `RAYMERGE_DEVICE=cpu`; the GPU run must really have used the
 GPU (`peak_device_bytes > 0`).
 
 Tolerances (float32 merges of the tiny fixture models; GPU kernels round differently from the
@@ -36,7 +36,7 @@ import pytest
 import torch
 
 import raymerge
-from raymerge.runtime import pool_actor, worker
+from raymerge.runtime import worker
 from tests.conftest import load_state
 from tests.test_determinism import CASES
 
@@ -49,8 +49,14 @@ SPARSEGPT_AGREEMENT = 0.99
 SEARCH_REL = 1e-2  # a trial's perplexity: Wanda masks may differ on up to 0.1% of the weights
 
 
+@pytest.fixture(autouse=True)
+def device_auto(monkeypatch):
+    """Lift the suite's `RAYMERGE_DEVICE=cpu` (conftest): these tests choose the device."""
+    monkeypatch.delenv("RAYMERGE_DEVICE", raising=False)
+
+
 def _cpu(monkeypatch) -> None:
-    monkeypatch.setattr(pool_actor, "pick_device", lambda: torch.device("cpu"))
+    monkeypatch.setenv("RAYMERGE_DEVICE", "cpu")
 
 
 def _config(case: str, models: dict[str, Path]) -> dict:
@@ -89,6 +95,13 @@ def test_pick_device_in_a_ray_actor_follows_the_gpus_ray_assigned(monkeypatch):
     assert worker.pick_device().type == "cpu"
     monkeypatch.setattr(worker, "_ray_actor_gpus", lambda: ["1"])
     assert worker.pick_device().type == "cuda"
+
+
+def test_raymerge_device_cpu_keeps_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(worker, "_ray_actor_gpus", lambda: ["0"])
+    monkeypatch.setenv("RAYMERGE_DEVICE", "cpu")
+    assert worker.pick_device().type == "cpu"
 
 
 def test_pick_device_without_cuda_is_the_cpu(monkeypatch):

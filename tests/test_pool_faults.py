@@ -119,3 +119,22 @@ def test_stages_that_keep_dying_end_with_worker_lost(trained, tmp_path, ray_sess
     assert err.count("warning: prune: stage 0 (layers 0-1) died") == MAX_WORKER_RESTARTS, err
     assert not out.exists(), "nothing may be published"
     assert not [p.name for p in tmp_path.iterdir() if "staging" in p.name]
+
+
+def test_prune_keeps_its_stage_actors_when_asked(trained, tmp_path, ray_session):
+    """`keep_workers`: the next prune with the same number of stages runs on the same actors
+    (the pool is this process's, like a kept merge pool), with the same bytes."""
+    from raymerge.runtime import actor_pool
+
+    try:
+        a = run_prune(_config(trained), tmp_path / "a", PruneOptions(workers=2, quiet=True, keep_workers=True))
+        pool = actor_pool.kept()
+        assert pool is not None and len(pool) == 2
+        actors = list(pool.actors)
+        b = run_prune(_config(trained), tmp_path / "b", PruneOptions(workers=2, quiet=True, keep_workers=True))
+        assert actor_pool.kept() is pool and pool.actors == actors
+        assert [s["worker"] for s in a.stages] == [s["worker"] for s in b.stages]  # same host:pid per stage
+        assert _files(a.output) == _files(b.output)
+    finally:
+        actor_pool.shutdown_kept()
+    assert actor_pool.kept() is None

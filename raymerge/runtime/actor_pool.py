@@ -142,7 +142,7 @@ class ActorPool:
         self.setup: Optional[Callable[[ActorRef], Any]] = None
         self.cache: dict[Any, Any] = {}
         self._infos: Optional[list[Any]] = None
-        self.key = (ray.get_runtime_context().get_job_id(), n, tuple(sorted(self.rule.options.items())), self.rule.threads)
+        self._job_id = ray.get_runtime_context().get_job_id()
 
     @classmethod
     def in_process(cls, what: str = "in-process worker") -> "ActorPool":
@@ -153,8 +153,15 @@ class ActorPool:
         pool.remote, pool.what, pool.rule, pool._cls = False, what, None, None
         pool.workers = [ActorRef(PoolActor(0), False)]
         pool.labels = [what]
-        pool.setup, pool.cache, pool._infos, pool.key = None, {}, None, None
+        pool.setup, pool.cache, pool._infos, pool._job_id = None, {}, None, None
         return pool
+
+    @property
+    def key(self) -> Optional[tuple]:
+        """What a kept pool must match to be reused: Ray session (job), size, resources, threads."""
+        if not self.remote:
+            return None
+        return (self._job_id, len(self.workers), tuple(sorted(self.rule.options.items())), self.rule.threads)
 
     def _start(self, i: int) -> Any:
         assert self._cls is not None
@@ -264,13 +271,15 @@ def acquire(n: Optional[int], what: str = "merge workers") -> ActorPool:
         key = (ray.get_runtime_context().get_job_id(), n, tuple(sorted(rule.options.items())), rule.threads)
         if _kept.key == key and _kept.workers:
             pool, _kept = _kept, None
+            pool.what, pool.labels = what, [f"{_singular(what)} {i}" for i in range(len(pool))]
             return pool
         shutdown_kept()
     return ActorPool(n, what=what, rule=rule)
 
 
 def release(pool: ActorPool, keep: bool) -> None:
-    """Keep `pool` for the next merge of this process, or end its actors."""
+    """Keep `pool` for the next job of this process (a merge's or a prune's, when asked), or end
+    its actors."""
     global _kept
     if keep and pool.remote and pool.workers:
         pool.setup = None

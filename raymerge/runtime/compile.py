@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
 from raymerge.checkpoints import CheckpointSource, SourceSpec
+from raymerge.checkpoints.source import TOKENIZER_FILES
 from raymerge.config import MergeConfig, ModelRef, load_config
 from raymerge.runtime.operators import MergeOperator, MergeProgram, build_program, check_sources_compatible
 
@@ -112,9 +113,36 @@ class MergeCompiler:
         sources = self.sources(config.referenced_models())
         check_sources_compatible(sources, allow_mixed=self.options.allow_mixed_architectures)
         seed = resolve_seed(config, self.options)
-        program = build_program(config, sources, source_label=label, random_seed=seed)
+        vocabulary = self._vocabulary(config, sources, label)
+        program = build_program(config, sources, source_label=label, random_seed=seed, vocabulary=vocabulary)
         return CompiledMerge(config=config, label=label, program=program,
                              specs=[self.opened[m][0] for m in program.models], random_seed=seed)
+
+    def _vocabulary(self, config: MergeConfig, sources: dict[ModelRef, CheckpointSource], label: str) -> Any:
+        """The merged vocabulary when the config chooses a tokenizer (`runtime.vocabulary`), built
+        from tokenizer files alone; None otherwise, and when planning from config.json alone."""
+        from raymerge.checkpoints.model_files import tokenizer_files
+        from raymerge.runtime.vocabulary import build_vocabulary, tokenizer_choice
+
+        choice = tokenizer_choice(config)
+        if choice is None:
+            return None
+
+        def files(ref: ModelRef) -> dict[str, bytes]:
+            names = (*TOKENIZER_FILES, "config.json")
+            if ref in sources:
+                return tokenizer_files(sources[ref], names)
+            local = Path(ref.path).expanduser()
+            if ref.revision is None and local.is_dir():  # a tokenizer-only folder is enough
+                return {n: (local / n).read_bytes() for n in names if (local / n).is_file()}
+            return tokenizer_files(self.sources([ref])[ref], names)
+
+        if self.options.shape_only:
+            try:
+                return build_vocabulary(config, sources, label, files)
+            except Exception:  # noqa: BLE001 - planning from config.json alone: keep the stored rows
+                return None
+        return build_vocabulary(config, sources, label, files)
 
     def close(self) -> None:
         opened, self.opened = self.opened, {}

@@ -30,8 +30,16 @@ def compute_operator(
 ) -> torch.Tensor:
     """The merged output tensor of `op` (or its rows [start, stop) for a part of a row-split
     operator, which only elementwise methods allow), on CPU, in the operator's output dtype."""
-    tensors = [sources[i.model].read(i.name, rows=rows) for i in op.inputs]
     out_dtype = DTYPES[op.out_dtype]
+    if op.vocab is not None:
+        # an embedding or head under a tokenizer choice: each input's rows gathered into the
+        # output vocabulary (permuted, defaults for missing tokens, padding), on the CPU
+        from raymerge.runtime.operators import DTYPES as WORK_DTYPES
+        from raymerge.runtime.vocabulary import gather_inputs
+
+        tensors = gather_inputs(op, sources, WORK_DTYPES[op.work_dtype], rows)
+    else:
+        tensors = [sources[i.model].read(i.name, rows=rows) for i in op.inputs]
     if not all(t.is_floating_point() for t in tensors):
         first = tensors[0]
         if any(t.dtype != first.dtype or not torch.equal(t, first) for t in tensors[1:]):

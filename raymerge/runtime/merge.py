@@ -180,20 +180,6 @@ def _version() -> str:
         return "dev"
 
 
-def _tokenizer_donor(config: MergeConfig, label: str, program: MergeProgram) -> Optional[ModelRef]:
-    """Which model's tokenizer files to copy (None: the donor's)."""
-    if config.tokenizer is not None:
-        raise ConfigError(f"{label}: tokenizer: building a merged vocabulary is not supported yet; use tokenizer_source: base or a model path")
-    src = config.tokenizer_source
-    if src is None:
-        return None
-    if src == "union":
-        raise ConfigError(f"{label}: tokenizer_source: 'union' (a merged vocabulary) is not supported yet; use 'base' or a model path")
-    if src == "base":
-        if config.base_model is None:
-            raise ConfigError(f"{label}: tokenizer_source: 'base' needs a base_model")
-        return config.base_model
-    return src
 
 
 def _chat_template_file(
@@ -241,22 +227,19 @@ def _published_files(
         layer_sources = [(cfgs[m], layer) for m, layer in program.layer_sources]
     files: dict[str, bytes | str] = {}
     dtype = config.out_dtype or config.dtype
-    files["config.json"] = json.dumps(merged_model_config(donor_cfg, dtype=dtype, layer_sources=layer_sources,
-                                                          untie=bool(program.tied_heads)), indent=2) + "\n"
+    out_cfg = merged_model_config(donor_cfg, dtype=dtype, layer_sources=layer_sources, untie=bool(program.tied_heads))
+    vocabulary = program.vocabulary  # a tokenizer choice: the merged tokenizer (runtime.vocabulary)
+    if vocabulary is not None:
+        key = "vocab_size" if "vocab_size" in out_cfg or not isinstance(out_cfg.get("text_config"), dict) else None
+        (out_cfg if key else out_cfg["text_config"])["vocab_size"] = vocabulary.rows
+    files["config.json"] = json.dumps(out_cfg, indent=2) + "\n"
     files.update(processor_files(donor_src))
-    tok_ref = _tokenizer_donor(config, label, program)  # checked even when nothing is copied
     tmpl = _chat_template_file(config, label, specs)
-    if options.copy_tokenizer:
-        if tok_ref is None:
-            files.update(tokenizer_files(donor_src))
-        elif tok_ref in specs:
-            files.update(tokenizer_files(specs[tok_ref][1]))
-        else:
-            src = SourceSpec(tok_ref.path, tok_ref.revision, options.allow_pickle, s3_endpoint_url=options.s3_endpoint_url).open()
-            try:
-                files.update(tokenizer_files(src))
-            finally:
-                src.close()
+    if vocabulary is not None:
+        # as mergekit: the built tokenizer is saved (save_pretrained) whatever copy_tokenizer says
+        files.update(vocabulary.files(chat_template=tmpl))
+    elif options.copy_tokenizer:
+        files.update(tokenizer_files(donor_src))
         if tmpl is not None:
             files["chat_template.jinja"] = tmpl
     elif tmpl is not None:

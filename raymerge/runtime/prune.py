@@ -78,6 +78,7 @@ class PruneOptions:
     plot: Union[str, Path, None] = None
     s3_endpoint_url: Optional[str] = None  # S3-compatible store for an s3:// model and output
     allow_pickle: bool = False  # accept pytorch_model*.bin and DeepSpeed ZeRO folders (torch pickles)
+    keep_workers: bool = False  # keep the stage actors for the next job of this process (as merge's)
 
 
 @dataclass
@@ -350,7 +351,7 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
         raise
     finally:
         if driver is not None:
-            driver.kill()
+            actor_pool.release(driver, keep=options.keep_workers)  # (a killed pool is not kept)
     if options.plot is not None:
         report.plot(options.plot)
     t_end = time.perf_counter()
