@@ -45,7 +45,7 @@ def adapter_folder(path: str, revision: Optional[str]) -> Path:
     local = Path(path).expanduser()
     if local.is_dir():
         return local
-    from raymerge.checkpoints.resolve import is_hub_reference
+    from raymerge.checkpoints.hub_id import is_hub_reference
 
     if not is_hub_reference(path):
         raise CheckpointError(f"LoRA adapter not found: {path} (a local folder or a Hugging Face Hub id org/name)")

@@ -99,7 +99,7 @@ def model_card(*, method: str, models: Sequence[str], base: Optional[str], confi
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    from raymerge.checkpoints.resolve import is_hub_reference
+    from raymerge.checkpoints.hub_id import is_hub_reference
 
     def hub_id(ref: str) -> Optional[str]:
         path = ref.rsplit("@", 1)[0] if "@" in ref and not ref.startswith(("/", ".", "s3://")) else ref

@@ -35,18 +35,17 @@ one module that calls `register_source` (before="hub" puts it ahead of the Hub f
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from raymerge.checkpoints.deepspeed import DeepSpeedSource, is_deepspeed_checkpoint
+from raymerge.checkpoints.hub_id import is_hub_reference
 from raymerge.checkpoints.local import LocalSource
 from raymerge.checkpoints.shapes import CONFIG_FILE, ShapeOnlySource
 from raymerge.checkpoints.source import CheckpointError, CheckpointSource
 from raymerge.registries import Registry
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -243,9 +242,4 @@ register_source(SourceKind(
     doc="a Hugging Face Hub id org/name[@revision]: headers over HTTP, shards fetched on first read, one commit",
 ))
 
-
-def is_hub_reference(path: str) -> bool:
-    """Whether a model reference is read from the Hugging Face Hub (the `hub` kind above): an
-    `org/name` id that is not a local path."""
-    return bool(_HUB_ID.match(path)) and not Path(path).expanduser().exists()
 
