@@ -24,7 +24,9 @@ def _start_local_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        # address="local": a Ray of the suite's own, even when another cluster runs on this machine
+        # (the private-disk test cluster, another user's): Ray's default would join that one.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
 
 
 @pytest.fixture(scope="session")

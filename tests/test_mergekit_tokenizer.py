@@ -84,6 +84,31 @@ def _reordered(src: Path, dst: Path, seed: int = 7) -> Path:
     return dst
 
 
+def _bpe_model(dst: Path, seed: int, base: Path | None = None) -> Path:
+    """A tiny llama with a BPE tokenizer whose last two tokens (`x` and `y`, the parts of merge
+    `x y`) and one added token lie past the config's vocab_size: mergekit strips them, and the
+    merge, from the base tokenizer. (It fails when a stripped token is a merge's result.)"""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from raymerge.demo import build_tiny_model
+
+    chars = sorted(set("".join(["merge", "model", "layer", "token", "tensor"])))
+    merges = [("m", "e"), ("e", "r"), ("t", "o"), ("l", "a"), ("me", "r"), ("to", "k"), ("x", "y")]
+    tokens = ["<unk>", "<s>", "</s>"] + chars + ["".join(m) for m in merges] + ["x", "y"]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.add_tokens(["<extra>"])
+    size = len(vocab) - 2  # "x" and "y" (and the added "<extra>") are past vocab_size
+    path = build_tiny_model(dst, seed=seed, base=base, config_overrides={"vocab_size": size})
+    for f in path.glob("tokenizer*"):
+        f.unlink()
+    fast.save_pretrained(str(path))
+    return path
+
+
 @pytest.fixture(scope="module")
 def vocab_models(tmp_path_factory) -> dict[str, Path]:
     from raymerge.demo import build_tiny_model
@@ -97,6 +122,8 @@ def vocab_models(tmp_path_factory) -> dict[str, Path]:
     p["ext_b"] = _extend(p["ft2"], root / "ext_b", ["<b1>", "<s1>", "<b2>", "<s2>", "<b3>"], seed=2)
     p["avg_a"] = _extend(p["ft1"], root / "avg_a", ["<s1>", "<s2>"], seed=3)
     p["avg_b"] = _extend(p["ft3"], root / "avg_b", ["<s1>", "<s2>"], seed=4)
+    p["bpe_base"] = _bpe_model(root / "bpe_base", seed=5)
+    p["bpe_ft"] = _bpe_model(root / "bpe_ft", seed=6, base=p["bpe_base"])
     return p
 
 
@@ -144,6 +171,15 @@ CASES = {
     "tokenizer-block-bf16": lambda p: {**CASES["tokenizer-block"](p), "dtype": "bfloat16"},
     "union-averaged-new-tokens-bf16": lambda p: {**CASES["union-averaged-new-tokens"](p), "dtype": "bfloat16",
                                                  "tokenizer_source": None, "tokenizer": {"pad_to_multiple_of": 8}},
+    # a BPE base tokenizer with tokens past its vocab_size: stripped (vocabulary and merges)
+    "bpe-base-stripped": lambda p: {
+        "merge_method": "linear", "base_model": str(p["bpe_base"]),
+        "models": [_m(p, "bpe_base", 0.5), _m(p, "bpe_ft", 0.5)], "tokenizer_source": "base",
+    },
+    "bpe-union-stripped": lambda p: {
+        "merge_method": "linear", "base_model": str(p["bpe_base"]),
+        "models": [_m(p, "bpe_base", 0.5), _m(p, "bpe_ft", 0.5)], "tokenizer_source": "union",
+    },
     "tokenizer-block-base-padded": lambda p: {
         "merge_method": "linear", "base_model": str(p["base"]),
         "models": [_m(p, "base", 0.5), _m(p, "ext_b", 0.5)],
@@ -272,7 +308,7 @@ def test_vocabulary_errors_name_the_token(vocab_models, tmp_path):
     p = vocab_models
     cfg = CASES["union-extended"](p)
     no_source = {**cfg, "tokenizer_source": None, "tokenizer": {"tokens": {"<b1>": {"force": True}}}}
-    with pytest.raises(ConfigError, match=r"tokenizer.tokens\['<b1>'\].*give a source"):
+    with pytest.raises(ConfigError, match=r"tokenizer.tokens\['<b1>'\]: force: true replaces every model's row, so it needs a source"):
         raymerge.merge(no_source, tmp_path / "o1", quiet=True, in_process=True)
     other = {**cfg, "tokenizer_source": None,
              "tokenizer": {"tokens": {"<x>": {"source": {"kind": "model_token", "model": str(p["ft3"]), "token_id": 1}}}}}
@@ -290,3 +326,39 @@ def test_ray_workers_give_the_same_bytes(ray_session, vocab_models, tmp_path):
     for name, t in load_tensors(a.output).items():
         assert torch.equal(t, load_tensors(b.output)[name]), name
     assert _side_files(a.output) == _side_files(b.output)
+
+
+def test_model_trim_sees_the_gathered_rows(vocab_models, tmp_path):
+    """TIES `trim_scope: model` (raymerge only) thresholds over the rows the merge sees: a
+    reordered copy of the base tokenizer has the same tokens as `base`, so the two outputs are the
+    same model, their embedding and head rows permuted."""
+    from transformers import AutoTokenizer
+
+    p = vocab_models
+    cfg = {"merge_method": "ties", "base_model": str(p["base"]),
+           "models": [_m(p, "ft1", 0.7), _m(p, "ft2", 0.4)],
+           "parameters": {"trim_scope": "model", "density": 0.3}}
+    a = raymerge.merge({**cfg, "tokenizer_source": "base"}, tmp_path / "a", quiet=True, in_process=True)
+    b = raymerge.merge({**cfg, "tokenizer_source": str(p["reordered"])}, tmp_path / "b", quiet=True, in_process=True)
+    ta, tb = load_tensors(a.output), load_tensors(b.output)
+    va = AutoTokenizer.from_pretrained(str(p["base"])).get_vocab()
+    vb = AutoTokenizer.from_pretrained(str(p["reordered"])).get_vocab()
+    order_a, order_b = [va[t] for t in sorted(va)], [vb[t] for t in sorted(va)]
+    for name in ta:
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert torch.equal(ta[name][order_a], tb[name][order_b]), name
+        else:
+            assert torch.equal(ta[name], tb[name]), name
+    # and the magnitudes counted are the gathered rows' (34 tokens), not the stored 38 rows
+    from raymerge.runtime.compile import compile_merge
+    from raymerge.runtime.global_trim import magnitude_bits
+
+    compiled = compile_merge({**cfg, "tokenizer_source": str(p["reordered"])})
+    sources = [spec.open() for spec in compiled.specs]
+    try:
+        op = next(o for o in compiled.operators if o.name == "model.embed_tokens.weight")
+        k = next(i for i in range(len(op.inputs)) if i != op.base_index)
+        assert magnitude_bits(op, k, dict(enumerate(sources))).numel() == op.shape[0] * op.shape[1] == len(vb) * 64
+    finally:
+        for s in sources:
+            s.close()

@@ -3,7 +3,8 @@
 - `config.json` comes from the donor model (mergekit: the base model, else the first one). Its
   dtype key is set to the merge's output dtype; when slices change the layer stack, the layer
   count and every per-layer list (e.g. `layer_types`) are rebuilt from the layers actually used.
-- Tokenizer and generation files are copied byte for byte from one model.
+- Tokenizer and generation files are copied byte for byte from one model (with a tokenizer
+  choice, `runtime.vocabulary` builds and saves the merged tokenizer instead).
 - `README.md` is a model card (`huggingface_hub.ModelCard`: `base_model` lists the Hub inputs,
   tags `merge` and `raymerge`); `mergekit_config.yml` holds the config as run, under the name
   mergekit uses, so tools that look for it find it. Both can be turned off (`write_model_card`).

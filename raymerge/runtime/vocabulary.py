@@ -52,7 +52,6 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from raymerge.checkpoints import CheckpointSource
-from raymerge.checkpoints.source import TOKENIZER_FILES
 from raymerge.config import MergeConfig, ModelRef
 from raymerge.config.merge_config import ConfigError, ModelTokenEmbedding, TokenEmbedding, ZeroEmbedding
 
@@ -62,7 +61,8 @@ log = logging.getLogger(__name__)
 ZERO, COPY, MEAN = 0, 1, 2
 ABSENT = -1  # the model does not have the token (or a `force` entry replaces its row)
 PAST_VOCAB = -2  # the model's tokenizer has the token at an id >= its vocab_size (mergekit: KeyError)
-_COALESCE_BYTES = 1 << 20  # read rows up to this many bytes apart in one request
+_COALESCE_BYTES = 256 << 10  # rows less than this many bytes apart are read in one request (and the
+# rows between them discarded): fewer requests for nearly contiguous maps, little waste for scattered ones
 
 
 class VocabularyError(ConfigError):
@@ -136,6 +136,7 @@ class Vocabulary:
         ids = need.nonzero().flatten()
         kinds = torch.zeros(len(ids), dtype=torch.int8)
         src = torch.full((len(ids), len(models)), -1, dtype=torch.int64)
+        nowhere: list[str] = []
         first = {}
         for k, m in enumerate(models):
             first.setdefault(m, k)
@@ -147,7 +148,7 @@ class Vocabulary:
             if cfg is None:
                 count = int(has.sum())
                 if count == 0:
-                    log.warning("%s: token %r is in no model; its row is zero", label, tok)
+                    nowhere.append(tok)
                     kinds[d] = ZERO
                 elif count == 1 or (base_k is not None and bool(has[base_k])):
                     k = base_k if count > 1 else int(has.nonzero()[0])
@@ -161,7 +162,9 @@ class Vocabulary:
                 kinds[d] = ZERO
                 continue
             if source is None:
-                raise VocabularyError(f"{label}: tokenizer.tokens[{tok!r}]: some model lacks this token; give a source")
+                why = "force: true replaces every model's row" if cfg.force else "some model lacks this token"
+                raise VocabularyError(f"{label}: tokenizer.tokens[{tok!r}]: {why}, so it needs a source "
+                                      f"(a model, {{kind: model_token, ...}} or {{kind: zero}})")
             model = source.model if isinstance(source, ModelTokenEmbedding) else source
             if model not in first:
                 raise VocabularyError(f"{label}: tokenizer.tokens[{tok!r}] takes its row from model {model}, which is "
@@ -183,6 +186,9 @@ class Vocabulary:
                 if row < 0:
                     raise VocabularyError(f"{label}: tokenizer.tokens[{tok!r}]: model {model} does not have this token")
             kinds[d], src[d, k] = COPY, row
+        if nowhere:
+            log.warning("%s: tensor %r: %d token(s) are in no model (rows left zero): %s", label, name, len(nowhere),
+                        ", ".join(map(repr, nowhere[:10])) + (", ..." if len(nowhere) > 10 else ""))
         own = index.clamp(min=-1)
         own[:, forced] = ABSENT
         return VocabularyMap(rows=self.rows, tokens=n, own=tuple(own[k].clone() for k in range(len(models))),
@@ -237,7 +243,10 @@ def _strip(tokenizer: Any, vocab_size: Optional[int], where: str) -> Any:
         return not any(p in unused for p in parts)
 
     data["model"]["merges"] = [m for m in data["model"]["merges"] if keep(m)]
-    tokenizer._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(data))
+    try:
+        tokenizer._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(data))
+    except Exception as err:  # noqa: BLE001 - mergekit fails here too (a stripped token is a merge's result)
+        raise VocabularyError(f"{where}: its tokenizer cannot be trimmed to vocab_size {size}: {err}") from None
     return tokenizer
 
 
@@ -331,12 +340,12 @@ def build_vocabulary(
     for m in models:
         model_vocab = toks.get(m, base_tok).get_vocab()
         size = sizes[m] if sizes[m] is not None else len(model_vocab)
-        ids = torch.full((n,), ABSENT, dtype=torch.int64)
+        ids = [ABSENT] * n
         for tok, new in vocab.items():
             orig = model_vocab.get(tok)
             if orig is not None:
                 ids[new] = orig if orig < size else PAST_VOCAB
-        index[m] = ids
+        index[m] = torch.tensor(ids, dtype=torch.int64)
     original = {m: tok.get_vocab() for m, tok in toks.items()}
     return Vocabulary(tokenizer=out, vocab=vocab, rows=rows, index=index, original=original, tokens=tokens)
 
@@ -348,18 +357,14 @@ def _read_rows(source: CheckpointSource, name: str, wanted: torch.Tensor, row_by
     """Rows `wanted` (sorted, unique) of tensor `name`: contiguous runs read with `rows=`, runs
     closer than _COALESCE_BYTES read as one."""
     gap = max(1, _COALESCE_BYTES // max(1, row_bytes))
-    rows = wanted.tolist()
+    breaks = ((wanted[1:] - wanted[:-1]) > gap).nonzero().flatten() + 1
+    starts = [0, *breaks.tolist()]
+    ends = [*breaks.tolist(), len(wanted)]
     parts = []
-    start = prev = rows[0]
-    for r in rows[1:] + [None]:
-        if r is not None and r - prev <= gap:
-            prev = r
-            continue
-        block = source.read(name, rows=(start, prev + 1))
-        picked = torch.tensor([x - start for x in rows if start <= x <= prev], dtype=torch.int64)
-        parts.append(block.index_select(0, picked))
-        if r is not None:
-            start = prev = r
+    for s, e in zip(starts, ends):
+        lo, hi = int(wanted[s]), int(wanted[e - 1]) + 1
+        block = source.read(name, rows=(lo, hi))
+        parts.append(block if hi - lo == e - s else block.index_select(0, wanted[s:e] - lo))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
