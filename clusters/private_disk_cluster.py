@@ -9,10 +9,12 @@ What it starts (Linux, as root or with unprivileged user namespaces allowed for 
   driver's raylet), in a mount namespace of its own (only to find its processes again);
 - N worker nodes (`ray start --address`, node IPs 127.0.0.2, 127.0.0.3, ... so the driver never
   mistakes one for its local node), each in its own mount namespace
-  (`unshare --mount --propagation private`) with a private tmpfs mounted over `/tmp`: the node's
+  (`unshare --mount --propagation private`) with a private tmpfs mounted over a folder of its own
+  (`<root>/<node>`, empty as the host and the other nodes see it): the node's
   temp dir (`TMPDIR`), its Ray temp dir (`--temp-dir`), its Hugging Face cache (`HF_HOME`) and
-  raymerge's staging dir (`RAYMERGE_STAGING_DIR`) all live there, and the host's `/tmp` (where
-  the driver keeps its files, e.g. pytest's) is not visible to the node. Each node declares
+  raymerge's staging dir (`RAYMERGE_STAGING_DIR`) all live there; the host folders in `hidden`
+  (the driver's data, e.g. pytest's temp folder) are covered by an empty tmpfs, so the node
+  cannot read them. Installed software stays visible, as on a real cluster's shared image. Each node declares
   `--num-cpus 1` (by default) and a custom resource naming it (`{"node_a": 1}`, `{"node_b": 1}`, ...).
 
 Shared storage is whatever you give the nodes: an S3 endpoint (the tests use moto's server on
@@ -121,6 +123,10 @@ class PrivateDiskCluster:
     port: int = 0
     nodes: list = field(default_factory=list)
     tmpfs_size: str = "512m"
+    # Host folders each worker node must not see (an empty tmpfs is mounted over each in its
+    # namespace): the driver's data, e.g. pytest's temp folder. Software stays visible (the
+    # nodes of a real cluster share an image, not a disk).
+    hidden: list = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -194,13 +200,22 @@ class PrivateDiskCluster:
         return self
 
     def _start_worker(self, i: int, name: str, env: dict) -> Node:
-        node_env = dict(env, TMPDIR="/tmp/t", HF_HOME="/tmp/hf", RAYMERGE_STAGING_DIR="/tmp/staging")
+        # The private tmpfs goes over a folder of this node's own (empty on the host), not over
+        # /tmp: the host's /tmp may hold what every node needs (a checkout of raymerge installed
+        # in editable mode, a virtualenv), and a private mount of it would hide that.
+        private = os.path.join(self.root, name)
+        os.makedirs(private, exist_ok=True)
+        node_env = dict(env, TMPDIR=f"{private}/t", HF_HOME=f"{private}/hf", RAYMERGE_STAGING_DIR=f"{private}/staging")
+        # (writable and as large as the private one: a worker writing at a driver path, e.g. its
+        # own copy of the staging folder, writes to its own disk)
+        hide = "".join(f"mount -t tmpfs -o size={self.tmpfs_size},mode=1777 tmpfs {h} && " for h in self.hidden if os.path.isdir(h))
         script = (
-            f"mount -t tmpfs -o size={self.tmpfs_size},mode=1777 tmpfs /tmp && mkdir -p /tmp/t /tmp/hf /tmp/staging "
-            f"&& exec ray start --address {self.address} --node-ip-address 127.0.0.{i + 2} --temp-dir /tmp/r "
+            hide + f"mount -t tmpfs -o size={self.tmpfs_size},mode=1777 tmpfs {private} "
+            f"&& mkdir -p {private}/t {private}/hf {private}/staging "
+            f"&& exec ray start --address {self.address} --node-ip-address 127.0.0.{i + 2} --temp-dir {private}/r "
             f"--resources '{json.dumps({name: 1})}' --dashboard-agent-listen-port {_free_port()} "
             f"--num-cpus {self.cpus_per_node} --object-store-memory {OBJECT_STORE_BYTES} --disable-usage-stats --block")
-        return self._spawn(name, f"127.0.0.{i + 2}", script, node_env, "/tmp/r")
+        return self._spawn(name, f"127.0.0.{i + 2}", script, node_env, f"{private}/r")
 
     def restart_node(self, name: str, timeout: float = 60.0) -> None:
         """Start worker node `name` again (after `stop_node`), with a fresh private tmpfs."""

@@ -2,7 +2,7 @@
 
 One `clusters/private_disk_cluster.py` cluster per test session: a Ray head (0 CPUs) and two
 worker nodes (1 CPU each, `{"node_a": 1}` / `{"node_b": 1}`), each in its own mount namespace
-with a private tmpfs over `/tmp` (its temp dir, Ray temp dir, HF cache and raymerge staging
+with a private tmpfs of its own (its temp dir, Ray temp dir, HF cache and raymerge staging
 dir); moto's S3 server on 127.0.0.1 is the only storage they share. The tests connect to the
 head with raymerge's `address=` option, as a user would.
 
@@ -55,7 +55,8 @@ def private_cluster(tmp_path_factory):
         pytest.skip(f"private-disk cluster unavailable: {why}")
     with serve((IN, OUT)) as store:
         env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
-        cluster = PrivateDiskCluster(workers=2, env=env)
+        # The nodes must not see the driver's files (pytest's temp folder: the local models).
+        cluster = PrivateDiskCluster(workers=2, env=env, hidden=[str(tmp_path_factory.getbasetemp().parent)])
         try:
             cluster.start()
         except ClusterError as err:
@@ -152,11 +153,11 @@ def test_s3_merge_on_private_disks_matches_local(cluster, s3_llama, llama_models
 
 
 def test_input_on_one_nodes_private_disk_is_refused(cluster, llama_models, tmp_path):
-    """A model copied onto node_a's private /tmp only: the driver (and node_b) cannot read it; a
+    """A model copied onto node_a's private disk only: the driver (and node_b) cannot read it; a
     merge naming it fails at once with one line naming the path, and nothing is published."""
     c, store = cluster
     node = c.node("node_a")
-    secret = "/tmp/sentinel-model"
+    secret = str(Path(node.temp_dir).parent / "sentinel-model")  # inside node_a's private tmpfs
     # Copy the model into node_a's mount namespace (nsenter into the namespace of its processes).
     pid = next(iter(_pids(node)))
     src = llama_models["ft1"]
