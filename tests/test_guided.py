@@ -426,3 +426,43 @@ def test_guidance_runs_on_a_kept_merge_pool(ray_session, family):
     assert reports[0] == reports[1]
     mine, theirs = load_state(out), load_state(local)
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[n], theirs[n]) for n in mine)
+
+
+def test_aim_relaxes_the_matrix_a_tied_head_shares_with_the_embeddings(family, tmp_path):
+    """Tied embeddings: the head is the stored embedding matrix, so AIM relaxes that matrix's
+    columns by the head's input statistic (before, the statistic was collected under
+    `lm_head.weight`, a tensor the checkpoint does not have, and dropped)."""
+    from raymerge.demo import build_tiny_model
+
+    tied = {"tie_word_embeddings": True}
+    base = build_tiny_model(tmp_path / "base", seed=0, config_overrides=tied)
+    fam = {"base": base, "calib": family["calib"],
+           **{f"ft{i}": build_tiny_model(tmp_path / f"ft{i}", seed=10 + i, base=base, config_overrides=tied) for i in (1, 2)}}
+    assert "lm_head.weight" not in load_state(base)
+    models = [("ft1", 0.7), ("ft2", 0.5)]
+    cfg = guided_config(fam, "aim", models, merge_method="ties", omega=OMEGA)
+    cfg["parameters"] = {"density": 0.6}
+    plain_cfg = {k: v for k, v in cfg.items() if k != "raymerge"}
+    plain = load_state(raymerge.merge(plain_cfg, tmp_path / "plain", quiet=True, in_process=True).output)
+    guided = load_state(raymerge.merge(cfg, tmp_path / "aim", quiet=True, in_process=True).output)
+
+    model = hf_model(base)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    total = None
+
+    def hook(_m, args):
+        nonlocal total
+        v = args[0].abs().double().mean(dim=1).sum(dim=0)
+        total = v if total is None else total + v
+
+    handle = model.lm_head.register_forward_pre_hook(hook)
+    with torch.no_grad():
+        for w in windows(fam).split(1):
+            model(w)
+    handle.remove()
+    name = "model.embed_tokens.weight"
+    a = (total / total.max()).float()
+    b = load_state(base)[name]
+    expected = b + (plain[name] - b) * (1 - a * (1 - OMEGA))
+    assert not torch.equal(guided[name], plain[name])
+    torch.testing.assert_close(guided[name], expected, atol=1e-6, rtol=1e-5)

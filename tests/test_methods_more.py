@@ -403,3 +403,46 @@ def test_bfloat16_in_bfloat16_or_float32_out(method):
     out = run(method, inputs, base_index, mps, **params)
     assert out.dtype == (torch.float32 if method == "ramplus_tl" else torch.bfloat16)
     assert out.shape == inputs[0].shape and torch.isfinite(out).all()
+
+
+# -- breadcrumbs' per-row option (the paper's masks; mergekit ranks the whole tensor) -------------
+def ref_breadcrumbs_rows(inputs, base_index, weights, density, gamma):
+    base = inputs[base_index].double()
+    out = base.clone()
+    for i, x in enumerate(inputs):
+        if i == base_index:
+            continue
+        delta = x.double() - base
+        kept = torch.zeros_like(delta)
+        for r in range(delta.shape[0]):
+            row = flat64(delta[r])
+            n = len(row)
+            target, n_top = int(density * n), int(gamma * n)
+            n_bottom = max(0, n - target - n_top)
+            order = sorted(range(n), key=lambda j: (abs(row[j]), j))  # stable: ties by index
+            for j in order[n_bottom:n_bottom + target]:
+                kept[r, j] = row[j]
+        out += weights[i] * kept
+    return out
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+def test_breadcrumbs_per_row_equals_the_row_by_row_reference(method):
+    inputs = family(3, (12, 40), torch.float64, seed=7)
+    weights = {1: 0.6, 2: 0.4}
+    mps = [{}, {"weight": 0.6, "density": 0.5, "gamma": 0.1}, {"weight": 0.4, "density": 0.5, "gamma": 0.1}]
+    rows = run(method, inputs, 0, mps, breadcrumbs_scope="row")
+    whole = run(method, inputs, 0, mps)
+    assert not torch.equal(rows, whole)  # the option changes which elements survive
+    if method == "breadcrumbs":
+        expected = ref_breadcrumbs_rows(inputs, 0, weights, 0.5, 0.1)
+        assert torch.allclose(rows, expected, atol=1e-12, rtol=0)
+    # every row keeps exactly its own share (for each model's delta)
+    from raymerge.methods.sparsify import magnitude_outliers
+
+    delta = inputs[1] - inputs[0]
+    kept = magnitude_outliers(delta, 0.5, 0.1, per_row=True)
+    assert all(int(torch.count_nonzero(kept[r])) == 20 for r in range(12))
+    assert torch.equal(magnitude_outliers(delta, 1.0, 0.1, per_row=True), delta)
+    with pytest.raises(MethodError):
+        run(method, inputs, 0, mps, breadcrumbs_scope="column")

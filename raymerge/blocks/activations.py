@@ -37,13 +37,21 @@ def _materialised(module: nn.Module) -> bool:
 
 def weighted_modules(block: DecoderBlock) -> dict[str, nn.Module]:
     """Tensor name of the weight -> module, for every materialised module with an input channel
-    dimension (everything with a weight except the input embeddings)."""
+    dimension (everything with a weight except the input embeddings). A head tied to the input
+    embeddings (one matrix, stored once as the embedding) is keyed by the embedding's tensor
+    name: the head's inputs are that stored matrix's input channels (its columns), so AIM
+    relaxes the shared matrix by them — there is no `lm_head.weight` tensor to guide."""
     embed = block.model.get_input_embeddings()
+    head = block.model.get_output_embeddings()
+    tied_name = None
+    if head is not None and embed is not None and getattr(head, "weight", None) is getattr(embed, "weight", False):
+        tied_name = next((f"{n}.weight" for n, m in block.model.named_modules() if m is embed), None)
     out: dict[str, nn.Module] = {}
     for name, module in block.model.named_modules():
         if module is embed or not _materialised(module) or "weight" not in module._parameters:
             continue
-        out[f"{name}.weight" if name else "weight"] = module
+        key = tied_name if module is head and tied_name is not None else (f"{name}.weight" if name else "weight")
+        out[key] = module
     return out
 
 

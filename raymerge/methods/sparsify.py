@@ -121,12 +121,19 @@ def magnitude(tensor: torch.Tensor, density: float, rescale: Optional[str] = Non
 
 
 def magnitude_outliers(
-    tensor: torch.Tensor, density: float, gamma: float, rescale: Optional[str] = None
+    tensor: torch.Tensor, density: float, gamma: float, rescale: Optional[str] = None, per_row: bool = False
 ) -> torch.Tensor:
     """Model Breadcrumbs: drop the `gamma` fraction of largest elements, then the smallest ones,
-    keeping `density` of the elements (the outlier cut shrinks when needed to reach density)."""
+    keeping `density` of the elements (the outlier cut shrinks when needed to reach density).
+
+    `per_row`: the selection is made in each row of a matrix (dim 0) separately, with the same
+    fractions — the Breadcrumbs paper's per-row masks; otherwise over the whole tensor, as
+    mergekit 0.1.5 does (a 1-D tensor is one row either way)."""
     if density >= 1:
         return tensor
+    if per_row and tensor.dim() >= 2:
+        return _apply(tensor, _row_band(tensor.reshape(tensor.shape[0], -1), density, gamma).reshape(tensor.shape)
+                      .to(tensor.dtype), rescale, density)
     n = tensor.numel()
     target = int(density * n)
     n_top = int(gamma * n)
@@ -134,6 +141,20 @@ def magnitude_outliers(
     w = _magnitudes(tensor)
     keep = stable_rank_below(w, n_bottom + target) & ~stable_rank_below(w, n_bottom)
     return _apply(tensor, keep.reshape(tensor.shape).to(tensor.dtype), rescale, density)
+
+
+def _row_band(rows: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Per row of a matrix: the mask of the elements whose stable ascending |x| rank lies in
+    [n_bottom, n_bottom + target) (as `magnitude_outliers`, row by row; equal values rank by
+    index). Each row is sorted on its own, so the result does not depend on thread counts."""
+    n = rows.shape[1]
+    target = int(density * n)
+    n_top = int(gamma * n)
+    n_bottom = max(0, n - target - n_top)
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(n, device=rows.device).expand_as(order))
+    return (ranks >= n_bottom) & (ranks < n_bottom + target)
 
 
 def _random_dtype(tensor: torch.Tensor) -> torch.dtype:

@@ -49,7 +49,7 @@ def sparsify_delta(delta: torch.Tensor, kind: Optional[str], mp: dict[str, Any],
     if kind == "random":
         return bernoulli(delta, density, generator, rescale)
     if kind == "magnitude_outliers":
-        return magnitude_outliers(delta, density, mp["gamma"], rescale)
+        return magnitude_outliers(delta, density, mp["gamma"], rescale, per_row=params.get("breadcrumbs_scope") == "row")
     if kind == "della":
         return della_magprune(delta, density, mp["epsilon"], generator, rescale)
     raise ValueError(f"unknown sparsification {kind!r}")
@@ -139,6 +139,10 @@ def _register(
     ]
     if sparsification == "magnitude_outliers":
         params.append(ParamSpec("gamma", 0.01, per_model=True, check=checks.in_range(0, 1), doc="fraction of largest elements removed"))
+        params.append(ParamSpec(
+            "breadcrumbs_scope", "tensor", check=checks.choice("tensor", "row"),
+            doc="tensor: rank over the whole tensor (mergekit); row: in each row of a matrix (the Breadcrumbs paper)",
+        ))
     if sparsification == "della":
         params.append(ParamSpec("epsilon", 0.15, per_model=True, check=checks.in_range(0, 1), doc="spread of keep probabilities around density"))
     if sparsification == "magnitude":
