@@ -152,11 +152,14 @@ class FakeHub:
             h.send_header(k, v)
         h.send_header("Content-Length", str(len(body)))
         h.end_headers()
+        # Logged before the body goes out: the client may act on the last byte (and a test read
+        # the log) before this thread would get to log it afterwards.
         if not head:
-            h.wfile.write(body)
             record.sent = len(body)
         with self.lock:
             self.requests.append(record)
+        if not head:
+            h.wfile.write(body)
 
 
 @pytest.fixture(scope="module")
