@@ -150,6 +150,14 @@ def test_s3_merge_on_private_disks_matches_local(cluster, s3_llama, llama_models
     assert without_named(got) == without_named(expected)
     # The driver staged only its small files; no shard bytes went through it.
     assert not (tmp_path / "driver-staging").exists() or not any((tmp_path / "driver-staging").rglob("*.safetensors"))
+    # Each worker node staged its shards on its own disk, under the driver's staging path, and
+    # removed that copy once the model was published: no model-sized leftovers on the nodes.
+    for name in ("node_a", "node_b"):
+        pid = next(iter(_pids(c.node(name))))
+        listing = subprocess.run(["nsenter", "-t", str(pid), "-m", "sh", "-c",
+                                  f"find {tmp_path / 'driver-staging'} -name '*.safetensors' 2>/dev/null; true"],
+                                 capture_output=True, text=True, check=True).stdout.split()
+        assert listing == [], (name, listing)
 
 
 def test_input_on_one_nodes_private_disk_is_refused(cluster, llama_models, tmp_path):

@@ -382,6 +382,34 @@ def ensure_node_shards(folder: str | os.PathLike, job: str, shards: Sequence[tup
         return True
 
 
+def drop_node_shards(folder: str | os.PathLike, job: str) -> bool:
+    """After `job` published: remove this node's copy of its staging folder (`ensure_node_shards`;
+    its shards are in the bucket), so a worker node keeps no model-sized leftovers. Only a copy
+    marked with this job is removed (never the driver's own staging, which holds the manifest,
+    nor a later job's); workers of one node serialise on the same lock file. True when removed."""
+    import fcntl
+
+    from raymerge.checkpoints.manifest import MANIFEST_NAME
+
+    folder = Path(folder)
+    lock_path = folder.parent / f".{folder.name}.lock"
+    if (folder / MANIFEST_NAME).exists() or not lock_path.exists():
+        return False
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            if (folder / NODE_JOB_MARKER).read_text() != job or (folder / MANIFEST_NAME).exists():
+                return False
+        except OSError:
+            return False
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            lock_path.unlink()
+        except OSError:
+            pass
+    return True
+
+
 def _existing(path: Path) -> Path:
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:

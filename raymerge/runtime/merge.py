@@ -467,6 +467,8 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
         t_merge = time.perf_counter()
         # An S3 output's shards are uploaded by the workers; config.json comes last.
         out = dest.publish(layout, extra_files or {}, spread=upload_on(pool.actors if pool.remote else []))
+        if node_shards is not None and pool.remote:  # published: the nodes' staging copies go
+            pool.get([w.drop_node_shards(str(dest.staging), node_shards[0]) for w in pool.workers])
     except BaseException as err:
         keep = False  # a failed job may leave work queued on the actors
         dead = actor_pool.actor_lost(err) if nodes is not None and len(set(nodes)) > 1 else None

@@ -376,6 +376,13 @@ class PoolActor:
             ensure_node_shards(staging, *node_shards)
         self.merging.begin(sources, staging)
 
+    def drop_node_shards(self, staging: str, job: str) -> bool:
+        """After the merge published: remove this node's copy of the staging folder, if this
+        node had one for `job` (`checkpoints.writer.drop_node_shards`)."""
+        from raymerge.checkpoints.writer import drop_node_shards
+
+        return drop_node_shards(staging, job)
+
     def seal_shard(self, target: Any, staging: str, name: str, job: str) -> str:
         """Hash and upload one finished shard from this node's staging folder (S3 outputs:
         `checkpoints.s3.seal_shard`); its sha256."""
