@@ -21,10 +21,10 @@ the jobs need: merge work, a block of decoder layers, pruning, trials, statistic
   the count. A one-line warning names every loss that is survived.
 - **Keep, replace, shut down.** Starting an actor costs a process and a torch import (about a
   second on a small CPU machine), so a merge pool may be kept for the next merge of this driver
-  process (`acquire(..., )` / `release(pool, keep=True)`; `shutdown_kept`). A job that needs
-  other actors while a pool is kept borrows the kept pool's actors instead of starting more
-  (a guided merge's statistics run on its merge pool), so a kept pool never has to be shut down
-  to free the slots it holds.
+  process (`acquire` / `release(pool, keep=True)`; `shutdown_kept`). A guided merge's statistics
+  run on the merge's own pool, so a kept pool stays kept; a prune takes a kept pool of its size
+  (`acquire`), and a job that needs other actors (a search, a pool of another size) shuts the
+  kept one down first, so it never holds the slots they wait for.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ class ActorPool:
         self.rule = rule if rule is not None else actor_resources(n, what=what)
         self._cls = ray.remote(PoolActor).options(max_concurrency=1, max_restarts=0, **self.rule.options)
         self.workers: list[ActorRef] = [ActorRef(self._start(i), True) for i in range(n)]
-        self.labels = [f"{_singular(what)} {i}" for i in range(n)]
+        self.labels = _labels(what, n)
         self.setup: Optional[Callable[[ActorRef], Any]] = None
         self.cache: dict[Any, Any] = {}
         self._infos: Optional[list[Any]] = None
@@ -159,9 +159,7 @@ class ActorPool:
     @property
     def key(self) -> Optional[tuple]:
         """What a kept pool must match to be reused: Ray session (job), size, resources, threads."""
-        if not self.remote:
-            return None
-        return (self._job_id, len(self.workers), tuple(sorted(self.rule.options.items())), self.rule.threads)
+        return _pool_key(self._job_id, len(self.workers), self.rule) if self.remote else None
 
     def _start(self, i: int) -> Any:
         assert self._cls is not None
@@ -249,8 +247,15 @@ class ActorPool:
                 pass
 
 
-def _singular(what: str) -> str:
-    return what[:-1] if what.endswith("s") else what
+def _labels(what: str, n: int) -> list[str]:
+    """Default names of a pool's actors in messages: "merge worker 0", ..."""
+    singular = what[:-1] if what.endswith("s") else what
+    return [f"{singular} {i}" for i in range(n)]
+
+
+def _pool_key(job_id: Any, n: int, rule: ActorResources) -> tuple:
+    """What a kept pool must match to be reused: Ray session (job), size, resources, threads."""
+    return (job_id, n, tuple(sorted(rule.options.items())), rule.threads)
 
 
 # -- a pool kept between merges of this process ------------------------------------------------------
@@ -268,10 +273,9 @@ def acquire(n: Optional[int], what: str = "merge workers") -> ActorPool:
     if _kept is not None:
         import ray
 
-        key = (ray.get_runtime_context().get_job_id(), n, tuple(sorted(rule.options.items())), rule.threads)
-        if _kept.key == key and _kept.workers:
+        if _kept.key == _pool_key(ray.get_runtime_context().get_job_id(), n, rule) and _kept.workers:
             pool, _kept = _kept, None
-            pool.what, pool.labels = what, [f"{_singular(what)} {i}" for i in range(len(pool))]
+            pool.what, pool.labels = what, _labels(what, len(pool))
             return pool
         shutdown_kept()
     return ActorPool(n, what=what, rule=rule)
