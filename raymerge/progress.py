@@ -69,7 +69,9 @@ def phase(what: str, quiet: bool = False) -> Iterator[None]:
     print(f"raymerge: {what}: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
-class _Drop(logging.Filter):
+class DropMessages(logging.Filter):
+    """Drops log records whose message starts with one of `prefixes` (a library's noise)."""
+
     def __init__(self, *prefixes: str) -> None:
         super().__init__()
         self.prefixes = prefixes
@@ -78,7 +80,7 @@ class _Drop(logging.Filter):
         return not record.getMessage().startswith(self.prefixes)
 
 
-_DEEPSPEED_NOISE = _Drop("Setting accelerator to CPU", "Setting ds_accelerator to")
+_DEEPSPEED_NOISE = DropMessages("Setting accelerator to CPU", "Setting ds_accelerator to")
 
 
 def quiet_third_party() -> None:
@@ -100,4 +102,4 @@ def set_verbose() -> None:
     logging.getLogger("DeepSpeed").removeFilter(_DEEPSPEED_NOISE)
 
 
-__all__ = ["bar", "bar_kwargs", "phase", "quiet_third_party", "set_verbose", "verbose", "is_terminal", "LOG_INTERVAL_S"]
+__all__ = ["DropMessages", "bar", "bar_kwargs", "phase", "quiet_third_party", "set_verbose", "verbose", "is_terminal", "LOG_INTERVAL_S"]

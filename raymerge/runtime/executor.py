@@ -45,6 +45,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+from raymerge.progress import DropMessages
 from raymerge.progress import bar as tqdm  # tqdm with raymerge.progress.bar_kwargs
 
 from raymerge.checkpoints import OutputLayout, SourceSpec
@@ -126,24 +127,13 @@ def local_ray_auth():
     path = os.path.expanduser(TOKEN_FILE)
     existed = os.path.exists(path)
     ray_auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    chosen = _DropMessage("Token authentication is enabled for this Ray cluster")
+    chosen = DropMessages("Token authentication is enabled for this Ray cluster")
     ray_auth_log.addFilter(chosen)
     try:
         yield
     finally:
         ray_auth_log.removeFilter(chosen)
         _private_token_file(path, existed)
-
-
-class _DropMessage(logging.Filter):
-    """Drops log records whose message starts with `prefix`."""
-
-    def __init__(self, prefix: str) -> None:
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefix)
 
 
 def _private_token_file(path: str, existed: bool) -> None:
