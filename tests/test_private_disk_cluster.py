@@ -245,7 +245,7 @@ def test_worker_node_lost_mid_merge_then_rerun_resumes(cluster, s3_llama, llama_
         assert "lost" in message and "rerun" in message, message
     killer.join(60)
     assert killed.is_set()
-    print("node-lost: merge", "completed" if completed else f"failed: {message}")
+    print("LOOKS", len(looks)); print("node-lost: merge", "completed" if completed else f"failed: {message}")
     if completed:
         assert without_named(store.objects(OUT, "node-lost")) == without_named(expected)
         return

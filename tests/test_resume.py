@@ -115,6 +115,39 @@ def test_killed_worker_actor_is_replaced(llama_models, tmp_path, monkeypatch, cl
     assert not staging_of(out).exists()
 
 
+def test_worker_whose_node_is_marked_dead_late_ends_with_node_lost(llama_models, tmp_path, monkeypatch, small_batches):
+    """On a cluster whose nodes stage their own shards, a worker's death can reach the driver
+    before Ray marks its node dead (seen in CI): the replacement must not wait for the node (300 s)
+    nor be taken for a worker that moved, but end the merge with the node-lost error."""
+    from raymerge.runtime import merge as merge_runtime
+
+    gone = "f" * 56  # worker 1 "runs" on this node, which Ray lists alive at first, then dead
+    real_run_plan, pools, looks = merge_runtime.run_plan, [], []
+
+    def run_plan(pool, queues, operators, **kwargs):
+        pools.append([info.pid for info in pool.infos()])
+        return real_run_plan(pool, queues, operators, **{**kwargs, "nodes": [pool.infos()[0].node_id, gone]})
+
+    def alive_nodes():
+        looks.append(1)
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        return alive | {gone} if len(looks) == 1 else alive
+
+    def action(n):
+        if n == 3:
+            os.kill(pools[0][1], signal.SIGKILL)
+
+    monkeypatch.setattr(merge_runtime, "run_plan", run_plan)
+    monkeypatch.setattr(executor, "_alive_nodes", alive_nodes)
+    wait_hook(monkeypatch, action)
+    try:
+        with pytest.raises(actor_pool.WorkerLostError, match="merge worker 1 .* was lost.*rerun the same merge"):
+            merge(linear_config(llama_models), tmp_path / "out")
+    finally:
+        raymerge.shutdown_workers()
+    assert len(looks) >= 2  # the replacement was asked for (the first look), then the node was found gone
+
+
 def test_killed_driver_resumes_byte_identical(llama_models, tmp_path, clean, capsys):
     cfg = tmp_path / "merge.yaml"
     cfg.write_text(yaml.safe_dump(linear_config(llama_models)))

@@ -304,9 +304,7 @@ def run_plan(
     def lost(i: int, err: BaseException, batch: Optional[list[WorkItem]] = None) -> None:
         """Worker `i` died (running `batch`): requeue what it had been sent, replace it (or give up)."""
         if nodes is not None and nodes[i] not in _alive_nodes():
-            raise WorkerLostError(
-                f"merge: the node of {pool.labels[i]} ({nodes[i][:12]}) was lost, with the parts it had written to "
-                f"its own disk; rerun the same merge to resume (finished shards are kept)") from None
+            raise _node_lost(pool.labels[i], nodes[i]) from None
         unfinished = [] if batch is None else [batch]
         for ref, (j, sent) in list(pending.items()):
             if j == i:
@@ -347,6 +345,8 @@ def run_plan(
                     except RayActorError as err:
                         lost(i, err)
                         continue
+                    if nodes is not None and nodes[i] not in _alive_nodes():
+                        raise _node_lost(pool.labels[i], nodes[i])  # Ray saw the node go after the actor
                     if nodes is not None and ray.get(pool.workers[i].describe()).node_id != nodes[i]:
                         raise WorkerLostError(
                             f"merge: the replacement of {pool.labels[i]} started on another node than the parts "
@@ -366,7 +366,12 @@ def run_plan(
                 bar.update(sum(item.bytes_in for item in batch))
                 bar.set_postfix_str(f"{done_parts}/{total_parts} parts", refresh=False)
             now = time.perf_counter()
+            alive = _alive_nodes() if nodes is not None and starting else set()
             for ref, (i, asked) in starting.items():
+                # The actor's death can reach us before the node's: a replacement pinned to a node
+                # that Ray has since marked dead can never start, so stop waiting for it.
+                if nodes is not None and nodes[i] not in alive:
+                    raise _node_lost(pool.labels[i], nodes[i])
                 if now - asked > actor_pool.RESTART_TIMEOUT_S:
                     raise WorkerLostError(f"merge: a replacement for {pool.labels[i]} did not start within "
                                           f"{actor_pool.RESTART_TIMEOUT_S:.0f} s")
@@ -374,6 +379,12 @@ def run_plan(
         bar.close()
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _node_lost(label: str, node_id: str) -> WorkerLostError:
+    return WorkerLostError(
+        f"merge: the node of {label} ({node_id[:12]}) was lost, with the parts it had written to its own disk; "
+        f"rerun the same merge to resume (finished shards are kept)")
 
 
 def _alive_nodes() -> set[str]:
