@@ -24,7 +24,7 @@ Where bytes come from and go:
 - `o.input_location` is another node `m`: `read_rate = min(w.read_bandwidth,
   n.network_bandwidth, m.network_bandwidth)`.
 - Outputs always go to shared storage that every node sees (the merge writes straight into the
-  output shards): `write_rate = min(n.network_bandwidth, remote_bandwidth)`.
+  output shards): `write_rate = min(w.write_bandwidth, n.network_bandwidth, remote_bandwidth)`.
 
 A single part may use its node's whole link, but the workers of a node share it: every byte a
 node's workers read from off the node, plus every byte they write, crosses that node's link,
@@ -101,12 +101,15 @@ class Worker:
     memory_bytes: float
     speed: float
     read_bandwidth: float
+    write_bandwidth: float = math.inf  # bytes/s into its output files (its disk, page cache)
 
     def __post_init__(self) -> None:
         _check_name("worker", self.name)
         _positive("worker", self.name, "memory_bytes", self.memory_bytes)
         _positive("worker", self.name, "speed", self.speed)
         _positive("worker", self.name, "read_bandwidth", self.read_bandwidth)
+        if self.write_bandwidth != math.inf:  # unlimited: the node's link or the storage bounds writes
+            _positive("worker", self.name, "write_bandwidth", self.write_bandwidth)
 
 
 @dataclass(frozen=True)
@@ -208,7 +211,7 @@ class MergeProblem:
         return min(worker.read_bandwidth, link, source)
 
     def write_rate(self, worker: Worker) -> float:
-        return min(self.node(worker.node).network_bandwidth, self._remote_rate())
+        return min(worker.write_bandwidth, self.node(worker.node).network_bandwidth, self._remote_rate())
 
     def full_time(self, op: Operator, worker: Worker) -> float:
         """Seconds for the whole of `op` on `worker` (= `degree * part_time`)."""
@@ -264,7 +267,7 @@ class MergeProblem:
         """Indices of interchangeable workers (same node, memory, speed and read bandwidth)."""
         groups: dict[tuple, list[int]] = {}
         for i, w in enumerate(self.workers):
-            groups.setdefault((w.node, w.memory_bytes, w.speed, w.read_bandwidth), []).append(i)
+            groups.setdefault((w.node, w.memory_bytes, w.speed, w.read_bandwidth, w.write_bandwidth), []).append(i)
         return tuple(tuple(g) for g in groups.values())
 
 

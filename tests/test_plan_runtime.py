@@ -168,6 +168,43 @@ def test_result_reports_predicted_and_measured_makespan(ray_session, llama_model
     assert len(p.predicted_busy) == 2 and set(p.measured_busy) <= set(p.predicted_busy)
     text = result.summary()
     assert "predicted makespan" in text and "measured" in text
+    assert "workers measured: read" in text and "ms per part" in text  # the I/O probe's figures
+    as_json = result.to_dict()
+    assert as_json["plan"]["predicted_makespan"] == p.predicted_makespan and set(as_json["timings"]) >= {"ray", "merge"}
+    json.dumps(as_json)
+
+
+def test_workers_measure_read_write_and_part_costs_on_the_job_itself(llama_models, tmp_path):
+    """The I/O probe reads the job's own inputs and writes a scratch file of the staging folder,
+    which it removes: the staging folder is as it was, the figures are positive, and a topology
+    built from them carries them to the planner (read and write bandwidth, part overhead)."""
+    from raymerge.checkpoints import SourceSpec
+    from raymerge.runtime.worker import IoFigures, MergeWorkerImpl
+
+    cfg = linear_config(llama_models)
+    ops = program_of(cfg).operators
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "keep.safetensors").write_bytes(b"x" * 10)
+    worker = MergeWorkerImpl(0)
+    worker.begin([SourceSpec(str(llama_models[k])) for k in ("ft1", "ft2", "ft3")], str(staging))
+    large = max(ops, key=lambda op: op.bytes_in)
+    small = min(ops, key=lambda op: op.bytes_in)
+    io = worker.measure_io(large, small, sample_bytes=large.bytes_in // 3)
+    worker.finish()
+    assert io.read_bandwidth > 0 and io.write_bandwidth > 0 and io.part_overhead_s > 0
+    assert sorted(p.name for p in staging.iterdir()) == ["keep.safetensors"]
+    assert (staging / "keep.safetensors").read_bytes() == b"x" * 10
+    infos = [WorkerInfo(i, "n1", "h", 1, "cpu", 10_000) for i in range(2)]
+    figures = [IoFigures(3e9, 1e9, 0.004), IoFigures(1e9, 0.5e9, 0.002)]
+    topo = topology_from_workers(infos, [1.0, 1.0], io=figures)
+    assert [w.read_bandwidth for w in topo.workers] == [3e9, 1e9]
+    assert [w.write_bandwidth for w in topo.workers] == [1e9, 0.5e9]
+    assert topo.part_overhead_s == pytest.approx(0.003)
+    problem = build_problem(ops, topo, {})
+    op = problem.operators[0]
+    assert op.compute_s == pytest.approx(costs.planner_operator(ops[0], {}, overhead_s=0.003).compute_s)
+    assert problem.part_time(op, 1, topo.workers[1]) > problem.part_time(op, 1, topo.workers[0])
 
 
 def test_kept_worker_pool_is_reused(ray_session, llama_models, tmp_path):

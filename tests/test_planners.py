@@ -183,6 +183,10 @@ def test_part_time_follows_the_documented_model():
         for w in (w_a, w_b):
             for d in (1, 2):
                 assert p.part_time(op, d, w) == pytest.approx(_part_time(p, op, d, w))
+    # a worker's own write bandwidth (its disk, measured live) bounds its writes too
+    slow_disk = Worker("ws", "a", 16 * GB, 2.0, 3 * GB, write_bandwidth=0.25 * GB)
+    q = MergeProblem([local], [slow_disk], nodes, remote_bandwidth=5 * GB)
+    assert q.part_time(local, 1, slow_disk) == pytest.approx(4 / 2 + 6 / 3 + 1 / 0.25)
     assert p.link_bytes(local, w_a) == 1 * GB and p.link_bytes(local, w_b) == 7 * GB
     assert p.remote_bytes(other) == 1 * GB and p.remote_bytes(remote) == 7 * GB
 

@@ -161,9 +161,11 @@ def peak_memory(op: MergeOperator) -> float:
 
 
 def planner_operator(
-    op: MergeOperator, seconds_per_element: Mapping[CostKey, float], input_location: Optional[str] = None
+    op: MergeOperator, seconds_per_element: Mapping[CostKey, float], input_location: Optional[str] = None,
+    overhead_s: float = OPERATOR_OVERHEAD_S,
 ) -> planners.Operator:
-    """`op` as the planner sees it; `seconds_per_element` on a speed-1.0 worker by cost key."""
+    """`op` as the planner sees it; `seconds_per_element` on a speed-1.0 worker by cost key;
+    `overhead_s`: the fixed seconds of one part (measured by the workers when merging)."""
     key = cost_key(op)
     per_element = seconds_per_element.get(key)
     if per_element is None:
@@ -172,7 +174,7 @@ def planner_operator(
         name=op.name,
         bytes_read=float(op.bytes_in),
         bytes_written=float(op.bytes_out),
-        compute_s=OPERATOR_OVERHEAD_S + elements(op) * per_element * shape_factor(op),
+        compute_s=overhead_s + elements(op) * per_element * shape_factor(op),
         peak_memory=peak_memory(op),
         split_degrees=split_degrees(op),
         input_location=input_location,

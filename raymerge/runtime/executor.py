@@ -171,6 +171,16 @@ def calibrate(pool: ActorPool, samples: dict[Any, MergeOperator]) -> list[list[f
     return [[cache[k][w] for k in samples] for w in range(len(pool))]
 
 
+def measure_io(pool: ActorPool, ops: Sequence[MergeOperator]) -> list:
+    """Each actor's read, write and per-part figures on this job's own inputs and staging
+    folder (`runtime.worker.IoFigures`), all actors at once, as they will run: the largest of
+    `ops` is read (its first rows), the smallest merged for the fixed cost of a part."""
+    by_rows = [op for op in ops if op.vocab is None and len(op.shape) >= 2] or list(ops)
+    large = max(by_rows, key=lambda op: op.bytes_in)
+    small = min(ops, key=lambda op: op.bytes_in)
+    return pool.get([w.measure_io(large, small) for w in pool.workers])
+
+
 def finish(pool: ActorPool) -> list[int]:
     """Close every actor's merge files; each actor's peak RSS bytes."""
     pool.setup = None

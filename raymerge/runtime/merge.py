@@ -59,6 +59,7 @@ from raymerge.runtime.worker import host_memory_bytes
 from raymerge.runtime.planning import (
     Topology,
     calibrated_costs,
+    calibration_note,
     plan_merge,
     plan_summary,
     topology_from_profile,
@@ -96,6 +97,24 @@ class MergeResult:
     def read_gbps(self) -> float:
         merge_s = self.timings.get("merge", self.seconds)
         return self.bytes_read / GB / merge_s if merge_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as plain JSON values (`raymerge merge --result-json`): sizes in bytes,
+        times in seconds, the phases in `timings`, and the plan's predicted and measured makespan."""
+        plan = None
+        if self.plan is not None:
+            p = self.plan
+            plan = {"predicted_makespan": p.predicted_makespan, "measured_makespan": p.measured_makespan,
+                    "lower_bound": p.lower_bound, "gap": p.gap, "solver": p.solver, "status": p.status,
+                    "solve_seconds": p.solve_seconds, "parts": p.parts, "moved_parts": p.moved_parts,
+                    "predicted_busy": p.predicted_busy, "measured_busy": p.measured_busy, "summary": p.summary()}
+        return {
+            "output": str(self.output), "tensors": self.tensors, "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written, "workers": self.workers, "seconds": self.seconds,
+            "timings": dict(self.timings), "peak_worker_rss_bytes": self.peak_worker_rss_bytes,
+            "peak_device_bytes": self.peak_device_bytes, "files": list(self.files), "reused_shards": self.reused_shards,
+            "reused_tensors": self.reused_tensors, "worker_restarts": self.worker_restarts, "plan": plan,
+        }
 
     def summary(self) -> str:
         t = self.timings
@@ -135,6 +154,7 @@ class PlanOutcome:
     moved_parts: int = 0  # parts taken over at run time by a worker that ran out of work
     predicted_busy: dict[str, float] = field(default_factory=dict)
     measured_busy: dict[str, float] = field(default_factory=dict)
+    calibration: str = ""  # what the workers measured for the cost model (`runtime.planning.calibration_note`)
     report: Optional["PlanReport"] = field(default=None, repr=False)  # the plan itself, for --gantt/--json
 
     def summary(self) -> str:
@@ -144,7 +164,7 @@ class PlanOutcome:
         return (
             f"plan: {self.parts} parts, solver {self.solver} ({self.status}, gap {self.gap:.1%}, {self.solve_seconds:.2f} s); "
             f"measured makespan {self.measured_makespan:.2f} s vs predicted makespan {self.predicted_makespan:.2f} s{ratio}; "
-            f"{self.moved_parts} part(s) moved at run time"
+            f"{self.moved_parts} part(s) moved at run time" + (f"; {self.calibration}" if self.calibration else "")
         )
 
 
@@ -431,7 +451,8 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
                 samples = representative_ops(todo)
                 measured = executor.calibrate(pool, samples)
                 table, speeds = calibrated_costs(list(samples), measured)
-                topology = topology_from_workers(pool.infos(), speeds, profile, description=_pool_description(pool, options))
+                io = executor.measure_io(pool, todo)
+                topology = topology_from_workers(pool.infos(), speeds, profile, description=_pool_description(pool, options), io=io)
                 plan, problem = plan_merge(todo, topology, table, planner=options.planner, time_limit=options.plan_time_limit)
             t_planned = time.perf_counter()
             queues = work_items(plan, todo, layout, [w.name for w in problem.workers])
@@ -510,7 +531,7 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
             gap=plan.gap, solver=plan.solver, status=plan.status, solve_seconds=plan.solve_seconds,
             parts=len(plan.assignments), moved_parts=stats.stolen_parts, predicted_busy={w.name: plan.loads.get(w.name, 0.0) for w in problem.workers},
             measured_busy={problem.workers[i].name: s for i, s in sorted(stats.per_worker_seconds.items())},
-            report=PlanReport(plan, problem, topology),
+            calibration=calibration_note(topology), report=PlanReport(plan, problem, topology),
         ),
     )
 

@@ -16,13 +16,14 @@ planner before it is returned; `plan_summary` and `Plan.load_table` print what i
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 import planners
 
-from raymerge.runtime.costs import CostKey, cost_key, planner_operator
+from raymerge.runtime.costs import OPERATOR_OVERHEAD_S, CostKey, cost_key, planner_operator
 from raymerge.runtime.operators import MergeOperator
 
 LOCAL_READ_BANDWIDTH = 2e9  # bytes/s per worker: page cache or local NVMe, page faults included
@@ -41,6 +42,7 @@ class Topology:
     remote_bandwidth: Optional[float]
     inputs: str  # "local": each node reads the inputs from its own disk; "remote": shared storage
     description: str
+    part_overhead_s: float = OPERATOR_OVERHEAD_S  # fixed seconds of every part (measured live)
 
     def input_location(self) -> Optional[str]:
         """The node holding the inputs, for the cost model (None: remote storage)."""
@@ -56,12 +58,17 @@ def topology_from_profile(profile, description: str) -> Topology:
 
 
 def topology_from_workers(
-    infos: Sequence, relative_speeds: Sequence[float], profile=None, description: str = "live Ray cluster"
+    infos: Sequence, relative_speeds: Sequence[float], profile=None, description: str = "live Ray cluster",
+    io: Optional[Sequence] = None,
 ) -> Topology:
     """The running workers (`WorkerInfo`s, in worker-id order) as a topology.
 
     `relative_speeds[i]`: worker i's speed relative to the cost model's figures (1.0 = as
-    calibrated). Bandwidths come from `profile`'s first node group when given.
+    calibrated). Bandwidths come from `profile`'s first node group when given, else the
+    defaults above. `io[i]` (`runtime.worker.IoFigures`, what worker i measured on the job's
+    own inputs and staging folder) replaces the read bandwidth and sets the write bandwidth of
+    worker i, and the median part overhead replaces the fixed one: the network figures still
+    bound both (`planners.problem`'s cost model).
     """
     per_node: dict[str, int] = {}
     for info in infos:
@@ -69,14 +76,29 @@ def topology_from_workers(
     node_names = {node: f"node{i}" for i, node in enumerate(dict.fromkeys(i.node_id for i in infos))}
     read_bw, net_bw, remote, inputs = _bandwidths(profile, len(per_node))
     workers = []
-    for info, speed in zip(infos, relative_speeds):
+    for k, (info, speed) in enumerate(zip(infos, relative_speeds)):
         memory = info.memory_bytes if info.device == "cuda" else info.memory_bytes * CPU_MEMORY_SHARE / per_node[info.node_id]
+        measured = io[k] if io is not None else None
         workers.append(planners.Worker(
             name=f"{node_names[info.node_id]}/w{info.worker_id}", node=node_names[info.node_id],
-            memory_bytes=float(memory), speed=float(speed), read_bandwidth=read_bw,
+            memory_bytes=float(memory), speed=float(speed),
+            read_bandwidth=float(measured.read_bandwidth) if measured is not None else read_bw,
+            write_bandwidth=float(measured.write_bandwidth) if measured is not None else math.inf,
         ))
     nodes = tuple(planners.Node(name, net_bw) for name in node_names.values())
-    return Topology(tuple(workers), nodes, remote, inputs, description)
+    overhead = statistics.median(f.part_overhead_s for f in io) if io else OPERATOR_OVERHEAD_S
+    return Topology(tuple(workers), nodes, remote, inputs, description, part_overhead_s=overhead)
+
+
+def calibration_note(topology: Topology) -> str:
+    """The workers' measured I/O figures, for a merge's summary: median read and write bandwidth
+    and fixed cost per part (what the predicted makespan is built from, besides compute)."""
+    writes = [w.write_bandwidth for w in topology.workers if w.write_bandwidth != math.inf]
+    if not writes:
+        return ""
+    read = statistics.median(w.read_bandwidth for w in topology.workers)
+    return (f"workers measured: read {read / 1e9:.2f} GB/s, write {statistics.median(writes) / 1e9:.2f} GB/s, "
+            f"{topology.part_overhead_s * 1e3:.1f} ms per part")
 
 
 def _bandwidths(profile, n_nodes: int) -> tuple[float, float, Optional[float], str]:
@@ -103,7 +125,7 @@ def build_problem(
     ops: Sequence[MergeOperator], topology: Topology, seconds_per_element: Mapping[CostKey, float]
 ) -> planners.MergeProblem:
     location = topology.input_location()
-    operators = [planner_operator(op, seconds_per_element, location) for op in ops]
+    operators = [planner_operator(op, seconds_per_element, location, topology.part_overhead_s) for op in ops]
     return planners.MergeProblem(operators, topology.workers, topology.nodes, remote_bandwidth=topology.remote_bandwidth)
 
 

@@ -366,6 +366,11 @@ class PoolActor:
         """Seconds per output element of each operator's method on this actor (for the planner)."""
         return self.merging.calibrate(ops)
 
+    def measure_io(self, large: MergeOperator, small: MergeOperator) -> Any:
+        """Read, write and per-part figures of this actor on the job's storage, after
+        `merge_begin` (`runtime.worker.MergeWorkerImpl.measure_io`)."""
+        return self.merging.measure_io(large, small)
+
     def merge_begin(self, sources: Sequence[SourceSpec], staging: str, node_shards: Optional[tuple] = None) -> None:
         """Point this actor at a merge: its sources (opened on first use) and staging folder;
         `node_shards` ((job, [(name, header, size)])): an S3 output's shards, allocated in this
@@ -408,8 +413,10 @@ class PoolActor:
         embed: bool, head: bool, staging: Optional[str] = None, layout: Optional[OutputLayout] = None,
     ) -> int:
         """Build the block (layers first..last; the embeddings if `embed`, norm and head if
-        `head`) and open the output `staging` folder if any; return the resident parameter bytes."""
+        `head`) and open the output `staging` folder if any; return the resident parameter bytes.
+        Starts the busy time afresh: a job's stage busy time is its own (a kept actor's too)."""
         self.statistics.detach()
+        self.layers.busy_seconds = 0.0
         n = self.layers.load(config, spec, first, last, settings, embed, head)
         self.output.open(staging, layout)
         return n
@@ -431,7 +438,7 @@ class PoolActor:
         return out.cpu() if emit else None
 
     def store(self, hidden: torch.Tensor) -> None:
-        self.layers.held.store(hidden.to(self.device))
+        self.layers.timed(self.layers.held.store, hidden.to(self.device))
 
     def store_all(self, hiddens: Sequence[torch.Tensor]) -> None:
         for h in hiddens:
@@ -442,7 +449,7 @@ class PoolActor:
 
     def features(self, hidden: torch.Tensor) -> torch.Tensor:
         """Mean over positions of the hidden states (calibration curation's activation space)."""
-        return mean_pooled_features(hidden).cpu()
+        return self.layers.timed(mean_pooled_features, hidden).cpu()
 
     def clear_statistics(self) -> None:
         self.layers.held.clear_statistics()
@@ -462,11 +469,13 @@ class PoolActor:
 
     def copy(self, names: Sequence[str]) -> int:
         """Copy tensors unchanged from the checkpoint to the output; return the bytes copied."""
-        return self.output.copy(self.layers.source, names)
+        return self.layers.timed(self.output.copy, self.layers.source, names)
 
     def finish(self) -> tuple[list[ModuleResult], int, float]:
-        """Close the output files; return module results, peak RSS bytes and busy seconds."""
+        """Close the output files; return module results, peak RSS bytes and busy seconds (the
+        time spent inside this stage's calls since `load`, closing the files included)."""
         results = self.layers.held.results
+        self.layers.timed(self.output.close)
         self.close()
         return results, _peak_rss_bytes(), self.layers.busy_seconds
 

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from raymerge.checkpoints import CheckpointSource, ShardFileWriter, SourceSpec
-from raymerge.checkpoints.safetensors_format import TensorEntry
+from raymerge.checkpoints.safetensors_format import TensorEntry, tensor_bytes
 from raymerge.runtime.compute import compute_operator
 from raymerge.runtime.costs import measure_seconds_per_element
 from raymerge.runtime.metrics import WorkerMetrics
@@ -55,6 +55,21 @@ class BatchStats:
     seconds: float
     peak_rss_bytes: int
     peak_device_bytes: int
+
+
+@dataclass(frozen=True)
+class IoFigures:
+    """What one worker measured of its job's storage (`MergeWorkerImpl.measure_io`): bytes/s
+    reading the inputs (mapping or fetching them, and touching every byte once), bytes/s writing
+    into its staging folder, and the fixed seconds one part costs besides (a small tensor read,
+    merged and written)."""
+
+    read_bandwidth: float
+    write_bandwidth: float
+    part_overhead_s: float
+
+
+IO_SAMPLE_BYTES = 32 * 1024 * 1024  # input bytes the read probe takes (rows of the job's largest tensor)
 
 
 @dataclass(frozen=True)
@@ -136,6 +151,31 @@ def worker_info(worker_id: int, device: torch.device) -> WorkerInfo:
     return WorkerInfo(worker_id, node_id, socket.gethostname(), os.getpid(), device.type, int(memory))
 
 
+def _probe_rows(op: MergeOperator, sample_bytes: int) -> Optional[tuple[int, int]]:
+    """The first rows of `op` holding about `sample_bytes` of its inputs (all of it if smaller,
+    or when it cannot be read by rows: a 1-D tensor, or a vocabulary-mapped one)."""
+    if len(op.shape) < 2 or op.vocab is not None or op.bytes_in <= sample_bytes:
+        return None
+    rows = max(1, op.shape[0] * sample_bytes // op.bytes_in)
+    return (0, min(rows, op.shape[0]))
+
+
+PAGE = 4096
+
+
+def _timed_read(op: MergeOperator, sources, rows) -> tuple[float, int]:
+    """Seconds to read `op`'s inputs (their `rows`): map or fetch them and touch one byte of
+    every page, which faults the mapped pages in; and the bytes read. What reading the bytes
+    costs once they are in memory is the compute calibration's (it runs on resident tensors)."""
+    start, size = time.perf_counter(), 0
+    for i in op.inputs:
+        t = sources[i.model].read(i.name, rows=rows)
+        flat = t.reshape(-1).view(torch.uint8) if t.is_contiguous() else t.contiguous().reshape(-1).view(torch.uint8)
+        flat[::PAGE].sum()
+        size += flat.numel()
+    return time.perf_counter() - start, size
+
+
 class MergeWorkerImpl:
     """A pool actor's merge work (`PoolActor.merging`), usable on its own without Ray.
 
@@ -173,6 +213,30 @@ class MergeWorkerImpl:
             if i not in self._sources:
                 self._sources[i] = self._specs[i].open()
         return self._sources
+
+    def measure_io(self, large: MergeOperator, small: MergeOperator, sample_bytes: int = IO_SAMPLE_BYTES) -> IoFigures:
+        """Time this worker's storage on the job itself (after `begin`): read about `sample_bytes`
+        of `large`'s inputs (its first rows) into memory, write as many bytes into a scratch
+        file of the staging folder (removed again), and run `small` (read, merge, write to the
+        scratch file) for the fixed cost of a part. Nothing of the output is touched."""
+        if self._writer is None:
+            raise RuntimeError("MergeWorker.measure_io called before begin()")
+        read_s, size = _timed_read(large, self._opened(large), _probe_rows(large, sample_bytes))
+        data = torch.ones(max(size, 1), dtype=torch.uint8)  # resident before the clock starts
+        scratch = self._writer.staging / f".io-probe-{os.getpid()}"
+        fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            start = time.perf_counter()
+            offset = os.pwrite(fd, tensor_bytes(data), 0)
+            write_s = time.perf_counter() - start
+            start = time.perf_counter()
+            result = compute_operator(small, self._opened(small), self.device)  # type: ignore[arg-type]
+            os.pwrite(fd, tensor_bytes(result), offset)
+            overhead_s = time.perf_counter() - start
+        finally:
+            os.close(fd)
+            scratch.unlink()
+        return IoFigures(size / max(read_s, 1e-9), data.numel() / max(write_s, 1e-9), overhead_s)
 
     def run(self, batch: Sequence[WorkItem]) -> BatchStats:
         if self._writer is None:
