@@ -11,18 +11,58 @@ Public API::
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from raymerge.progress import quiet_third_party
 
 quiet_third_party()  # before anything imports deepspeed (raymerge.progress; `-v` shows it all)
 
-from raymerge.checkpoints import CheckpointError, OutputError
-from raymerge.config import ConfigError, MergeConfig
-from raymerge.errors import RaymergeError
-from raymerge.methods import MethodError, available_methods
-from raymerge.runtime.merge import MergeOptions, MergeResult, PlanReport
+from raymerge.errors import ConfigError, RaymergeError  # noqa: E402  (imports nothing: cheap)
+
+if TYPE_CHECKING:  # imported on first use (`__getattr__` below), not with the package
+    from raymerge.checkpoints.source import CheckpointError
+    from raymerge.checkpoints.writer import OutputError
+    from raymerge.config.merge_config import MergeConfig
+    from raymerge.methods import MethodError, available_methods
+    from raymerge.runtime.merge import MergeOptions, MergeResult, PlanReport
+
+# Importing the package stays cheap (no torch, Ray, DeepSpeed or transformers): `raymerge --help`
+# and errors in a config return at once (issue 18). The names below are the public API all the
+# same; each is imported from its module the first time it is used (PEP 562).
+_LAZY = {
+    "CheckpointError": "raymerge.checkpoints.source",
+    "OutputError": "raymerge.checkpoints.writer",
+    "MergeConfig": "raymerge.config.merge_config",
+    "MethodError": "raymerge.methods",  # the package: importing it registers every method
+    "available_methods": "raymerge.methods",
+    "MergeOptions": "raymerge.runtime.merge",
+    "MergeResult": "raymerge.runtime.merge",
+    "PlanReport": "raymerge.runtime.merge",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The lazily imported public names, and the subpackages (`raymerge.checkpoints`, ...), which
+    `import raymerge` used to import as a side effect: `raymerge.runtime.merge` still works."""
+    module = _LAZY.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("__"):
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "CheckpointError",
@@ -114,7 +154,7 @@ def merge(
     Raises:
         ConfigError, CheckpointError, OutputError, MergePlanError: before anything is written.
     """
-    from raymerge.runtime.merge import run_merge
+    from raymerge.runtime.merge import MergeOptions, run_merge
 
     options = MergeOptions(
         workers=workers,
@@ -155,7 +195,7 @@ def plan(
     for models given as folders without weights (shape-only), so large merges can be planned
     anywhere. `cluster`: a `clusters/` profile (default: this machine, `workers` CPU slots or
     GPUs). Returns a `PlanReport` (`.summary()`, `.plan`, `.problem`)."""
-    from raymerge.runtime.merge import plan_only
+    from raymerge.runtime.merge import MergeOptions, plan_only
 
     options = MergeOptions(
         workers=workers, cluster=cluster, planner=planner, plan_time_limit=time_limit,

@@ -6,6 +6,13 @@ planner's own `PlanError`/`ProblemError`) print one line (`errors.one_line`) and
 anything else is a bug and keeps its traceback. Ctrl-C prints one line (with where the staging
 folder was kept for a resume) and exits 130; a closed stdout pipe (`| tee` died) prints one line
 and exits 1, never a second "Exception ignored" at exit.
+
+Fixed costs stay out of the way (issue 18): this module and `import raymerge` import no torch,
+Ray, DeepSpeed or transformers, so `--help`, `--version` and errors in a config return at once.
+Each subcommand imports what it runs when it runs, and first repeats, with `raymerge.config`
+alone, the checks its job makes before anything else (`_preflight`: the actor count, then the
+config file: missing, not YAML, invalid), in the same order and with the same messages; the job
+then makes them again (they are cheap) and goes on to the checks that need the models.
 """
 
 from __future__ import annotations
@@ -22,11 +29,65 @@ INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    """User mistakes: raymerge's (`RaymergeError`) and the standalone planner's own."""
-    from planners import PlanError, ProblemError
+    """User mistakes: raymerge's (`RaymergeError`) and the standalone planner's own. The planner's
+    classes only when `planners` was imported (none of its errors can exist otherwise): importing
+    it brings PuLP and HiGHS, a quarter of a second that a config error need not wait for."""
     from raymerge.errors import RaymergeError
 
+    if "planners" not in sys.modules:
+        return (RaymergeError,)
+    from planners import PlanError, ProblemError
+
     return (RaymergeError, PlanError, ProblemError)
+
+
+def _version() -> str:
+    """The installed raymerge's version ("dev" when running from a source tree without metadata)."""
+    try:
+        from importlib.metadata import version
+
+        return version("raymerge")
+    except Exception:  # noqa: BLE001 - not installed
+        return "dev"
+
+
+class _VersionAction(argparse.Action):
+    """`--version`: print `raymerge X.Y.Z` and exit 0 (the version is looked up only when asked)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: Optional[str] = None) -> None:
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: Optional[str] = None) -> None:
+        print(f"raymerge {_version()}")  # on stdout, as argparse's own "version" action
+        parser.exit()
+
+
+def _preflight(command: str, args: argparse.Namespace) -> None:
+    """The checks the job of `command` makes first, made here with `raymerge.config` alone (no
+    torch, Ray or DeepSpeed imported yet), in the job's own order, so that a bad count or config
+    is reported at once and with the job's own message. `merge --in-process` is left to the job,
+    which checks its contradicting options (`--workers`, `--address`) before the config."""
+    from raymerge.runtime.actor_resources import check_actor_count  # config/ only
+
+    if command in ("merge", "plan"):
+        check_actor_count(args.workers, "workers")
+        if command == "merge" and args.in_process:
+            return
+        from raymerge.config.merge_config import load_config
+
+        load_config(args.config)
+    elif command == "prune":
+        check_actor_count(args.stages, "stages")
+        from raymerge.config.prune_config import load_prune_config
+
+        load_prune_config(args.config)
+    elif command == "search":
+        check_actor_count(args.stages, "stages")
+        from raymerge.config.search_config import load_search_config
+
+        load_search_config(args.config)
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -124,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge (and prune) LLM checkpoints on a Ray cluster. Configs use mergekit's YAML format.",
     )
     _add_verbose(parser, top=True)
+    parser.add_argument("--version", action=_VersionAction, help="print raymerge's version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     m = sub.add_parser(
@@ -274,6 +336,7 @@ def _merge(args: argparse.Namespace) -> int:
     _note_mergekit_flags(args)
     if args.plan_only:
         return _plan(args)
+    _preflight("merge", args)
     result = raymerge.merge(
         args.config, args.output, workers=args.workers, overwrite=args.overwrite, random_seed=args.random_seed,
         quiet=args.quiet, address=args.address, out_shard_size=args.out_shard_size,
@@ -292,6 +355,7 @@ def _merge(args: argparse.Namespace) -> int:
 def _prune(args: argparse.Namespace) -> int:
     import raymerge
 
+    _preflight("prune", args)
     result = raymerge.prune(
         args.config, args.output, stages=args.stages, in_process=args.in_process, overwrite=args.overwrite,
         quiet=args.quiet, address=args.address, plot=args.plot, s3_endpoint_url=args.s3_endpoint_url,
@@ -309,6 +373,7 @@ def _prune(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     import raymerge
 
+    _preflight("search", args)
     result = raymerge.optimize(args.config, args.output, stages=args.stages, in_process=args.in_process,
                                address=args.address, quiet=args.quiet, materialize=args.materialize,
                                overwrite=args.overwrite, allow_pickle=args.allow_pickle, allow_mixed_architectures=args.allow_mixed_architectures,
@@ -331,6 +396,7 @@ def _search(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     import raymerge
 
+    _preflight("plan", args)
     report = raymerge.plan(
         args.config, cluster=args.cluster, workers=args.workers, planner=args.planner,
         time_limit=args.plan_time_limit, allow_pickle=args.allow_pickle,

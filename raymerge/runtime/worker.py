@@ -10,6 +10,7 @@ Only small metadata (operators in, statistics out) crosses the Ray object store:
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import socket
@@ -224,19 +225,24 @@ class MergeWorkerImpl:
         read_s, size = _timed_read(large, self._opened(large), _probe_rows(large, sample_bytes))
         data = torch.ones(max(size, 1), dtype=torch.uint8)  # resident before the clock starts
         scratch = self._writer.staging / f".io-probe-{os.getpid()}"
-        fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_bandwidth, offset = math.inf, 0
+        start = time.perf_counter()
+        result = compute_operator(small, self._opened(small), self.device)  # type: ignore[arg-type]
+        small_bytes = tensor_bytes(result)
         try:
-            start = time.perf_counter()
-            offset = os.pwrite(fd, tensor_bytes(data), 0)
-            write_s = time.perf_counter() - start
-            start = time.perf_counter()
-            result = compute_operator(small, self._opened(small), self.device)  # type: ignore[arg-type]
-            os.pwrite(fd, tensor_bytes(result), offset)
+            fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.pwrite(fd, small_bytes, 0)
+                overhead_s = time.perf_counter() - start
+                start = time.perf_counter()
+                offset = os.pwrite(fd, tensor_bytes(data), len(small_bytes))
+                write_bandwidth = offset / max(time.perf_counter() - start, 1e-9)
+            finally:
+                os.close(fd)
+                scratch.unlink()
+        except OSError:  # e.g. a full disk: the merge's own writes will say so, naming the shard
             overhead_s = time.perf_counter() - start
-        finally:
-            os.close(fd)
-            scratch.unlink()
-        return IoFigures(size / max(read_s, 1e-9), data.numel() / max(write_s, 1e-9), overhead_s)
+        return IoFigures(size / max(read_s, 1e-9), write_bandwidth, overhead_s)
 
     def run(self, batch: Sequence[WorkItem]) -> BatchStats:
         if self._writer is None:

@@ -1,0 +1,125 @@
+"""Fixed costs out of the way (issue 18): `raymerge --help`, `--version`, a subcommand's `--help`
+and errors in a config (not YAML, invalid, missing) are answered without importing torch, Ray,
+DeepSpeed or transformers, which take seconds to import.
+
+Each case runs `raymerge.cli.main` in a fresh interpreter and then lists which of those modules
+are in `sys.modules`: a behaviour test, with no timing asserts (timings vary by machine). Also
+checked: the public names of `import raymerge` are still there, imported on first use.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "ray", "deepspeed", "transformers")
+
+RUNNER = textwrap.dedent(
+    """
+    import contextlib, io, json, sys
+    import raymerge.cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = raymerge.cli.main(sys.argv[1:])
+        except SystemExit as exit:
+            code = exit.code
+    heavy = sorted({m.split(".")[0] for m in sys.modules} & set(%r))
+    print(json.dumps({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue(), "heavy": heavy}))
+    """ % (HEAVY,)
+)
+
+
+def run_cli(*argv: str, cwd: Path = ROOT) -> dict:
+    done = subprocess.run([sys.executable, "-c", RUNNER, *argv], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["merge", "--help"], ["plan", "--help"], ["prune", "--help"],
+                                  ["search", "--help"]])
+def test_help_imports_nothing_heavy(argv):
+    result = run_cli(*argv)
+    assert result["code"] == 0
+    assert "usage: raymerge" in result["stdout"]
+    assert result["heavy"] == []
+
+
+def test_version_imports_nothing_heavy():
+    result = run_cli("--version")
+    assert result["code"] == 0
+    assert result["stdout"].startswith("raymerge ") and len(result["stdout"].split()) == 2
+    assert result["heavy"] == []
+
+
+CONFIGS = {
+    "bad.yaml": ("models: [\n  - a\nmerge_method: : x\n", "invalid YAML in"),
+    "unknown_key.yaml": ("merge_method: linear\nmodels:\n  - model: /nowhere\n    parameters: {weight: 1}\nbogus: 1\n",
+                         "bogus: unknown key"),
+    "not_a_mapping.yaml": ("- just\n- a list\n", "expected a mapping at the top level"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("command", ["merge", "plan", "prune", "search"])
+def test_config_errors_before_any_heavy_import(tmp_path, name, command):
+    text, expected = CONFIGS[name]
+    config = tmp_path / name
+    config.write_text(text)
+    argv = [command, str(config)] + ([] if command == "plan" else [str(tmp_path / "out")])
+    result = run_cli(*argv)
+    assert result["code"] == 2, result
+    lines = result["stderr"].splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raymerge: error: "), result["stderr"]
+    if command in ("merge", "plan") or name == "bad.yaml":  # prune/search word their own validation errors
+        assert expected in lines[0], lines[0]
+    assert result["heavy"] == [], result
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_config_and_bad_count_before_any_heavy_import(tmp_path):
+    result = run_cli("merge", str(tmp_path / "missing.yaml"), str(tmp_path / "out"))
+    assert (result["code"], result["heavy"]) == (2, [])
+    assert result["stderr"] == f"raymerge: error: merge config not found: {tmp_path / 'missing.yaml'}\n"
+    # the job's own order: the worker count is checked before the config
+    result = run_cli("merge", "--workers", "0", str(tmp_path / "missing.yaml"), str(tmp_path / "out"))
+    assert (result["code"], result["heavy"]) == (2, [])
+    assert result["stderr"] == "raymerge: error: workers must be at least 1 (got 0)\n"
+
+
+def test_public_api_is_imported_on_first_use():
+    script = textwrap.dedent(
+        """
+        import sys
+        import raymerge
+
+        light = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "ray", "deepspeed", "transformers"})
+        assert light == [], light
+        from raymerge import ConfigError, RaymergeError, MergeConfig
+        for name in raymerge.__all__:
+            assert getattr(raymerge, name) is not None, name
+        from raymerge.checkpoints.source import CheckpointError
+        from raymerge.methods import MethodError
+        from raymerge.runtime.merge import MergeOptions, MergeResult, PlanReport
+        assert raymerge.CheckpointError is CheckpointError and raymerge.MethodError is MethodError
+        assert (raymerge.MergeOptions, raymerge.MergeResult, raymerge.PlanReport) == (MergeOptions, MergeResult, PlanReport)
+        assert issubclass(raymerge.OutputError, RaymergeError) and "ties" in raymerge.available_methods()
+        assert raymerge.runtime.merge.run_merge  # subpackages are still attributes of the package
+        try:
+            raymerge.no_such_name
+        except AttributeError:
+            pass
+        else:
+            raise AssertionError("no AttributeError")
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split()[-1] == "ok", done.stderr[-3000:]
