@@ -1,4 +1,4 @@
-"""Benchmark: raymerge vs mergekit 0.1.5 on a synthetic ~250M-parameter bf16 llama and three fine-tunes.
+"""Benchmark: raymerge vs mergekit 0.1.5, whole commands, on a synthetic ~250M-parameter bf16 llama and three fine-tunes.
 
     python examples/benchmark_merge.py [--workdir DIR] [--params 250M] [--methods ties,linear]
                                        [--workers N] [--repeat N] [--skip-mergekit]
@@ -12,40 +12,41 @@ What it does:
    Fine-tune = base + 0.5 * shared perturbation + own perturbation (about 10% of the weight's
    scale), so TIES' sign election has real work to do.
 2. For each method (TIES: density 0.5, normalize; linear: weights 0.5/0.3/0.2; both with
-   ``dtype: bfloat16``) runs each tool in its own subprocess, on a warm page cache (every
-   input file is read once just before each run), writing to --workdir/out.
-3. Prints a table and the speedups against the targets (on a 2-core machine: TIES >= 5x,
-   linear >= 1.5x faster than mergekit; peak RSS no higher than mergekit's).
+   ``dtype: bfloat16``) runs each tool's whole command as a user types it, in its own
+   subprocess, on a warm page cache (every input file is read once just before each run):
+   ``raymerge merge CONFIG OUT --overwrite --quiet`` (local Ray of its own, started and stopped
+   by the command) and ``mergekit-yaml CONFIG OUT ...`` (its low-memory CPU settings, below).
+3. Measures, in the same run, how fast this machine reads the same input files from the page
+   cache (one reader, 64 MiB reads into a reused buffer, best of 2): the reference the merge
+   phase's input rate is compared with.
+4. Prints a table and the figures against the targets (on a 2-core machine: TIES >= 5x, linear
+   >= 1.5x faster than mergekit, whole command; an elementwise merge phase reading its inputs at
+   >= 50% of the page-cache rate; predicted makespan within 15% of the measured one).
 
 What is measured:
 
-* ``wall s``: the merge itself, timed inside the subprocess, with imports and (raymerge) Ray
-  startup excluded: ``raymerge.merge(...)`` after an explicit ``ray.init`` (so it includes
-  planning, starting the worker actors, merging and publishing with fsync), and mergekit-yaml's
-  own command after ``import mergekit`` (config parsing, merging, writing, tokenizer copy).
-* ``Ray start s``: raymerge's ``ray.init`` alone. ``total s``: the whole subprocess, from
-  spawn to exit (interpreter start, imports, Ray start and shutdown included).
-* ``GB/s``: input bytes (the safetensors files of the models the config reads, the same
-  number for both tools) divided by ``wall s``. raymerge's own ``bytes_read`` is printed too.
-* Timed runs (``--repeat``, best reported) are not watched; memory comes from one more run
-  per tool and method with the poller below on (polling many processes every 50 ms takes CPU).
+* ``whole s``: the whole command, from spawn to exit (interpreter start, imports, raymerge's Ray
+  start and shutdown, writing with fsync). Best of ``--repeat`` (default 2) unwatched runs.
+* raymerge's phases, from ``raymerge merge --result-json``: plan (config, headers, operators),
+  Ray start, workers (start, calibration, I/O probe, planning), merge, publish; "outside" is
+  the rest of the whole command (interpreter, imports, Ray shutdown, exit).
+* ``merge GB/s``: input bytes read by the workers / the merge phase; next to it the page-cache
+  rate of step 3 and their ratio.
+* ``predicted / measured makespan``: the planner's makespan for the plan it chose (calibrated on
+  the workers: compute, read, write and per-part costs) and the merge phase's execution as run.
+* Memory comes from one more run per tool and method with the poller below on (polling many
+  processes every 50 ms takes CPU), never from a timed run.
 * ``peak RSS``: the largest *simultaneous* sum of RSS over the tool's merge processes, polled
   every 50 ms with psutil: mergekit's single process; raymerge's driver plus its Ray worker
   processes (``ray::*`` workers, idle ones included). Ray's own daemons (gcs_server, raylet,
   dashboard/runtime-env agents, log monitor) are not merge processes; their RSS is printed
-  separately (``Ray daemons``), and ``peak RSS all`` adds them. RSS counts shared pages (the
-  torch libraries each Python process maps) once per process, so ``peak PSS`` (proportional
-  set size from /proc/PID/smaps_rollup, polled every 0.5 s) is printed as well: it is what the
-  processes together really take. Cross-checks from the kernel's exact per-process peaks:
-  mergekit's own and raymerge's driver (VmHWM), raymerge's largest worker
-  (``MergeResult.peak_worker_rss_bytes``, the workers' ru_maxrss).
+  separately (``Ray daemons``). RSS counts shared pages (the torch libraries each Python process
+  maps) once per process, so ``peak PSS`` (proportional set size, polled every 0.5 s) is printed
+  as well.
 * mergekit runs as ``mergekit-yaml CONFIG OUT --random-seed 0 --device cpu --no-cuda --quiet
-  --lazy-unpickle`` (its low-memory CPU settings: synchronous writes, the default, are its
-  low-memory mode; ``--low-cpu-memory`` and ``--read-to-gpu`` only concern accelerators;
-  ``--lazy-unpickle`` only affects pickled inputs and is harmless here), torch using all cores.
-  Add flags with --mergekit-args (e.g. ``--async-write`` for speed at higher memory).
-* raymerge runs with one worker per CPU (``--workers`` to change), each worker with
-  cpu_count / workers torch threads.
+  --lazy-unpickle`` (its low-memory CPU settings), torch using all cores. Add flags with
+  --mergekit-args (e.g. ``--async-write`` for speed at higher memory).
+* raymerge runs with one worker per CPU (``--workers`` to change).
 
 mergekit comes from tests/mergekit_oracle.py's venv (built on first use, ~40 s, needs a package
 index), or from --mergekit-python, or is skipped (--skip-mergekit, RAYMERGE_NO_MERGEKIT=1).
@@ -356,52 +357,18 @@ with open(sys.argv[2], "w") as f:
 """
 
 
-def vm_hwm() -> int:
-    """This process's peak RSS (VmHWM) in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def child_raymerge(config_path: str, out: str, workers: Optional[int], result_path: str) -> None:
-    """Runs inside the raymerge subprocess: ray.init timed apart from the merge."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    t0 = time.perf_counter()
-    import ray
-
-    import raymerge
-
-    t1 = time.perf_counter()
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    warm = os.environ.get("RAYMERGE_BENCH_WARM") == "1"
-    if warm:  # a first merge starts the worker pool and keeps it; the timed merge reuses it
-        raymerge.merge(config_path, out, workers=workers, overwrite=True, quiet=True, keep_workers=True)
-    t2 = time.perf_counter()
-    result = raymerge.merge(config_path, out, workers=workers, overwrite=True, quiet=True, keep_workers=warm)
-    t3 = time.perf_counter()
-    ray.shutdown()
-    with open(result_path, "w") as f:
-        json.dump(
-            {
-                "import_s": t1 - t0,
-                "ray_start_s": t2 - t1,
-                "merge_s": t3 - t2,
-                "timings": result.timings,
-                "plan": result.plan.summary() if result.plan else "",
-                "bytes_read": result.bytes_read,
-                "workers": result.workers,
-                "peak_worker_rss": result.peak_worker_rss_bytes,
-                "driver_maxrss": vm_hwm(),
-            },
-            f,
-        )
+def raymerge_command(config_path: Path, out: Path, workers: Optional[int]) -> list[str]:
+    """`raymerge merge ...` as a user runs it (the console script next to this interpreter)."""
+    script = Path(sys.executable).with_name("raymerge")
+    base = [str(script)] if script.exists() else [sys.executable, "-m", "raymerge.cli"]
+    cmd = base + ["merge", str(config_path), str(out), "--overwrite", "--quiet", "--result-json", "{RESULT}"]
+    return cmd + (["--workers", str(workers)] if workers else [])
 
 
 def run_tool(tool: str, cmd: list[str], env: dict[str, str], monitor_memory: bool) -> dict[str, Any]:
-    """One run of a tool. Memory is polled only when `monitor_memory`: the poller costs CPU
-    (more for raymerge's many processes), so timed runs go unwatched."""
+    """One whole command of a tool, timed from spawn to exit. Memory is polled only when
+    `monitor_memory`: the poller costs CPU (more for raymerge's many processes), so timed runs
+    go unwatched."""
     with tempfile.TemporaryDirectory() as tmp:
         result_path = Path(tmp) / "result.json"
         cmd = [c.replace("{RESULT}", str(result_path)) for c in cmd]
@@ -418,16 +385,28 @@ def run_tool(tool: str, cmd: list[str], env: dict[str, str], monitor_memory: boo
             raise RuntimeError(f"{tool} failed ({proc.returncode}):\n{output[-4000:]}")
         data = json.loads(result_path.read_text())
     data.update(
-        total_s=total,
+        whole_s=total,
         peak_rss=monitor.peak_rss,
-        peak_rss_all=monitor.peak_rss_all,
         peak_pss=monitor.peak_pss,
-        peak_pss_all=monitor.peak_pss_all,
         peak_daemons=monitor.peak_daemons,
-        procs=monitor.max_workers,
         monitored=monitor_memory,
     )
     return data
+
+
+def page_cache_rate(files: list[Path], tries: int = 2) -> float:
+    """Bytes/s reading `files` (already in the page cache) with one reader, 64 MiB at a time
+    into a reused buffer: what the machine gives a plain sequential read (best of `tries`)."""
+    buf = bytearray(64 << 20)
+    best = 0.0
+    for _ in range(tries):
+        start, size = time.perf_counter(), 0
+        for f in files:
+            with open(f, "rb", buffering=0) as fh:
+                while n := fh.readinto(buf):
+                    size += n
+        best = max(best, size / (time.perf_counter() - start))
+    return best
 
 
 def find_mergekit(explicit: Optional[str]) -> tuple[Optional[str], str]:
@@ -494,26 +473,19 @@ def compare_outputs(a: Path, b: Path) -> str:
 
 # -- main ------------------------------------------------------------------------------------
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "raymerge" / "bench")
     ap.add_argument("--params", default="250M", help="model size, e.g. 250M (default), 50M, 1B")
     ap.add_argument("--methods", default="ties,linear", help="comma-separated: ties, linear")
     ap.add_argument("--workers", type=int, default=None, help="raymerge workers (default: one per CPU)")
-    ap.add_argument("--repeat", type=int, default=1, help="timed runs per tool and method (best time is reported); one more run per tool and method measures memory")
+    ap.add_argument("--repeat", type=int, default=2, help="timed runs per tool and method (best is reported; default 2); "
+                    "one more run per tool and method measures memory")
     ap.add_argument("--skip-mergekit", action="store_true", help="only run raymerge")
     ap.add_argument("--mergekit-python", default=None, help="python of an environment with mergekit 0.1.5")
     ap.add_argument("--mergekit-args", default="", help="extra mergekit-yaml flags, e.g. '--async-write'")
     ap.add_argument("--no-check", action="store_true", help="do not compare the two tools' outputs")
-    ap.add_argument("--warm-pool", action="store_true",
-                    help="time raymerge's second merge in one process, reusing the worker pool (keep_workers=True), "
-                         "as a sweep or pipeline would; the first merge is not timed")
-    ap.add_argument("--_child", nargs=4, metavar=("CONFIG", "OUT", "WORKERS", "RESULT"), help=argparse.SUPPRESS)
+    ap.add_argument("--no-memory", action="store_true", help="skip the polled memory runs")
     args = ap.parse_args(argv)
-
-    if args._child:
-        config, out, workers, result = args._child
-        child_raymerge(config, out, int(workers) or None, result)
-        return 0
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(methods) - set(TARGETS)
@@ -537,17 +509,15 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
     checks: dict[str, str] = {}
-    env_rm = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
-    if args.warm_pool:
-        env_rm["RAYMERGE_BENCH_WARM"] = "1"
+    cache_rates: dict[str, float] = {}
+    env_rm = dict(os.environ)
     print(f"{os.cpu_count()} CPUs; model {n_params / 1e6:.1f}M parameters, {shape['layers']} layers, bf16; "
-          f"raymerge workers: {args.workers or 'one per CPU'}{' (warm pool: second merge timed)' if args.warm_pool else ''}; "
-          f"mergekit: {mk_where}")
+          f"raymerge workers: {args.workers or 'one per CPU'}; mergekit: {mk_where}")
     load = os.getloadavg()[0]
     if load > 0.5:
         print(f"warning: load average {load:.2f} before starting: other processes will distort the timings")
     # `--repeat` timed runs, then one more run per tool and method that polls memory.
-    for rep in range(args.repeat + 1):
+    for rep in range(args.repeat + (0 if args.no_memory else 1)):
         memory_run = rep == args.repeat
         for method in methods:
             config_path = cfg_root / f"{method}.yaml"
@@ -559,94 +529,96 @@ def main(argv: Optional[list[str]] = None) -> int:
                 shutil.rmtree(out, ignore_errors=True)
                 os.sync()  # no writeback of an earlier run's output during this one
                 warm_page_cache(files)
+                if tool == "raymerge" and not memory_run:
+                    cache_rates[method] = max(cache_rates.get(method, 0.0), page_cache_rate(files))
                 if tool == "mergekit":
                     cmd = [mk_python, "-c", MERGEKIT_DRIVER,
                            json.dumps([str(config_path), str(out), *mk_base, *mk_flags]), "{RESULT}"]
                     data = run_tool(tool, cmd, mergekit_env(), memory_run)
                 else:
-                    cmd = [sys.executable, str(Path(__file__).resolve()), "--_child",
-                           str(config_path), str(out), str(args.workers or 0), "{RESULT}"]
-                    data = run_tool(tool, cmd, env_rm, memory_run)
+                    data = run_tool(tool, raymerge_command(config_path, out, args.workers), env_rm, memory_run)
                 data["input_bytes"] = sum(f.stat().st_size for f in files)
                 rows.setdefault((tool, method), []).append(data)
                 what = "memory run" if memory_run else f"{rep + 1}/{args.repeat}"
                 memory = f", peak RSS {human(data['peak_rss'])}" if memory_run else ""
-                print(f"  [{what}] {tool:8s} {method:6s} wall {data['merge_s']:.2f} s, total {data['total_s']:.2f} s{memory}", flush=True)
+                print(f"  [{what}] {tool:8s} {method:6s} whole command {data['whole_s']:.2f} s{memory}", flush=True)
             if rep == 0 and mk_python and not args.no_check:
                 checks[method] = compare_outputs(out_root / f"raymerge-{method}", out_root / f"mergekit-{method}")
-    report(rows, methods, mk_python is not None, checks, mk_flags, mk_base)
+    report(rows, methods, checks, cache_rates, mk_flags, mk_base)
     print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}")
     shutil.rmtree(out_root, ignore_errors=True)
     return 0
 
 
-def report(rows, methods, with_mergekit: bool, checks: dict[str, str], mk_flags: list[str], mk_base: list[str]) -> None:
+ELEMENTWISE = ("linear",)  # methods whose merge phase is held to the page-cache read rate
+
+
+def report(rows, methods, checks: dict[str, str], cache_rates: dict[str, float], mk_flags: list[str], mk_base: list[str]) -> None:
     def best(tool: str, method: str) -> Optional[dict[str, Any]]:
         runs = rows.get((tool, method))
         if not runs:
             return None
         timed = [r for r in runs if not r["monitored"]] or runs
-        fastest = min(timed, key=lambda r: r["merge_s"])
-        out = dict(fastest)
-        for key in ("peak_rss", "peak_rss_all", "peak_pss", "peak_pss_all", "peak_daemons"):
-            out[key] = max(r[key] for r in runs if r["monitored"])
-        out["merge_median"] = statistics.median(r["merge_s"] for r in timed)
+        out = dict(min(timed, key=lambda r: r["whole_s"]))
+        watched = [r for r in runs if r["monitored"]]
+        for key in ("peak_rss", "peak_pss", "peak_daemons"):
+            out[key] = max((r[key] for r in watched), default=0)
         return out
 
     print()
-    header = (f"{'tool':9s} {'method':7s} {'wall s':>8s} {'Ray start s':>11s} {'total s':>8s} {'GB read/s':>9s} "
-              f"{'peak RSS':>10s} {'peak PSS':>10s} {'Ray daemons':>11s} {'peak RSS all':>12s}")
+    header = f"{'tool':9s} {'method':7s} {'whole s':>8s} {'peak RSS':>10s} {'peak PSS':>10s} {'Ray daemons':>11s}"
     print(header)
     print("-" * len(header))
-    summary = []
+    lines = []
     for method in methods:
         res = {tool: best(tool, method) for tool in ("mergekit", "raymerge")}
         for tool, r in res.items():
             if r is None:
                 continue
-            gbps = r["input_bytes"] / 1e9 / r["merge_s"]
-            ray_s = f"{r['ray_start_s']:.2f}" if "ray_start_s" in r else "-"
-            daemons = human(r["peak_daemons"]) if tool == "raymerge" else "-"
-            print(f"{tool:9s} {method:7s} {r['merge_s']:8.2f} {ray_s:>11s} {r['total_s']:8.2f} {gbps:9.2f} "
-                  f"{human(r['peak_rss']):>10s} {human(r['peak_pss']):>10s} {daemons:>11s} {human(r['peak_rss_all']):>12s}")
+            daemons = human(r["peak_daemons"]) if tool == "raymerge" and r["peak_daemons"] else "-"
+            print(f"{tool:9s} {method:7s} {r['whole_s']:8.2f} {human(r['peak_rss']) if r['peak_rss'] else '-':>10s} "
+                  f"{human(r['peak_pss']) if r['peak_pss'] else '-':>10s} {daemons:>11s}")
         rm, mk = res["raymerge"], res["mergekit"]
         if rm is not None:
             t = rm["timings"]
-            summary.append(
-                f"raymerge {method}: {rm['workers']} workers; inside merge(): plan {t['plan']:.2f} s, worker start + "
-                f"calibration + placement {t.get('workers', 0):.2f} s, merge {t['merge']:.2f} s, publish {t['publish']:.2f} s "
-                f"(fsync); read {human(rm['bytes_read'])}; "
-                f"exact peaks: driver {human(rm['driver_maxrss'])} (VmHWM), largest worker {human(rm['peak_worker_rss'])} (ru_maxrss)"
+            outside = rm["whole_s"] - rm["seconds"]
+            lines.append(
+                f"raymerge {method}: whole {rm['whole_s']:.2f} s = outside merge() {outside:.2f} s (interpreter, imports, Ray "
+                f"shutdown, exit) + plan {t['plan']:.2f} + Ray start {t['ray']:.2f} + workers {t['workers']:.2f} + "
+                f"merge {t['merge']:.2f} + publish {t['publish']:.2f} s; {rm['workers']} workers"
             )
-            if rm.get("plan"):
-                summary.append(f"raymerge {method}: {rm['plan']}")
+            rate = rm["bytes_read"] / t["merge"] if t["merge"] > 0 else 0.0
+            cache = cache_rates.get(method, 0.0)
+            ratio = rate / cache if cache else 0.0
+            goal = (f" (target >= 50% for an elementwise method: {'MET' if ratio >= 0.5 else 'MISSED'})"
+                    if method in ELEMENTWISE else "")
+            lines.append(f"raymerge {method}: merge phase read {human(rm['bytes_read'])} at {rate / 1e9:.2f} GB/s; the page "
+                         f"cache gives one reader {cache / 1e9:.2f} GB/s: {ratio:.0%}{goal}")
+            plan = rm.get("plan")
+            if plan:
+                err = plan["measured_makespan"] / plan["predicted_makespan"] - 1 if plan["predicted_makespan"] > 0 else math.inf
+                lines.append(f"raymerge {method}: makespan predicted {plan['predicted_makespan']:.2f} s, measured "
+                             f"{plan['measured_makespan']:.2f} s ({err:+.0%}; target within 15%: "
+                             f"{'MET' if abs(err) <= 0.15 else 'MISSED'}); {plan['summary']}")
         if rm is not None and mk is not None:
-            speed = mk["merge_s"] / rm["merge_s"]
-            speed_total = mk["total_s"] / rm["total_s"]
+            speed = mk["whole_s"] / rm["whole_s"]
             target = TARGETS[method]
-            summary.append(
-                f"{method}: speedup raymerge vs mergekit {speed:.2f}x on wall s (target >= {target}x: "
-                f"{'MET' if speed >= target else 'MISSED'}); {speed_total:.2f}x on total s"
-            )
-            summary.append(
-                f"{method}: peak RSS raymerge {human(rm['peak_rss'])} vs mergekit {human(mk['peak_rss'])} "
-                f"(target <=: {'MET' if rm['peak_rss'] <= mk['peak_rss'] else 'MISSED'}); PSS {human(rm['peak_pss'])} vs "
-                f"{human(mk['peak_pss'])} ({'MET' if rm['peak_pss'] <= mk['peak_pss'] else 'MISSED'}); with Ray daemons "
-                f"{human(rm['peak_rss_all'])}; mergekit exact peak (VmHWM) {human(mk['maxrss'])}"
-            )
+            lines.append(f"{method}: whole command raymerge {rm['whole_s']:.2f} s vs mergekit {mk['whole_s']:.2f} s: "
+                         f"{speed:.2f}x (target >= {target}x: {'MET' if speed >= target else 'MISSED'}); mergekit's "
+                         f"merge alone (after its imports) {mk['merge_s']:.2f} s")
+            if rm["peak_rss"] and mk["peak_rss"]:
+                lines.append(f"{method}: peak RSS raymerge {human(rm['peak_rss'])} (+ Ray daemons {human(rm['peak_daemons'])}) "
+                             f"vs mergekit {human(mk['peak_rss'])}; PSS {human(rm['peak_pss'])} vs {human(mk['peak_pss'])}")
         if method in checks:
-            summary.append(f"{method}: raymerge vs mergekit output: {checks[method]}")
+            lines.append(f"{method}: raymerge vs mergekit output: {checks[method]}")
     print()
-    for line in summary:
+    for line in lines:
         print(line)
     print()
-    print("times: best of the --repeat runs, which run without the memory poller; memory: one extra polled run.")
-    print("wall s: the merge call only (imports and Ray start excluded; raymerge's worker start included);")
-    print("total s: the whole subprocess (interpreter, imports, Ray start/shutdown). GB read/s: input bytes / wall s.")
+    print("whole s: the command from spawn to exit, best of the --repeat runs (unwatched); memory: one extra polled run.")
     print("peak RSS/PSS: largest simultaneous sum over the merge processes (mergekit: its process; raymerge: driver +")
     print("Ray worker processes), polled every 50 ms (PSS every 0.5 s); Ray daemons: gcs_server, raylet, agents, ...")
-    if with_mergekit:
-        print(f"mergekit-yaml flags: {' '.join(mk_base + mk_flags)}")
+    print(f"mergekit-yaml flags: {' '.join(mk_base + mk_flags)}")
 
 
 if __name__ == "__main__":

@@ -223,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--plan-only", action="store_true",
                    help="print the placement plan for --cluster (default: this machine) and stop: nothing is "
                         "read but headers, nothing is written, Ray is not started")
+    m.add_argument("--result-json", default=None, metavar="FILE",
+                   help="also write the merge's result as JSON: bytes read and written, seconds per phase (plan, "
+                        "Ray start, workers, merge, publish), the predicted and measured makespan")
     _add_run_options(m)
     _add_plan_options(m, for_merge=True)
     _add_mergekit_options(m)
@@ -347,6 +350,10 @@ def _merge(args: argparse.Namespace) -> int:
         lora_merge_dtype=args.lora_merge_dtype,
     )
     print(result.summary())
+    if args.result_json:
+        import json
+
+        Path(args.result_json).write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     if result.plan is not None and result.plan.report is not None:
         _write_plan_outputs(args, result.plan.report)
     return 0

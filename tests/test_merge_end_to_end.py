@@ -141,9 +141,14 @@ def test_cli_merge_and_overwrite(ray_session, llama_models, tmp_path, capsys):
     cfg_path = tmp_path / "ties.yaml"
     cfg_path.write_text(yaml.safe_dump(ties_config(llama_models)))
     out = tmp_path / "out"
-    assert cli_main(["merge", str(cfg_path), str(out), "--quiet", "--workers", "2"]) == 0
+    result_json = tmp_path / "result.json"
+    assert cli_main(["merge", str(cfg_path), str(out), "--quiet", "--workers", "2", "--result-json", str(result_json)]) == 0
     assert "merged 39 tensors" in capsys.readouterr().out
     first = file_bytes(out)
+    written = json.loads(result_json.read_text())  # --result-json: what the summary says, as JSON
+    assert written["tensors"] == 39 and written["workers"] == 2 and written["bytes_read"] > 0
+    assert set(written["timings"]) >= {"plan", "ray", "workers", "merge", "publish"}
+    assert 0 < written["plan"]["predicted_makespan"] and 0 < written["plan"]["measured_makespan"] <= written["seconds"]
     assert cli_main(["merge", str(cfg_path), str(out), "--quiet"]) == 2
     assert "already holds a model" in capsys.readouterr().err and "--overwrite" not in str(out)
     assert cli_main(["merge", str(cfg_path), str(out), "--quiet", "--overwrite"]) == 0
