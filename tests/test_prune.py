@@ -341,6 +341,24 @@ def test_more_stages_than_cpu_slots(trained, tmp_path, ray_session):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_report_gives_stage_utilisation(trained, tmp_path, ray_session):
+    """Each stage's busy time (inside its calls), the driver's wall time and their ratio, in
+    (0, 1], in the result, the JSON report and the printed table; in process and on two stages.
+    No timing is asserted beyond the ratio's range (the machine may be shared)."""
+    for name, options in (("one", PruneOptions(in_process=True, quiet=True)), ("two", PruneOptions(workers=2, quiet=True))):
+        result = _prune(trained, tmp_path, name, method="wanda", mode="parallel", options=options)
+        written = json.loads((result.output / "prune_report.json").read_text())["stages"]
+        assert len(written) == len(result.report.stages) == (1 if name == "one" else 2)
+        for stage in [*result.report.stages, *written]:
+            assert 0 < stage["busy_seconds"] <= stage["wall_seconds"] + 1e-3, stage
+            assert 0 < stage["utilisation"] <= 1, stage
+            assert stage["utilisation"] == pytest.approx(stage["busy_seconds"] / stage["wall_seconds"], abs=2e-3)
+        table = result.report.table()
+        for k, stage in enumerate(result.report.stages):
+            assert f"stage {k} (layers {stage['layers'][0]}-{stage['layers'][1]}" in table
+            assert f"utilisation {stage['utilisation']:.0%}" in table
+
+
 # -- merge then prune in one job ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def finetune_of_trained(trained, tmp_path_factory):

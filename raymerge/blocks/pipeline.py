@@ -9,11 +9,21 @@ against the stages' typed calls (`runtime.pool_actor.ActorRef`): each call retur
 Ray object reference, or the value itself in process), handles are passed straight on to the
 next stage (Ray moves the tensors between actors; the driver never holds activations), and the
 driver's `get` waits for them. No Ray here: the driver object supplies `get`.
+
+Overlap. A stage actor runs its calls one at a time in the order the driver submitted them, so
+a chain of handles submitted without waiting is a pipeline: stage k runs micro-batch b while
+stage k+1 runs b-1. The same holds across passes: a pass called with `wait=False` returns its
+handles instead of waiting for them, so the next pass is queued behind it on every stage, and
+stage k starts pruning its block (or the next pass's first micro-batches) while stage k+1 still
+works through the previous pass's last micro-batches. A driver waits once, for everything it
+queued (`runtime.prune`); only a value the driver itself needs (OWL's outlier ratios) is a
+barrier. The order of the calls on each stage is the same whether the driver waits between
+passes or not, so the results are too.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -37,14 +47,24 @@ class Pipeline:
             h = s.forward(h, tuple(collect), emit or k < last)
         return h
 
-    def dense_pass(self, windows: torch.Tensor, collect: Sequence[str] = (), desc: str = "dense pass") -> None:
-        """Push windows through all stages, collecting statistics; keep no outputs."""
-        self.d.get([self.forward(ids, collect, emit=False) for ids in self.batches(windows)], desc, self.quiet)
+    def dense_pass(self, windows: torch.Tensor, collect: Sequence[str] = (), desc: str = "dense pass",
+                   wait: bool = True) -> Optional[list[Any]]:
+        """Push windows through all stages, collecting statistics; keep no outputs. `wait=False`:
+        the handles, not waited for (module docstring: overlap)."""
+        handles = [self.forward(ids, collect, emit=False) for ids in self.batches(windows)]
+        return self._finish(handles, desc, wait)
+
+    def nll_parts(self, windows: torch.Tensor) -> list[Any]:
+        """Handles of each micro-batch's (summed NLL, tokens) on the last stage (not waited for)."""
+        return [self.stages[-1].loss(self.forward(ids), ids) for ids in self.batches(windows)]
+
+    @staticmethod
+    def nll_total(parts: Sequence[tuple[float, int]]) -> tuple[float, int]:
+        """Summed NLL and tokens of `nll_parts`' values (added in micro-batch order)."""
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
     def nll(self, windows: torch.Tensor, desc: str) -> tuple[float, int]:
-        handles = [self.stages[-1].loss(self.forward(ids), ids) for ids in self.batches(windows)]
-        parts = self.d.get(handles, desc, self.quiet)
-        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+        return self.nll_total(self.d.get(self.nll_parts(windows), desc, self.quiet))
 
     def features(self, windows: torch.Tensor) -> torch.Tensor:
         handles = [self.stages[-1].features(self.forward(ids)) for ids in self.batches(windows)]
@@ -56,7 +76,11 @@ class Pipeline:
         self.d.get([last.keep_reference(self.forward(ids), first_key + j)
                     for j, ids in enumerate(self.batches(windows))])
 
-    def prune_sequential(self, windows: torch.Tensor, sparsities: list[list[dict[int, float]]]) -> None:
+    def prune_sequential(self, windows: torch.Tensor, sparsities: list[list[dict[int, float]]],
+                         wait: bool = True) -> Optional[list[Any]]:
+        """The papers' order: each stage prunes its layers over all stored micro-batches, then
+        hands its pruned outputs on (stage k+1 starts when stage k is done; it may still be
+        finishing an earlier pass meanwhile). `wait=False`: the handles, not waited for."""
         for ids in self.batches(windows):
             self.stages[0].store(self.stages[0].embed(ids))
         prev = None
@@ -67,11 +91,19 @@ class Pipeline:
                 s.store_all(prev)
             prev = s.prune_sequential(sparsities[k], k < last)
             handles.append(prev)
-        self.d.get(handles, "pruning stages", self.quiet)
+        return self._finish(handles, "pruning stages", wait)
 
-    def prune_collected(self, sparsities: list[dict[int, float]]) -> None:
+    def prune_collected(self, sparsities: list[dict[int, float]], wait: bool = True) -> Optional[list[Any]]:
+        """Every stage prunes its block from the statistics it collected, all at once (each right
+        after its own part of the calibration pass). `wait=False`: the handles, not waited for."""
         handles = [s.prune_collected(sp) for s, sp in zip(self.stages, sparsities)]
-        self.d.get(handles, "pruning stages", self.quiet)
+        return self._finish(handles, "pruning stages", wait)
+
+    def _finish(self, handles: list[Any], desc: str, wait: bool) -> Optional[list[Any]]:
+        if not wait:
+            return handles
+        self.d.get(handles, desc, self.quiet)
+        return None
 
 
 def even_stages(num_layers: int, n: int) -> list[tuple[int, int]]:

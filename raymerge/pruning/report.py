@@ -5,6 +5,10 @@ weights that were already zero count too (the achieved figure can exceed the tar
 Sparsity overall is given two ways: over the pruned modules (what the target refers to) and
 over every parameter of the model (embeddings, norms and head included, which are not pruned).
 Perplexity is exp(mean next-token NLL) over the held-out calibration windows, before and after.
+Each stage's entry says where it ran, its layers, and its utilisation: `busy_seconds` (time
+inside the stage's calls, measured by the actor) over `wall_seconds` (the driver's wall time from
+loading the stage to finishing it); utilisation near 1 on every stage means the micro-batches
+overlapped between stages, near 1/k on k stages that they ran one stage at a time.
 Written next to the model as `prune_report.json`; `table()` is what the CLI prints; `plot()`
 draws target vs achieved sparsity per layer (matplotlib, optional).
 """
@@ -145,6 +149,13 @@ class PruneReport:
                 f"perplexity on {self.eval_tokens:,} held-out tokens: {_fmt(self.perplexity_before)} dense -> "
                 f"{_fmt(self.perplexity_after)} pruned"
             )
+        for k, stage in enumerate(self.stages):
+            if "utilisation" in stage:
+                first, last = stage["layers"]
+                lines.append(
+                    f"stage {k} (layers {first}-{last}, {stage['worker']}): busy {stage['busy_seconds']:.1f} s of "
+                    f"{stage['wall_seconds']:.1f} s, utilisation {stage['utilisation']:.0%}"
+                )
         return "\n".join(lines)
 
     def plot(self, path: str | Path) -> Path:

@@ -14,7 +14,13 @@
    then its pruned outputs feed the next stage, and so on (the papers' order; a stage waits for
    the ones before it). Parallel mode: one dense pass, pipelined over micro-batches, collects
    every layer's statistics; then all stages prune at once. OWL first makes a dense pass for
-   the outlier ratios. Magnitude pruning needs no calibration pass at all.
+   the outlier ratios. Magnitude pruning needs no calibration pass at all. The passes (dense
+   perplexity, calibration, pruning, pruned perplexity) are queued on the stages without the
+   driver waiting in between (`blocks.pipeline`: overlap): a stage goes on to its part of the
+   next pass while later stages finish the previous one, so k stages on k cores approach k
+   times one stage's throughput in parallel mode (less the pipeline's fill and drain: one
+   micro-batch per stage). The report gives each stage's utilisation: the time spent inside its
+   calls (measured in the actor) over the driver's wall time from loading to finishing.
 4. Each worker writes its layers' tensors into the staging shards as soon as a layer is pruned;
    the first stage copies the tensors outside the layers. Perplexity on the held-out windows is
    measured before and after; the report, config and tokenizer are written and the staging
@@ -276,6 +282,7 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
         stages = driver.workers
         dest.open(layout)  # afresh on every attempt: nothing a lost attempt wrote is kept
         last = len(plans) - 1
+        t_start = time.perf_counter()  # the stages' wall time (utilisation) starts with their loading
         with phase(f"loading {shape.num_layers} layers on {len(plans)} stage(s)", options.quiet):
             loaded = [
                 w.load(model_config, spec, p.first, p.last, settings, k == 0, k == last, str(dest.staging), layout)
@@ -288,38 +295,49 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
             wins = _curated_windows(cfg, tokenizer, shape, pipe, label)
         t_loaded = time.perf_counter()
 
-        with phase("perplexity of the dense model", options.quiet or not _evaluates(cfg, wins)):
-            nll_before = pipe.nll(wins.heldout, "perplexity (dense)") if _evaluates(cfg, wins) else None
+        # Every pass is queued without waiting (`blocks.pipeline`: overlap), so the stages overlap
+        # across passes as well as across micro-batches; the driver waits once, below. Only OWL's
+        # ratios, which the driver needs to set the sparsities, are waited for on the way.
+        evaluates = _evaluates(cfg, wins)
+        queued: dict[str, list[Any]] = {}
+        if evaluates:
+            queued["dense perplexity"] = pipe.nll_parts(wins.heldout)
         kind = settings.statistic
         if fixed is None:  # OWL
             assert isinstance(cfg.layerwise, Owl) and wins is not None
             collect = ("norms",) if cfg.mode == "sequential" or kind is None else tuple(dict.fromkeys(("norms", kind)))
             with phase("OWL dense pass (outlier counts per layer)", options.quiet):
-                pipe.dense_pass(wins.calibration, collect, "OWL dense pass")
-            ratios: dict[int, float] = {}
-            for part in driver.get([s.outlier_ratios(cfg.layerwise.owl.m) for s in stages]):
-                ratios.update(part)
+                pipe.dense_pass(wins.calibration, collect, "OWL dense pass", wait=False)
+                ratios: dict[int, float] = {}
+                for part in driver.get([s.outlier_ratios(cfg.layerwise.owl.m) for s in stages]):
+                    ratios.update(part)
             layer_sparsities = owl_sparsities([ratios[i] for i in range(shape.num_layers)], cfg.target_sparsity, cfg.layerwise.owl.lam)
             if cfg.mode == "sequential":
-                driver.get([s.clear_statistics() for s in stages])
+                queued["clear statistics"] = [s.clear_statistics() for s in stages]
         else:
             layer_sparsities = fixed
             if kind is not None and cfg.mode == "parallel":
-                with phase("calibration pass (statistics of every layer)", options.quiet):
-                    pipe.dense_pass(wins.calibration, (kind,), "calibration pass")
+                queued["calibration pass"] = pipe.dense_pass(wins.calibration, (kind,), wait=False)
         per_stage = _per_stage(plans, layer_sparsities)
-        with phase(f"pruning ({cfg.method}, {cfg.mode})", options.quiet):
-            if kind is not None and cfg.mode == "sequential":
-                pipe.prune_sequential(wins.calibration, per_stage)
-            else:
-                pipe.prune_collected(per_stage)
-        with phase("perplexity of the pruned model", options.quiet or not _evaluates(cfg, wins)):
-            nll_after = pipe.nll(wins.heldout, "perplexity (pruned)") if _evaluates(cfg, wins) else None
+        if kind is not None and cfg.mode == "sequential":
+            queued["pruning"] = pipe.prune_sequential(wins.calibration, per_stage, wait=False)
+        else:
+            queued["pruning"] = pipe.prune_collected(per_stage, wait=False)
+        if evaluates:
+            queued["pruned perplexity"] = pipe.nll_parts(wins.heldout)
+        with phase(f"pruning ({cfg.method}, {cfg.mode}; {', '.join(queued)}, pipelined over {len(plans)} stage(s))",
+                   options.quiet):
+            values = iter(driver.get([h for hs in queued.values() for h in hs], "pruning pipeline", options.quiet))
+            done = {name: [next(values) for _ in hs] for name, hs in queued.items()}
+        nll_before = pipe.nll_total(done["dense perplexity"]) if evaluates else None
+        nll_after = pipe.nll_total(done["pruned perplexity"]) if evaluates else None
         t_pruned = time.perf_counter()
 
         copies = _copy_lists(shape, tensors, plans)
-        driver.get([s.copy(names) for s, names in zip(stages, copies)])
-        finished = driver.get([s.finish() for s in stages])
+        copied = [s.copy(names) for s, names in zip(stages, copies)]
+        finished = driver.get(copied + [s.finish() for s in stages])[len(copied):]
+        wall = time.perf_counter() - t_start
+        finished = [(*f, wall) for f in finished]  # + the driver's wall time over the stages' lifetime
         return infos, stage_bytes, wins, nll_before, nll_after, finished, t_loaded, t_pruned
 
     try:
@@ -331,7 +349,7 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
             model_parameters=sum(info.numel for info in tensors.values()),
             stages=[
                 {"worker": "driver" if info is None else f"{info.host}:{info.pid}", "device": "cpu" if info is None else info.device,
-                 "layers": [p.first, p.last], "resident_bytes": b, "busy_seconds": round(f[2], 3)}
+                 "layers": [p.first, p.last], "resident_bytes": b, **_utilisation(f[2], f[3])}
                 for p, info, b, f in zip(plans, infos, stage_bytes, finished)
             ],
         )
@@ -360,6 +378,15 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
         peak_worker_rss_bytes=max(f[1] for f in finished),
         timings={"checks": t_checked - t0, "load": t_loaded - t_checked, "prune": t_pruned - t_loaded, "write": t_end - t_pruned},
     )
+
+
+def _utilisation(busy: float, wall: float) -> dict[str, float]:
+    """A stage's busy time (inside its calls, measured by the actor), the driver's wall time over
+    the stage's lifetime (from submitting `load` to `finish` returning) and their ratio. The calls
+    run one at a time within that span, so the ratio is at most 1 (min() only absorbs clock
+    rounding); it is above 0, loading being a call."""
+    return {"busy_seconds": round(busy, 3), "wall_seconds": round(wall, 3),
+            "utilisation": round(min(1.0, busy / wall), 4) if wall > 0 else 1.0}
 
 
 def _evaluates(cfg: PruneConfig, windows: Optional[CalibrationWindows]) -> bool:
