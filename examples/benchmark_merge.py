@@ -357,12 +357,13 @@ with open(sys.argv[2], "w") as f:
 """
 
 
-def raymerge_command(config_path: Path, out: Path, workers: Optional[int]) -> list[str]:
-    """`raymerge merge ...` as a user runs it (the console script next to this interpreter)."""
+def raymerge_command(config_path: Path, out: Path, workers: Optional[int], on_ray: bool = False) -> list[str]:
+    """`raymerge merge ...` as a user runs it (the console script next to this interpreter);
+    `on_ray`: with `--address local` (a local Ray of its own, one worker actor per CPU)."""
     script = Path(sys.executable).with_name("raymerge")
     base = [str(script)] if script.exists() else [sys.executable, "-m", "raymerge.cli"]
     cmd = base + ["merge", str(config_path), str(out), "--overwrite", "--quiet", "--result-json", "{RESULT}"]
-    return cmd + (["--workers", str(workers)] if workers else [])
+    return cmd + (["--workers", str(workers)] if workers else []) + (["--address", "local"] if on_ray else [])
 
 
 def run_tool(tool: str, cmd: list[str], env: dict[str, str], monitor_memory: bool) -> dict[str, Any]:
@@ -485,6 +486,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--mergekit-args", default="", help="extra mergekit-yaml flags, e.g. '--async-write'")
     ap.add_argument("--no-check", action="store_true", help="do not compare the two tools' outputs")
     ap.add_argument("--no-memory", action="store_true", help="skip the polled memory runs")
+    ap.add_argument("--no-ray", action="store_true",
+                    help="do not also time `raymerge merge --address local` (the merge on a local Ray of its own)")
     args = ap.parse_args(argv)
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -523,7 +526,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             config_path = cfg_root / f"{method}.yaml"
             config_path.write_text(yaml.safe_dump(configs[method], sort_keys=False))
             files = input_files(configs[method])
-            tools = (["mergekit"] if mk_python else []) + ["raymerge"]
+            tools = (["mergekit"] if mk_python else []) + ["raymerge"] + ([] if args.no_ray else ["raymerge-ray"])
             for tool in tools:
                 out = out_root / f"{tool}-{method}"
                 shutil.rmtree(out, ignore_errors=True)
@@ -536,7 +539,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                            json.dumps([str(config_path), str(out), *mk_base, *mk_flags]), "{RESULT}"]
                     data = run_tool(tool, cmd, mergekit_env(), memory_run)
                 else:
-                    data = run_tool(tool, raymerge_command(config_path, out, args.workers), env_rm, memory_run)
+                    cmd = raymerge_command(config_path, out, args.workers, on_ray=tool == "raymerge-ray")
+                    data = run_tool(tool, cmd, env_rm, memory_run)
                 data["input_bytes"] = sum(f.stat().st_size for f in files)
                 rows.setdefault((tool, method), []).append(data)
                 what = "memory run" if memory_run else f"{rep + 1}/{args.repeat}"
@@ -566,24 +570,28 @@ def report(rows, methods, checks: dict[str, str], cache_rates: dict[str, float],
         return out
 
     print()
-    header = f"{'tool':9s} {'method':7s} {'whole s':>8s} {'peak RSS':>10s} {'peak PSS':>10s} {'Ray daemons':>11s}"
+    header = f"{'tool':12s} {'method':7s} {'whole s':>8s} {'peak RSS':>10s} {'peak PSS':>10s} {'Ray daemons':>11s}"
     print(header)
     print("-" * len(header))
     lines = []
     for method in methods:
-        res = {tool: best(tool, method) for tool in ("mergekit", "raymerge")}
+        res = {tool: best(tool, method) for tool in ("mergekit", "raymerge", "raymerge-ray")}
         for tool, r in res.items():
             if r is None:
                 continue
-            daemons = human(r["peak_daemons"]) if tool == "raymerge" and r["peak_daemons"] else "-"
-            print(f"{tool:9s} {method:7s} {r['whole_s']:8.2f} {human(r['peak_rss']) if r['peak_rss'] else '-':>10s} "
+            daemons = human(r["peak_daemons"]) if tool == "raymerge-ray" and r["peak_daemons"] else "-"
+            print(f"{tool:12s} {method:7s} {r['whole_s']:8.2f} {human(r['peak_rss']) if r['peak_rss'] else '-':>10s} "
                   f"{human(r['peak_pss']) if r['peak_pss'] else '-':>10s} {daemons:>11s}")
-        rm, mk = res["raymerge"], res["mergekit"]
-        if rm is not None:
+        mk = res["mergekit"]
+        for tool in ("raymerge", "raymerge-ray"):
+            rm = res[tool]
+            if rm is None:
+                continue
+            name = "raymerge" if tool == "raymerge" else "raymerge --address local"
             t = rm["timings"]
             outside = rm["whole_s"] - rm["seconds"]
             lines.append(
-                f"raymerge {method}: whole {rm['whole_s']:.2f} s = outside merge() {outside:.2f} s (interpreter, imports, Ray "
+                f"{name} {method}: whole {rm['whole_s']:.2f} s = outside merge() {outside:.2f} s (interpreter, imports, Ray "
                 f"shutdown, exit) + plan {t['plan']:.2f} + Ray start {t['ray']:.2f} + workers {t['workers']:.2f} + "
                 f"merge {t['merge']:.2f} + publish {t['publish']:.2f} s; {rm['workers']} workers"
             )
@@ -592,22 +600,24 @@ def report(rows, methods, checks: dict[str, str], cache_rates: dict[str, float],
             ratio = rate / cache if cache else 0.0
             goal = (f" (target >= 50% for an elementwise method: {'MET' if ratio >= 0.5 else 'MISSED'})"
                     if method in ELEMENTWISE else "")
-            lines.append(f"raymerge {method}: merge phase read {human(rm['bytes_read'])} at {rate / 1e9:.2f} GB/s; the page "
+            lines.append(f"{name} {method}: merge phase read {human(rm['bytes_read'])} at {rate / 1e9:.2f} GB/s; the page "
                          f"cache gives one reader {cache / 1e9:.2f} GB/s: {ratio:.0%}{goal}")
             plan = rm.get("plan")
             if plan:
                 err = plan["measured_makespan"] / plan["predicted_makespan"] - 1 if plan["predicted_makespan"] > 0 else math.inf
-                lines.append(f"raymerge {method}: makespan predicted {plan['predicted_makespan']:.2f} s, measured "
+                lines.append(f"{name} {method}: makespan predicted {plan['predicted_makespan']:.2f} s, measured "
                              f"{plan['measured_makespan']:.2f} s ({err:+.0%}; target within 15%: "
                              f"{'MET' if abs(err) <= 0.15 else 'MISSED'}); {plan['summary']}")
+            if mk is not None:
+                speed = mk["whole_s"] / rm["whole_s"]
+                target = TARGETS[method]
+                lines.append(f"{method}: whole command {name} {rm['whole_s']:.2f} s vs mergekit {mk['whole_s']:.2f} s: "
+                             f"{speed:.2f}x (target >= {target}x: {'MET' if speed >= target else 'MISSED'})")
+        rm = res["raymerge"]
         if rm is not None and mk is not None:
-            speed = mk["whole_s"] / rm["whole_s"]
-            target = TARGETS[method]
-            lines.append(f"{method}: whole command raymerge {rm['whole_s']:.2f} s vs mergekit {mk['whole_s']:.2f} s: "
-                         f"{speed:.2f}x (target >= {target}x: {'MET' if speed >= target else 'MISSED'}); mergekit's "
-                         f"merge alone (after its imports) {mk['merge_s']:.2f} s")
+            lines.append(f"{method}: mergekit's merge alone (after its imports) {mk['merge_s']:.2f} s")
             if rm["peak_rss"] and mk["peak_rss"]:
-                lines.append(f"{method}: peak RSS raymerge {human(rm['peak_rss'])} (+ Ray daemons {human(rm['peak_daemons'])}) "
+                lines.append(f"{method}: peak RSS raymerge {human(rm['peak_rss'])} "
                              f"vs mergekit {human(mk['peak_rss'])}; PSS {human(rm['peak_pss'])} vs {human(mk['peak_pss'])}")
         if method in checks:
             lines.append(f"{method}: raymerge vs mergekit output: {checks[method]}")

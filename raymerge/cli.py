@@ -95,7 +95,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=None, metavar="N",
                    help="number of worker actors (default: one per GPU in the cluster, else one per CPU slot)")
     g.add_argument("--address", default=None,
-                   help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray of its own; 'auto' joins the cluster running on this machine)")
+                   help="Ray cluster address (default: $RAY_ADDRESS; else, on a machine without a GPU, the workers run "
+                        "as threads of this process, since a local Ray costs seconds to start and stop and gives one "
+                        "machine nothing; with a GPU, a local Ray of its own). 'local' starts a local Ray of its own; "
+                        "'auto' joins the cluster running on this machine")
     g.add_argument("--random-seed", type=int, default=None, metavar="SEED",
                    help="seed of random methods (DARE, DELLA); each tensor is seeded from (SEED, tensor name). Default 0")
     g.add_argument("--quiet", action="store_true", help="no progress bar and no step lines on stderr (the summary is printed)")
@@ -218,8 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="before any work, read every input tensor once and stop at the first holding NaN or Inf "
                         "(costs a full read of the inputs)")
     m.add_argument("--in-process", action="store_true",
-                   help="run in this one process with one worker, without Ray (no actors are started): for small "
-                        "merges and tests; same bytes as --workers 1 on Ray")
+                   help="run the workers as threads of this process (one per CPU core, or --workers N), without "
+                        "Ray: the default on a machine without a GPU when no cluster is named (see --address); the "
+                        "bytes are those of a merge on Ray")
     m.add_argument("--plan-only", action="store_true",
                    help="print the placement plan for --cluster (default: this machine) and stop: nothing is "
                         "read but headers, nothing is written, Ray is not started")

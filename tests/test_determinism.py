@@ -297,6 +297,29 @@ def test_merge_determinism_across_workers(ray_session, wide_models, tmp_path):
     assert biggest >= 1 << 20
 
 
+def test_merge_determinism_across_in_process_threads(wide_models, tmp_path):
+    """The default merge on a machine without a GPU runs its workers as threads of the driver,
+    sharing the cores out as torch threads: 1, 2 and 3 of them publish the same bytes for every
+    case, in float32 and bfloat16 (1 thread computes with all cores' torch threads, 2 and 3 with
+    one each). The two cases whose bytes split most by threads (issue 14); every method's own
+    thread grid is `test_merge_method_bits_do_not_depend_on_threads`."""
+    import raymerge
+
+    differing = []
+    for dtype, family in wide_models.items():
+        for case in FAKE_CLUSTER_CASES:
+            first = None
+            for workers in (1, 2, 3):
+                out = tmp_path / f"{case.replace(' ', '_')}-{dtype}-{workers}"
+                raymerge.merge(_e2e_config(case, family), out, in_process=True, workers=workers, random_seed=7,
+                               quiet=True, out_shard_size="4MB")
+                files = {f.name: f.read_bytes() for f in sorted(out.iterdir()) if f.is_file()}
+                first = first or files
+                if files != first:
+                    differing.append((case, dtype, workers))
+    assert not differing, f"bytes depend on the in-process thread count: {differing}"
+
+
 FAKE_CLUSTER_CASES = ("dare_ties", "ties rescale")  # the two whose bf16 bytes split the most (issue 14)
 
 

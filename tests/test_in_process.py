@@ -9,6 +9,7 @@ measured makespan.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -38,7 +39,8 @@ def _config(method: str, models: dict[str, Path]) -> dict:
 def test_in_process_equals_ray_with_one_and_two_workers(method, llama_models, ray_session, tmp_path):
     cfg = _config(method, llama_models)
     local = raymerge.merge(cfg, tmp_path / "local", in_process=True, random_seed=7, quiet=True, out_shard_size="300KB")
-    assert local.workers == 1 and local.plan is not None and local.plan.measured_makespan > 0
+    assert local.workers == (os.cpu_count() or 1)  # one thread per core by default
+    assert local.plan is not None and local.plan.measured_makespan > 0
     assert "measured" in local.summary() and "in process" in local.plan.report.topology.description
     expected = _files(tmp_path / "local")
     assert any(name.endswith(".safetensors") for name in expected) and len(expected) > 3
@@ -71,10 +73,77 @@ def test_in_process_starts_no_ray(llama_models, tmp_path):
 def test_in_process_refuses_ray_options(llama_models, tmp_path):
     cfg = _config("ties", llama_models)
     with pytest.raises(raymerge.ConfigError, match="in_process"):
-        raymerge.merge(cfg, tmp_path / "a", in_process=True, workers=2)
-    with pytest.raises(raymerge.ConfigError, match="in_process"):
         raymerge.merge(cfg, tmp_path / "b", in_process=True, address="ray://nowhere:10001")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not (tmp_path / "b").exists()
+
+
+def test_in_process_threads_give_the_bytes_of_one_thread_and_restore_torch_threads(llama_models, tmp_path, monkeypatch):
+    """1, 2 and 3 in-process workers (threads) publish the same bytes; the caller's torch thread
+    count is as it was afterwards; a method failing on one thread fails the merge with the
+    tensor's name and publishes nothing."""
+    import torch
+
+    from raymerge.methods import registry
+
+    cfg = _config("dare_ties", llama_models)
+    before = torch.get_num_threads()
+    outputs = {}
+    for n in (1, 2, 3):
+        result = raymerge.merge(cfg, tmp_path / f"t{n}", in_process=True, workers=n, random_seed=7, quiet=True,
+                                out_shard_size="300KB")
+        assert result.workers == n and f"{n} worker thread(s)" in result.plan.report.topology.description
+        outputs[n] = _files(tmp_path / f"t{n}")
+        assert torch.get_num_threads() == before
+    assert outputs[2] == outputs[1] and outputs[3] == outputs[1]
+    from dataclasses import replace as dc_replace
+
+    from raymerge.runtime import compute
+
+    spec = registry.get_method("dare_ties")
+
+    def failing(inputs, **kw):
+        if inputs[0].dim() == 2:  # every matrix fails: both threads have some
+            raise RuntimeError("boom")
+        return spec.fn(inputs, **kw)
+
+    monkeypatch.setattr(compute, "get_method", lambda name: dc_replace(spec, fn=failing))
+    with pytest.raises(raymerge.RaymergeError, match="failed on tensor"):
+        raymerge.merge(cfg, tmp_path / "failed", in_process=True, workers=2, random_seed=7, quiet=True)
+    assert not (tmp_path / "failed").exists() and torch.get_num_threads() == before
+
+
+def test_a_merge_naming_no_cluster_runs_in_process_on_a_cpu_machine(monkeypatch):
+    """`local_by_default`: threads in this process unless something asks for Ray (an address,
+    RAY_ADDRESS, a cluster profile, kept workers, a Ray session of this process) or a GPU is there."""
+    import ray
+
+    from raymerge.runtime import merge as merge_runtime
+    from raymerge.runtime import worker
+    from raymerge.runtime.merge import MergeOptions, local_by_default
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    assert local_by_default(MergeOptions())
+    assert local_by_default(MergeOptions(workers=3))
+    assert not local_by_default(MergeOptions(address="local"))
+    assert not local_by_default(MergeOptions(address="auto"))
+    assert not local_by_default(MergeOptions(cluster="clusters/local.yaml"))
+    assert not local_by_default(MergeOptions(keep_workers=True))
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert not local_by_default(MergeOptions())
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    assert not local_by_default(MergeOptions())
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(worker, "pick_device", lambda: torch_device("cuda"))
+    assert not local_by_default(MergeOptions())
+    assert merge_runtime  # the module the rule lives in
+
+
+def torch_device(kind: str):
+    import torch
+
+    return torch.device(kind)
 
 
 def test_cli_merge_in_process(llama_models, tmp_path):

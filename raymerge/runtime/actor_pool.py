@@ -145,14 +145,15 @@ class ActorPool:
         self._job_id = ray.get_runtime_context().get_job_id()
 
     @classmethod
-    def in_process(cls, what: str = "in-process worker") -> "ActorPool":
-        """One `PoolActor` in this process: no Ray, calls return values. The torch thread count
-        is left as this process has it (a library must not change its caller's); the numbers
-        do not depend on it."""
+    def in_process(cls, what: str = "in-process worker", n: int = 1) -> "ActorPool":
+        """`n` `PoolActor`s in this process: no Ray, calls return values (a merge runs the
+        actors' queues on `n` threads: `runtime.executor`). The torch thread count is left as
+        this process has it (a library must not change its caller's) except while a merge runs
+        several actors at once; the numbers do not depend on it."""
         pool = cls.__new__(cls)
         pool.remote, pool.what, pool.rule, pool._cls = False, what, None, None
-        pool.workers = [ActorRef(PoolActor(0), False)]
-        pool.labels = [what]
+        pool.workers = [ActorRef(PoolActor(i), False) for i in range(n)]
+        pool.labels = [what] if n == 1 else [f"{what} {i}" for i in range(n)]
         pool.setup, pool.cache, pool._infos, pool._job_id = None, {}, None, None
         return pool
 

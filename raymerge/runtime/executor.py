@@ -24,14 +24,15 @@ output does not change. After `MAX_WORKER_RESTARTS` replacements in one merge, `
 ends it (the staging folder is kept for a resume: `runtime.recovery`). `on_done(batch)` is
 called for each batch that finished, which is how the driver learns which shards are complete.
 
-Ray is started locally when no cluster is given (`address=None` and no `RAY_ADDRESS`); with an
-address, the pool is spread over the cluster's nodes. The output staging folder must then be on
-storage every node can write (a shared filesystem).
+With an address, the pool is spread over the cluster's nodes, or over a local Ray of its own
+(`address="local"`; with no address and no `RAY_ADDRESS` the merge runs in process unless a GPU is
+there: `runtime.merge.local_by_default`). The output staging folder must be on storage every node
+can write (a shared filesystem), unless the output is on S3 (each node stages its own shards).
 
-In process (`merge(..., in_process=True)`): the pool is `ActorPool.in_process()`, one
-`PoolActor` in the driver; `run_plan` then runs the plan's work items (a plan for that one
-worker) batch by batch in this process. Same actor code, same work items, no Ray: for small
-merges and the test suite, where starting Ray and actors costs more than the merge.
+In process: the pool is `ActorPool.in_process(n)`, `n` `PoolActor`s in the driver; `run_plan`
+runs the plan's work items batch by batch, each worker's queue on a thread of its own with the
+cores shared out as torch threads (`_run_threads`). Same actor code, same work items, same
+bytes, no Ray and no worker processes to start.
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ def calibrate(pool: ActorPool, samples: dict[Any, MergeOperator]) -> list[list[f
     missing = [k for k in samples if k not in cache]
     if missing:
         ops = [samples[k] for k in missing]
-        rows = pool.get([w.calibrate(ops) for w in pool.workers])
+        rows = pool.get([w.calibrate(ops) for w in _measured(pool)])
+        rows = rows * len(pool) if not pool.remote else rows
         for j, k in enumerate(missing):
             cache[k] = [row[j] for row in rows]
     return [[cache[k][w] for k in samples] for w in range(len(pool))]
@@ -178,7 +180,14 @@ def measure_io(pool: ActorPool, ops: Sequence[MergeOperator]) -> list:
     by_rows = [op for op in ops if op.vocab is None and len(op.shape) >= 2] or list(ops)
     large = max(by_rows, key=lambda op: op.bytes_in)
     small = min(ops, key=lambda op: op.bytes_in)
-    return pool.get([w.measure_io(large, small) for w in pool.workers])
+    figures = pool.get([w.measure_io(large, small) for w in _measured(pool)])
+    return figures * len(pool) if not pool.remote else figures
+
+
+def _measured(pool: ActorPool) -> list:
+    """The actors to calibrate: every Ray actor (each has its own process, maybe its own node);
+    of in-process ones, the first (the others are the same code in the same process)."""
+    return list(pool.workers) if pool.remote else list(pool.workers[:1])
 
 
 def finish(pool: ActorPool) -> list[int]:
@@ -412,25 +421,90 @@ def _run_local(
     on_done: Optional[Callable[[list[WorkItem]], None]] = None,
 ) -> ExecutionStats:
     """`run_plan` on an in-process pool: each worker's queue in the same batches, in order, in this
-    process (no stealing: nothing runs beside it; no restarts: nothing can die alone)."""
+    process; with several workers, each on a thread of its own (torch releases the GIL while it
+    computes, reads and writes), with `local_threads` torch threads each, so they do not fight
+    over the cores. No stealing (the plan already balanced the queues), no restarts (nothing can
+    die alone). `on_done` and the progress bar run on the calling thread."""
     n = len(pool)
     stats = ExecutionStats(workers=n, seconds=0.0, operators=operators)
     total_bytes = sum(item.bytes_in for q in queues for item in q)
     total_parts = sum(len(q) for q in queues)
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="merging in process", disable=quiet, dynamic_ncols=True)
+    desc = "merging in process" if n == 1 else f"merging on {n} threads"
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, disable=quiet, dynamic_ncols=True)
     done_parts = 0
     start = time.perf_counter()
+
+    def finished(i: int, batch: list[WorkItem], result: BatchStats) -> None:
+        nonlocal done_parts
+        stats.add(i, result)
+        done_parts += result.operators
+        if on_done is not None:
+            on_done(batch)
+        bar.update(sum(item.bytes_in for item in batch))
+        bar.set_postfix_str(f"{done_parts}/{total_parts} parts", refresh=False)
+
     try:
-        for i, queue in enumerate(queues):
-            for batch in batches_of(queue):
-                result = pool.workers[i].merge_run(batch)
-                stats.add(i, result)
-                done_parts += result.operators
-                if on_done is not None:
-                    on_done(list(batch))
-                bar.update(sum(item.bytes_in for item in batch))
-                bar.set_postfix_str(f"{done_parts}/{total_parts} parts", refresh=False)
+        if n == 1:
+            for batch in batches_of(queues[0]):
+                finished(0, list(batch), pool.workers[0].merge_run(batch))
+        else:
+            _run_threads(pool, queues, finished)
     finally:
         bar.close()
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def local_threads(workers: int) -> int:
+    """Torch threads of each of `workers` in-process workers: the cores shared out, at least one."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def _run_threads(pool: ActorPool, queues: Sequence[Sequence[WorkItem]],
+                 finished: Callable[[int, list[WorkItem], BatchStats], None]) -> None:
+    """Run worker i's queue on thread i; `finished` for each batch, here, as they complete. The
+    first error stops the other threads after their current batch and is raised. Torch's thread
+    count (one per process) is `local_threads` meanwhile, then the caller's again."""
+    import queue as queue_module
+    import threading
+
+    import torch
+
+    done: queue_module.Queue = queue_module.Queue()
+    stop = threading.Event()
+
+    def work(i: int) -> None:
+        try:
+            for batch in batches_of(queues[i]):
+                if stop.is_set():
+                    break
+                done.put((i, list(batch), pool.workers[i].merge_run(batch), None))
+        except BaseException as err:  # noqa: BLE001 - handed to the calling thread
+            done.put((i, None, None, err))
+        finally:
+            done.put((i, None, None, None))  # this thread is over
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(local_threads(len(pool)))
+    threads = [threading.Thread(target=work, args=(i,), name=f"raymerge-worker-{i}", daemon=True)
+               for i in range(len(pool)) if queues[i]]
+    try:
+        for t in threads:
+            t.start()
+        running, error = len(threads), None
+        while running:
+            i, batch, result, err = done.get()
+            if batch is not None:
+                finished(i, batch, result)
+            elif err is not None:
+                error = error or err
+                stop.set()
+            else:
+                running -= 1
+        if error is not None:
+            raise error
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        torch.set_num_threads(before)

@@ -19,13 +19,15 @@ interrupted merge (Ctrl-C, a killed driver, workers that keep dying) leaves the 
 rerunning the same merge reuses the shards whose checksums still match and runs only the
 operators of the others. A worker actor that dies mid-merge is replaced (`runtime.executor`).
 
-`in_process=True` (CLI `--in-process`) runs the same steps without Ray: the pool is one
-`PoolActor` in the driver (`ActorPool.in_process()`), calibrated and planned for like
-a one-worker Ray pool, so the summary still shows predicted against measured, and the bytes are
-those of a Ray merge with one worker. Whole-model trimming, guidance statistics (one stage in
-the driver) and S3 outputs (the driver uploads) work the same way. For small merges and tests,
-where starting Ray and its actors costs more than the merge; `workers` or `address` with it is
-refused as a contradiction.
+`in_process=True` (CLI `--in-process`) runs the same steps without Ray: the pool is `workers`
+`PoolActor`s in the driver (`ActorPool.in_process()`; default one per CPU core), each running its
+queue on a thread of its own (`runtime.executor`), calibrated and planned for like a Ray pool, so
+the summary still shows predicted against measured, and the bytes are those of a Ray merge.
+Whole-model trimming, guidance statistics (stages in the driver) and S3 outputs (the driver
+uploads) work the same way. It is the default on a machine without a GPU when nothing names a
+cluster (`local_by_default`): there a local Ray's start, its worker processes' torch imports and
+its shutdown cost seconds and give one machine nothing. An `address` with it is refused as a
+contradiction.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -368,6 +371,8 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
     t0 = time.perf_counter()
     check_actor_count(options.workers, "workers")  # before anything starts (runtime.actor_resources)
     _check_in_process(options)
+    if local_by_default(options):
+        options = replace(options, in_process=True)
     # The driver resolves the S3 endpoint (option, else AWS_ENDPOINT_URL[_S3]) so that workers,
     # whose environment may differ, get it through the source specs and the output target.
     options = replace(options, s3_endpoint_url=resolve_endpoint_url(options.s3_endpoint_url))
@@ -421,7 +426,7 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
             scan_nonfinite(specs, inputs_by_model(program.operators, len(specs)), quiet=options.quiet)
         t_plan = time.perf_counter()
         if pool is None:
-            with phase("starting the merge workers", options.quiet or options.in_process):
+            with phase("starting the merge workers", options.quiet):
                 pool = _start_pool(options, profile)
         t_ray = time.perf_counter()
     except BaseException:
@@ -447,7 +452,7 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
         t_planned = time.perf_counter()
         if todo:
             with phase(f"timing the methods on the workers and planning {len(todo)} tensor(s)",
-                       options.quiet or options.in_process):
+                       options.quiet):
                 samples = representative_ops(todo)
                 measured = executor.calibrate(pool, samples)
                 table, speeds = calibrated_costs(list(samples), measured)
@@ -536,12 +541,29 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
     )
 
 
+def local_by_default(options: MergeOptions) -> bool:
+    """Whether a merge given no cluster runs its workers as threads of this process rather than
+    on a local Ray of its own: yes on a machine without a GPU when nothing asks for Ray (no
+    `address`, no `RAY_ADDRESS`, no cluster profile, no Ray session already in this process, no
+    kept workers). On one machine a local Ray buys nothing a merge needs and costs seconds: its
+    daemons' start and stop and a torch import per worker process (`examples/benchmark_merge.py`
+    measures both ways). The bytes are the same either way. `address="local"` still starts a
+    local Ray; with a GPU, Ray gives each worker its own."""
+    if options.in_process or options.address is not None or options.cluster is not None or options.keep_workers:
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        return False
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return False
+    from raymerge.runtime.worker import pick_device
+
+    return pick_device().type == "cpu"
+
+
 def _check_in_process(options: MergeOptions) -> None:
-    """`in_process` is one worker in this process: options asking for Ray workers contradict it."""
+    """`in_process` runs its workers in this process: an address (a Ray cluster) contradicts it."""
     if not options.in_process:
         return
-    if options.workers not in (None, 1):
-        raise ConfigError(f"in_process runs one worker in this process; workers={options.workers} needs Ray (drop one of them)")
     if options.address is not None:
         raise ConfigError(f"in_process starts no Ray; address={options.address!r} asks for a Ray cluster (drop one of them)")
 
@@ -549,15 +571,22 @@ def _check_in_process(options: MergeOptions) -> None:
 def _start_pool(options: MergeOptions, profile: Any) -> ActorPool:
     """The merge's actor pool: one `PoolActor` in this process (`in_process`), else the kept
     pool or new Ray actors (`actor_pool.acquire`; Ray is started or joined first)."""
-    if options.in_process:
-        return ActorPool.in_process()  # the same actor code in this process: no Ray, no actors
+    if options.in_process:  # the same actor code in this process, one thread each: no Ray, no actors
+        return ActorPool.in_process("in-process worker", options.workers or _local_worker_count())
     ensure_ray(options.address or (profile.address if profile is not None else None))
     return actor_pool.acquire(options.workers)
 
 
+def _local_worker_count() -> int:
+    """In-process workers by default: one per CPU core, or one on a GPU (they would share it)."""
+    from raymerge.runtime.worker import pick_device
+
+    return 1 if pick_device().type == "cuda" else max(1, os.cpu_count() or 1)
+
+
 def _pool_description(pool: ActorPool, options: MergeOptions) -> str:
     if not pool.remote:
-        return "in process (no Ray), 1 worker, calibrated"
+        return f"in process (no Ray), {len(pool)} worker thread(s), calibrated"
     nodes = len({i.node_id for i in pool.infos()})
     where = "local Ray" if (options.address or os.environ.get("RAY_ADDRESS")) is None else "Ray cluster"
     return f"{where}, {len(pool)} worker(s) on {nodes} node(s), calibrated"
