@@ -442,3 +442,41 @@ def test_pickle_opt_in_comes_from_the_caller_not_the_config(trained, tmp_path):
     safe = _prune(trained, tmp_path, "safe")
     a, b = load_state(opted.output), load_state(safe.output)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_node_staging_gathers_shards_written_on_two_nodes(tmp_path):
+    """An S3 prune whose stages run on two nodes that share no disk (`runtime.prune.NodeStaging`):
+    each node stages in a folder of its own, the pieces of a shard written on another node than
+    its owner's are moved to the owner's copy, and each owner's shards are the one-process bytes."""
+    from raymerge.checkpoints import ShardFileWriter, plan_shards
+    from raymerge.checkpoints.writer import ensure_node_shards, read_range, reset_staging, write_range
+    from raymerge.runtime.prune import NodeStaging
+
+    names = [f"t{i}" for i in range(10)]
+    values = {n: torch.arange(i * 10, i * 10 + 10, dtype=torch.float32) for i, n in enumerate(names)}
+    layout = plan_shards([(n, "F32", (10,)) for n in names], 120)
+    writers = {n: 0 if i < 5 or i == 9 else 1 for i, n in enumerate(names)}  # stage 0 also writes the last
+    plan = NodeStaging.plan(layout, writers, ["node-a", "node-b"])
+    assert any(src != dst for src, dst, *_ in plan.moves)
+    assert NodeStaging.plan(layout, writers, ["node-a", "node-a"]).moves == ()  # one disk: nothing moves
+
+    reference = tmp_path / "one"
+    reset_staging(reference, layout)
+    w = ShardFileWriter(reference)
+    for n in names:
+        w.write(*layout.entry(n), values[n])
+    w.close()
+
+    folders = [tmp_path / "a" / "staging", tmp_path / "b" / "staging"]  # the same path on each node
+    for k, folder in enumerate(folders):
+        ensure_node_shards(folder, plan.job, plan.shards[k])
+    writer = [ShardFileWriter(f) for f in folders]
+    for n in names:
+        writer[writers[n]].write(*layout.entry(n), values[n])
+    for x in writer:
+        x.close()
+    for src, dst, filename, begin, end in plan.moves:
+        write_range(folders[dst], filename, begin, read_range(folders[src], filename, begin, end))
+    for shard in layout.shards:
+        owned = folders[plan.owner[shard.filename]] / shard.filename
+        assert owned.read_bytes() == (reference / shard.filename).read_bytes(), shard.filename

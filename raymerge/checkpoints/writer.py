@@ -25,6 +25,13 @@
 `sinks.open_output` picks the sink: a local directory, or an `s3://bucket/prefix`, which stages the
 same way in a local folder and then uploads (shards by the workers, `config.json` last; see
 `raymerge.checkpoints.s3`).
+
+Private-disk cluster nodes (an S3 output whose workers share no disk with the driver): each node
+allocates its own copy of the staging shards it writes (`ensure_node_shards`; the driver's own
+folder is recognised by its resume manifest, or by `mark_node_shards` for a prune, which has
+none), byte ranges of a shard move between nodes' copies with `read_range` / `write_range` (a
+prune's shard that two stages on two nodes write), and `drop_node_shards` removes a node's copy
+once the output is published.
 """
 
 from __future__ import annotations
@@ -408,6 +415,41 @@ def drop_node_shards(folder: str | os.PathLike, job: str) -> bool:
         except OSError:
             pass
     return True
+
+
+def mark_node_shards(folder: str | os.PathLike, job: str) -> None:
+    """Mark the driver's own staging folder (every shard allocated, no resume manifest: a prune)
+    as `job`'s, so `ensure_node_shards` on a node sharing the driver's disk uses it as it is."""
+    (Path(folder) / NODE_JOB_MARKER).write_text(job)
+
+
+def read_range(folder: str | os.PathLike, filename: str, begin: int, end: int) -> bytes:
+    """Bytes [begin, end) of a staged shard of this node (a piece to move to another node)."""
+    fd = os.open(Path(folder) / filename, os.O_RDONLY)
+    try:
+        out = bytearray()
+        while len(out) < end - begin:
+            chunk = os.pread(fd, end - begin - len(out), begin + len(out))
+            if not chunk:
+                raise OSError(errno.EIO, f"short read of {filename} at {begin + len(out)}", str(Path(folder) / filename))
+            out += chunk
+        return bytes(out)
+    finally:
+        os.close(fd)
+
+
+def write_range(folder: str | os.PathLike, filename: str, begin: int, data: bytes) -> int:
+    """Write `data` at offset `begin` of an allocated shard of this node's staging folder (a
+    piece another node wrote: `read_range`); returns the bytes written."""
+    fd = os.open(Path(folder) / filename, os.O_WRONLY)
+    try:
+        pos = 0
+        view = memoryview(data)
+        while pos < len(data):
+            pos += os.pwrite(fd, view[pos:], begin + pos)
+        return pos
+    finally:
+        os.close(fd)
 
 
 def _existing(path: Path) -> Path:

@@ -233,18 +233,28 @@ class JobOutput:
             f"{human_bytes(missing)} more needed in {self.staging} ({human_bytes(free)} free); {then}", missing)
 
 
-def upload_on(actors: Sequence[Any]) -> Optional[Callable[..., None]]:
+def upload_on(actors: Sequence[Any], owners: Optional[Mapping[str, int]] = None) -> Optional[Callable[..., None]]:
     """A `spread` for `JobOutput.publish` that has Ray worker actors (any class with an
     `upload_files(target, staging, names)` method) upload the shards, largest first to the least
-    loaded; None without actors (the driver uploads)."""
+    loaded; None without actors (the driver uploads). With `owners` (shard name -> actor index),
+    each shard is uploaded by its owner instead: the actor on whose node's own disk that shard is
+    whole (a prune whose stages stage on private disks, `runtime.prune`)."""
     if not actors:
         return None
+
+    def assign(shards: Sequence[tuple[str, int]]) -> list[list[str]]:
+        if owners is None:
+            return balance_shards(shards, len(actors))
+        out: list[list[str]] = [[] for _ in actors]
+        for name, _ in shards:
+            out[owners[name]].append(name)
+        return out
 
     def spread(target: Any, staging: str, shards: Sequence[tuple[str, int]]) -> None:
         import ray
 
         refs = [a.upload_files.remote(target, staging, names)
-                for a, names in zip(actors, balance_shards(shards, len(actors))) if names]
+                for a, names in zip(actors, assign(shards)) if names]
         try:
             ray.get(refs)
         except Exception as err:  # noqa: BLE001 - a Ray task error wrapping ours

@@ -26,8 +26,12 @@
    measured before and after; the report, config and tokenizer are written and the staging
    folder is published through the output path merges use (`runtime.output.JobOutput`): renamed
    onto a local folder, or, for `s3://bucket/prefix`, its shards uploaded by the stage workers and
-   `config.json` last. Nothing is published unless everything succeeded. (A prune does not resume
-   an interrupted run: it starts afresh.) A stage actor that dies mid-run is handled like a lost
+   `config.json` last. Nothing is published unless everything succeeded. The shard layout is
+   always the one-process layout (same files and bytes however the layers are staged), so when
+   the stages of an S3 output run on several nodes, which may share no disk, each node stages on
+   its own disk and a shard's pieces written on other nodes are gathered on its owner's node,
+   which uploads it (`NodeStaging`). (A prune does not resume an interrupted run: it starts
+   afresh.) A stage actor that dies mid-run is handled like a lost
    merge worker (`runtime.actor_pool`, the pools' one fault policy): all stages are replaced and the pass reruns from the
    start into a freshly reset staging folder, at most `MAX_WORKER_RESTARTS` times, then
    `WorkerLostError`.
@@ -53,7 +57,7 @@ from raymerge.config.cluster import parse_size
 from raymerge.checkpoints.model_files import load_tokenizer, tokenizer_files
 from raymerge.checkpoints.s3 import resolve_endpoint_url
 from raymerge.checkpoints.safetensors_format import dtype_code
-from raymerge.checkpoints.writer import DEFAULT_SHARD_BYTES
+from raymerge.checkpoints.writer import DEFAULT_SHARD_BYTES, OutputLayout
 from raymerge.progress import phase
 from raymerge.config.merge_config import ConfigError
 from raymerge.config.prune_config import Owl, PruneConfig, load_prune_config
@@ -263,7 +267,7 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
     plans: list[_StagePlan] = []
 
     def attempt() -> tuple:
-        nonlocal driver, plans
+        nonlocal driver, plans, spread
         if driver is not None:
             infos = _describe(driver)  # a rerun: the fresh actors
         elif options.in_process:
@@ -281,6 +285,14 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
         job.watch(driver)
         stages = driver.workers
         dest.open(layout)  # afresh on every attempt: nothing a lost attempt wrote is kept
+        # An S3 output from stages on several nodes: each node stages on its own disk (`NodeStaging`).
+        nodes = [info.node_id for info in infos] if driver.remote and dest.remote else []
+        spread = upload_on(driver.actors) if driver.remote else None
+        staged_on_nodes = None
+        if len(set(nodes)) > 1:
+            staged_on_nodes = NodeStaging.plan(layout, _writers(shape, tensors, plans), nodes)
+            staged_on_nodes.begin(driver, str(dest.staging))
+            spread = upload_on(driver.actors, staged_on_nodes.owner)
         last = len(plans) - 1
         t_start = time.perf_counter()  # the stages' wall time (utilisation) starts with their loading
         with phase(f"loading {shape.num_layers} layers on {len(plans)} stage(s)", options.quiet):
@@ -335,13 +347,16 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
 
         copies = _copy_lists(shape, tensors, plans)
         copied = [s.copy(names) for s, names in zip(stages, copies)]
-        finished = driver.get(copied + [s.finish() for s in stages])[len(copied):]
+        # (Each actor runs its calls in order: its copies, its pieces read, the pieces written, finish.)
+        moved = staged_on_nodes.gather(stages, str(dest.staging)) if staged_on_nodes is not None else []
+        finished = driver.get(copied + moved + [s.finish() for s in stages])[len(copied) + len(moved):]
         wall = time.perf_counter() - t_start
         finished = [(*f, wall) for f in finished]  # + the driver's wall time over the stages' lifetime
-        return infos, stage_bytes, wins, nll_before, nll_after, finished, t_loaded, t_pruned
+        return infos, stage_bytes, wins, nll_before, nll_after, finished, t_loaded, t_pruned, staged_on_nodes
 
+    spread = None  # how an S3 output's shards are uploaded (set by each attempt)
     try:
-        infos, stage_bytes, windows, nll_before, nll_after, finished, t_loaded, t_pruned = job.run(attempt)
+        infos, stage_bytes, windows, nll_before, nll_after, finished, t_loaded, t_pruned, staged_on_nodes = job.run(attempt)
         assert driver is not None
         results: list[ModuleResult] = [r for part in finished for r in part[0]]
         report = PruneReport.build(
@@ -359,9 +374,11 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
             report.eval_tokens = nll_after[1]
         if windows is not None:
             report.calibration = {"nsamples": windows.nsamples, "seqlen": windows.seqlen, "eval_windows": int(windows.heldout.shape[0])}
-        # An S3 output's shards are uploaded by the stage workers (the driver, in process).
-        out = dest.publish(layout, {**extra_files, REPORT_FILE: report.to_json()},
-                           spread=upload_on(driver.actors) if driver.remote else None)
+        # An S3 output's shards are uploaded by the stage workers (the driver, in process); each
+        # by the stage whose node holds it whole when the stages stage on their nodes' own disks.
+        out = dest.publish(layout, {**extra_files, REPORT_FILE: report.to_json()}, spread=spread)
+        if staged_on_nodes is not None:  # published: the nodes' staging copies go
+            driver.get([w.drop_node_shards(str(dest.staging), staged_on_nodes.job) for w in driver.workers])
     except BaseException as err:
         if driver is not None:
             driver.kill()  # before removing the staging folder the workers write into
@@ -400,21 +417,104 @@ def _curated_windows(cfg: PruneConfig, tokenizer, shape: ModelShape, pipe: Pipel
         raise ConfigError(f"{label}: calibration: {err}") from None
 
 
-def _copy_lists(shape: ModelShape, tensors: dict, plans: list[_StagePlan]) -> list[list[str]]:
-    """Per stage, the tensors it copies unchanged: its layers' unpruned tensors; the first stage
-    also everything outside the decoder layers."""
-    pruned = {f"{shape.layers_path}.{i}.{m}.weight" for i in range(shape.num_layers) for m in shape.modules}
+def _writers(shape: ModelShape, tensors: dict, plans: list[_StagePlan]) -> dict[str, int]:
+    """The stage that writes each output tensor: a layer's tensors (pruned or copied) its
+    layer's stage; everything outside the decoder layers the first stage (`_copy_lists`)."""
     root = shape.layers_path + "."
-    out: list[list[str]] = [[] for _ in plans]
+    out: dict[str, int] = {}
     for name in tensors:
-        if name in pruned:
-            continue
         k = 0
         if name.startswith(root):
             layer = int(name[len(root):].split(".", 1)[0])
             k = next((j for j, p in enumerate(plans) if p.first <= layer <= p.last), 0)
-        out[k].append(name)
+        out[name] = k
     return out
+
+
+def _copy_lists(shape: ModelShape, tensors: dict, plans: list[_StagePlan]) -> list[list[str]]:
+    """Per stage, the tensors it copies unchanged: its layers' unpruned tensors; the first stage
+    also everything outside the decoder layers."""
+    pruned = {f"{shape.layers_path}.{i}.{m}.weight" for i in range(shape.num_layers) for m in shape.modules}
+    out: list[list[str]] = [[] for _ in plans]
+    for name, k in _writers(shape, tensors, plans).items():
+        if name not in pruned:
+            out[k].append(name)
+    return out
+
+
+MOVE_BYTES = 256 * 2**20  # a shard piece moves between nodes in chunks of at most this many bytes
+
+
+@dataclass(frozen=True)
+class NodeStaging:
+    """An S3 output written by stages on nodes that share no disk (step 4 of the module docstring).
+
+    The shard layout stays the one a single process writes (same files, same bytes), so a shard
+    can hold tensors of two stages on two nodes. Each shard gets an owner: the stage that writes
+    most of its bytes (ties: the earlier stage). Each node allocates its own copy of the shards
+    its stages write (`checkpoints.writer.ensure_node_shards`, at the driver's staging path; a
+    node sharing the driver's disk uses the driver's folder). Once the stages have written
+    everything, the byte ranges of a shard written on another node than its owner's are read
+    there and written into the owner's copy (`MOVE_BYTES` chunks, actor to actor through Ray's
+    object store: the driver holds only references), so every shard is whole on its owner's
+    node; the owner uploads it (`runtime.output.upload_on` with owners), and after the publish
+    each node removes its copy. A failed prune leaves the copies; the next prune to the same
+    output, a new job, wipes them (`ensure_node_shards`)."""
+
+    job: str  # names this attempt's node copies (a rerun is a new job: its copies start afresh)
+    owner: dict[str, int]  # shard file -> the stage that uploads it
+    shards: tuple[tuple[tuple[str, bytes, int], ...], ...]  # per stage: what its node allocates
+    moves: tuple[tuple[int, int, str, int, int], ...]  # (from stage, to stage, shard file, begin, end)
+
+    @classmethod
+    def plan(cls, layout: OutputLayout, writers: dict[str, int], nodes: Sequence[str]) -> "NodeStaging":
+        """`writers`: the stage writing each tensor (`_writers`); `nodes`: each stage's node."""
+        import uuid
+
+        written: list[dict[int, int]] = [{} for _ in layout.shards]
+        for name, k in writers.items():
+            i = layout.shard_of[name]
+            written[i][k] = written[i].get(k, 0) + layout.shards[i].entries[name].nbytes
+        owner = {s.filename: max(sorted(written[i]), key=lambda k: written[i][k]) if written[i] else 0
+                 for i, s in enumerate(layout.shards)}
+        ranges: dict[tuple[int, str], list[list[int]]] = {}
+        needs: dict[str, set[int]] = {node: set() for node in nodes}
+        for i, shard in enumerate(layout.shards):
+            o = owner[shard.filename]
+            needs[nodes[o]].add(i)
+            for name, entry in sorted(shard.entries.items(), key=lambda kv: kv[1].begin):
+                k = writers[name]
+                needs[nodes[k]].add(i)
+                if nodes[k] == nodes[o] or entry.nbytes == 0:
+                    continue
+                spans = ranges.setdefault((k, shard.filename), [])
+                if spans and spans[-1][1] == entry.begin:
+                    spans[-1][1] = entry.end
+                else:
+                    spans.append([entry.begin, entry.end])
+        moves = []
+        for (k, filename), spans in ranges.items():
+            for begin, end in spans:
+                for at in range(begin, end, MOVE_BYTES):
+                    moves.append((k, owner[filename], filename, at, min(end, at + MOVE_BYTES)))
+        allocate = {node: tuple((layout.shards[i].filename, layout.shards[i].header, layout.shards[i].size)
+                                for i in sorted(held)) for node, held in needs.items()}
+        return cls(uuid.uuid4().hex, owner, tuple(allocate[node] for node in nodes), tuple(moves))
+
+    def begin(self, pool: ActorPool, staging: str) -> None:
+        """Before the stages load: the driver's folder is marked as this job's (a stage on the
+        driver's disk writes into it), each other node allocates its copy."""
+        from raymerge.checkpoints.writer import mark_node_shards
+
+        mark_node_shards(staging, self.job)
+        pool.get([w.ensure_node_shards(staging, self.job, list(shards)) for w, shards in zip(pool.workers, self.shards)])
+
+    def gather(self, stages: Sequence[Any], staging: str) -> list[Any]:
+        """Queue the moves (all reads, then all writes, so no actor waits on one that waits on it);
+        the writes' handles."""
+        reads = [stages[src].read_staged(staging, name, begin, end) for src, _, name, begin, end in self.moves]
+        return [stages[dst].write_staged(staging, name, begin, data)
+                for data, (_, dst, name, begin, _) in zip(reads, self.moves)]
 
 
 def _published_files(cfg: PruneConfig, source: CheckpointSource) -> dict[str, Union[str, bytes]]:
