@@ -2,9 +2,12 @@
 
     python examples/benchmark_search.py                  # 6 trials each way, linear merge of 2 fine-tunes
     python examples/benchmark_search.py --trials 10 --method ties
+    python examples/benchmark_search.py --params 1000 --trials 4   # a ~1B model: writing and loading weigh more
+    python examples/benchmark_search.py --ray        # also in memory on a Ray stage actor (transfer measured)
 
 The model is the ~254M-parameter synthetic bf16 llama of `benchmark_prune.py` (hidden 1024,
-16 layers, vocab 32000) plus two seeded fine-tunes of it. Both ways score the same trials on the
+16 layers, vocab 32000) plus two seeded fine-tunes of it; `--params N` builds instead a model of
+about N million parameters (hidden 2048, intermediate 5632, vocab 32000, as many layers as make N). Both ways score the same trials on the
 same held-out windows (perplexity):
 
 - in memory: `raymerge.optimize` (in process, one stage holding every layer): each trial
@@ -14,7 +17,9 @@ same held-out windows (perplexity):
   same windows are scored.
 
 Trials per hour exclude one-time setup on both sides (the search's loading of the inputs, the
-first merge's worker start); the setup time is printed too. Prints one table.
+first merge's worker start); the setup time is printed too. Prints one table, and where the
+in-memory trials' time went (`search.study.TrialTimes`: re-merge, forward, Optuna, compile,
+transfer/other).
 """
 
 from __future__ import annotations
@@ -53,6 +58,35 @@ def build_finetunes(model: Path, workdir: Path) -> list[Path]:
     return paths
 
 
+def build_sized(workdir: Path, millions: int) -> tuple[Path, int]:
+    """A synthetic bf16 llama of about `millions` M parameters (cached under `workdir`)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from raymerge.demo import save_tiny_tokenizer, tiny_config
+
+    hidden, inter, vocab = 2048, 5632, 32000
+    per_layer = hidden * hidden * 3 + 3 * hidden * inter + 2 * hidden  # q, o, k+v (8 of 16 heads); MLP; norms
+    layers = max(1, round((millions * 1e6 - 2 * vocab * hidden) / per_layer))
+    path = workdir / f"synthetic-h{hidden}-{layers}l"
+    if not (path / "config.json").exists():
+        config = tiny_config("llama", hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                             num_attention_heads=16, num_key_value_heads=8, vocab_size=vocab, max_position_embeddings=2048)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(str(path), safe_serialization=True)
+        save_tiny_tokenizer(path)
+        del model
+    from raymerge.checkpoints import SourceSpec
+
+    src = SourceSpec(str(path)).open()
+    try:
+        n = sum(math.prod(t.shape) for t in src.tensors().values())
+    finally:
+        src.close()
+    return path, n
+
+
 def main() -> None:
     from benchmark_prune import build_model
 
@@ -62,6 +96,8 @@ def main() -> None:
     p.add_argument("--method", default="linear", choices=["linear", "task_arithmetic", "ties"])
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--eval-samples", type=int, default=4)
+    p.add_argument("--params", type=int, default=None, help="build a model of about this many million parameters")
+    p.add_argument("--ray", action="store_true", help="also search in memory on a Ray stage actor")
     args = p.parse_args()
 
     import torch
@@ -74,8 +110,13 @@ def main() -> None:
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    base = build_model(workdir, 16)
-    ft1, ft2 = build_finetunes(base, workdir)
+    if args.params:
+        base, n_params = build_sized(workdir, args.params)
+        ftdir = workdir / f"{base.name}-finetunes"
+        ftdir.mkdir(exist_ok=True)
+    else:
+        base, n_params, ftdir = build_model(workdir, 16), None, workdir
+    ft1, ft2 = build_finetunes(base, ftdir)
     text = workdir / "heldout.txt"
     text.write_text(demo_text(40, 200, seed=3))
     rng = random.Random(0)
@@ -106,11 +147,17 @@ def main() -> None:
     total = time.perf_counter() - t0
     mem_per_hour = result.trials_per_hour
     mem_setup = total - result.seconds
+    searches = [("in memory (raymerge search)", mem_setup, result)]
+    if args.ray:
+        t0 = time.perf_counter()
+        ray_result = raymerge.optimize(search, out / "study-ray", quiet=True)  # one stage actor, own local Ray
+        searches.append(("in memory, Ray stage actor", time.perf_counter() - t0 - ray_result.seconds, ray_result))
 
     tok = AutoTokenizer.from_pretrained(str(base))
     windows = load_calibration(CalibrationConfig(dataset=str(text), seqlen=args.seqlen, eval_samples=args.eval_samples, nsamples=1), tok, 2048)
-    disk_times, first = [], None
+    disk_times, first, model = [], None, None
     for i, w in enumerate(weights):
+        model = None  # the previous trial's model is freed before this one is loaded
         t = time.perf_counter()
         res = raymerge.merge(merge_config(w), out / "trial-model", overwrite=True, quiet=True, keep_workers=True)
         model = AutoModelForCausalLM.from_pretrained(str(res.output), dtype=torch.float32).eval()
@@ -125,12 +172,17 @@ def main() -> None:
             disk_times.append(elapsed)
     raymerge.shutdown_workers()
     disk_per_hour = 3600.0 / (sum(disk_times) / len(disk_times))
-    print(f"model: {base} + 2 fine-tunes (254M parameters each, bf16), {args.method}; {args.trials} trials; "
-          f"held-out {args.eval_samples} x {args.seqlen} tokens; {os.cpu_count()} CPUs")
+    size = f"{n_params / 1e6:.0f}M" if n_params else "254M"
+    print(f"model: {base} + 2 fine-tunes ({size} parameters each, bf16), {args.method}; {args.trials} trials; "
+          f"held-out {args.eval_samples} x {args.seqlen} tokens; {os.cpu_count()} CPUs; load average "
+          + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(f"{'way':<34} {'setup s':>8} {'s/trial':>8} {'trials/hour':>12}")
-    print(f"{'in memory (raymerge search)':<34} {mem_setup:>8.1f} {result.seconds / result.trials_run:>8.2f} {mem_per_hour:>12.0f}")
+    for name, setup, r in searches:
+        print(f"{name:<34} {setup:>8.1f} {r.seconds / r.trials_run:>8.2f} {r.trials_per_hour:>12.0f}")
     print(f"{'write + load per trial':<34} {first:>8.1f} {sum(disk_times) / len(disk_times):>8.2f} {disk_per_hour:>12.0f}")
     print(f"in memory / disk: {mem_per_hour / disk_per_hour:.1f}x (target 10x)")
+    for name, _, r in searches:
+        print(f"{name}: {r.timings.summary()}")
 
 
 if __name__ == "__main__":

@@ -318,3 +318,72 @@ def test_lm_eval_objective_needs_tasks_and_the_library(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # find_spec: not importable
     with pytest.raises(ConfigError, match="pip install lm-eval"):
         load_search_config({**base, "objective": {"kind": "lm_eval", "lm_eval": {"tasks": ["arc_easy"]}}})
+
+
+def _check_breakdown(result, trials: int) -> None:
+    t = result.timings
+    parts = [t.remerge, t.forward, t.optuna, t.compile, t.other]
+    assert t.trials == trials and all(p >= 0 for p in parts), t
+    assert sum(parts) <= t.total * (1 + 1e-9) and t.total > 0, t
+    assert t.remerge > 0 and t.forward > 0, t  # the stages reported their calls
+    assert "per trial" in result.summary() and "re-merge" in result.summary()
+
+
+def test_trial_time_breakdown(opposite_finetunes, trained, tmp_path, ray_session):
+    """Each trial's time splits into re-merge, forward, Optuna, compile and transfer/other: none
+    negative, together at most the trials' time; in process, and on Ray with 2 stages x 2 pipelines
+    (the stages' intervals come back with each trial)."""
+    grid = {"choices": [0.5, 1.0, 1.5]}
+    local = raymerge.optimize(_merge_search(opposite_finetunes, trained["calib"], 3, "grid", w_range=grid),
+                              tmp_path / "local", in_process=True, quiet=True)
+    _check_breakdown(local, 3)
+    assert local.timings.compile > 0 and local.timings.optuna > 0
+    on_ray = raymerge.optimize(_merge_search(opposite_finetunes, trained["calib"], 3, "grid", 2, w_range=grid),
+                               tmp_path / "ray", quiet=True, stages=2)
+    _check_breakdown(on_ray, 3)
+    prune = raymerge.optimize({
+        "prune": {"model": str(trained["model"]), "method": "wanda", "sparsity": 0.5,
+                  "calibration": {"dataset": str(trained["calib"]), "nsamples": 4, "seqlen": 64, "eval_samples": 2}},
+        "space": {"max_deviation": 0.1, "owl": True, "exponents": True},
+        "study": {"n_trials": 2, "sampler": "random", "seed": 0},
+    }, tmp_path / "prune", in_process=True, quiet=True)
+    _check_breakdown(prune, 2)
+
+
+def test_trial_clock_parts_are_disjoint():
+    """Overlapping intervals (parallel stages, a forward overlapping a re-merge) count once."""
+    import time
+
+    from raymerge.search.study import TrialTimes, _TrialClock
+
+    clock = _TrialClock()
+    time.sleep(0.05)
+    s = clock.start
+    clock.actors([[("remerge", s + 0.0, s + 0.02), ("forward", s + 0.01, s + 0.03)],
+                  [("remerge", s + 0.005, s + 0.015), ("forward", s - 5.0, s + 1e6)]])  # clipped to the window
+    times = TrialTimes()
+    clock.add_to(times)
+    assert times.trials == 1 and times.remerge == pytest.approx(0.02)
+    assert times.forward == pytest.approx(times.total - 0.02) and times.other == pytest.approx(0.0, abs=1e-12)
+    assert times.optuna == times.compile == 0.0
+
+
+def test_trials_do_not_rebuild_the_vocabulary(opposite_finetunes, monkeypatch):
+    """A search compiles every trial's merge config with one `MergeCompiler`: with a tokenizer
+    choice the merged vocabulary is built once, not per trial (only the numbers change)."""
+    import raymerge.runtime.vocabulary as vocabulary
+    from raymerge.config.merge_config import parse_config
+    from raymerge.runtime.compile import MergeCompiler
+
+    built = []
+    real = vocabulary.build_vocabulary
+    monkeypatch.setattr(vocabulary, "build_vocabulary", lambda *a, **k: built.append(1) or real(*a, **k))
+    with MergeCompiler() as compiler:
+        for w in (0.5, 1.0, 1.5):
+            cfg = {"merge_method": "linear", "tokenizer_source": "union", "dtype": "float32", "models": [
+                {"model": str(opposite_finetunes["plus"]), "parameters": {"weight": w}},
+                {"model": str(opposite_finetunes["minus"]), "parameters": {"weight": 1.0}}]}
+            assert compiler.compile(parse_config(cfg, "trial"), "trial").program.operators
+        cfg["tokenizer_source"] = "base"  # another choice: built again
+        compiler.compile(parse_config(cfg, "trial"), "trial")
+    assert len(built) == 2

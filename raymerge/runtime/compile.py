@@ -97,6 +97,9 @@ class MergeCompiler:
     def __init__(self, options: CompileOptions = CompileOptions()) -> None:
         self.options = options
         self.opened: dict[ModelRef, tuple[SourceSpec, CheckpointSource]] = {}
+        # Merged vocabularies by what they depend on (the tokenizer settings, the models, the
+        # base): a search compiles every trial's config, and only its numbers change.
+        self._vocabularies: dict[tuple, Any] = {}
 
     def sources(self, refs: Iterable[ModelRef]) -> dict[ModelRef, CheckpointSource]:
         """The opened sources of `refs` (opening the ones not open yet), keyed by reference."""
@@ -121,12 +124,22 @@ class MergeCompiler:
     def _vocabulary(self, config: MergeConfig, sources: dict[ModelRef, CheckpointSource], label: str) -> Any:
         """The merged vocabulary when the config chooses a tokenizer (`runtime.vocabulary`), built
         from tokenizer files alone; None otherwise, and when planning from config.json alone."""
-        from raymerge.checkpoints.model_files import tokenizer_files
-        from raymerge.runtime.vocabulary import build_vocabulary, tokenizer_choice
+        from raymerge.runtime.vocabulary import tokenizer_choice
 
         choice = tokenizer_choice(config)
         if choice is None:
             return None
+        models = tuple(config.referenced_models())
+        key = (repr(config.tokenizer_source),
+               config.tokenizer.model_dump_json() if config.tokenizer is not None else None,
+               models, config.base_model if config.base_model is not None else models[0])
+        if key not in self._vocabularies:
+            self._vocabularies[key] = self._build_vocabulary(config, sources, label)
+        return self._vocabularies[key]
+
+    def _build_vocabulary(self, config: MergeConfig, sources: dict[ModelRef, CheckpointSource], label: str) -> Any:
+        from raymerge.checkpoints.model_files import tokenizer_files
+        from raymerge.runtime.vocabulary import build_vocabulary
 
         def files(ref: ModelRef) -> dict[str, bytes]:
             names = (*TOKENIZER_FILES, "config.json")

@@ -14,7 +14,9 @@ one of them. A `PoolActor` owns:
   the checkpoint it was read from, the device, the busy time; `reload` swaps in the same layers
   of another checkpoint;
 - `output` (`StageOutput`): the staging shards the block's tensors are written into at their
-  planned offsets (pruned ones masked, the rest copied byte for byte), and uploads to an S3 output;
+  planned offsets (pruned ones masked, the rest copied byte for byte), and uploads to an S3 output
+  (on nodes that share no disk: each node's copy of the staging shards, and the shard pieces
+  moved between them, `ensure_node_shards` / `read_staged` / `write_staged`);
 - `pruning` (`Pruning`): the prune methods over the block (sequential or from collected
   statistics) and OWL's outlier ratios;
 - `trial` (`Trial`): what a search trial varies — the input models' tensors for re-merging,
@@ -176,6 +178,14 @@ class Trial:
         self.layers = layers
         self.inputs: list[MemorySource] = []
         self.dense: dict[str, torch.Tensor] = {}
+        # (kind, start, end) wall-clock intervals of this actor's trial calls ("remerge", "forward"),
+        # kept once `times()` was first called (a search's stages), drained by each `times()`.
+        self.log: Optional[list[tuple[str, float, float]]] = None
+
+    def times(self) -> list[tuple[str, float, float]]:
+        """The trial calls' intervals since the last call (and keep recording from now on)."""
+        log, self.log = self.log or [], []
+        return log
 
     def hold_inputs(self, specs: Sequence[SourceSpec], needed: Sequence[Sequence[str]]) -> int:
         total = 0
@@ -195,14 +205,27 @@ class Trial:
         return sorted(self.layers.held.block.held_parameters())
 
     def apply_merge(self, operators: Sequence[MergeOperator]) -> int:
+        """Elementwise methods run on one torch thread: they are memory-bound, and linear's
+        accumulation runs in cache-sized chunks (`methods.linear.CHUNK`), each of which several
+        threads would split with a fork/join of their own — on a shared or loaded CPU that costs
+        far more than the chunk (a 2816 x 1024 linear merge: 0.23-0.39 s on 2 threads at load 4
+        on 2 cores, 0.005 s on one). The merged values do not depend on the thread count."""
+        from raymerge.methods import get_method
+
         params = self.layers.held.block.held_parameters()
-        for op in operators:
-            target = params.get(op.name)
-            if target is None:
-                raise RuntimeError(f"search worker {self.layers.worker_id}: {op.name} is not a parameter of its block")
-            merged = compute_operator(op, self.inputs, self.layers.device)
-            with torch.no_grad():
-                target.copy_(merged.to(CODE_DTYPES[op.out_dtype]).to(target.dtype))
+        threads = torch.get_num_threads()
+        try:
+            for op in operators:
+                target = params.get(op.name)
+                if target is None:
+                    raise RuntimeError(f"search worker {self.layers.worker_id}: {op.name} is not a parameter of its block")
+                serial = self.layers.device.type == "cpu" and get_method(op.method).elementwise
+                torch.set_num_threads(1 if serial else threads)
+                merged = compute_operator(op, self.inputs, self.layers.device)
+                with torch.no_grad():
+                    target.copy_(merged.to(CODE_DTYPES[op.out_dtype]).to(target.dtype))
+        finally:
+            torch.set_num_threads(threads)
         return len(operators)
 
     def keep_dense(self) -> None:
@@ -340,6 +363,27 @@ class Statistics:
         return out
 
 
+def _trial_clock(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Record the wall-clock interval of a `PoolActor` call in `Trial.log` as `kind` (a search's
+    per-trial time breakdown, `search.study.TrialTimes`); nothing when the log is off."""
+
+    def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def run(self: "PoolActor", *args: Any, **kwargs: Any) -> Any:
+            log = self.trial.log
+            if log is None:
+                return method(self, *args, **kwargs)
+            t0 = time.time()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                log.append((kind, t0, time.time()))
+
+        return run
+
+    return wrap
+
+
 # -- the actor -------------------------------------------------------------------------------------------
 class PoolActor:
     """Every job's actor: merge work, a block of decoder layers, and what jobs do with it (see the
@@ -429,9 +473,11 @@ class PoolActor:
         return self.layers.reload(spec)
 
     # -- data flow (see PruneStage) -----------------------------------------------------------
+    @_trial_clock("forward")
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.layers.timed(self.layers.held.embed, input_ids).cpu()
 
+    @_trial_clock("forward")
     def forward(self, hidden: torch.Tensor, collect: Sequence[str] = (), emit: bool = True) -> Optional[torch.Tensor]:
         """Run the block's layers; `emit=False` keeps the output here (a statistics-only pass)."""
         out = self.layers.timed(self.layers.held.forward, hidden.to(self.device), tuple(collect))
@@ -444,6 +490,7 @@ class PoolActor:
         for h in hiddens:
             self.store(h)
 
+    @_trial_clock("forward")
     def loss(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
         return self.layers.timed(self.layers.held.loss, hidden.to(self.device), input_ids)
 
@@ -455,6 +502,7 @@ class PoolActor:
         self.layers.held.clear_statistics()
 
     # -- pruning and writing ------------------------------------------------------------------
+    @_trial_clock("remerge")
     def outlier_ratios(self, m: float) -> dict[int, float]:
         """OWL's outlier ratios; from the kept dense weights once `keep_dense` ran (a search's
         block then holds a trial's pruned ones), else from the block's weights."""
@@ -493,6 +541,26 @@ class PoolActor:
 
         return upload_files(target, staging, filenames)
 
+    # -- a prune's staging shards on private disks (S3 output, stages on several nodes) ----------
+    def ensure_node_shards(self, staging: str, job: str, shards: Sequence[tuple[str, bytes, int]]) -> bool:
+        """This node's copy of the staging shards `shards` ((name, header, size)) for `job`, when
+        the driver's staging folder is not on this node's disk (`checkpoints.writer.ensure_node_shards`)."""
+        from raymerge.checkpoints.writer import ensure_node_shards
+
+        return ensure_node_shards(staging, job, shards)
+
+    def read_staged(self, staging: str, filename: str, begin: int, end: int) -> bytes:
+        """Bytes [begin, end) of a shard in this node's staging folder (a piece for another node)."""
+        from raymerge.checkpoints.writer import read_range
+
+        return read_range(staging, filename, begin, end)
+
+    def write_staged(self, staging: str, filename: str, begin: int, data: bytes) -> int:
+        """Write a piece another node staged at offset `begin` of a shard in this node's staging folder."""
+        from raymerge.checkpoints.writer import write_range
+
+        return write_range(staging, filename, begin, data)
+
     # -- search trials ------------------------------------------------------------------------
     def hold_inputs(self, specs: Sequence[SourceSpec], needed: Sequence[Sequence[str]]) -> int:
         """Read, once, the tensors of each input model this block's operators need; return bytes."""
@@ -502,14 +570,22 @@ class PoolActor:
         """Names of the parameters this block holds (tied names included)."""
         return self.trial.held_parameters()
 
+    @_trial_clock("remerge")
     def apply_merge(self, operators: Sequence[MergeOperator]) -> int:
         """Recompute `operators` into this block's parameters; return how many were applied."""
         return self.trial.apply_merge(operators)
+
+    def trial_times(self) -> list[tuple[str, float, float]]:
+        """(kind, start, end) wall-clock intervals of this actor's re-merge ("remerge": apply_merge,
+        apply_prune, outlier_ratios) and evaluation ("forward": embed, forward, loss, logits, ...)
+        calls since the last `trial_times()`; the first call switches the recording on."""
+        return self.trial.times()
 
     def keep_dense(self) -> None:
         """Remember the pruned modules' dense weights (trials re-mask from them)."""
         self.trial.keep_dense()
 
+    @_trial_clock("remerge")
     def apply_prune(self, sparsities: dict[int, float], weight_exponent: float = 1.0, norm_exponent: float = 1.0) -> float:
         """Re-mask every pruned module; return the fraction of zeros over them."""
         return self.trial.apply_prune(sparsities, weight_exponent, norm_exponent)
@@ -518,6 +594,7 @@ class PoolActor:
         """The held parameters among `names` as they are now (a trial's weights), on CPU."""
         return self.trial.state_dict(names)
 
+    @_trial_clock("forward")
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.trial.logits(hidden)
 
@@ -526,10 +603,12 @@ class PoolActor:
         """Keep the logits of an evaluation batch under `key` (last stage)."""
         self.references.keep(hidden, key)
 
+    @_trial_clock("forward")
     def reconstruction(self, hidden: torch.Tensor, key: int) -> tuple[float, int]:
         """Summed squared error of the logits against the reference's, and the element count."""
         return self.references.reconstruction(hidden, key)
 
+    @_trial_clock("forward")
     def logit_distance(self, hidden: torch.Tensor, key: int) -> tuple[float, int]:
         """Sum over tokens of the L2 distance between these logits and the kept reference's."""
         return self.references.distance(hidden, key)

@@ -77,6 +77,115 @@ class SearchOptions:
 
 
 @dataclass
+class TrialTimes:
+    """Where the trials' time went, summed over the trials run now (seconds of wall clock).
+
+    Each trial's window runs from its `ask` to its `tell` (and the progress bar's best-value read
+    after it); the window is cut into disjoint parts, so they are non-negative and add up to
+    `total` exactly:
+
+    - `remerge`: the stage actors recomputing the trial's weights (`apply_merge`; for prune
+      searches `apply_prune` and OWL's outlier ratios) — the union of those calls' intervals;
+    - `forward`: the evaluation — the actors' embed/forward/loss/logits calls (the union of their
+      intervals, less re-merge time), and a driver-side objective's `value` (lm_eval, user functions);
+    - `optuna`: ask, suggest, tell, user attributes and the best-value read (sampler and storage);
+    - `compile`: building the trial's merge program from headers (`runtime.compile`);
+    - `other`: the rest — dispatching calls and moving parameters and results between the driver
+      and the actors (transfer), waiting, the driver's own work.
+
+    Stage actors report their intervals with the trial (`PoolActor.trial_times`, queued after the
+    trial's last call on each stage); intervals are clipped to the trial's window. With several
+    pipelines (`concurrency`), trials overlap, so `total` can exceed the study's wall time.
+    """
+
+    trials: int = 0
+    total: float = 0.0
+    remerge: float = 0.0
+    forward: float = 0.0
+    optuna: float = 0.0
+    compile: float = 0.0
+    other: float = 0.0
+
+    PARTS = ("remerge", "forward", "optuna", "compile", "other")
+
+    def per_trial(self) -> dict[str, float]:
+        n = max(1, self.trials)
+        return {k: getattr(self, k) / n for k in ("total", *self.PARTS)}
+
+    @property
+    def overhead(self) -> float:
+        """The fraction of the trials' time beyond re-merge + forward (0 when nothing ran)."""
+        return (self.optuna + self.compile + self.other) / self.total if self.total > 0 else 0.0
+
+    def summary(self) -> str:
+        if not self.trials:
+            return "per trial: no trial run"
+        t = self.per_trial()
+        return (f"per trial ({t['total']:.3f} s): re-merge {t['remerge']:.3f} s, forward {t['forward']:.3f} s, "
+                f"Optuna {t['optuna']:.3f} s, compile {t['compile']:.3f} s, transfer/other {t['other']:.3f} s "
+                f"(beyond re-merge + forward: {100 * self.overhead:.1f}%)")
+
+
+class _TrialClock:
+    """One trial's window and the intervals seen in it (see `TrialTimes`)."""
+
+    def __init__(self) -> None:
+        self.start = time.time()
+        self.spans: dict[str, list[tuple[float, float]]] = {k: [] for k in TrialTimes.PARTS}
+
+    def part(self, kind: str):
+        clock = self
+
+        class _Span:
+            def __enter__(self) -> None:
+                self.t0 = time.time()
+
+            def __exit__(self, *exc: Any) -> None:
+                clock.spans[kind].append((self.t0, time.time()))
+
+        return _Span()
+
+    def actors(self, intervals: list[list[tuple[str, float, float]]]) -> None:
+        for per_actor in intervals:
+            for kind, a, b in per_actor:
+                self.spans[kind].append((a, b))
+
+    def add_to(self, times: TrialTimes) -> None:
+        end = time.time()
+        taken: list[tuple[float, float]] = []
+        parts = {}
+        for kind in ("remerge", "forward", "optuna", "compile"):
+            spans = _union([(max(a, self.start), min(b, end)) for a, b in self.spans[kind] if min(b, end) > max(a, self.start)])
+            parts[kind] = _length(spans) - _overlap(spans, taken)
+            taken = _union(taken + spans)
+        total = end - self.start
+        times.trials += 1
+        times.total += total
+        for kind, seconds in parts.items():
+            setattr(times, kind, getattr(times, kind) + max(0.0, seconds))
+        times.other += max(0.0, total - _length(taken))
+
+
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _length(spans: list[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in spans)
+
+
+def _overlap(xs: list[tuple[float, float]], ys: list[tuple[float, float]]) -> float:
+    """Length of the intersection of two unions of disjoint intervals."""
+    return sum(max(0.0, min(b, d) - max(a, c)) for a, b in xs for c, d in ys)
+
+
+@dataclass
 class SearchResult:
     output: Path
     study: Any  # optuna.Study
@@ -88,6 +197,7 @@ class SearchResult:
     trials_run: int = 0
     materialized: Union[Path, str, None] = None  # a local folder, or the s3:// URL
     best_values: list[list[float]] = field(default_factory=list)
+    timings: TrialTimes = field(default_factory=TrialTimes)  # where the trials' time went
 
     @property
     def trials_per_hour(self) -> float:
@@ -99,6 +209,7 @@ class SearchResult:
             f"{self.completed} trials complete, {self.failed} failed ({self.trials_run} run now in {self.seconds:.1f} s, "
             f"{self.trials_per_hour:.0f} trials/hour); best: {best}; best config(s): "
             + ", ".join(str(p) for p in self.best_configs)
+            + (f"; {self.timings.summary()}" if self.timings.trials else "")
         )
 
 
@@ -388,6 +499,7 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
             for k, ref in enumerate(refs):
                 if get_objective(objectives[k].kind).reference:
                     _keep_reference(p, windows[k], k)  # the dense model is the reference
+        d.get([w.trial_times() for w in d.workers])  # from now on the stages time their trial calls
 
     storage = _storage(cfg, out)
     directions = [direction_of(o) for o in objectives]
@@ -407,6 +519,7 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
               "no trial to run; raise study.n_trials to continue it", file=sys.stderr, flush=True)
     pipes: list[_SearchPipeline] = []
     run = 0
+    times = TrialTimes()
     t_start = time.perf_counter()
     try:
         restarts = Restarts("search")
@@ -419,34 +532,42 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
         t_start = time.perf_counter()
         with tqdm(total=remaining, desc="trials", unit="trial", disable=options.quiet or not remaining) as bar:
             free = list(pipes)
-            running: dict[int, tuple[Any, _SearchPipeline, list[Any]]] = {}
+            running: dict[int, tuple[Any, _SearchPipeline, list[Any], _TrialClock]] = {}
             asked = 0
             while asked < remaining or running:
                 while free and asked < remaining:
                     pipe = free.pop()
-                    trial = study.ask()
+                    clock = _TrialClock()
+                    with clock.part("optuna"):
+                        trial = study.ask()
                     asked += 1
                     try:
-                        handles = _submit(trial, pipe, task, objectives, windows, shape)
-                        running[trial.number] = (trial, pipe, handles)
+                        handles = _submit(trial, pipe, task, objectives, windows, shape, clock)
+                        running[trial.number] = (trial, pipe, handles, clock)
                     except Exception as err:  # noqa: BLE001 - recorded on the trial; the study goes on
-                        _tell_failed(study, trial, str(err) if isinstance(err, TrialError) else f"{type(err).__name__}: {err}", optuna)
+                        with clock.part("optuna"):
+                            _tell_failed(study, trial, str(err) if isinstance(err, TrialError) else f"{type(err).__name__}: {err}", optuna)
                         pipe.lost(err)
                         bar.update(1)
                         run += 1
                         free.append(pipe)
+                        clock.add_to(times)
                 for number in _ready(running, options.in_process):
-                    trial, pipe, handles = running.pop(number)
+                    trial, pipe, handles, clock = running.pop(number)
                     try:
-                        values = _values(pipe, handles, objectives, windows, files, out)
-                        _tell(study, trial, values if len(values) > 1 else values[0])
+                        values = _values(pipe, handles, objectives, windows, files, out, clock)
+                        with clock.part("optuna"):
+                            _tell(study, trial, values if len(values) > 1 else values[0])
                     except Exception as err:  # noqa: BLE001 - recorded on the trial; the study goes on
-                        _tell_failed(study, trial, f"{type(err).__name__}: {err}", optuna)
+                        with clock.part("optuna"):
+                            _tell_failed(study, trial, f"{type(err).__name__}: {err}", optuna)
                         pipe.lost(err)
                     run += 1
                     bar.update(1)
                     free.append(pipe)
-                    bar.set_postfix_str(_best_text(study), refresh=False)  # shown at the bar's next line
+                    with clock.part("optuna"):
+                        bar.set_postfix_str(_best_text(study), refresh=False)  # shown at the bar's next line
+                    clock.add_to(times)
     finally:
         for p in pipes:
             p.driver.kill()
@@ -458,7 +579,7 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
         output=out, study=study, best_configs=configs, plots=plots,
         completed=sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials),
         failed=sum(t.state == optuna.trial.TrialState.FAIL for t in study.trials),
-        seconds=seconds, trials_run=run, best_values=[list(t.values) for t in best],
+        seconds=seconds, trials_run=run, best_values=[list(t.values) for t in best], timings=times,
     )
     if options.materialize and configs:
         result.materialized = _materialize(cfg, configs[0], out, options)
@@ -489,21 +610,29 @@ def _keep_reference(p: _SearchPipeline, windows: CalibrationWindows, k: int) -> 
     p.pipe.keep_reference(windows.heldout, k * REFERENCE_KEYS)
 
 
-def _submit(trial, p: _SearchPipeline, task, objectives: list[Objective], windows: list[CalibrationWindows], shape: ModelShape) -> list[Any]:
-    """Send the trial's weights to the stages and queue its evaluation; return the handles."""
+def _submit(trial, p: _SearchPipeline, task, objectives: list[Objective], windows: list[CalibrationWindows], shape: ModelShape,
+            clock: Optional[_TrialClock] = None) -> list[Any]:
+    """Send the trial's weights to the stages and queue its evaluation; return the handles: the
+    re-merge's, each objective's, and last the stages' `trial_times` (timed parts into `clock`)."""
     d = p.driver
+    clock = clock or _TrialClock()
     if isinstance(task, _MergeTask):
-        values = task.space.suggest(trial)
-        applied = _apply_merge(p, task.operators(values))
+        with clock.part("optuna"):
+            values = task.space.suggest(trial)
+        with clock.part("compile"):
+            ops = task.operators(values)
+        applied = _apply_merge(p, ops)
     else:
-        values = task.suggest(trial, shape.num_layers)
+        with clock.part("optuna"):
+            values = task.suggest(trial, shape.num_layers)
         ratios = None
         if "owl_m" in values:
             parts = d.get([w.outlier_ratios(values["owl_m"]) for w in d.workers])
             merged = {k: v for part in parts for k, v in part.items()}
             ratios = [merged[i] for i in range(shape.num_layers)]
         sparsities = task.sparsities(values, shape.num_layers, ratios)
-        trial.set_user_attr("layer_sparsities", sparsities)
+        with clock.part("optuna"):
+            trial.set_user_attr("layer_sparsities", sparsities)
         applied = [w.apply_prune({i: sparsities[i] for i in range(a, b + 1)},
                                  values.get("weight_exponent", task.default_exponents[0]),
                                  values.get("norm_exponent", task.default_exponents[1]))
@@ -511,14 +640,25 @@ def _submit(trial, p: _SearchPipeline, task, objectives: list[Objective], window
     handles = [applied]  # waited for first: a failure while applying fails the trial
     for k, (obj, win) in enumerate(zip(objectives, windows)):  # each objective's spec queues its work
         handles.append(get_objective(obj.kind).submit(_objective_context(p, obj, k, win)))
+    handles.append([w.trial_times() for w in d.workers])  # queued last: after the trial's calls on each stage
     return handles
 
 
 def _values(p: _SearchPipeline, handles: list[Any], objectives: list[Objective], windows: list[CalibrationWindows],
-            files: Optional[dict], out: Path) -> list[float]:
+            files: Optional[dict], out: Path, clock: Optional[_TrialClock] = None) -> list[float]:
+    clock = clock or _TrialClock()
     p.driver.get(handles[0])
-    return [float(get_objective(obj.kind).value(_objective_context(p, obj, k, win, files, out), pending))
-            for k, (obj, win, pending) in enumerate(zip(objectives, windows, handles[1:]))]
+    values = []
+    for k, (obj, win, pending) in enumerate(zip(objectives, windows, handles[1:1 + len(objectives)])):
+        spec = get_objective(obj.kind)
+        ctx = _objective_context(p, obj, k, win, files, out)
+        if pending is None:  # the objective evaluates in the driver (lm_eval, a user function): forward time
+            with clock.part("forward"):
+                values.append(float(spec.value(ctx, pending)))
+        else:
+            values.append(float(spec.value(ctx, pending)))
+    clock.actors(p.driver.get(handles[-1]))
+    return values
 
 
 def _objective_context(p: _SearchPipeline, obj: Objective, k: int, win: CalibrationWindows,
@@ -550,7 +690,7 @@ def _ready(running: dict, in_process: bool) -> list[int]:
     import ray
 
     finals = {}
-    for number, (_, _, handles) in running.items():
+    for number, (_, _, handles, _) in running.items():
         flat = [r for group in handles if isinstance(group, list) for r in group]
         if not flat:
             return [number]
