@@ -166,7 +166,8 @@ def calibrate(pool: ActorPool, samples: dict[Any, MergeOperator]) -> list[list[f
     missing = [k for k in samples if k not in cache]
     if missing:
         ops = [samples[k] for k in missing]
-        rows = pool.get([w.calibrate(ops) for w in _measured(pool)])
+        with _in_process_threads(pool):
+            rows = pool.get([w.calibrate(ops) for w in _measured(pool)])
         rows = rows * len(pool) if not pool.remote else rows
         for j, k in enumerate(missing):
             cache[k] = [row[j] for row in rows]
@@ -180,8 +181,26 @@ def measure_io(pool: ActorPool, ops: Sequence[MergeOperator]) -> list:
     by_rows = [op for op in ops if op.vocab is None and len(op.shape) >= 2] or list(ops)
     large = max(by_rows, key=lambda op: op.bytes_in)
     small = min(ops, key=lambda op: op.bytes_in)
-    figures = pool.get([w.measure_io(large, small) for w in _measured(pool)])
+    with _in_process_threads(pool):
+        figures = pool.get([w.measure_io(large, small) for w in _measured(pool)])
     return figures * len(pool) if not pool.remote else figures
+
+
+@contextlib.contextmanager
+def _in_process_threads(pool: ActorPool):
+    """Around work of an in-process pool: torch's thread count as its workers will compute with
+    (`local_threads`), then the caller's again; a Ray pool's actors set their own."""
+    if pool.remote:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(local_threads(len(pool)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _measured(pool: ActorPool) -> list:
@@ -468,8 +487,6 @@ def _run_threads(pool: ActorPool, queues: Sequence[Sequence[WorkItem]],
     import queue as queue_module
     import threading
 
-    import torch
-
     done: queue_module.Queue = queue_module.Queue()
     stop = threading.Event()
 
@@ -484,11 +501,9 @@ def _run_threads(pool: ActorPool, queues: Sequence[Sequence[WorkItem]],
         finally:
             done.put((i, None, None, None))  # this thread is over
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(local_threads(len(pool)))
     threads = [threading.Thread(target=work, args=(i,), name=f"raymerge-worker-{i}", daemon=True)
                for i in range(len(pool)) if queues[i]]
-    try:
+    with _in_process_threads(pool), _joined(threads, stop):
         for t in threads:
             t.start()
         running, error = len(threads), None
@@ -503,8 +518,16 @@ def _run_threads(pool: ActorPool, queues: Sequence[Sequence[WorkItem]],
                 running -= 1
         if error is not None:
             raise error
+
+
+@contextlib.contextmanager
+def _joined(threads: list, stop: Any):
+    """Leaving the block (done, an error, Ctrl-C): tell the threads to stop after their batch
+    and wait for them, so no worker writes once the merge has ended."""
+    try:
+        yield
     finally:
         stop.set()
         for t in threads:
-            t.join()
-        torch.set_num_threads(before)
+            if t.ident is not None:  # started
+                t.join()
