@@ -101,7 +101,7 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) ->
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True}
-    if address is None:
+    if address is None or address == "local":  # a new local Ray of our own (`address="local"` asks for one)
         address = "local"
         kwargs.update(include_dashboard=False, num_cpus=num_cpus)
         with local_ray_auth():
