@@ -153,12 +153,7 @@ def test_s3_merge_on_private_disks_matches_local(cluster, s3_llama, llama_models
     assert not (tmp_path / "driver-staging").exists() or not any((tmp_path / "driver-staging").rglob("*.safetensors"))
     # Each worker node staged its shards on its own disk, under the driver's staging path, and
     # removed that copy once the model was published: no model-sized leftovers on the nodes.
-    for name in ("node_a", "node_b"):
-        pid = next(iter(_pids(c.node(name))))
-        listing = subprocess.run(["nsenter", "-t", str(pid), "-m", "sh", "-c",
-                                  f"find {tmp_path / 'driver-staging'} -name '*.safetensors' 2>/dev/null; true"],
-                                 capture_output=True, text=True, check=True).stdout.split()
-        assert listing == [], (name, listing)
+    _assert_no_node_keeps_shards(c, tmp_path / "driver-staging")
 
 
 def test_input_on_one_nodes_private_disk_is_refused(cluster, llama_models, tmp_path):
@@ -188,6 +183,16 @@ def _pids(node) -> list[int]:
     from clusters.private_disk_cluster import _pids_in
 
     return _pids_in(node.namespace)
+
+
+def _assert_no_node_keeps_shards(c, staging: Path) -> None:
+    """No worker node has a shard file under `staging` on its own disk (seen from inside its mount namespace)."""
+    for name in ("node_a", "node_b"):
+        pid = next(iter(_pids(c.node(name))))
+        listing = subprocess.run(["nsenter", "-t", str(pid), "-m", "sh", "-c",
+                                  f"find {staging} -name '*.safetensors' 2>/dev/null; true"],
+                                 capture_output=True, text=True, check=True).stdout.split()
+        assert listing == [], (name, listing)
 
 
 def test_prune_s3_to_s3_on_private_disks_matches_local(cluster, s3_llama, llama_models, tmp_path):
@@ -225,12 +230,7 @@ def test_prune_s3_to_s3_on_private_disks_matches_local(cluster, s3_llama, llama_
         stage_of.setdefault(shard, set()).add(int(layer >= boundary))
     assert any(len(s) == 2 for s in stage_of.values()), stage_of
     # No node keeps its staging copy once the model is published.
-    for name in ("node_a", "node_b"):
-        pid = next(iter(_pids(c.node(name))))
-        listing = subprocess.run(["nsenter", "-t", str(pid), "-m", "sh", "-c",
-                                  f"find {tmp_path / 'driver-staging'} -name '*.safetensors' 2>/dev/null; true"],
-                                 capture_output=True, text=True, check=True).stdout.split()
-        assert listing == [], (name, listing)
+    _assert_no_node_keeps_shards(c, tmp_path / "driver-staging")
 
 
 def test_worker_node_lost_mid_merge_then_rerun_resumes(cluster, s3_llama, llama_models, tmp_path, monkeypatch):

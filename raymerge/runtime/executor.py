@@ -336,7 +336,7 @@ def run_plan(
     starting: dict = {}  # ref of a replacement's begin -> (worker, when it was asked for)
     in_flight = [0] * n
     restarts = Restarts("merge")
-    done_parts = 0
+    finished = _batch_done(stats, bar, total_parts, on_done)
     start = time.perf_counter()
 
     def lost(i: int, err: BaseException, batch: Optional[list[WorkItem]] = None) -> None:
@@ -397,12 +397,7 @@ def run_plan(
                 except RayActorError as err:
                     lost(i, err, batch)
                     continue
-                stats.add(i, result)
-                done_parts += result.operators
-                if on_done is not None:
-                    on_done(batch)
-                bar.update(sum(item.bytes_in for item in batch))
-                bar.set_postfix_str(f"{done_parts}/{total_parts} parts", refresh=False)
+                finished(i, batch, result)
             now = time.perf_counter()
             alive = _alive_nodes() if nodes is not None and starting else set()
             for ref, (i, asked) in starting.items():
@@ -450,18 +445,8 @@ def _run_local(
     total_parts = sum(len(q) for q in queues)
     desc = "merging in process" if n == 1 else f"merging on {n} threads"
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=desc, disable=quiet, dynamic_ncols=True)
-    done_parts = 0
     start = time.perf_counter()
-
-    def finished(i: int, batch: list[WorkItem], result: BatchStats) -> None:
-        nonlocal done_parts
-        stats.add(i, result)
-        done_parts += result.operators
-        if on_done is not None:
-            on_done(batch)
-        bar.update(sum(item.bytes_in for item in batch))
-        bar.set_postfix_str(f"{done_parts}/{total_parts} parts", refresh=False)
-
+    finished = _batch_done(stats, bar, total_parts, on_done)
     try:
         if n == 1:
             for batch in batches_of(queues[0]):
@@ -472,6 +457,23 @@ def _run_local(
         bar.close()
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _batch_done(stats: ExecutionStats, bar: Any, total_parts: int,
+                on_done: Optional[Callable[[list[WorkItem]], None]]) -> Callable[[int, list[WorkItem], BatchStats], None]:
+    """What happens when worker i finished a batch: its figures counted, `on_done`, the bar."""
+    done_parts = 0
+
+    def finished(i: int, batch: list[WorkItem], result: BatchStats) -> None:
+        nonlocal done_parts
+        stats.add(i, result)
+        done_parts += result.operators
+        if on_done is not None:
+            on_done(batch)
+        bar.update(sum(item.bytes_in for item in batch))
+        bar.set_postfix_str(f"{done_parts}/{total_parts} parts", refresh=False)
+
+    return finished
 
 
 def local_threads(workers: int) -> int:
