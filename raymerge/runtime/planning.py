@@ -143,7 +143,10 @@ def plan_merge(
         raise ValueError(f"unknown planner {planner!r} (expected one of {', '.join(PLANNERS)})")
     problem = build_problem(ops, topology, seconds_per_element or {})
     problem.check_feasible()
-    plan = planners.lpt(problem) if planner == "lpt" else planners.solve(problem, time_limit=time_limit)
+    # One solver thread: HiGHS keeps a pool of worker threads for the life of the process, which a
+    # forked child inherits broken (a merge in a forked process would hang in the solver); the
+    # placement MILP is small and HiGHS's MIP search gains little from more threads.
+    plan = planners.lpt(problem) if planner == "lpt" else planners.solve(problem, time_limit=time_limit, threads=1)
     return plan, problem
 
 

@@ -224,7 +224,7 @@ class MergeWorkerImpl:
             raise RuntimeError("MergeWorker.measure_io called before begin()")
         read_s, size = _timed_read(large, self._opened(large), _probe_rows(large, sample_bytes))
         data = torch.ones(max(size, 1), dtype=torch.uint8)  # resident before the clock starts
-        scratch = self._writer.staging / f".io-probe-{os.getpid()}"
+        scratch = self._writer.staging / f".io-probe-{os.getpid()}-{self.worker_id}"  # in-process workers share a pid
         write_bandwidth, offset = math.inf, 0
         start = time.perf_counter()
         result = compute_operator(small, self._opened(small), self.device)  # type: ignore[arg-type]
