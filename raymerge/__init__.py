@@ -112,11 +112,12 @@ def merge(
         config: path to a YAML file, a dict in the same format, or a `MergeConfig`.
         output: directory to create, or `s3://bucket/prefix` (shards are uploaded by the workers,
             `config.json` last); refused if it already holds a model unless `overwrite`.
-        workers: number of worker actors (default: one per GPU, else one per CPU slot).
+        workers: number of workers: Ray actors, or threads in process (default: one per GPU, else one per CPU slot).
         overwrite: replace an existing output directory (only once the new one is complete).
         random_seed: seed of random methods (DARE, DELLA); with the tensor name it seeds each tensor.
         quiet: no progress bar.
-        address: Ray cluster address (default: `RAY_ADDRESS`, else a local Ray).
+        address: Ray cluster address (default: `RAY_ADDRESS`, else in process on a machine
+            without a GPU (see `in_process`), else a local Ray); "local": a local Ray of its own.
         out_shard_size: largest output shard, e.g. "5GB" (the default), "2GiB", mergekit's "5B"
             (5 billion bytes) or a number of bytes.
         allow_pickle: accept `pytorch_model*.bin` inputs (loaded with `weights_only=True`).
@@ -136,9 +137,11 @@ def merge(
             inputs, raymerge version and shard size), else it is discarded; True: the same, but
             a folder from a different merge is an `OutputError` instead of being discarded;
             False: always start afresh. The output is byte-identical either way.
-        in_process: run the merge in this process with one worker, without starting Ray or any
-            actor (the same worker code, planned for that one worker; the bytes equal a Ray merge
-            with `workers=1`): for small merges and tests. Refused with `workers` > 1 or `address`.
+        in_process: run the workers as threads of this process (`workers`, default one per CPU
+            core), without starting Ray or any actor (the same worker code and plan; the bytes
+            equal a Ray merge's). The default on a machine without a GPU when nothing names a
+            cluster (no `address`, `RAY_ADDRESS`, `cluster`, `keep_workers` or Ray session of this
+            process). Refused with `address`.
         copy_tokenizer: copy the tokenizer (and generation) files of the donor or of
             `tokenizer_source` to the output (mergekit's `--copy-tokenizer`, default True).
         write_model_card: write `README.md` (a model card) and `mergekit_config.yml` (mergekit's
