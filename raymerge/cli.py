@@ -41,16 +41,6 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return (RaymergeError, PlanError, ProblemError)
 
 
-def _version() -> str:
-    """The installed raymerge's version ("dev" when running from a source tree without metadata)."""
-    try:
-        from importlib.metadata import version
-
-        return version("raymerge")
-    except Exception:  # noqa: BLE001 - not installed
-        return "dev"
-
-
 class _VersionAction(argparse.Action):
     """`--version`: print `raymerge X.Y.Z` and exit 0 (the version is looked up only when asked)."""
 
@@ -60,7 +50,9 @@ class _VersionAction(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
                  option_string: Optional[str] = None) -> None:
-        print(f"raymerge {_version()}")  # on stdout, as argparse's own "version" action
+        from raymerge.version import installed_version
+
+        print(f"raymerge {installed_version()}")  # on stdout, as argparse's own "version" action
         parser.exit()
 
 
@@ -68,7 +60,7 @@ def _preflight(command: str, args: argparse.Namespace) -> None:
     """The checks the job of `command` makes first, made here with `raymerge.config` alone (no
     torch, Ray or DeepSpeed imported yet), in the job's own order, so that a bad count or config
     is reported at once and with the job's own message. `merge --in-process` is left to the job,
-    which checks its contradicting options (`--workers`, `--address`) before the config."""
+    which checks its contradicting option (`--address`) before the config."""
     from raymerge.runtime.actor_resources import check_actor_count  # config/ only
 
     if command in ("merge", "plan"):

@@ -166,9 +166,7 @@ def calibrate(pool: ActorPool, samples: dict[Any, MergeOperator]) -> list[list[f
     missing = [k for k in samples if k not in cache]
     if missing:
         ops = [samples[k] for k in missing]
-        with _in_process_threads(pool):
-            rows = pool.get([w.calibrate(ops) for w in _measured(pool)])
-        rows = rows * len(pool) if not pool.remote else rows
+        rows = _per_actor(pool, lambda w: w.calibrate(ops))
         for j, k in enumerate(missing):
             cache[k] = [row[j] for row in rows]
     return [[cache[k][w] for k in samples] for w in range(len(pool))]
@@ -181,16 +179,17 @@ def measure_io(pool: ActorPool, ops: Sequence[MergeOperator]) -> list:
     by_rows = [op for op in ops if op.vocab is None and len(op.shape) >= 2] or list(ops)
     large = max(by_rows, key=lambda op: op.bytes_in)
     small = min(ops, key=lambda op: op.bytes_in)
-    with _in_process_threads(pool):
-        figures = pool.get([w.measure_io(large, small) for w in _measured(pool)])
-    return figures * len(pool) if not pool.remote else figures
+    return _per_actor(pool, lambda w: w.measure_io(large, small))
 
 
 @contextlib.contextmanager
 def _in_process_threads(pool: ActorPool):
-    """Around work of an in-process pool: torch's thread count as its workers will compute with
-    (`local_threads`), then the caller's again; a Ray pool's actors set their own."""
-    if pool.remote:
+    """Around work of an in-process pool of several workers: torch's thread count as they will
+    compute with (`local_threads`), then the caller's again. One in-process worker computes with
+    the caller's count (`ActorPool.in_process`); a Ray pool's actors set their own. (Not
+    `methods.reductions.fixed_threads`: its lock, held here for the whole merge, would block the
+    workers' own factorisations, which take it on their threads.)"""
+    if pool.remote or len(pool) == 1:
         yield
         return
     import torch
@@ -203,10 +202,14 @@ def _in_process_threads(pool: ActorPool):
         torch.set_num_threads(before)
 
 
-def _measured(pool: ActorPool) -> list:
-    """The actors to calibrate: every Ray actor (each has its own process, maybe its own node);
-    of in-process ones, the first (the others are the same code in the same process)."""
-    return list(pool.workers) if pool.remote else list(pool.workers[:1])
+def _per_actor(pool: ActorPool, call: Callable[[Any], Any]) -> list:
+    """`call(actor)`'s value for every actor of `pool`: each Ray actor measures for itself (its
+    own process, maybe its own node); in process, the first measures, with the torch threads its
+    workers will merge with, for all (the others are the same code in the same process)."""
+    if pool.remote:
+        return pool.get([call(w) for w in pool.workers])
+    with _in_process_threads(pool):
+        return [call(pool.workers[0])] * len(pool)
 
 
 def finish(pool: ActorPool) -> list[int]:

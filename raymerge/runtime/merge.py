@@ -59,6 +59,7 @@ from raymerge.runtime.global_trim import apply_model_trim, uses_model_trim
 from raymerge.runtime.output import JobOutput, upload_on
 from raymerge.runtime.recovery import ShardTracker, input_fingerprint, job_identity, remaining_operators
 from raymerge.runtime.worker import host_memory_bytes
+from raymerge.version import installed_version
 from raymerge.runtime.planning import (
     Topology,
     calibrated_costs,
@@ -188,21 +189,10 @@ class MergeOptions:
     s3_endpoint_url: Optional[str] = None  # S3-compatible store for s3:// inputs and output
     resume: Optional[bool] = None  # None: resume when the staging folder holds this job (runtime.recovery)
     scan_nonfinite: bool = False  # read every input tensor once, before any work, for NaN/Inf
-    in_process: bool = False  # one worker in this process, no Ray (ActorPool.in_process())
+    in_process: bool = False  # the workers as threads of this process, no Ray (ActorPool.in_process())
     copy_tokenizer: bool = True  # copy the tokenizer files (mergekit's --copy-tokenizer)
     write_model_card: bool = True  # README.md and mergekit_config.yml (mergekit's --write-model-card)
     lora_merge_dtype: Optional[str] = None  # dtype of `model+lora` inputs (mergekit's --lora-merge-dtype)
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("raymerge")
-    except Exception:  # noqa: BLE001 - running from a source tree
-        return "dev"
-
-
 
 
 def _chat_template_file(
@@ -273,7 +263,7 @@ def _published_files(
         base = str(config.base_model) if config.base_model else None
         files["README.md"] = model_card(
             method=config.merge_method, models=[str(m) for m in program.models], base=base, config_yaml=yaml_text,
-            version=_version(), name=config.name,
+            version=installed_version(), name=config.name,
         )
     return files
 
@@ -417,7 +407,7 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
             extra_files = {**(extra_files or {}), **task_vector_files(program, specs, quiet=options.quiet)}
         t_guide = time.perf_counter() - t_guide
         layout = plan_shards([(op.name, op.out_dtype, op.shape) for op in program.operators], shard_bytes)
-        job = job_identity(cfg.to_yaml(), program.operators, layout, inputs, _version())
+        job = job_identity(cfg.to_yaml(), program.operators, layout, inputs, installed_version())
         # The output's lock (one writer per output), a resumable staging folder, disk space.
         dest.reserve(layout, list((extra_files or {}).values()), job, inputs)
         if options.scan_nonfinite:

@@ -35,6 +35,7 @@ misspelt method is an `AttributeError` where it is called.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -211,21 +212,18 @@ class Trial:
         far more than the chunk (a 2816 x 1024 linear merge: 0.23-0.39 s on 2 threads at load 4
         on 2 cores, 0.005 s on one). The merged values do not depend on the thread count."""
         from raymerge.methods import get_method
+        from raymerge.methods.reductions import fixed_threads
 
         params = self.layers.held.block.held_parameters()
-        threads = torch.get_num_threads()
-        try:
-            for op in operators:
-                target = params.get(op.name)
-                if target is None:
-                    raise RuntimeError(f"search worker {self.layers.worker_id}: {op.name} is not a parameter of its block")
-                serial = self.layers.device.type == "cpu" and get_method(op.method).elementwise
-                torch.set_num_threads(1 if serial else threads)
+        for op in operators:
+            target = params.get(op.name)
+            if target is None:
+                raise RuntimeError(f"search worker {self.layers.worker_id}: {op.name} is not a parameter of its block")
+            serial = self.layers.device.type == "cpu" and get_method(op.method).elementwise
+            with fixed_threads(1) if serial else contextlib.nullcontext():
                 merged = compute_operator(op, self.inputs, self.layers.device)
-                with torch.no_grad():
-                    target.copy_(merged.to(CODE_DTYPES[op.out_dtype]).to(target.dtype))
-        finally:
-            torch.set_num_threads(threads)
+            with torch.no_grad():
+                target.copy_(merged.to(CODE_DTYPES[op.out_dtype]).to(target.dtype))
         return len(operators)
 
     def keep_dense(self) -> None:
