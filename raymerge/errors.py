@@ -27,6 +27,12 @@ class ConfigError(RaymergeError, ValueError):
     every layer, so registries outside config/ can raise it; `raymerge.config` exports it.)"""
 
 
+class CheckpointError(RaymergeError, ValueError):
+    """An input checkpoint is missing, unreadable or inconsistent; the message names the file.
+    (Defined here so that the command line can report a missing model folder before it imports
+    torch; `raymerge.checkpoints` exports it.)"""
+
+
 def user_cause(err: BaseException) -> BaseException:
     """The error a user should see: for an error re-raised from a Ray worker (Ray's
     `RayTaskError`, which carries the worker's exception as `.cause` and prints the remote

@@ -22,7 +22,7 @@ HEAVY = ("torch", "ray", "deepspeed", "transformers")
 
 RUNNER = textwrap.dedent(
     """
-    import contextlib, io, json, sys
+    import contextlib, gc, io, json, sys
     import raymerge.cli
 
     out, err = io.StringIO(), io.StringIO()
@@ -32,7 +32,8 @@ RUNNER = textwrap.dedent(
         except SystemExit as exit:
             code = exit.code
     heavy = sorted({m.split(".")[0] for m in sys.modules} & set(%r))
-    print(json.dumps({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue(), "heavy": heavy}))
+    print(json.dumps({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue(), "heavy": heavy,
+                      "gc_threshold": gc.get_threshold()[0]}))
     """ % (HEAVY,)
 )
 
@@ -57,6 +58,9 @@ def test_version_imports_nothing_heavy():
     assert result["code"] == 0
     assert result["stdout"].startswith("raymerge ") and len(result["stdout"].split()) == 2
     assert result["heavy"] == []
+    from raymerge.cli import GC_THRESHOLD
+
+    assert result["gc_threshold"] == GC_THRESHOLD  # the command line's collector runs less often
 
 
 CONFIGS = {
@@ -92,6 +96,28 @@ def test_missing_config_and_bad_count_before_any_heavy_import(tmp_path):
     result = run_cli("merge", "--workers", "0", str(tmp_path / "missing.yaml"), str(tmp_path / "out"))
     assert (result["code"], result["heavy"]) == (2, [])
     assert result["stderr"] == "raymerge: error: workers must be at least 1 (got 0)\n"
+
+
+@pytest.mark.parametrize("command", ["merge", "plan", "prune"])
+def test_a_missing_model_folder_before_any_heavy_import(tmp_path, command):
+    missing = tmp_path / "nowhere" / "model"
+    if command == "prune":
+        (tmp_path / "c.yaml").write_text(f"model: {missing}\nmethod: magnitude\nsparsity: 0.5\n")
+    else:
+        (tmp_path / "c.yaml").write_text(f"merge_method: linear\nmodels:\n  - model: {missing}\n"
+                                         f"    parameters: {{weight: 1}}\n")
+    argv = [command, str(tmp_path / "c.yaml")] + ([] if command == "plan" else [str(tmp_path / "out")])
+    result = run_cli(*argv)
+    assert (result["code"], result["heavy"]) == (2, [])
+    assert result["stderr"] == f"raymerge: error: model path not found: {missing}\n"
+    # the job itself says the same (the Python API, which imports what it needs)
+    import raymerge
+
+    api = {"merge": lambda: raymerge.merge(tmp_path / "c.yaml", tmp_path / "out", in_process=True, quiet=True),
+           "plan": lambda: raymerge.plan(tmp_path / "c.yaml"),
+           "prune": lambda: raymerge.prune(tmp_path / "c.yaml", tmp_path / "out", in_process=True, quiet=True)}
+    with pytest.raises(raymerge.RaymergeError, match=f"^model path not found: {missing}$"):
+        api[command]()
 
 
 def test_public_api_is_imported_on_first_use():

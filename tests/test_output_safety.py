@@ -245,7 +245,8 @@ def test_kill_between_the_renames_of_overwrite_strands_nothing(setup, tmp_path):
     old_cfg = write_config(tmp_path / "old.yaml", linear_config(setup["models"], w1=0.4))
     assert run(merge_args(old_cfg, out), tmp_path / "logs").code == 0
     old = file_bytes(out)
-    child = Child(merge_args(setup["cfg"], out, "--overwrite"), tmp_path / "logs", pause_at="publish-between-renames")
+    child = Child(merge_args(setup["cfg"], out, "--overwrite", "--workers", "1"), tmp_path / "logs",
+                  pause_at="publish-between-renames")  # one worker: see the next test
     child.wait_stopped()
     child.kill()
     assert not out.exists() and len(list(tmp_path.glob(".out.raymerge-old-*"))) == 1  # the window itself
@@ -265,7 +266,9 @@ def test_kill_between_the_renames_of_overwrite_strands_nothing(setup, tmp_path):
 def test_kill_after_the_manifest_left_the_staging_folder_keeps_the_shards(setup, tmp_path):
     out = tmp_path / "out"
     staging = staging_of(out)
-    child = Child(merge_args(setup["cfg"], out), tmp_path / "logs", pause_at="publish-manifest-aside")
+    # One worker: its batches run in order, so the shards its first batches finish are recorded
+    # while the later ones run (those the very last batch finishes never are: publish is next).
+    child = Child(merge_args(setup["cfg"], out, "--workers", "1"), tmp_path / "logs", pause_at="publish-manifest-aside")
     child.wait_stopped()
     child.kill()
     assert not out.exists() and staging.is_dir() and not (staging / MANIFEST_NAME).exists()

@@ -15,11 +15,9 @@ from typing import Any, Optional
 import torch
 
 from raymerge.checkpoints.json_limits import loads_bounded
-from raymerge.errors import RaymergeError
+from raymerge.errors import CheckpointError  # noqa: F401 - exported from here, as before
 
 
-class CheckpointError(RaymergeError, ValueError):
-    """An input checkpoint is missing, unreadable or inconsistent; the message names the file."""
 
 
 @dataclass(frozen=True)

@@ -602,7 +602,8 @@ class ShardFileWriter:
         return len(data)
 
     def close(self) -> None:
+        """Close the shard files. No fsync here: a shard is fsynced where it is finished (hashed
+        for the resume manifest, or uploaded) and every staged file again when it is published."""
         for fd in self._fds.values():
-            os.fsync(fd)
             os.close(fd)
         self._fds.clear()

@@ -202,14 +202,36 @@ def _in_process_threads(pool: ActorPool):
         torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def _gc_frozen():
+    """Around in-process merge threads: the objects alive now (torch's, transformers', the
+    plan's: a million or more) moved out of the garbage collector's sight, then back. A full
+    collection walks them all while holding the GIL, stalling every worker thread between two
+    torch calls; the merge's own short-lived objects are still collected."""
+    import gc
+
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def _per_actor(pool: ActorPool, call: Callable[[Any], Any]) -> list:
-    """`call(actor)`'s value for every actor of `pool`: each Ray actor measures for itself (its
-    own process, maybe its own node); in process, the first measures, with the torch threads its
-    workers will merge with, for all (the others are the same code in the same process)."""
+    """`call(actor)`'s value for every actor of `pool`, all measuring at once, as they will
+    merge: each Ray actor in its own process (maybe on its own node); in process, each worker on
+    a thread of its own with the torch threads it will merge with. Measured alone, a worker
+    would not see what the others cost it (memory bandwidth, the kernel's page-cache locks):
+    on 2 cores, two linear workers merge at about 0.75x the rate of one."""
     if pool.remote:
         return pool.get([call(w) for w in pool.workers])
     with _in_process_threads(pool):
-        return [call(pool.workers[0])] * len(pool)
+        if len(pool) == 1:
+            return [call(pool.workers[0])]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(pool), thread_name_prefix="raymerge-calibrate") as threads:
+            return list(threads.map(call, pool.workers))
 
 
 def finish(pool: ActorPool) -> list[int]:
@@ -440,8 +462,8 @@ def _run_local(
     """`run_plan` on an in-process pool: each worker's queue in the same batches, in order, in this
     process; with several workers, each on a thread of its own (torch releases the GIL while it
     computes, reads and writes), with `local_threads` torch threads each, so they do not fight
-    over the cores. No stealing (the plan already balanced the queues), no restarts (nothing can
-    die alone). `on_done` and the progress bar run on the calling thread."""
+    over the cores. A thread done with its queue takes batches from the others' (`_run_threads`);
+    no restarts (nothing can die alone). `on_done` and the progress bar run on the calling thread."""
     n = len(pool)
     stats = ExecutionStats(workers=n, seconds=0.0, operators=operators)
     total_bytes = sum(item.bytes_in for q in queues for item in q)
@@ -455,7 +477,7 @@ def _run_local(
             for batch in batches_of(queues[0]):
                 finished(0, list(batch), pool.workers[0].merge_run(batch))
         else:
-            _run_threads(pool, queues, finished)
+            _run_threads(pool, queues, finished, stats)
     finally:
         bar.close()
     stats.seconds = time.perf_counter() - start
@@ -485,20 +507,36 @@ def local_threads(workers: int) -> int:
 
 
 def _run_threads(pool: ActorPool, queues: Sequence[Sequence[WorkItem]],
-                 finished: Callable[[int, list[WorkItem], BatchStats], None]) -> None:
-    """Run worker i's queue on thread i; `finished` for each batch, here, as they complete. The
-    first error stops the other threads after their current batch and is raised. Torch's thread
-    count (one per process) is `local_threads` meanwhile, then the caller's again."""
+                 finished: Callable[[int, list[WorkItem], BatchStats], None],
+                 stats: Optional[ExecutionStats] = None) -> None:
+    """Run worker i's queue on thread i; `finished` for each batch, here, as they complete. A
+    thread whose queue is empty takes the last batch of the queue with the most input bytes
+    left (`_steal`, counted in `stats.stolen_parts`): the plan's estimates are never exact, and
+    which thread runs a part does not change its bytes. The first error stops the other threads
+    after their current batch and is raised. Torch's thread count (one per process) is
+    `local_threads` meanwhile, then the caller's again."""
     import queue as queue_module
     import threading
 
     done: queue_module.Queue = queue_module.Queue()
     stop = threading.Event()
+    pending = [batches_of(q) for q in queues]
+    lock = threading.Lock()
+
+    def next_batch(i: int) -> Optional[list[WorkItem]]:
+        with lock:
+            if pending[i]:
+                return pending[i].popleft()
+            batch = _steal(pending, i, lambda thief, owner: True)
+            if batch is not None and stats is not None:
+                stats.stolen_parts += len(batch)
+            return batch
 
     def work(i: int) -> None:
         try:
-            for batch in batches_of(queues[i]):
-                if stop.is_set():
+            while not stop.is_set():
+                batch = next_batch(i)
+                if batch is None:
                     break
                 done.put((i, list(batch), pool.workers[i].merge_run(batch), None))
         except BaseException as err:  # noqa: BLE001 - handed to the calling thread
@@ -508,7 +546,7 @@ def _run_threads(pool: ActorPool, queues: Sequence[Sequence[WorkItem]],
 
     threads = [threading.Thread(target=work, args=(i,), name=f"raymerge-worker-{i}", daemon=True)
                for i in range(len(pool)) if queues[i]]
-    with _in_process_threads(pool), _joined(threads, stop):
+    with _in_process_threads(pool), _gc_frozen(), _joined(threads, stop):
         for t in threads:
             t.start()
         running, error = len(threads), None

@@ -25,8 +25,10 @@ wiped. `resume=False` (`--no-resume`) always starts afresh.
 While the merge runs, `ShardTracker` counts the parts still to run per shard; when the last
 one reports done, a background thread fsyncs the shard, hashes it and appends its record to
 the manifest. Workers fill shards one after another (`executor.work_items`), so records come
-in steadily rather than all at the end. Once every part is done, a local output is published
-without waiting for shards still being hashed (a crash in those last seconds costs only them);
+in steadily rather than all at the end. The shards the very last batch finished are not recorded at
+all (the publish follows at once and fsyncs every file), and a local output is published
+without waiting for shards still queued for hashing (a crash in those last seconds costs only
+them);
 an S3 output waits for every record first, as its upload takes a while. Only operators of
 unfinished shards are planned and run; their bytes are written at the same offsets as in any
 run, so a resumed output is byte-identical to an uninterrupted one. A merge that fails with a deterministic error (a bad parameter found by a worker) still
@@ -268,19 +270,26 @@ class ShardTracker:
         self._futures: list[Future] = []
 
     def done(self, batch: Sequence[Any]) -> None:
-        """Parts of `batch` are written; shards with no part left get hashed and recorded."""
+        """Parts of `batch` are written; shards with no part left get hashed and recorded. Not
+        the local shards finished by the very last batch: the output is published next, and the
+        publish fsyncs them (a record would only delay it by an fsync and a hash)."""
+        finished = []
         for item in batch:
             name = item.target.filename
             self.left[name] -= 1
             if self.left[name] == 0:
-                self._futures.append(self._threads.submit(self._record, name))
+                finished.append(name)
+        if self.seal is None and not any(self.left.values()):
+            return
+        for name in finished:
+            self._futures.append(self._threads.submit(self._record, name))
 
     def _record(self, name: str) -> None:
         digest = self.seal(name) if self.seal is not None else file_sha256(self.staging / name, fsync=True)
         self.manifest.record(ShardRecord(name, self.sizes[name], digest))
 
     def close(self, wait: bool = True) -> None:
-        """`wait`: record every finished shard (errors raise); else only the one being hashed."""
+        """`wait`: record every finished shard (errors raise); else only the ones being hashed."""
         self._threads.shutdown(wait=True, cancel_futures=not wait)
         if wait:
             for f in self._futures:
