@@ -555,6 +555,46 @@ def test_search_materializes_the_best_model_into_s3(ray_session, s3, llama_model
     assert_nothing_named_s3(tmp_path)
 
 
+def test_a_rerun_from_another_driver_resumes_from_the_shards_in_the_bucket(s3, llama_models, reference, tmp_path, monkeypatch):
+    """The driver of an interrupted S3 merge is gone with its staging folder (another node, a new
+    pod): a rerun on a driver with an empty staging folder finds the shards the first run
+    uploaded (their metadata names the job and sha256), reuses them and publishes the reference
+    bytes. Shards of another merge under the prefix are refused before any work, unless
+    --overwrite."""
+    monkeypatch.setenv(s3mod.STAGING_ENV, str(tmp_path / "driver-a"))
+    (tmp_path / "driver-a").mkdir()
+    upload = s3mod.upload_files
+
+    def interrupted_at_config(target, staging, files, **kw):
+        if "config.json" in files:
+            raise KeyboardInterrupt
+        return upload(target, staging, files, **kw)
+
+    url = f"s3://{OUT_BUCKET}/other-driver/"
+    opts = dict(s3_endpoint_url=s3.url, quiet=True, out_shard_size="300KB", in_process=True)
+    with monkeypatch.context() as m:
+        m.setattr(s3mod, "upload_files", interrupted_at_config)
+        with pytest.raises(KeyboardInterrupt):
+            raymerge.merge(ties(llama_models), url, **opts)
+    shards = [n for n in reference if n.endswith(".safetensors")]
+    left = s3.objects(OUT_BUCKET, "other-driver")
+    assert set(shards) <= set(left) and "config.json" not in left  # every shard up, not a model
+    # Another merge to the same prefix, from a third driver: refused, nothing touched.
+    monkeypatch.setenv(s3mod.STAGING_ENV, str(tmp_path / "driver-c"))
+    (tmp_path / "driver-c").mkdir()
+    other = ties(llama_models)
+    other["models"][1]["parameters"]["weight"] = 0.5
+    with pytest.raises(raymerge.RaymergeError, match="holds shards of another, interrupted merge.*--overwrite"):
+        raymerge.merge(other, url, **opts)
+    assert s3.objects(OUT_BUCKET, "other-driver") == left
+    # The same merge from driver b: every shard reused, the reference published.
+    monkeypatch.setenv(s3mod.STAGING_ENV, str(tmp_path / "driver-b"))
+    (tmp_path / "driver-b").mkdir()
+    result = raymerge.merge(ties(llama_models), url, **opts)
+    assert result.reused_shards == len(shards) > 1, result.summary()
+    assert s3.objects(OUT_BUCKET, "other-driver") == reference
+
+
 def test_publish_interrupted_before_config_resumes_every_shard(s3, llama_models, reference, tmp_path, monkeypatch):
     """Ctrl-C while the index and config.json are being uploaded (every shard already in the
     bucket): the resume manifest is still in the local staging folder (it is never uploaded), so

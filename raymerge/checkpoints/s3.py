@@ -71,7 +71,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable, Optional, Sequence
+from typing import Any, Callable, Collection, Iterable, Mapping, Optional, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import torch
@@ -636,6 +636,7 @@ class S3StagedOutput:
         self._existing: set[str] = set()
         self._shards: list[tuple[str, int]] = []
         self._upload_started = False
+        self._interrupted: dict[str, tuple[int, str, str]] = {}  # shards of an interrupted run in the bucket
         self.uploaded: set[str] = set()  # shards already up (sealed by workers as they finished, or kept by a resume)
 
     @property
@@ -672,6 +673,37 @@ class S3StagedOutput:
 
         return CONFIG not in names and (self.staging / MANIFEST_NAME).is_file()
 
+    def _uploaded_shards(self, names: set[str]) -> Optional[dict[str, tuple[int, str, str]]]:
+        """When the objects `names` are an interrupted raymerge upload: no `config.json` (so never
+        a model), and shards that raymerge workers uploaded (`seal_shard`: their metadata names
+        the job and the sha256), maybe with the small files a publish puts before config.json:
+        each shard's name -> (size, sha256, job). Else None."""
+        shards = sorted(n for n in names if n.endswith(".safetensors"))
+        if not shards or CONFIG in names:
+            return None
+        found = {}
+        for name in shards:
+            head = self._client.head_object(Bucket=self.target.bucket, Key=self.target.url.key(name))
+            meta = head.get("Metadata") or {}
+            if SHA_META not in meta or JOB_META not in meta:
+                return None
+            found[name] = (int(head.get("ContentLength", -1)), meta[SHA_META], meta[JOB_META])
+        return found
+
+    def finished_in_bucket(self, job: str, sizes: Mapping[str, int]) -> list[tuple[str, int, str]]:
+        """The shards an interrupted run of `job` uploaded under the prefix (`check_target` found
+        them) that the layout (`sizes`: name -> bytes) still has, as (name, size, sha256): a
+        rerun whose driver lacks that run's staging folder (another node, a new pod) resumes
+        from them. Shards of another job there are refused (OutputError: pass --overwrite),
+        before any work."""
+        from raymerge.checkpoints.writer import OutputError
+
+        other = sorted(n for n, (_, _, owner) in self._interrupted.items() if owner != job)
+        if other:
+            raise OutputError(f"output path {self.output} holds shards of another, interrupted merge ({other[0]}, ...); "
+                              f"pass --overwrite (overwrite=True) to replace them")
+        return [(n, size, sha) for n, (size, sha, _) in sorted(self._interrupted.items()) if sizes.get(n) == size]
+
     def check_target(self) -> None:
         """Fail early, before any work: bucket missing, not listable or writable, prefix in use."""
         from raymerge.checkpoints.writer import OutputError
@@ -681,9 +713,15 @@ class S3StagedOutput:
         except _s3_failures() as err:
             raise self._fail(err) from None
         if (names or deeper) and not self.overwrite and not self._own_unfinished_upload(names):
-            holds = CONFIG in names or SAFE_INDEX in names or any(n.endswith((".safetensors", ".bin")) for n in names)
-            what = "already holds a model" if holds else "is not empty"
-            raise OutputError(f"output path {self.output} {what}; pass --overwrite (overwrite=True) to replace it")
+            try:
+                uploaded = None if deeper else self._uploaded_shards(names)
+            except _s3_failures() as err:
+                raise self._fail(err) from None
+            if uploaded is None:
+                holds = CONFIG in names or SAFE_INDEX in names or any(n.endswith((".safetensors", ".bin")) for n in names)
+                what = "already holds a model" if holds else "is not empty"
+                raise OutputError(f"output path {self.output} {what}; pass --overwrite (overwrite=True) to replace it")
+            self._interrupted = uploaded
         self._existing = names
         probe = f".raymerge-write-probe-{uuid.uuid4().hex[:12]}"
         try:

@@ -16,8 +16,10 @@ The mechanisms, chosen per kind of operation:
   than one output over the *outputs*, never over the reduced dimension), so a row's sum is the
   same whatever the thread count. The row sums are accumulated in float64 and added the same
   way (recursively when there are many), then cast to the dtype torch itself would return.
-  This keeps all threads busy (no single-threaded determinism) and is at least as accurate as
-  torch's own reduction. Below 32768 elements torch reduces serially, so those calls go to torch
+  Within a row, 16- and 32-bit floats accumulate in float32, like torch's own sum, by the same
+  vectorised kernel (a float64 accumulation was 25x slower and cost DARE and SLERP 20-70%:
+  `examples/benchmark_determinism.py`). This keeps all threads busy (no single-threaded
+  determinism) and is as accurate as torch's own reduction. Below 32768 elements torch reduces serially, so those calls go to torch
   unchanged and keep matching other tools (mergekit) bit for bit.
 - **Reductions with many outputs** (per row, per column, across stacked models) are already
   thread-count independent for the reason above; only a reduction that collapses to a single
@@ -58,17 +60,35 @@ def _deterministic_already(x: torch.Tensor) -> bool:
     return x.numel() < GRAIN or x.device.type != "cpu"
 
 
-def _row_sums(flat: torch.Tensor) -> torch.Tensor:
-    """float64 sums of consecutive CHUNK-element rows of 1-D `flat` (the last row may be shorter)."""
+_FLOAT32_ROWS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _row_sums(flat: torch.Tensor, square: bool = False) -> torch.Tensor:
+    """float64 sums (of squares, with `square`) of consecutive CHUNK-element rows of 1-D `flat`
+    (the last row may be shorter). 16- and 32-bit floats are summed within a row in float32,
+    BLOCK_ROWS rows at a time converted into one reused buffer, by torch's vectorised kernel (as
+    accurate as torch's own whole-tensor sum, which accumulates in float32 the same way, and as
+    fast); other dtypes (float64, integers) in float64. Either way each row is one output of a
+    many-output reduction, so its bits do not depend on the thread count."""
+    acc = torch.float32 if flat.dtype in _FLOAT32_ROWS else torch.float64
     n = flat.numel()
     whole = n - n % CHUNK
-    parts = []
     step = CHUNK * BLOCK_ROWS
+    buffer: Optional[torch.Tensor] = None
+    parts = []
     for start in range(0, whole, step):
         end = min(start + step, whole)
-        parts.append(flat[start:end].reshape(-1, CHUNK).sum(dim=1, dtype=torch.float64))
+        block = flat[start:end]
+        if block.dtype != acc or square:
+            if buffer is None:
+                buffer = torch.empty(min(step, whole), dtype=acc, device=flat.device)
+            block = buffer[: end - start].copy_(block)
+            if square:
+                block.square_()
+        parts.append(block.reshape(-1, CHUNK).sum(dim=1).to(torch.float64))
     if whole < n:
-        parts.append(flat[whole:].sum(dtype=torch.float64).reshape(1))
+        tail = flat[whole:].to(torch.float64)  # fewer than CHUNK elements: summed serially
+        parts.append((tail.square() if square else tail).sum().reshape(1))
     return torch.cat(parts)
 
 
@@ -103,14 +123,10 @@ def vector_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def _sum64_squares(flat: torch.Tensor) -> torch.Tensor:
-    """float64 sum of squares of 1-D `flat`, converting BLOCK_ROWS rows at a time."""
-    n = flat.numel()
-    step = CHUNK * BLOCK_ROWS
-    parts = []
-    for start in range(0, n, step):
-        block = flat[start : min(start + step, n)].to(torch.float64, copy=True)  # squared in place
-        parts.append(_row_sums(block.square_()))
-    return _sum64(torch.cat(parts))
+    """float64 sum of squares of 1-D `flat`, in an order fixed by its length alone."""
+    if flat.numel() < CHUNK:
+        return flat.to(torch.float64).square().sum()
+    return _sum64(_row_sums(flat, square=True))
 
 
 def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -166,7 +166,7 @@ def calibrate(pool: ActorPool, samples: dict[Any, MergeOperator]) -> list[list[f
     missing = [k for k in samples if k not in cache]
     if missing:
         ops = [samples[k] for k in missing]
-        rows = _per_actor(pool, lambda w: w.calibrate(ops))
+        rows = _per_actor(pool, lambda w: w.calibrate(ops), together=False)
         for j, k in enumerate(missing):
             cache[k] = [row[j] for row in rows]
     return [[cache[k][w] for k in samples] for w in range(len(pool))]
@@ -217,17 +217,19 @@ def _gc_frozen():
         gc.unfreeze()
 
 
-def _per_actor(pool: ActorPool, call: Callable[[Any], Any]) -> list:
-    """`call(actor)`'s value for every actor of `pool`, all measuring at once, as they will
-    merge: each Ray actor in its own process (maybe on its own node); in process, each worker on
-    a thread of its own with the torch threads it will merge with. Measured alone, a worker
-    would not see what the others cost it (memory bandwidth, the kernel's page-cache locks):
-    on 2 cores, two linear workers merge at about 0.75x the rate of one."""
+def _per_actor(pool: ActorPool, call: Callable[[Any], Any], together: bool = True) -> list:
+    """`call(actor)`'s value for every actor of `pool`. Each Ray actor measures for itself, in
+    its own process (maybe on its own node). In process, with the torch threads they will merge
+    with: `together`, every worker at once on a thread of its own, as they will merge (storage:
+    alone, a worker would not see what the others cost it in the kernel's page-cache and
+    memory-map locks; on 2 cores two linear workers merge at about 0.75x the rate of one); else
+    the first worker for all (compute: each worker has its own cores, and measuring all at once
+    makes each look slower than it merges, by up to a fifth for TIES on 2 cores)."""
     if pool.remote:
         return pool.get([call(w) for w in pool.workers])
     with _in_process_threads(pool):
-        if len(pool) == 1:
-            return [call(pool.workers[0])]
+        if len(pool) == 1 or not together:
+            return [call(pool.workers[0])] * len(pool)
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(len(pool), thread_name_prefix="raymerge-calibrate") as threads:

@@ -187,16 +187,28 @@ def find_resumable(staged, layout: OutputLayout, job: str, resume: Optional[bool
     """The manifest of `staged`'s staging folder when the merge can resume from it (same job),
     else None; says why when a folder there will be wiped (naming the input file that changed,
     when the manifest and `inputs` (`input_files`) tell), and with `resume=True` refuses to wipe
-    one from another job (OutputError). Changes nothing on disk."""
+    one from another job (OutputError). An S3 output with no manifest here resumes from the
+    shards an interrupted run of the same job uploaded (`S3StagedOutput.finished_in_bucket`: a
+    rerun from another driver node), and refuses another job's (OutputError). Changes nothing
+    on disk."""
     staging = Path(staged.staging)
+    sizes = {s.filename: s.size for s in layout.shards}
+    in_bucket = getattr(staged, "finished_in_bucket", None)  # an S3 output: shards an interrupted run uploaded
+    uploaded = in_bucket(job, sizes) if in_bucket is not None else []  # (refuses another job's)
     if resume is False:
         return None
+    found = load_manifest(staging) if staging.is_dir() else None
+    if found is None and uploaded:
+        # No staging folder of that run here (a rerun from another driver node): the bucket has
+        # its finished shards, each with the job and sha256 in its metadata.
+        log.warning("raymerge: resuming from the %d shard(s) an interrupted run of this merge uploaded to %s",
+                    len(uploaded), staged.output)
+        return ManifestState(job, sizes, {name: ShardRecord(name, size, sha) for name, size, sha in uploaded})
     if not staging.exists():
         if resume:
             log.warning("raymerge: nothing to resume at %s; starting afresh", staging)
         return None
-    found = load_manifest(staging) if staging.is_dir() else None
-    if found is not None and found.job == job and found.shards == {s.filename: s.size for s in layout.shards}:
+    if found is not None and found.job == job and found.shards == sizes:
         return found
     changed = changed_input(found.inputs, inputs) if found is not None and found.inputs and inputs else None
     if changed is not None:
@@ -222,6 +234,7 @@ def prepare_staging(staged, layout: OutputLayout, job: str, found: Optional[Mani
     if found is None:
         staged.prepare(layout)
         return ResumeState(Manifest.create(staging, job, shards, inputs=inputs))
+    staging.mkdir(parents=True, exist_ok=True)  # resumed from the bucket: this node had no folder
     finished: dict[str, ShardRecord] = {}
     redone: list[str] = []
     verify_uploaded = getattr(staged, "verify_finished", None)  # an S3 output: finished shards are in the bucket
