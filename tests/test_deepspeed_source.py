@@ -348,6 +348,49 @@ def test_pickled_code_never_runs(ckpts, tmp_path):
     assert not marker.exists()
 
 
+def test_two_threads_loading_pickles_at_once_both_see_every_global(ckpts, monkeypatch):
+    """In-process merge workers are threads of one process, and torch's safe-globals list is
+    process-wide: while one thread loads inside its safe_globals context, another thread's
+    `get_unsafe_globals_in_checkpoint` leaves out the globals the first one allowed, and its own
+    load then fails once that context is gone. Listing and loading happen under one lock."""
+    import threading
+    import time
+
+    from raymerge.checkpoints import deepspeed as ds
+
+    path = next((ckpts / "z3" / "global_step2").glob("*optim_states.pt"))
+    inside, release = threading.Event(), threading.Event()
+    real_load = torch.load
+    calls = []
+
+    def first_load_waits(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            inside.set()
+            release.wait(30)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", first_load_waits)
+    errors: list = []
+
+    def load() -> None:
+        try:
+            ds.load_pickle(path)
+        except Exception as err:  # noqa: BLE001 - reported by the assert below
+            errors.append(err)
+
+    first = threading.Thread(target=load)
+    first.start()
+    assert inside.wait(30)
+    second = threading.Thread(target=load)
+    second.start()
+    time.sleep(0.3)  # the second thread lists the globals now, unless it waits for the first
+    release.set()
+    first.join(60)
+    second.join(60)
+    assert errors == [] and len(calls) == 2
+
+
 # -- end to end -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["z2", "z3"])
 def test_merge_equals_merge_of_consolidated_model(ray_session, ckpts, tmp_path, name):

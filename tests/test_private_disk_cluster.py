@@ -35,6 +35,7 @@ os.environ["AWS_SECRET_ACCESS_KEY"] = SECRET
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 
 import raymerge  # noqa: E402
+from raymerge.runtime.worker import IO_SAMPLE_BYTES  # noqa: E402
 from raymerge.checkpoints import s3 as s3mod  # noqa: E402
 from s3_server import serve  # noqa: E402
 
@@ -149,6 +150,15 @@ def test_s3_merge_on_private_disks_matches_local(cluster, s3_llama, llama_models
     assert result.output == url
     got = store.objects(OUT, make.__name__)
     assert without_named(got) == without_named(expected)
+    # Each node fetched what its own parts read (plus the storage probe's sample of at most
+    # IO_SAMPLE_BYTES per worker), not the model: the parts are split between the nodes.
+    print(f"{make.__name__} on private disks:", result.summary())
+    assert len(result.per_node) == 2, result.per_node
+    needed = sum(row["needed"] for row in result.per_node.values())
+    assert needed == result.bytes_read
+    for row in result.per_node.values():
+        assert 0 < row["needed"] < needed
+        assert row["needed"] <= row["read"] <= row["needed"] + row["workers"] * IO_SAMPLE_BYTES
     # The driver staged only its small files; no shard bytes went through it.
     assert not (tmp_path / "driver-staging").exists() or not any((tmp_path / "driver-staging").rglob("*.safetensors"))
     # Each worker node staged its shards on its own disk, under the driver's staging path, and

@@ -170,17 +170,18 @@ def load_pickle(path: Path) -> dict[str, Any]:
     serialization = torch.serialization
     if not hasattr(serialization, "get_unsafe_globals_in_checkpoint") or not hasattr(serialization, "safe_globals"):
         raise CheckpointError(f"{path}: reading DeepSpeed checkpoints needs torch 2.6 or newer")
-    try:
-        names = serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception as err:  # noqa: BLE001 - torch raises several types for unreadable files
-        raise CheckpointError(f"{path}: cannot read ({err})") from None
-    # torch's own globals keep their meaning; a torch name the unpickler refuses stays an error
-    stand_ins = [(_stand_in(n), n) for n in names if not n.startswith("torch.")]
-    try:
-        with _LOAD_LOCK, serialization.safe_globals(stand_ins):
-            data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - as above
-        raise CheckpointError(f"{path}: cannot load ({type(err).__name__}: {err})") from None
+    with _LOAD_LOCK:  # both steps: torch's safe-globals state is process-wide (workers may be threads)
+        try:
+            names = serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception as err:  # noqa: BLE001 - torch raises several types for unreadable files
+            raise CheckpointError(f"{path}: cannot read ({err})") from None
+        # torch's own globals keep their meaning; a torch name the unpickler refuses stays an error
+        stand_ins = [(_stand_in(n), n) for n in names if not n.startswith("torch.")]
+        try:
+            with serialization.safe_globals(stand_ins):
+                data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # noqa: BLE001 - as above
+            raise CheckpointError(f"{path}: cannot load ({type(err).__name__}: {err})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(data).__name__}")
     return data

@@ -72,9 +72,11 @@ class ExecutionStats:
     peak_worker_rss_bytes: int = 0
     peak_device_bytes: int = 0
     per_worker_seconds: dict[int, float] = field(default_factory=dict)
+    per_worker_needed: dict[int, int] = field(default_factory=dict)  # input bytes of the parts each ran
 
-    def add(self, worker: int, result: BatchStats) -> None:
-        """Count one finished batch of `worker`."""
+    def add(self, worker: int, result: BatchStats, needed: int = 0) -> None:
+        """Count one finished batch of `worker` (`needed`: its parts' input bytes)."""
+        self.per_worker_needed[worker] = self.per_worker_needed.get(worker, 0) + needed
         self.bytes_read += result.bytes_read
         self.bytes_written += result.bytes_written
         self.parts += result.operators
@@ -236,8 +238,9 @@ def _per_actor(pool: ActorPool, call: Callable[[Any], Any], together: bool = Tru
             return list(threads.map(call, pool.workers))
 
 
-def finish(pool: ActorPool) -> list[int]:
-    """Close every actor's merge files; each actor's peak RSS bytes."""
+def finish(pool: ActorPool) -> list[Any]:
+    """Close every actor's merge files; what each reports (`worker.JobEnd`: peak RSS, input
+    bytes read in the job)."""
     pool.setup = None
     return pool.get([w.merge_finish() for w in pool.workers])
 
@@ -493,7 +496,7 @@ def _batch_done(stats: ExecutionStats, bar: Any, total_parts: int,
 
     def finished(i: int, batch: list[WorkItem], result: BatchStats) -> None:
         nonlocal done_parts
-        stats.add(i, result)
+        stats.add(i, result, sum(item.bytes_in for item in batch))
         done_parts += result.operators
         if on_done is not None:
             on_done(batch)

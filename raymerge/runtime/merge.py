@@ -39,7 +39,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from raymerge.checkpoints import CheckpointSource, SourceSpec, plan_shards
 from raymerge.config.cluster import parse_size
@@ -95,6 +95,9 @@ class MergeResult:
     reused_tensors: int = 0
     worker_restarts: int = 0  # worker actors that died and were replaced
     resume_note: str = ""  # what the resume kept and redid ('' for a fresh start)
+    # per node (Ray node id): its workers, the input bytes they read (fetched, from S3 or the
+    # Hub), and the input bytes of the parts they ran (`node_reads`); empty in process
+    per_node: dict[str, dict[str, int]] = field(default_factory=dict)
     guidance: Optional[Any] = None  # runtime.guidance.GuidanceReport of a guided merge
 
     @property
@@ -118,6 +121,7 @@ class MergeResult:
             "timings": dict(self.timings), "peak_worker_rss_bytes": self.peak_worker_rss_bytes,
             "peak_device_bytes": self.peak_device_bytes, "files": list(self.files), "reused_shards": self.reused_shards,
             "reused_tensors": self.reused_tensors, "worker_restarts": self.worker_restarts, "plan": plan,
+            "per_node": {node: dict(row) for node, row in self.per_node.items()},
         }
 
     def summary(self) -> str:
@@ -136,6 +140,10 @@ class MergeResult:
             line += f"; {self.worker_restarts} worker restart(s)"
         if self.resume_note:
             line += "\n" + self.resume_note
+        if len(self.per_node) > 1:
+            line += "\nper node: " + "; ".join(
+                f"{node[:12]} ({row['workers']} worker(s)) read {human_bytes(row['read'])}, its parts' inputs "
+                f"{human_bytes(row['needed'])}" for node, row in sorted(self.per_node.items()))
         if self.guidance is not None:
             line += f"\n{self.guidance.table()}\n(statistics pass {self.guidance.seconds:.1f} s, written to guidance.json)"
         if self.plan is not None:
@@ -478,8 +486,10 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
                 raise
             # An S3 upload takes a while: have every shard recorded first, so a crash in it resumes.
             tracker.close(wait=dest.remote)
-        peaks = executor.finish(pool)
-        stats.peak_worker_rss_bytes = max([stats.peak_worker_rss_bytes, *peaks])
+        ends = executor.finish(pool)
+        stats.peak_worker_rss_bytes = max([stats.peak_worker_rss_bytes, *(e.peak_rss_bytes for e in ends)])
+        per_node = (node_reads([info.node_id for info in pool.infos()], ends, stats.per_worker_needed)
+                    if pool.remote else {})
         t_merge = time.perf_counter()
         # An S3 output's shards are uploaded by the workers; config.json comes last.
         out = dest.publish(layout, extra_files or {}, spread=upload_on(pool.actors if pool.remote else []))
@@ -520,6 +530,7 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
         reused_tensors=resumed.reused_tensors(layout),
         worker_restarts=stats.worker_restarts,
         resume_note=resumed.summary(layout),
+        per_node=per_node,
         guidance=guidance,
         plan=None if plan is None else PlanOutcome(
             predicted_makespan=plan.makespan, measured_makespan=stats.seconds, lower_bound=plan.lower_bound,
@@ -529,6 +540,20 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
             calibration=calibration_note(topology), report=PlanReport(plan, problem, topology),
         ),
     )
+
+
+def node_reads(node_ids: Sequence[str], ends: Sequence[Any], needed: Mapping[int, int]) -> dict[str, dict[str, int]]:
+    """Per node, from worker i's node id, its `worker.JobEnd` and the input bytes of the parts
+    it ran: {"workers", "read" (what the node's workers read or fetched, their storage probe
+    included), "needed" (what their parts' operators read)}. A replaced worker's reads before
+    it died are not counted."""
+    out: dict[str, dict[str, int]] = {}
+    for i, node in enumerate(node_ids):
+        row = out.setdefault(node, {"workers": 0, "read": 0, "needed": 0})
+        row["workers"] += 1
+        row["read"] += ends[i].bytes_read
+        row["needed"] += needed.get(i, 0)
+    return out
 
 
 def local_by_default(options: MergeOptions) -> bool:

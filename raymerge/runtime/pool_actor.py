@@ -445,8 +445,8 @@ class PoolActor:
         """Whole-model TIES trimming's histograms of the merge's task vectors."""
         return self.merging.histogram(ops, high_bins)
 
-    def merge_finish(self) -> int:
-        """Close the merge's files; this process's peak RSS bytes."""
+    def merge_finish(self):
+        """Close the merge's files; this process's peak RSS and input bytes read (`worker.JobEnd`)."""
         return self.merging.finish()
 
     # -- the block ----------------------------------------------------------------------------

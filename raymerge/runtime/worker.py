@@ -59,6 +59,16 @@ class BatchStats:
 
 
 @dataclass(frozen=True)
+class JobEnd:
+    """What a worker reports when a job's files are closed (`MergeWorkerImpl.finish`): its
+    process's peak RSS and the input tensor bytes it read (fetched, for S3 or the Hub) in the
+    job, its storage probe included."""
+
+    peak_rss_bytes: int
+    bytes_read: int
+
+
+@dataclass(frozen=True)
 class IoFigures:
     """What one worker measured of its job's storage (`MergeWorkerImpl.measure_io`): bytes/s
     reading the inputs (mapping or fetching them, and touching every byte once), bytes/s writing
@@ -274,10 +284,12 @@ class MergeWorkerImpl:
             s.close()
         self._sources.clear()
 
-    def finish(self) -> int:
-        """Flush and close this job's output and input files; returns this process's peak RSS."""
+    def finish(self) -> JobEnd:
+        """Close this job's output and input files; this process's peak RSS and the input bytes
+        the job read here."""
+        read = sum(s.bytes_read() for s in self._sources.values())
         self._close_job()
-        return _peak_rss_bytes()
+        return JobEnd(_peak_rss_bytes(), read)
 
     def upload_files(self, target, staging: str, filenames: Sequence[str]) -> int:
         """Upload finished shards of `staging` to an S3 output (`checkpoints.s3.S3Target`) with
