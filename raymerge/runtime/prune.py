@@ -43,6 +43,7 @@ reference the distributed runs are tested against.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,8 @@ from raymerge.runtime.output import JobOutput, upload_on
 from raymerge.runtime.planning import topology_from_workers
 from raymerge.runtime import actor_pool
 from raymerge.runtime.actor_pool import ActorPool, StageJob
+
+log = logging.getLogger("raymerge")
 
 
 @dataclass
@@ -267,7 +270,7 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
     plans: list[_StagePlan] = []
 
     def attempt() -> tuple:
-        nonlocal driver, plans, spread
+        nonlocal driver, plans, spread, staged_on_nodes
         if driver is not None:
             infos = _describe(driver)  # a rerun: the fresh actors
         elif options.in_process:
@@ -288,7 +291,7 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
         # An S3 output from stages on several nodes: each node stages on its own disk (`NodeStaging`).
         nodes = [info.node_id for info in infos] if driver.remote and dest.remote else []
         spread = upload_on(driver.actors) if driver.remote else None
-        staged_on_nodes = None
+        staged_on_nodes = None  # (a retry's new job wipes this attempt's node copies: `ensure_node_shards`)
         if len(set(nodes)) > 1:
             staged_on_nodes = NodeStaging.plan(layout, _writers(shape, tensors, plans), nodes)
             staged_on_nodes.begin(driver, str(dest.staging))
@@ -355,6 +358,7 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
         return infos, stage_bytes, wins, nll_before, nll_after, finished, t_loaded, t_pruned, staged_on_nodes
 
     spread = None  # how an S3 output's shards are uploaded (set by each attempt)
+    staged_on_nodes: Optional[NodeStaging] = None  # the last attempt's node copies, if any
     try:
         infos, stage_bytes, windows, nll_before, nll_after, finished, t_loaded, t_pruned, staged_on_nodes = job.run(attempt)
         assert driver is not None
@@ -382,6 +386,8 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
     except BaseException as err:
         if driver is not None:
             driver.kill()  # before removing the staging folder the workers write into
+        if staged_on_nodes is not None:  # no node keeps a copy of a prune that failed
+            staged_on_nodes.drop(str(dest.staging))
         dest.fail(err)
         raise
     finally:
@@ -458,13 +464,39 @@ class NodeStaging:
     there and written into the owner's copy (`MOVE_BYTES` chunks, actor to actor through Ray's
     object store: the driver holds only references), so every shard is whole on its owner's
     node; the owner uploads it (`runtime.output.upload_on` with owners), and after the publish
-    each node removes its copy. A failed prune leaves the copies; the next prune to the same
-    output, a new job, wipes them (`ensure_node_shards`)."""
+    each node removes its copy. When the prune fails, its stage actors are killed and a small
+    task on each node removes that node's copy (`drop`)."""
 
     job: str  # names this attempt's node copies (a rerun is a new job: its copies start afresh)
     owner: dict[str, int]  # shard file -> the stage that uploads it
     shards: tuple[tuple[tuple[str, bytes, int], ...], ...]  # per stage: what its node allocates
     moves: tuple[tuple[int, int, str, int, int], ...]  # (from stage, to stage, shard file, begin, end)
+    nodes: tuple[str, ...] = ()  # each stage's node
+
+    def drop(self, staging: str, timeout: float = 60.0) -> None:
+        """After a failure, the stage actors gone: remove this job's copy on every node, by a
+        task pinned to each (`checkpoints.writer.drop_node_shards`). Best effort: a node lost or
+        not answering within `timeout` keeps its copy, until the next prune to this output (a
+        new job) wipes it; a warning says so."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from raymerge.checkpoints.writer import drop_node_shards
+
+        task = ray.remote(num_cpus=0, max_retries=0)(drop_node_shards)
+        nodes = sorted(set(self.nodes))
+        refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(staging, self.job)
+                for node in nodes]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        failed = len(refs) - len(ready)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except Exception:  # noqa: BLE001 - a lost node: counted and reported below
+                failed += 1
+        if failed:
+            log.warning("raymerge: %d node(s) kept their copy of the failed prune's shards under %s; the next "
+                        "prune to this output removes them", failed, staging)
 
     @classmethod
     def plan(cls, layout: OutputLayout, writers: dict[str, int], nodes: Sequence[str]) -> "NodeStaging":
@@ -499,7 +531,7 @@ class NodeStaging:
                     moves.append((k, owner[filename], filename, at, min(end, at + MOVE_BYTES)))
         allocate = {node: tuple((layout.shards[i].filename, layout.shards[i].header, layout.shards[i].size)
                                 for i in sorted(held)) for node, held in needs.items()}
-        return cls(uuid.uuid4().hex, owner, tuple(allocate[node] for node in nodes), tuple(moves))
+        return cls(uuid.uuid4().hex, owner, tuple(allocate[node] for node in nodes), tuple(moves), tuple(nodes))
 
     def begin(self, pool: ActorPool, staging: str) -> None:
         """Before the stages load: the driver's folder is marked as this job's (a stage on the
