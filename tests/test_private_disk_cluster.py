@@ -267,6 +267,36 @@ def test_a_failed_prune_on_private_disks_leaves_no_node_copies(cluster, s3_llama
     assert store.objects(OUT, "pruned-fails") == {}
 
 
+def test_search_on_private_disks_materializes_the_bytes_of_a_local_merge(cluster, s3_llama, tmp_path):
+    """A search whose inputs are in the bucket, its stages on two nodes that share no disk,
+    3 trials, the best model materialized into the bucket: the bytes of the best config merged
+    by a single process (in process, local output)."""
+    from raymerge.demo import demo_text
+
+    c, store = cluster
+    (tmp_path / "calib.txt").write_text(demo_text(8, 200, seed=4))
+    cfg = {
+        "merge": {
+            "merge_method": "linear",
+            "models": [{"model": s3_llama["ft1"], "parameters": {"weight": {"low": 0.2, "high": 1.0}}},
+                       {"model": s3_llama["ft3"], "parameters": {"weight": 1.0}}],
+            "dtype": "float32",
+        },
+        "objective": "perplexity",
+        "evaluation": {"dataset": str(tmp_path / "calib.txt"), "seqlen": 32, "eval_samples": 2},
+        "study": {"n_trials": 3, "sampler": "random", "seed": 0},
+    }
+    url = f"s3://{OUT}/searched"
+    result = raymerge.optimize(cfg, tmp_path / "study", stages=2, address=c.address, quiet=True, materialize=url,
+                               s3_endpoint_url=store.url)
+    assert result.materialized == url and len(result.study.trials) == 3
+    local = raymerge.merge(result.best_configs[0], tmp_path / "local", in_process=True, quiet=True,
+                           s3_endpoint_url=store.url)
+    expected = {f.name: f.read_bytes() for f in sorted(local.output.iterdir())}
+    assert without_named(store.objects(OUT, "searched")) == without_named(expected)
+    _assert_no_node_keeps_shards(c, tmp_path / "driver-staging")
+
+
 def test_worker_node_lost_mid_merge_then_rerun_resumes(cluster, s3_llama, llama_models, tmp_path, monkeypatch):
     """node_b is killed (every process of it) while the merge runs: the merge ends with a clear
     error naming the lost node (or completes on node_a); node_b is started again and the rerun
