@@ -297,6 +297,31 @@ def test_search_on_private_disks_materializes_the_bytes_of_a_local_merge(cluster
     _assert_no_node_keeps_shards(c, tmp_path / "driver-staging")
 
 
+def test_guided_merge_on_private_disks_matches_local(cluster, s3_llama, llama_models, tmp_path):
+    """An ACM-guided TIES merge (a statistics pass on guidance stages, then the merge) S3 -> S3 on
+    the private-disk cluster: the bytes of the same guided merge run in process to a local folder."""
+    from raymerge.demo import demo_text
+
+    c, store = cluster
+    (tmp_path / "calib.txt").write_text(demo_text(8, 120, seed=5))
+
+    def guided(p) -> dict:
+        return ties(p, dtype="float32", raymerge={"guidance": {
+            "method": "acm", "stages": 2,
+            "calibration": {"dataset": str(tmp_path / "calib.txt"), "nsamples": 4, "seqlen": 24, "eval_samples": 0, "seed": 3}}})
+
+    expected = local_files(guided(llama_models), tmp_path / "ref")
+    url = f"s3://{OUT}/guided"
+    result = raymerge.merge(guided(s3_llama), url, address=c.address, workers=2, quiet=True, out_shard_size=SHARD,
+                            s3_endpoint_url=store.url)
+    assert result.output == url and result.guidance is not None
+    got = store.objects(OUT, "guided")
+    skip = ("guidance.json",)  # names the inputs (local vs s3://), as README and the config copy do
+    assert {k: v for k, v in without_named(got).items() if k not in skip} == \
+        {k: v for k, v in without_named(expected).items() if k not in skip}
+    _assert_no_node_keeps_shards(c, tmp_path / "driver-staging")
+
+
 def test_worker_node_lost_mid_merge_then_rerun_resumes(cluster, s3_llama, llama_models, tmp_path, monkeypatch):
     """node_b is killed (every process of it) while the merge runs: the merge ends with a clear
     error naming the lost node (or completes on node_a); node_b is started again and the rerun
