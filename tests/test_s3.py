@@ -555,6 +555,25 @@ def test_search_materializes_the_best_model_into_s3(ray_session, s3, llama_model
     assert_nothing_named_s3(tmp_path)
 
 
+def merge_interrupted_at_config(cfg: dict, url: str, opts: dict, monkeypatch) -> list[str]:
+    """Merge `cfg` into `url`, interrupted (Ctrl-C) when config.json is to be uploaded: every
+    shard is in the bucket, the model is not. The files uploaded before that."""
+    upload = s3mod.upload_files
+    uploaded: list[str] = []
+
+    def interrupted_at_config(target, staging, files, **kw):
+        if "config.json" in files:
+            raise KeyboardInterrupt
+        uploaded.extend(files)
+        return upload(target, staging, files, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(s3mod, "upload_files", interrupted_at_config)
+        with pytest.raises(KeyboardInterrupt):
+            raymerge.merge(cfg, url, **opts)
+    return uploaded
+
+
 def test_a_rerun_from_another_driver_resumes_from_the_shards_in_the_bucket(s3, llama_models, reference, tmp_path, monkeypatch):
     """The driver of an interrupted S3 merge is gone with its staging folder (another node, a new
     pod): a rerun on a driver with an empty staging folder finds the shards the first run
@@ -563,19 +582,9 @@ def test_a_rerun_from_another_driver_resumes_from_the_shards_in_the_bucket(s3, l
     --overwrite."""
     monkeypatch.setenv(s3mod.STAGING_ENV, str(tmp_path / "driver-a"))
     (tmp_path / "driver-a").mkdir()
-    upload = s3mod.upload_files
-
-    def interrupted_at_config(target, staging, files, **kw):
-        if "config.json" in files:
-            raise KeyboardInterrupt
-        return upload(target, staging, files, **kw)
-
     url = f"s3://{OUT_BUCKET}/other-driver/"
     opts = dict(s3_endpoint_url=s3.url, quiet=True, out_shard_size="300KB", in_process=True)
-    with monkeypatch.context() as m:
-        m.setattr(s3mod, "upload_files", interrupted_at_config)
-        with pytest.raises(KeyboardInterrupt):
-            raymerge.merge(ties(llama_models), url, **opts)
+    merge_interrupted_at_config(ties(llama_models), url, opts, monkeypatch)
     shards = [n for n in reference if n.endswith(".safetensors")]
     left = s3.objects(OUT_BUCKET, "other-driver")
     assert set(shards) <= set(left) and "config.json" not in left  # every shard up, not a model
@@ -601,21 +610,9 @@ def test_publish_interrupted_before_config_resumes_every_shard(s3, llama_models,
     the rerun reuses every shard instead of merging again, and publishes the reference bytes."""
     monkeypatch.setenv(s3mod.STAGING_ENV, str(tmp_path / "staging"))
     (tmp_path / "staging").mkdir()
-    upload = s3mod.upload_files
-    uploaded: list[str] = []
-
-    def interrupted_at_config(target, staging, files, **kw):
-        if "config.json" in files:
-            raise KeyboardInterrupt
-        uploaded.extend(files)
-        return upload(target, staging, files, **kw)
-
     url = f"s3://{OUT_BUCKET}/publish-cut/"
     opts = dict(s3_endpoint_url=s3.url, quiet=True, out_shard_size="300KB", in_process=True)
-    with monkeypatch.context() as m:
-        m.setattr(s3mod, "upload_files", interrupted_at_config)
-        with pytest.raises(KeyboardInterrupt):
-            raymerge.merge(ties(llama_models), url, **opts)
+    uploaded = merge_interrupted_at_config(ties(llama_models), url, opts, monkeypatch)
     assert not [n for n in uploaded if n.startswith(".raymerge")]  # bookkeeping never reaches the bucket
     assert "config.json" not in s3.objects(OUT_BUCKET, "publish-cut")  # not a model yet
     result = raymerge.merge(ties(llama_models), url, **opts)
