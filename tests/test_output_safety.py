@@ -297,7 +297,9 @@ def _full_disk_driver(cfg: Path, disk: Path, logs: Path, report: Path) -> None:
         report.write_text(json.dumps({"skip": f"cannot mount a private tmpfs here: {err}"}))
         return
     out = disk / "out"
-    child = Child(merge_args(cfg, out), logs, pause_at="open")
+    # One worker: its batches run in order, so the shards its first batches finish are recorded
+    # while the later ones run (those the very last batch finishes never are: publish is next).
+    child = Child(merge_args(cfg, out, "--workers", "1"), logs, pause_at="open")
     child.wait_stopped()
     fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)  # every block the merge has not reserved yet
     for chunk in (65536, 4096, 512, 1):
