@@ -67,14 +67,20 @@ def test_finds_the_known_optimum(opposite_finetunes, trained, tmp_path):
     assert (tmp_path / "s" / "history.png").is_file() and (tmp_path / "s" / "study.journal").is_file()
 
 
-def test_in_memory_value_equals_materialised_model(opposite_finetunes, trained, tmp_path):
+@pytest.mark.parametrize("tokenizer_source", [None, "union"])
+def test_in_memory_value_equals_materialised_model(opposite_finetunes, trained, tmp_path, tokenizer_source):
+    """A trial's value is the perplexity of the model its best.yaml builds. With a tokenizer
+    choice too: the trial runs with the merged tokenizer and the merged vocabulary's rows."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from raymerge.calibration import load_calibration
     from raymerge.config.calibration import CalibrationConfig
 
     cfg = _merge_search(opposite_finetunes, trained["calib"], n_trials=2, sampler="random")
+    if tokenizer_source is not None:
+        cfg["merge"]["tokenizer_source"] = tokenizer_source
     result = raymerge.optimize(cfg, tmp_path / "s", in_process=True, quiet=True, materialize=True)
+    assert result.failed == 0
     model = AutoModelForCausalLM.from_pretrained(str(result.materialized), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(result.materialized))
     windows = load_calibration(CalibrationConfig(dataset=str(trained["calib"]), seqlen=64, eval_samples=6, nsamples=1), tok, 128)

@@ -353,6 +353,28 @@ class DecoderBlock:
     def _swapped_layers(self, replacements: dict[int, nn.Module]):
         return _Swap(self._layers, replacements)
 
+    def resize_vocabulary(self, rows: int) -> None:
+        """Give the held input embedding and output head `rows` rows: a search of a merge that
+        chooses a tokenizer loads its stages from one input model, and every trial's merge then
+        writes all of these rows. Rows past the loaded ones start at zero; tied ones stay tied."""
+        resized: dict[int, nn.Parameter] = {}
+        for module in (self.model.get_input_embeddings(), self.model.get_output_embeddings()):
+            weight = getattr(module, "weight", None)
+            if weight is None or weight.is_meta or weight.shape[0] == rows:
+                continue
+            if id(weight) not in resized:
+                new = torch.zeros((rows, *weight.shape[1:]), dtype=weight.dtype, device=weight.device)
+                keep = min(rows, weight.shape[0])
+                new[:keep] = weight.detach()[:keep]
+                resized[id(weight)] = nn.Parameter(new, requires_grad=False)
+            module.weight = resized[id(weight)]
+            if isinstance(module, nn.Embedding):
+                module.num_embeddings = rows
+            elif isinstance(module, nn.Linear):
+                module.out_features = rows
+        if resized:
+            self.model.config.vocab_size = rows
+
     def held_parameters(self) -> dict[str, nn.Parameter]:
         """Every parameter this block materialised, under all its names (tied ones too)."""
         return {n: p for n, p in self.model.named_parameters(remove_duplicate=False) if not p.is_meta}

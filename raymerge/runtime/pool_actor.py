@@ -568,6 +568,11 @@ class PoolActor:
         """Names of the parameters this block holds (tied names included)."""
         return self.trial.held_parameters()
 
+    def resize_vocabulary(self, rows: int) -> None:
+        """The held embedding and head with `rows` rows: the merged vocabulary of a merge that
+        chooses a tokenizer (`DecoderBlock.resize_vocabulary`)."""
+        self.trial.layers.held.block.resize_vocabulary(rows)
+
     @_trial_clock("remerge")
     def apply_merge(self, operators: Sequence[MergeOperator]) -> int:
         """Recompute `operators` into this block's parameters; return how many were applied."""

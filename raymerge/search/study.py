@@ -243,6 +243,9 @@ class _MergeTask:
             raise ConfigError(f"{label}: merge: slices that change the layer stack cannot be searched in memory yet")
         self.donor = first.program.donor
         self.first_ops = first.operators
+        # A tokenizer choice: the merged tokenizer and its row count, as the merge publishes them
+        # (the choice is not searched, so every trial has the same; `MergeCompiler` builds it once).
+        self.vocabulary = first.program.vocabulary
 
     def compile(self, config: dict[str, Any], where: str) -> CompiledMerge:
         """The merge program of a filled-in merge config (errors name `where`)."""
@@ -447,7 +450,10 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
     donor = task.donor_source() if isinstance(task, _MergeTask) else task.source
     model_config = donor.config()
     shape = describe_model(model_config, None if isinstance(task, _MergeTask) else task.prune.modules)
-    tokenizer = load_tokenizer(donor)
+    # A merge that chooses a tokenizer: the windows are tokenized by the merged tokenizer, and
+    # the stages, loaded from the donor, get the merged vocabulary's rows (`setup`).
+    vocabulary = task.vocabulary if isinstance(task, _MergeTask) else None
+    tokenizer = vocabulary.tokenizer if vocabulary is not None else load_tokenizer(donor)
     objectives = cfg.objectives
     files = donor_files(donor) if any(get_objective(o.kind).model_files for o in objectives) else None
     windows = [_windows(cfg, task, tokenizer, shape, o) for o in objectives]
@@ -484,6 +490,8 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
                       first, end, settings, k == 0, k == last)
                for k, (w, (first, end)) in enumerate(zip(d.workers, p.plans))])
         p.pipe = Pipeline(d, d.workers, cfg.batch_size, True)
+        if vocabulary is not None:
+            d.get([w.resize_vocabulary(vocabulary.rows) for w in d.workers])
         if isinstance(task, _MergeTask):
             held = d.get([w.held_parameters() for w in d.workers])
             p.owned = _owned(task.first_ops, held)
