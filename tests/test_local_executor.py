@@ -61,6 +61,13 @@ def test_an_idle_thread_takes_the_last_batches_of_a_busy_one_and_every_part_runs
     assert own == sorted(own) and own[0] == "a0"
 
 
+def test_a_worker_planned_no_part_still_takes_batches():
+    pool, log = _pool(0.2, 0.0)
+    stats = executor._run_local(pool, [[_item(f"a{i}") for i in range(4)], []], 4, quiet=True)
+    assert sorted(name for _, names, _ in log for name in names) == ["a0", "a1", "a2", "a3"]
+    assert any(worker == 1 for worker, _, _ in log) and stats.stolen_parts > 0
+
+
 def test_the_merge_threads_run_with_the_collector_frozen_and_it_is_restored():
     assert gc.get_freeze_count() == 0
     pool, log = _pool(0.0, 0.0)

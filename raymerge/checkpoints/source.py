@@ -18,8 +18,6 @@ from raymerge.checkpoints.json_limits import loads_bounded
 from raymerge.errors import CheckpointError  # noqa: F401 - exported from here, as before
 
 
-
-
 @dataclass(frozen=True)
 class TensorInfo:
     """What the headers say about one tensor of a checkpoint."""

@@ -443,13 +443,18 @@ def write_range(folder: str | os.PathLike, filename: str, begin: int, data: byte
     piece another node wrote: `read_range`); returns the bytes written."""
     fd = os.open(Path(folder) / filename, os.O_WRONLY)
     try:
-        pos = 0
-        view = memoryview(data)
-        while pos < len(data):
-            pos += os.pwrite(fd, view[pos:], begin + pos)
-        return pos
+        return pwrite_all(fd, data, begin)
     finally:
         os.close(fd)
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> int:
+    """Write all of `data` at `offset` of `fd` (pwrite may write less than asked); its length."""
+    view = memoryview(data)
+    pos = 0
+    while pos < len(view):
+        pos += os.pwrite(fd, view[pos:], offset + pos)
+    return pos
 
 
 def _existing(path: Path) -> Path:
@@ -596,10 +601,7 @@ class ShardFileWriter:
         fd = self._fds.get(filename)
         if fd is None:
             fd = self._fds[filename] = os.open(self.staging / filename, os.O_WRONLY)
-        pos = 0
-        while pos < len(data):
-            pos += os.pwrite(fd, data[pos:], offset + pos)
-        return len(data)
+        return pwrite_all(fd, data, offset)
 
     def close(self) -> None:
         """Close the shard files. No fsync here: a shard is fsynced where it is finished (hashed

@@ -19,8 +19,9 @@ The mechanisms, chosen per kind of operation:
   Within a row, 16- and 32-bit floats accumulate in float32, like torch's own sum, by the same
   vectorised kernel (a float64 accumulation was 25x slower and cost DARE and SLERP 20-70%:
   `examples/benchmark_determinism.py`). This keeps all threads busy (no single-threaded
-  determinism) and is as accurate as torch's own reduction. Below 32768 elements torch reduces serially, so those calls go to torch
-  unchanged and keep matching other tools (mergekit) bit for bit.
+  determinism) and is as accurate as torch's own reduction. Below 32768 elements torch reduces
+  serially, so those calls go to torch unchanged and keep matching other tools (mergekit) bit
+  for bit.
 - **Reductions with many outputs** (per row, per column, across stacked models) are already
   thread-count independent for the reason above; only a reduction that collapses to a single
   output element takes the chunked path (`sum_dim`).
@@ -44,7 +45,7 @@ import torch
 
 GRAIN = 32768  # torch's at::internal::GRAIN_SIZE: below it, CPU reductions run on one thread
 CHUNK = 16384  # elements summed per row: below GRAIN, so a single leftover row is serial too
-BLOCK_ROWS = 256  # rows converted to float64 at a time (4M elements, 32 MiB)
+BLOCK_ROWS = 256  # rows converted into `_row_sums`'s buffer at a time (4M elements)
 LAPACK_THREADS = 1  # threads for the factorisations run in `fixed_threads`
 
 _threads_lock = threading.RLock()

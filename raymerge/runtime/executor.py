@@ -496,11 +496,12 @@ def _batch_done(stats: ExecutionStats, bar: Any, total_parts: int,
 
     def finished(i: int, batch: list[WorkItem], result: BatchStats) -> None:
         nonlocal done_parts
-        stats.add(i, result, sum(item.bytes_in for item in batch))
+        batch_bytes = sum(item.bytes_in for item in batch)
+        stats.add(i, result, batch_bytes)
         done_parts += result.operators
         if on_done is not None:
             on_done(batch)
-        bar.update(sum(item.bytes_in for item in batch))
+        bar.update(batch_bytes)
         bar.set_postfix_str(f"{done_parts}/{total_parts} parts", refresh=False)
 
     return finished
@@ -512,8 +513,7 @@ def local_threads(workers: int) -> int:
 
 
 def _run_threads(pool: ActorPool, queues: Sequence[Sequence[WorkItem]],
-                 finished: Callable[[int, list[WorkItem], BatchStats], None],
-                 stats: Optional[ExecutionStats] = None) -> None:
+                 finished: Callable[[int, list[WorkItem], BatchStats], None], stats: ExecutionStats) -> None:
     """Run worker i's queue on thread i; `finished` for each batch, here, as they complete. A
     thread whose queue is empty takes the last batch of the queue with the most input bytes
     left (`_steal`, counted in `stats.stolen_parts`): the plan's estimates are never exact, and
@@ -533,7 +533,7 @@ def _run_threads(pool: ActorPool, queues: Sequence[Sequence[WorkItem]],
             if pending[i]:
                 return pending[i].popleft()
             batch = _steal(pending, i, lambda thief, owner: True)
-            if batch is not None and stats is not None:
+            if batch is not None:
                 stats.stolen_parts += len(batch)
             return batch
 
@@ -549,8 +549,9 @@ def _run_threads(pool: ActorPool, queues: Sequence[Sequence[WorkItem]],
         finally:
             done.put((i, None, None, None))  # this thread is over
 
+    # A thread for every worker, its own queue empty or not: it may take the others' batches.
     threads = [threading.Thread(target=work, args=(i,), name=f"raymerge-worker-{i}", daemon=True)
-               for i in range(len(pool)) if queues[i]]
+               for i in range(len(pool))]
     with _in_process_threads(pool), _gc_frozen(), _joined(threads, stop):
         for t in threads:
             t.start()

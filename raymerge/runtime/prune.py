@@ -471,7 +471,7 @@ class NodeStaging:
     owner: dict[str, int]  # shard file -> the stage that uploads it
     shards: tuple[tuple[tuple[str, bytes, int], ...], ...]  # per stage: what its node allocates
     moves: tuple[tuple[int, int, str, int, int], ...]  # (from stage, to stage, shard file, begin, end)
-    nodes: tuple[str, ...] = ()  # each stage's node
+    nodes: tuple[str, ...]  # each stage's node
 
     def drop(self, staging: str, timeout: float = 60.0) -> None:
         """After a failure, the stage actors gone: remove this job's copy on every node, by a

@@ -23,12 +23,13 @@ count towards `n_trials`, trials left running by a killed driver are marked fail
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 import yaml
@@ -133,17 +134,14 @@ class _TrialClock:
         self.start = time.time()
         self.spans: dict[str, list[tuple[float, float]]] = {k: [] for k in TrialTimes.PARTS}
 
-    def part(self, kind: str):
-        clock = self
-
-        class _Span:
-            def __enter__(self) -> None:
-                self.t0 = time.time()
-
-            def __exit__(self, *exc: Any) -> None:
-                clock.spans[kind].append((self.t0, time.time()))
-
-        return _Span()
+    @contextlib.contextmanager
+    def part(self, kind: str) -> Iterator[None]:
+        """Time the block as `kind` (its interval, even when it raises)."""
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self.spans[kind].append((t0, time.time()))
 
     def actors(self, intervals: list[list[tuple[str, float, float]]]) -> None:
         for per_actor in intervals:
@@ -619,11 +617,10 @@ def _keep_reference(p: _SearchPipeline, windows: CalibrationWindows, k: int) -> 
 
 
 def _submit(trial, p: _SearchPipeline, task, objectives: list[Objective], windows: list[CalibrationWindows], shape: ModelShape,
-            clock: Optional[_TrialClock] = None) -> list[Any]:
+            clock: _TrialClock) -> list[Any]:
     """Send the trial's weights to the stages and queue its evaluation; return the handles: the
     re-merge's, each objective's, and last the stages' `trial_times` (timed parts into `clock`)."""
     d = p.driver
-    clock = clock or _TrialClock()
     if isinstance(task, _MergeTask):
         with clock.part("optuna"):
             values = task.space.suggest(trial)
@@ -653,8 +650,7 @@ def _submit(trial, p: _SearchPipeline, task, objectives: list[Objective], window
 
 
 def _values(p: _SearchPipeline, handles: list[Any], objectives: list[Objective], windows: list[CalibrationWindows],
-            files: Optional[dict], out: Path, clock: Optional[_TrialClock] = None) -> list[float]:
-    clock = clock or _TrialClock()
+            files: Optional[dict], out: Path, clock: _TrialClock) -> list[float]:
     p.driver.get(handles[0])
     values = []
     for k, (obj, win, pending) in enumerate(zip(objectives, windows, handles[1:1 + len(objectives)])):
