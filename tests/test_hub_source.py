@@ -1,7 +1,8 @@
 """Hub inputs at cluster scale (`checkpoints/hub.py`), against a local HTTP server standing in for the Hub.
 
 `FakeHub` serves just the part of the Hub API that huggingface_hub calls: `model_info`
-(`/api/models/{repo}[/revision/{rev}]` -> `{"id", "sha", "siblings"}`) and file resolution
+(`/api/models/{repo}[/revision/{rev}]` -> `{"id", "sha", "siblings"}`), a commit's file list
+(`/api/models/{repo}/tree/{rev}`, which `snapshot_download` asks for) and file resolution
 (`/{repo}/resolve/{rev}/{file}`: HEAD with `X-Repo-Commit`, `ETag`, `Content-Length`; GET with
 `Range`). It counts every request, so the tests can say what was fetched, when and at which
 commit:
@@ -12,7 +13,8 @@ commit:
   layers leaves the other shards on the server);
 - everything is read at the commit the driver pinned, even when `main` moves on the server right
   after the pin;
-- the merged bytes equal those of the same merge from a local folder.
+- the merged bytes equal those of the same merge from a local folder;
+- a Hub LoRA adapter (`model+org/adapter`) is pinned the same way.
 """
 
 from __future__ import annotations
@@ -112,6 +114,17 @@ class FakeHub:
         path = unquote(urlsplit(h.path).path)
         parts = path.strip("/").split("/")
         rng = h.headers.get("Range")
+        if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "tree":
+            # list_repo_tree (what snapshot_download asks first): the commit's files, one page
+            repo, revision = "/".join(parts[2:4]), parts[5]
+            sha = self._resolve(repo, revision)
+            if sha is None:
+                return self._send(h, head, 404, b'{"error": "not found"}', {"X-Error-Code": "RevisionNotFound"},
+                                  Request(h.command, path, revision, None, None, rng, 0))
+            body = json.dumps([{"type": "file", "path": f, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                               for f, data in sorted(self.commits[repo][sha].items())]).encode()
+            return self._send(h, head, 200, body, {"Content-Type": "application/json"},
+                              Request(h.command, path, revision, sha, None, rng, 0))
         if parts[:2] == ["api", "models"]:
             repo = "/".join(parts[2:4])
             revision = parts[5] if len(parts) >= 6 and parts[4] == "revision" else None
@@ -371,3 +384,62 @@ def test_corrupt_shard_header_over_http_names_the_file_and_tensor(hub, hub_model
     with pytest.raises(CheckpointError, match=rf"{REPO}@{sha}/{shard}: tensor '.+' has unsupported dtype 'F99'"):
         raymerge.merge(_passthrough(f"{REPO}@{sha}", 0, 2), tmp_path / "out", in_process=True, quiet=True)
     assert not hub.downloaded()
+
+
+ADAPTER_REPO = "raymerge-test/tiny-lora"
+
+
+def _adapter(folder: Path, model: Path, seed: int) -> Path:
+    """A PEFT LoRA adapter (q_proj of every layer, r=2) for the tiny llama in `model`."""
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((model / "config.json").read_text())
+    hidden, g = config["hidden_size"], torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(config["num_hidden_layers"]):
+        module = f"base_model.model.model.layers.{i}.self_attn.q_proj"
+        tensors[f"{module}.lora_A.weight"] = torch.randn(2, hidden, generator=g) * 0.1
+        tensors[f"{module}.lora_B.weight"] = torch.randn(hidden, 2, generator=g) * 0.1
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "fan_in_fan_out": False,
+        "use_rslora": False, "use_dora": False, "bias": "none", "task_type": "CAUSAL_LM"}))
+    return folder
+
+
+def test_a_hub_lora_adapter_is_read_at_the_commit_the_driver_pinned(hub, hub_models, tmp_path):
+    # The adapter's `main` moves to v2 right after the driver pins it: the workers, which open
+    # the adapter again, must still apply v1 (before the fix they downloaded `main`, then v2).
+    v1 = _adapter(tmp_path / "adapter-v1", hub_models["v1"], seed=1)
+    v2 = _adapter(tmp_path / "adapter-v2", hub_models["v1"], seed=2)
+    a1, a2 = hub.add_commit(ADAPTER_REPO, v1, tag="v1"), hub.add_commit(ADAPTER_REPO, v2, tag="v2")
+    hub.set_ref(ADAPTER_REPO, "main", a1)
+
+    def move_main(repo, revision):
+        if repo == ADAPTER_REPO and revision in (None, "main"):
+            hub.set_ref(ADAPTER_REPO, "main", a2)
+
+    hub.after_model_info = move_main
+    model = str(hub_models["v1"])
+    result = raymerge.merge(_passthrough(f"{model}+{ADAPTER_REPO}", 0, 4), tmp_path / "hub-out",
+                            in_process=True, workers=2, quiet=True)
+    assert hub.refs[ADAPTER_REPO]["main"] == a2  # it did move
+    adapter_requests = [r for r in hub.requests if ADAPTER_REPO in r.path]
+    asked_main = [r for r in adapter_requests if r.revision in (None, "main")]
+    assert len(asked_main) == 1 and asked_main[0].path.startswith("/api/models/"), asked_main
+    assert {r.commit for r in adapter_requests} == {a1}, adapter_requests
+    local = raymerge.merge(_passthrough(f"{model}+{v1}", 0, 4), tmp_path / "local-out", in_process=True, quiet=True)
+    assert _weights(result.output) == _weights(local.output)
+    unadapted = raymerge.merge(_passthrough(model, 0, 4), tmp_path / "plain-out", in_process=True, quiet=True)
+    assert _weights(result.output) != _weights(unadapted.output)  # the adapter was applied
+
+
+def test_a_hub_lora_adapter_that_cannot_be_resolved_is_named(hub, hub_models, tmp_path):
+    from raymerge.checkpoints import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"LoRA adapter not found: raymerge-test/no-such-adapter is not a local "
+                                              r"directory, and resolving it on the Hugging Face Hub .* failed"):
+        raymerge.merge(_passthrough(f"{hub_models['v1']}+raymerge-test/no-such-adapter", 0, 2), tmp_path / "out",
+                       in_process=True, quiet=True)

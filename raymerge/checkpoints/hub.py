@@ -67,10 +67,11 @@ def default_endpoint() -> str:
     return constants.ENDPOINT
 
 
-def pin_hub_reference(repo_id: str, revision: Optional[str], endpoint: Optional[str] = None) -> tuple[str, str]:
+def pin_hub_reference(repo_id: str, revision: Optional[str], endpoint: Optional[str] = None,
+                      what: str = "model path") -> tuple[str, str]:
     """(commit sha, endpoint) of `repo_id` at `revision` (None: `main`), resolved once on the driver.
-    A full sha is returned as given (no request); CheckpointError naming the repo when the Hub
-    cannot be asked or has no such repo/revision."""
+    A full sha is returned as given (no request); CheckpointError naming the repo (as `what`: a
+    model path, a LoRA adapter) when the Hub cannot be asked or has no such repo/revision."""
     endpoint = endpoint or default_endpoint()
     if revision is not None and _SHA.match(revision):
         return revision, endpoint
@@ -80,7 +81,7 @@ def pin_hub_reference(repo_id: str, revision: Optional[str], endpoint: Optional[
         sha = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision).sha
     except Exception as err:  # noqa: BLE001 - hub errors come in many types; we report them all
         raise _failed(
-            f"model path not found: {repo_id} is not a local directory, and resolving it on the "
+            f"{what} not found: {repo_id} is not a local directory, and resolving it on the "
             f"Hugging Face Hub ({endpoint}) failed", err) from None
     if not isinstance(sha, str) or not _SHA.match(sha):
         raise CheckpointError(f"{repo_id}@{revision or 'main'}: the Hub returned no commit sha ({sha!r})")

@@ -40,19 +40,38 @@ _PREFIX = "base_model.model."
 LORA_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def adapter_folder(path: str, revision: Optional[str]) -> Path:
-    """The local folder of adapter `path`: itself, or its Hub download."""
-    local = Path(path).expanduser()
-    if local.is_dir():
-        return local
+def _hub_adapter(path: str) -> bool:
+    """Whether adapter `path` comes from the Hub (not a local folder); CheckpointError when it is neither."""
+    if Path(path).expanduser().is_dir():
+        return False
     from raymerge.checkpoints.hub_id import is_hub_reference
 
     if not is_hub_reference(path):
         raise CheckpointError(f"LoRA adapter not found: {path} (a local folder or a Hugging Face Hub id org/name)")
+    return True
+
+
+def pin_adapter(path: str, revision: Optional[str], endpoint: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """(revision, endpoint) that make every process read the same adapter files: for a Hub
+    adapter, the commit sha `revision` (None: `main`) points to now, resolved once by the driver
+    (`hub.pin_hub_reference`), and the endpoint; a local folder's as given."""
+    if not _hub_adapter(path):
+        return revision, endpoint
+    from raymerge.checkpoints.hub import pin_hub_reference
+
+    return pin_hub_reference(path, revision, endpoint, what="LoRA adapter")
+
+
+def adapter_folder(path: str, revision: Optional[str], endpoint: Optional[str] = None) -> Path:
+    """The local folder of adapter `path`: itself, or its Hub download at `revision` from
+    `endpoint` (None: this process's HF_ENDPOINT)."""
+    if not _hub_adapter(path):
+        return Path(path).expanduser()
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(path, revision=revision, allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS]))
+        return Path(snapshot_download(path, revision=revision, endpoint=endpoint,
+                                      allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS]))
     except Exception as err:  # noqa: BLE001 - hub errors come in many types
         raise CheckpointError(f"LoRA adapter not found: {path} is not a local folder, and fetching it from the "
                               f"Hugging Face Hub failed: {type(err).__name__}: {err}") from None

@@ -61,7 +61,7 @@ class SourceSpec:
     lora: Optional[str] = None  # a PEFT LoRA adapter applied as tensors are read (`checkpoints.lora`)
     lora_revision: Optional[str] = None
     lora_dtype: Optional[str] = None  # --lora-merge-dtype: the dtype the adapted model is read in
-    hub_endpoint: Optional[str] = None  # Hub inputs: the endpoint the driver pinned them on (None: HF_ENDPOINT)
+    hub_endpoint: Optional[str] = None  # Hub inputs (model, adapter): the endpoint the driver pinned them on (None: HF_ENDPOINT)
 
     def options(self) -> "SourceOptions":
         return SourceOptions(self.revision, self.allow_pickle, self.shape_only, self.s3_endpoint_url,
@@ -69,12 +69,19 @@ class SourceSpec:
 
     def pinned(self) -> "SourceSpec":
         """This spec with what its kind pins filled in (a Hub reference: the commit sha its
-        revision points to now, and the endpoint), so that every process that opens it reads
-        the same files; the spec itself for kinds that pin nothing. Called once, by the driver."""
+        revision points to now, and the endpoint), and a Hub LoRA adapter's commit too, so that
+        every process that opens it reads the same files; the spec itself when nothing needs
+        pinning. Called once, by the driver."""
+        spec = self
         kind = source_kind_of(self.path, self.options())
-        if kind is None or kind.pin is None:
-            return self
-        return replace(self, **kind.pin(self.path, self.options()))
+        if kind is not None and kind.pin is not None:
+            spec = replace(spec, **kind.pin(self.path, self.options()))
+        if spec.lora is not None:
+            from raymerge.checkpoints.lora import pin_adapter
+
+            revision, endpoint = pin_adapter(spec.lora, spec.lora_revision, spec.hub_endpoint)
+            spec = replace(spec, lora_revision=revision, hub_endpoint=endpoint)
+        return spec
 
     def open(self) -> CheckpointSource:
         source = open_source(
@@ -87,7 +94,8 @@ class SourceSpec:
 
         try:
             label = self.lora if self.lora_revision is None else f"{self.lora}@{self.lora_revision}"
-            return LoraSource(source, adapter_folder(self.lora, self.lora_revision), label=label, dtype=self.lora_dtype)
+            folder = adapter_folder(self.lora, self.lora_revision, self.hub_endpoint)
+            return LoraSource(source, folder, label=label, dtype=self.lora_dtype)
         except BaseException:
             source.close()
             raise
