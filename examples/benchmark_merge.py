@@ -19,6 +19,10 @@ What it does:
 3. Measures, in the same run, how fast this machine reads the same input files from the page
    cache (one reader, 64 MiB reads into a reused buffer, best of 2): the reference the merge
    phase's input rate is compared with.
+   After each timed raymerge run, also how fast it writes the merge's output size into a new
+   file (64 MiB writes, no fsync, best of 2): the merge writes its output into new page-cache
+   pages, and on a VM those can cost far more than reused ones. Reading at the page-cache rate
+   plus writing at that rate is printed as the phase's floor on one reader and writer.
 4. Prints a table and the figures against the targets (on a 2-core machine: TIES >= 5x, linear
    >= 1.5x faster than mergekit, whole command; an elementwise merge phase reading its inputs at
    >= 50% of the page-cache rate; predicted makespan within 15% of the measured one).
@@ -398,6 +402,24 @@ def page_cache_rate(files: list[Path], tries: int = 2) -> float:
     return best
 
 
+def new_file_write_rate(folder: Path, size: int, tries: int = 2) -> float:
+    """Bytes/s writing `size` bytes into a new file in `folder` (64 MiB writes from a reused
+    buffer, no fsync, the file deleted afterwards; best of `tries`): what the machine gives the
+    merge's own output, which lands in new page-cache pages. On a VM, pages the guest has not
+    used lately can cost several times more than pages it reuses."""
+    buf = memoryview(bytearray(64 << 20))
+    best = 0.0
+    for k in range(tries):
+        path = folder / f".write-probe-{k}"
+        start, done = time.perf_counter(), 0
+        with open(path, "wb", buffering=0) as fh:
+            while done < size:
+                done += fh.write(buf[: min(len(buf), size - done)])
+        best = max(best, size / (time.perf_counter() - start))
+        path.unlink()
+    return best
+
+
 def find_mergekit(explicit: Optional[str]) -> tuple[Optional[str], str]:
     """The python of an environment with mergekit 0.1.5, or None and why not."""
     if explicit:
@@ -501,6 +523,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
     checks: dict[str, str] = {}
     cache_rates: dict[str, float] = {}
+    write_rates: dict[str, float] = {}
     env_rm = dict(os.environ)
     print(f"{os.cpu_count()} CPUs; model {n_params / 1e6:.1f}M parameters, {shape['layers']} layers, bf16; "
           f"raymerge workers: {args.workers or 'one per CPU'}; mergekit: {mk_where}")
@@ -530,13 +553,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                     cmd = raymerge_command(config_path, out, args.workers, on_ray=tool == "raymerge-ray")
                     data = run_tool(tool, cmd, env_rm, memory_run)
                 data["input_bytes"] = sum(f.stat().st_size for f in files)
+                if tool == "raymerge" and not memory_run and data.get("bytes_written"):
+                    # after the run, so that the probe's freed pages cannot speed the merge up
+                    write_rates[method] = max(write_rates.get(method, 0.0),
+                                              new_file_write_rate(out_root, data["bytes_written"]))
                 rows.setdefault((tool, method), []).append(data)
                 what = "memory run" if memory_run else f"{rep + 1}/{args.repeat}"
                 memory = f", peak RSS {human(data['peak_rss'])}" if memory_run else ""
                 print(f"  [{what}] {tool:8s} {method:6s} whole command {data['whole_s']:.2f} s{memory}", flush=True)
             if rep == 0 and mk_python and not args.no_check:
                 checks[method] = compare_outputs(out_root / f"raymerge-{method}", out_root / f"mergekit-{method}")
-    report(rows, methods, checks, cache_rates, mk_flags, mk_base)
+    report(rows, methods, checks, cache_rates, write_rates, mk_flags, mk_base)
     print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}")
     shutil.rmtree(out_root, ignore_errors=True)
     return 0
@@ -545,7 +572,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 ELEMENTWISE = ("linear",)  # methods whose merge phase is held to the page-cache read rate
 
 
-def report(rows, methods, checks: dict[str, str], cache_rates: dict[str, float], mk_flags: list[str], mk_base: list[str]) -> None:
+def report(rows, methods, checks: dict[str, str], cache_rates: dict[str, float], write_rates: dict[str, float], mk_flags: list[str], mk_base: list[str]) -> None:
     def best(tool: str, method: str) -> Optional[dict[str, Any]]:
         runs = rows.get((tool, method))
         if not runs:
@@ -590,6 +617,13 @@ def report(rows, methods, checks: dict[str, str], cache_rates: dict[str, float],
                     if method in ELEMENTWISE else "")
             lines.append(f"{name} {method}: merge phase read {human(rm['bytes_read'])} at {rate / 1e9:.2f} GB/s; the page "
                          f"cache gives one reader {cache / 1e9:.2f} GB/s: {ratio:.0%}{goal}")
+            write = write_rates.get(method, 0.0)
+            if tool == "raymerge" and write and cache:
+                floor = rm["bytes_read"] / cache + rm["bytes_written"] / write
+                lines.append(f"{name} {method}: the phase also writes {human(rm['bytes_written'])} into new files, which "
+                             f"this machine writes at {write / 1e9:.2f} GB/s (measured after the run): reading at the "
+                             f"page-cache rate and writing at that rate, one after the other, take {floor:.2f} s; "
+                             f"the phase took {t['merge']:.2f} s ({t['merge'] / floor:.2f}x that)")
             plan = rm.get("plan")
             if plan:
                 err = plan["measured_makespan"] / plan["predicted_makespan"] - 1 if plan["predicted_makespan"] > 0 else math.inf
