@@ -59,8 +59,10 @@ class _VersionAction(argparse.Action):
 def _preflight(command: str, args: argparse.Namespace) -> None:
     """The checks the job of `command` makes first, made here with `raymerge.config` alone (no
     torch, Ray or DeepSpeed imported yet), in the job's own order, so that a bad count or config
-    is reported at once and with the job's own message; and a local model folder that does not
-    exist (the job finds it when it opens the models, after checking the output path).
+    is reported at once and with the job's own message; a local model folder that does not
+    exist (the job finds it when it opens the models, after checking the output path); and the
+    checks of a merge config against its method's spec that need no headers (an unknown
+    merge_method or parameter, a missing base_model: `runtime.method_config`, torch-free).
     `merge --in-process` is left to the job, which checks its contradicting option (`--address`)
     before the config."""
     from raymerge.runtime.actor_resources import check_actor_count  # config/ only
@@ -70,9 +72,11 @@ def _preflight(command: str, args: argparse.Namespace) -> None:
         if command == "merge" and args.in_process:
             return
         from raymerge.config.merge_config import load_config
+        from raymerge.runtime.method_config import check_method_config  # torch-free specs
 
-        cfg, _ = load_config(args.config)
+        cfg, label = load_config(args.config)
         _check_model_paths([m.path for m in cfg.referenced_models()])
+        check_method_config(cfg, label)
     elif command == "prune":
         check_actor_count(args.stages, "stages")
         from raymerge.config.prune_config import load_prune_config

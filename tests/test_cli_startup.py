@@ -1,6 +1,7 @@
-"""Fixed costs out of the way (issue 18): `raymerge --help`, `--version`, a subcommand's `--help`
-and errors in a config (not YAML, invalid, missing) are answered without importing torch, Ray,
-DeepSpeed or transformers, which take seconds to import.
+"""Fixed costs out of the way (issue 18): `raymerge --help`, `--version`, a subcommand's `--help`,
+errors in a config (not YAML, invalid, missing), a missing model folder, and a merge config its
+method refuses (unknown merge_method or parameter, no base_model) are answered without importing
+torch, Ray, DeepSpeed or transformers, which take seconds to import.
 
 Each case runs `raymerge.cli.main` in a fresh interpreter and then lists which of those modules
 are in `sys.modules`: a behaviour test, with no timing asserts (timings vary by machine). Also
@@ -118,6 +119,39 @@ def test_a_missing_model_folder_before_any_heavy_import(tmp_path, command):
            "prune": lambda: raymerge.prune(tmp_path / "c.yaml", tmp_path / "out", in_process=True, quiet=True)}
     with pytest.raises(raymerge.RaymergeError, match=f"^model path not found: {missing}$"):
         api[command]()
+
+
+METHOD_MISTAKES = {
+    "unknown_method": ("merge_method: tiez\nbase_model: {m}\nmodels:\n  - model: {m}\n    parameters: {{weight: 1}}\n",
+                       "merge_method: unknown merge_method 'tiez'; available: "),
+    "unknown_parameter": ("merge_method: ties\nbase_model: {m}\nmodels:\n  - model: {m}\n    parameters: {{weight: 1, densty: 0.5}}\n",
+                          "models[0].parameters.densty: unknown parameter for merge_method 'ties'"),
+    "no_base_model": ("merge_method: ties\nmodels:\n  - model: {m}\n    parameters: {{weight: 1}}\n",
+                      "merge_method 'ties' needs a base_model"),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(METHOD_MISTAKES))
+@pytest.mark.parametrize("command", ["merge", "plan"])
+def test_a_config_its_method_refuses_before_any_heavy_import(tmp_path, llama_models, mistake, command):
+    """Checked against the torch-free method specs (`runtime.method_config`), with the job's own
+    message: the Python API, which compiles the config, says the same."""
+    text, expected = METHOD_MISTAKES[mistake]
+    config = tmp_path / "c.yaml"
+    config.write_text(text.format(m=llama_models["base"]))
+    argv = [command, str(config)] + ([] if command == "plan" else [str(tmp_path / "out")])
+    result = run_cli(*argv)
+    assert (result["code"], result["heavy"]) == (2, []), result
+    line = f"raymerge: error: {config}: {expected}"
+    assert result["stderr"].startswith(line) and result["stderr"].count("\n") == 1, result["stderr"]
+    import raymerge
+
+    job = {"merge": lambda: raymerge.merge(config, tmp_path / "out", in_process=True, quiet=True),
+           "plan": lambda: raymerge.plan(config)}[command]
+    with pytest.raises(raymerge.ConfigError) as err:
+        job()
+    assert f"raymerge: error: {err.value}\n" == result["stderr"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_public_api_is_imported_on_first_use():

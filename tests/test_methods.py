@@ -31,7 +31,7 @@ import torch
 
 import raymerge
 from raymerge.methods import MethodError, available_methods, get_method
-from raymerge.methods.task_arithmetic import TRIM_THRESHOLD
+from raymerge.methods.catalog import TRIM_THRESHOLD
 from raymerge.runtime.operators import tensor_seed
 from conftest import load_state
 

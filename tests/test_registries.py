@@ -22,6 +22,47 @@ def test_merge_methods_registry():
         get_method("tie")
 
 
+def test_the_merge_method_specs_import_no_torch_and_name_functions_that_exist():
+    """The catalog's specs are read without torch (config checks, `raymerge methods`, planning);
+    each names its function by module and attribute, which must exist: a misspelt name would
+    only fail when a merge calls it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import sys
+        from raymerge.methods import available_methods, get_method
+        specs = [get_method(name) for name in available_methods()]
+        assert "torch" not in sys.modules, "the method specs imported torch"
+        import inspect
+        for spec in specs:
+            fn = spec.fn.resolve()
+            assert callable(fn) and fn.__module__ == spec.fn.module, spec.name
+            assert list(inspect.signature(fn).parameters) == [
+                "inputs", "base_index", "model_params", "params", "generator"], spec.name
+        print(len(specs))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) >= 23
+
+
+def test_a_lazy_method_function_is_the_modules_function():
+    from raymerge.methods import get_method
+    from raymerge.methods.linear import linear
+    from raymerge.methods.registry import LazyFunction
+
+    spec = get_method("linear")
+    assert spec.fn == LazyFunction("raymerge.methods.linear", "linear") and spec.fn.resolve() is linear
+    xs = [torch.full((4,), float(v)) for v in (1, 3)]
+    out = spec.fn(xs, base_index=None, model_params=[{"weight": 1.0}, {"weight": 1.0}], params={"normalize": True},
+                  generator=None)
+    assert torch.equal(out, torch.full((4,), 2.0))
+
+
 def test_prune_methods_registry():
     from raymerge.pruning import PruningError
     from raymerge.pruning.methods import available_prune_methods, get_prune_method
@@ -178,7 +219,7 @@ def program_of(cfg: dict):
 def test_merge_specs_carry_costs_copies_and_the_trim_key():
     import raymerge.runtime.costs as costs
     from raymerge.methods import available_methods, get_method
-    from raymerge.methods.task_arithmetic import TRIM_THRESHOLD
+    from raymerge.methods.catalog import TRIM_THRESHOLD
 
     for name in available_methods():
         assert get_method(name).cost_ns is not None, name  # every built-in has a measured coefficient

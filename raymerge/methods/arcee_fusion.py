@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from raymerge.methods import reductions
-from raymerge.methods.registry import MethodSpec, register
 
 KL_EPS = 1e-8
 QUANTILES = (1, 2, 3)  # quarters: Q1, median, Q3
@@ -60,18 +59,3 @@ def arcee_fusion(inputs, *, base_index, model_params, params, generator):
     scores = importance(other, base)
     keep = (scores >= fence(scores)).to(base.dtype)
     return base + (other - base) * keep
-
-
-register(
-    MethodSpec(
-        name="arcee_fusion",
-        fn=arcee_fusion,
-        base="required",
-        min_models=2,
-        max_models=2,
-        doc="Arcee Fusion: take the other model's values whose change is an importance outlier",
-        cost_ns=22.0,
-        # |x - b|, the two softmaxes, their log ratio, the scores, kthvalue's copy and the mask
-        extra_copies=lambda n: 6.0,
-    )
-)

@@ -31,19 +31,6 @@ from __future__ import annotations
 import torch
 
 from raymerge.methods import reductions
-from raymerge.methods.registry import MethodSpec, ParamSpec, register
-
-
-def _whole_number(value) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 0:
-        return f"expected a whole number >= 0, got {value!r}"
-    return None
-
-
-def _nonnegative(value) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
-        return f"expected a finite number >= 0, got {value!r}"
-    return None
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -99,20 +86,3 @@ def karcher_mean(tensors: list[torch.Tensor], alphas: list[float], max_iter: int
 def karcher(inputs, *, base_index, model_params, params, generator):
     n = len(inputs)
     return karcher_mean(list(inputs), [1.0 / n] * n, max_iter=int(params["max_iter"]), tol=float(params["tol"]))
-
-
-register(
-    MethodSpec(
-        name="karcher",
-        fn=karcher,
-        params=(
-            ParamSpec("max_iter", 10, check=_whole_number, doc="most Riemannian gradient steps"),
-            ParamSpec("tol", 1e-5, check=_nonnegative, doc="stop when a step is shorter than this"),
-        ),
-        base="none",
-        doc="Karcher mean: equal-weight Riemannian centre of the models' directions, scaled by their mean norm",
-        cost_ns=13.0,
-        # the unit directions, the mean, the tangent step and one temporary
-        extra_copies=lambda n: n + 3.0,
-    )
-)

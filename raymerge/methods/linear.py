@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from raymerge.methods import checks
-from raymerge.methods.registry import MethodSpec, ParamSpec, register
-
 
 CHUNK = 1 << 16  # elements accumulated at once: the float32 accumulator stays in cache
 
@@ -39,34 +36,3 @@ def passthrough(inputs, *, base_index, model_params, params, generator):
     """Copy the single input, optionally multiplied by `scale`."""
     scale = model_params[0].get("scale")
     return inputs[0] if scale is None else inputs[0] * scale
-
-
-register(
-    MethodSpec(
-        name="linear",
-        fn=linear,
-        params=(
-            ParamSpec("weight", per_model=True, required=True, input_scope=True, check=checks.number, doc="weight of this model"),
-            ParamSpec("normalize", True, check=checks.boolean, doc="divide by the sum of weights"),
-        ),
-        base="none",
-        elementwise=True,
-        doc="weighted average of the models (model soups, arXiv 2203.05482)",
-        cost_ns=0.8,
-        extra_copies=lambda n: 0.0,
-    )
-)
-
-register(
-    MethodSpec(
-        name="passthrough",
-        fn=passthrough,
-        params=(ParamSpec("scale", per_model=True, input_scope=True, check=checks.number, doc="multiply the tensor by this"),),
-        base="none",
-        max_models=1,
-        elementwise=True,
-        doc="copy tensors from one model; with slices, stacks layers (frankenmerges)",
-        cost_ns=0.3,  # returns its input: the cost is the dtype cast and the write
-        extra_copies=lambda n: 0.0,
-    )
-)

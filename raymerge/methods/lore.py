@@ -11,13 +11,9 @@ from typing import Any
 
 import torch
 
-from raymerge.methods import checks
 from raymerge.methods.lowrank import as_matrix, compute_dtype, is_matrix, svt
-from raymerge.methods.registry import MethodSpec, ParamSpec, register
 from raymerge.methods.sparsify import magnitude
 from raymerge.methods.task_arithmetic import sign_consensus
-
-MERGE_MODES = ("ties", "task_arithmetic", "average")
 
 
 def lore_estimate(thetas: list[torch.Tensor], mu: float, iterations: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -107,34 +103,3 @@ def lore(inputs, *, base_index, model_params, params, generator):
     theta0, deltas = lore_estimate([as_matrix(m) for m in models], float(params["mu"]), int(params["iterations"]))
     merged = merge_deltas(deltas, [model_params[i] for i in idx], params)
     return (theta0 + params["lambda"] * merged).reshape(first.shape).to(first.dtype)
-
-
-def _positive_int(value) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        return f"expected a whole number >= 1, got {value!r}"
-    return None
-
-
-def _non_negative(value) -> str | None:
-    msg = checks.number(value)
-    return msg or (None if value >= 0 else f"must be >= 0, got {value!r}")
-
-
-register(
-    MethodSpec(
-        name="lore",
-        fn=lore,
-        params=(
-            ParamSpec("weight", 1.0, per_model=True, check=checks.number, doc="weight of this model's estimated task vector"),
-            ParamSpec("density", 1.0, per_model=True, check=checks.in_range(0, 1), doc="fraction of the estimated task vector kept (merge: ties)"),
-            ParamSpec("mu", 0.01, check=_non_negative, doc="singular-value soft threshold of the task vectors (weight units)"),
-            ParamSpec("iterations", 20, check=_positive_int, doc="coordinate-descent rounds estimating base and task vectors"),
-            ParamSpec("merge", "ties", check=checks.choice(*MERGE_MODES), doc="ties, task_arithmetic or average of the estimated task vectors"),
-            ParamSpec("lambda", 1.0, check=checks.number, doc="scale of the merged task vector"),
-        ),
-        base="optional",
-        doc="LoRE-Merging: estimate a shared base and low-rank task vectors without the base model (arXiv 2502.10749)",
-        cost_ns=1000.0,  # 20 iterations x n thin SVDs, at the SVD calibration shape (runtime.costs)
-        extra={"svd": True},
-    )
-)

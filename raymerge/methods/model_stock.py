@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from raymerge.methods import checks, reductions
-from raymerge.methods.registry import MethodSpec, ParamSpec, register
+from raymerge.methods import reductions
 
 
 def model_stock(inputs, *, base_index, model_params, params, generator):
@@ -32,17 +31,3 @@ def model_stock(inputs, *, base_index, model_params, params, generator):
     t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(denominator), denominator))
     average = sum(ws) / n
     return (t * average + (1 - t) * w0).reshape(shape)
-
-
-register(
-    MethodSpec(
-        name="model_stock",
-        fn=model_stock,
-        params=(ParamSpec("filter_wise", False, check=checks.boolean, doc="one interpolation factor per row"),),
-        base="required",
-        min_models=3,
-        doc="Model Stock: move from the base towards the fine-tunes' average by their geometry",
-        cost_ns=3.6,
-        extra_copies=lambda n: 4.0,
-    )
-)

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from raymerge.methods import checks, reductions
-from raymerge.methods.registry import MethodError, MethodSpec, ParamSpec, register
+from raymerge.methods import reductions
+from raymerge.methods.registry import MethodError
 
 
 def multislerp(inputs, *, base_index, model_params, params, generator):
@@ -63,22 +63,3 @@ def multislerp(inputs, *, base_index, model_params, params, generator):
     result = centre * torch.cos(length) + tangent * (torch.sin(length) / length)
     result = (result * (norms.squeeze(-1) * weights).sum()).view(shape)
     return result if base is None else result + base
-
-
-register(
-    MethodSpec(
-        name="multislerp",
-        fn=multislerp,
-        params=(
-            ParamSpec("weight", per_model=True, required=True, check=checks.number, doc="weight of this model"),
-            ParamSpec("normalize_weights", True, check=checks.boolean, doc="divide the weights by their sum"),
-            ParamSpec("eps", 1e-8, check=checks.number, doc="added to norms for numerical stability"),
-        ),
-        base="optional",
-        non_base_models=(1, None),
-        doc="Multi-SLERP: weighted spherical interpolation of any number of models (or task vectors)",
-        cost_ns=14.0,
-        # the stacked points, their unit directions, the tangents and the weighted products
-        extra_copies=lambda n: 3.0 * n + 2.0,
-    )
-)

@@ -13,9 +13,8 @@ from typing import Iterable
 
 import torch
 
-from raymerge.methods import checks, reductions
+from raymerge.methods import reductions
 from raymerge.methods.lowrank import compute_dtype
-from raymerge.methods.registry import MethodSpec, ParamSpec, register
 
 
 def onebit_scale(delta: torch.Tensor) -> torch.Tensor:
@@ -141,20 +140,3 @@ def unpack_onebit(bits: torch.Tensor, scale: torch.Tensor, shape: Iterable[int],
     signs = ((bits.reshape(-1, 1) & weights) != 0).reshape(-1)[:n]
     scale = scale.to(dtype)
     return torch.where(signs, 1.0, -1.0).to(dtype).mul(scale).reshape(shape)
-
-
-register(
-    MethodSpec(
-        name="onebit",
-        fn=onebit,
-        params=(
-            ParamSpec("weight", per_model=True, required=True, check=checks.number, doc="scale of this model's (compressed) task vector"),
-            ParamSpec("keep_full", False, per_model=True, check=checks.boolean, doc="keep this model's full task vector for this tensor (use filters to pick modules)"),
-            ParamSpec("lambda", 1.0, check=checks.number, doc="scale of the merged task vector"),
-            ParamSpec("normalize", False, check=checks.boolean, doc="divide by the sum of weights"),
-        ),
-        base="required",
-        doc="1bit-Merging: task vectors as sign x per-tensor scale, merged by task arithmetic (arXiv 2502.10743)",
-        cost_ns=5.0,  # task arithmetic plus |delta| mean and sign per model
-    )
-)

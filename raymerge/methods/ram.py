@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import torch
 
-from raymerge.methods import checks
-from raymerge.methods.registry import MethodSpec, ParamSpec, register
-
 
 def _active_task_vectors(inputs, base_index, epsilon):
     """(base, task vectors [n, numel] zeroed where inactive, active mask, per-element counts)."""
@@ -69,36 +66,3 @@ def ramplus_tl(inputs, *, base_index, model_params, params, generator):
     rho = n_shared / n_unique.clamp(min=epsilon)
     scale = 1 + float(params["r"]) * rho.clamp(min=0, max=float(params["alpha"]))
     return _merge(base, changes, counts, unique_scale=scale)
-
-
-_EPSILON = ParamSpec("epsilon", 1e-5, check=checks.number, doc="a task-vector element counts as changed when |delta| > epsilon")
-
-register(
-    MethodSpec(
-        name="ram",
-        fn=ram,
-        params=(_EPSILON,),
-        base="required",
-        doc="RAM: keep changes unique to one model, average shared ones over the models that made them",
-        elementwise=True,  # every step is per element (no tensor-wide statistic)
-        cost_ns=16.0,
-        # the stacked task vectors, the zeroed copy, the masked products and the boolean masks
-        extra_copies=lambda n: 3.0 * n + 2.0,
-    )
-)
-
-register(
-    MethodSpec(
-        name="ramplus_tl",
-        fn=ramplus_tl,
-        params=(
-            ParamSpec("r", 0.1, check=checks.number, doc="how much a model's unique changes are scaled up by its overlap ratio"),
-            ParamSpec("alpha", 0.2, check=checks.number, doc="the overlap ratio rho is clipped to [0, alpha]"),
-            _EPSILON,
-        ),
-        base="required",
-        doc="RAM+ (tensor-local): RAM with unique changes scaled by 1 + r clip(shared/unique, 0, alpha)",
-        cost_ns=20.0,
-        extra_copies=lambda n: 3.0 * n + 3.0,
-    )
-)

@@ -18,7 +18,11 @@ A method is a pure torch function (no I/O, no Ray) with the signature::
 The runtime resolves parameters per tensor (gradients, filters) and calls `spec.fn`.
 
 What the runtime needs to know about a method lives on its spec, not in tables keyed by method
-name elsewhere, so adding a method is one module that calls `register` (plus its tests):
+name elsewhere. The built-in specs are `raymerge.methods.catalog`'s, each naming its function as
+a `LazyFunction` (module and name, imported on the first call): this module and the catalog
+import no torch, so a config is checked against the specs, and `raymerge methods` lists them,
+before torch is imported. Adding a method is its function plus its catalog entry (plus its
+tests); a plugin may `register` a spec whose `fn` is any callable. A spec says:
 `cost_ns` (the planner's compute estimate: nanoseconds per input element on the reference core,
 see `raymerge.runtime.costs`; None: a conservative default until measured), `extra_copies` (its
 peak memory: full-size working copies it holds besides its inputs and output, given the number
@@ -31,15 +35,29 @@ in the one working dtype `raymerge.runtime.operators.resolve_work_dtype` gives (
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
-
-import torch
 
 from raymerge.errors import RaymergeError
 from raymerge.registries import Registry
 
-MethodFn = Callable[..., torch.Tensor]
+MethodFn = Callable[..., Any]  # returns a torch.Tensor (see the contract above)
+
+
+@dataclass(frozen=True)
+class LazyFunction:
+    """A method's function named by its module and attribute, imported when first called (the
+    module imports torch; the spec need not). Picklable, and equal to another naming the same."""
+
+    module: str
+    name: str
+
+    def resolve(self) -> Callable[..., Any]:
+        return getattr(importlib.import_module(self.module), self.name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.resolve()(*args, **kwargs)
 
 
 class MethodError(RaymergeError, ValueError):
@@ -131,7 +149,7 @@ class MethodSpec:
 
 
 def _load_builtins() -> None:
-    from raymerge import methods as _load  # noqa: F401  (importing the package registers all methods)
+    from raymerge.methods import catalog as _load  # noqa: F401  (importing the catalog registers the built-ins)
 
 
 REGISTRY: Registry[MethodSpec] = Registry("merge_method", MethodError, _load_builtins)

@@ -32,8 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from raymerge.methods import checks, reductions
-from raymerge.methods.registry import MethodSpec, ParamSpec, register
+from raymerge.methods import reductions
 from raymerge.methods.task_arithmetic import sign_consensus
 
 
@@ -81,21 +80,3 @@ def sce(inputs, *, base_index, model_params, params, generator):
     kept = weights * agree
     merged = (task_vectors * kept).sum(dim=0) / kept.sum(dim=0).clamp(min=1e-6)
     return base + merged
-
-
-register(
-    MethodSpec(
-        name="sce",
-        fn=sce,
-        params=(
-            ParamSpec("select_topk", 1.0, check=checks.number,
-                      doc="share of the nonzero-variance positions kept by variance across models (1: all)"),
-            ParamSpec("int8_mask", False, check=checks.boolean, doc="accepted for mergekit compatibility (memory only)"),
-        ),
-        base="required",
-        doc="SCE: select by variance, weight by task-vector energy, erase minority signs (arXiv 2408.07990)",
-        cost_ns=8.0,
-        # the stacked task vectors, their masked and weighted copies, plus masks and the variance
-        extra_copies=lambda n: 2.0 * n + 3.0,
-    )
-)

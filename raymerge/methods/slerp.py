@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from raymerge.methods import checks, reductions
-from raymerge.methods.registry import MethodSpec, ParamSpec, register
+from raymerge.methods import reductions
 
 DOT_THRESHOLD = 0.9995
 
@@ -77,35 +76,3 @@ def nuslerp(inputs, *, base_index, model_params, params, generator):
         return nuslerp_tensors(t, x0, x1, **opts)
     base = inputs[base_index]
     return base + nuslerp_tensors(t, x0 - base, x1 - base, **opts)
-
-
-register(
-    MethodSpec(
-        name="slerp",
-        fn=slerp,
-        params=(ParamSpec("t", required=True, check=checks.in_range(0, 1), doc="0 gives the base model, 1 the other"),),
-        base="required",
-        min_models=2,
-        max_models=2,
-        doc="spherical interpolation between the base and one other model",
-        cost_ns=3.2,
-        extra_copies=lambda n: 4.0,
-    )
-)
-
-register(
-    MethodSpec(
-        name="nuslerp",
-        fn=nuslerp,
-        params=(
-            ParamSpec("weight", per_model=True, required=True, check=checks.number, doc="relative weight of this model"),
-            ParamSpec("nuslerp_row_wise", False, check=checks.boolean, doc="interpolate each row (dim 0) separately"),
-            ParamSpec("nuslerp_flatten", True, check=checks.boolean, doc="interpolate the flattened tensor"),
-        ),
-        base="optional",
-        non_base_models=(2, 2),
-        doc="spherical interpolation of two models (or their task vectors from a base) by weight",
-        cost_ns=2.2,
-        extra_copies=lambda n: 4.0,
-    )
-)

@@ -18,8 +18,7 @@ from typing import Optional
 import torch
 
 from raymerge.methods import reductions
-
-RESCALE_MODES = ("l1", "inverse_density")
+from raymerge.methods.catalog import RESCALE_MODES
 
 
 _INT_VIEW = {

@@ -20,18 +20,14 @@ from typing import Any, Optional
 
 import torch
 
-from raymerge.methods import checks
-from raymerge.methods.registry import MethodSpec, ParamSpec, register
+from raymerge.methods.catalog import TRIM_THRESHOLD
 from raymerge.methods.sparsify import (
-    RESCALE_MODES,
     bernoulli,
     della_magprune,
     magnitude,
     magnitude_outliers,
     rescale_l1,
 )
-
-TRIM_THRESHOLD = "_trim_threshold"
 
 
 def sparsify_delta(delta: torch.Tensor, kind: Optional[str], mp: dict[str, Any], params: dict[str, Any], generator) -> torch.Tensor:
@@ -115,43 +111,8 @@ def merge_task_vectors(
     return out.reshape(base.shape)
 
 
-# Full-size working copies a task-vector method holds besides its inputs and output (peak memory,
-# `runtime.costs`): one delta per model plus the sparsified deltas, |delta| and a mask; DELLA's
-# argsort ranks are int64.
-TASK_VECTOR_EXTRA = 2.0
-DELLA_EXTRA = 6.0
-
-
-def _register(
-    name: str, sparsification: Optional[str], consensus: bool, normalize: bool, rescale: bool, doc: str, cost_ns: float
-) -> None:
-    params = [
-        ParamSpec("weight", per_model=True, required=True, check=checks.number, doc="scale of this model's task vector"),
-        ParamSpec("density", 1.0, per_model=True, check=checks.in_range(0, 1), doc="fraction of delta elements kept"),
-        ParamSpec("normalize", normalize, check=checks.boolean, doc="divide by the sum of (surviving) weights"),
-        ParamSpec("rescale", rescale, check=checks.boolean, doc="rescale kept elements after sparsifying"),
-        ParamSpec("lambda", 1.0, check=checks.number, doc="scale of the merged task vector"),
-        ParamSpec("int8_mask", False, check=checks.boolean, doc="accepted for mergekit compatibility (memory only)"),
-        ParamSpec(
-            "rescale_mode", "l1", check=checks.choice(*RESCALE_MODES),
-            doc="l1: match the delta's L1 norm (mergekit); inverse_density: divide by keep probability (DARE/DELLA papers)",
-        ),
-    ]
-    if sparsification == "magnitude_outliers":
-        params.append(ParamSpec("gamma", 0.01, per_model=True, check=checks.in_range(0, 1), doc="fraction of largest elements removed"))
-        params.append(ParamSpec(
-            "breadcrumbs_scope", "tensor", check=checks.choice("tensor", "row"),
-            doc="tensor: rank over the whole tensor (mergekit); row: in each row of a matrix (the Breadcrumbs paper)",
-        ))
-    if sparsification == "della":
-        params.append(ParamSpec("epsilon", 0.15, per_model=True, check=checks.in_range(0, 1), doc="spread of keep probabilities around density"))
-    if sparsification == "magnitude":
-        params.append(
-            ParamSpec(
-                "trim_scope", "tensor", check=checks.choice("tensor", "model"),
-                doc="tensor: keep the top density per tensor (mergekit); model: over the whole task vector (TIES paper)",
-            )
-        )
+def _variant(sparsification: Optional[str], consensus: bool):
+    """The merge function of one method of the family (its spec: `raymerge.methods.catalog`)."""
 
     def fn(inputs, *, base_index, model_params, params, generator):
         return merge_task_vectors(
@@ -159,28 +120,14 @@ def _register(
             generator=generator, sparsification=sparsification, consensus=consensus,
         )
 
-    register(
-        MethodSpec(
-            name=name,
-            fn=fn,
-            params=tuple(params),
-            base="required",
-            random=sparsification in ("random", "della"),
-            elementwise=sparsification is None,
-            doc=doc,
-            extra={"sparsification": sparsification, "consensus": consensus},
-            cost_ns=cost_ns,
-            extra_copies=(lambda n: DELLA_EXTRA + n) if sparsification == "della" else (lambda n: TASK_VECTOR_EXTRA + n),
-            model_trim_key=TRIM_THRESHOLD if sparsification == "magnitude" else None,
-        )
-    )
+    return fn
 
 
-_register("task_arithmetic", None, False, False, False, "base + sum of weighted task vectors (arXiv 2212.04089)", cost_ns=3.4)
-_register("ties", "magnitude", True, True, False, "TIES: trim by magnitude, elect signs, disjoint mean (arXiv 2306.01708)", cost_ns=15.0)
-_register("dare_ties", "random", True, False, True, "DARE drop-and-rescale with TIES sign election (arXiv 2311.03099)", cost_ns=20.0)
-_register("dare_linear", "random", False, False, True, "DARE drop-and-rescale, summed linearly (arXiv 2311.03099)", cost_ns=14.0)
-_register("breadcrumbs", "magnitude_outliers", False, False, False, "Model Breadcrumbs: drop smallest and outliers (arXiv 2312.06795)", cost_ns=16.0)
-_register("breadcrumbs_ties", "magnitude_outliers", True, False, False, "Model Breadcrumbs with TIES sign election (arXiv 2312.06795)", cost_ns=22.0)
-_register("della", "della", True, True, True, "DELLA: magnitude-ranked random drop with TIES sign election (arXiv 2406.11617)", cost_ns=95.0)
-_register("della_linear", "della", False, False, True, "DELLA: magnitude-ranked random drop, summed linearly (arXiv 2406.11617)", cost_ns=85.0)
+task_arithmetic = _variant(None, consensus=False)
+ties = _variant("magnitude", consensus=True)
+dare_ties = _variant("random", consensus=True)
+dare_linear = _variant("random", consensus=False)
+breadcrumbs = _variant("magnitude_outliers", consensus=False)
+breadcrumbs_ties = _variant("magnitude_outliers", consensus=True)
+della = _variant("della", consensus=True)
+della_linear = _variant("della", consensus=False)

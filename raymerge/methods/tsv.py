@@ -11,14 +11,7 @@ import math
 
 import torch
 
-from raymerge.methods import checks
 from raymerge.methods.lowrank import as_matrix, compute_dtype, is_matrix, numerical_rank_mask, polar_factor, svd
-from raymerge.methods.registry import MethodSpec, ParamSpec, register
-
-
-def _fraction(value) -> str | None:
-    msg = checks.in_range(0, 1)(value)
-    return msg or (None if value > 0 else f"must be in (0, 1], got {value!r}")
 
 
 def tsv_rank(shape: tuple[int, ...], tasks: int, rank_fraction: float) -> int:
@@ -90,22 +83,3 @@ def tsv(inputs, *, base_index, model_params, params, generator):
     else:
         merged = torch.stack(deltas).mean(dim=0)
     return (base_w + params["alpha"] * merged).to(base.dtype)
-
-
-register(
-    MethodSpec(
-        name="tsv",
-        fn=tsv,
-        params=(
-            ParamSpec("alpha", 1.0, check=checks.number, doc="scale of the merged task vector"),
-            ParamSpec(
-                "rank_fraction", 1.0, check=_fraction,
-                doc="rank budget as a fraction of min(rows, cols), split evenly over the tasks (paper: 1.0)",
-            ),
-        ),
-        base="required",
-        doc="TSV-Merge: task singular vectors, orthogonalised across tasks (arXiv 2412.00081)",
-        cost_ns=45.0,  # T + 2 thin SVDs, at the SVD calibration shape (runtime.costs)
-        extra={"svd": True},
-    )
-)

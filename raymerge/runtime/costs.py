@@ -49,7 +49,7 @@ import torch
 from raymerge.checkpoints.safetensors_format import DTYPES as SAFETENSORS_DTYPES
 from raymerge.checkpoints.safetensors_format import element_size
 from raymerge.methods import get_method
-from raymerge.methods.task_arithmetic import TASK_VECTOR_EXTRA
+from raymerge.methods.catalog import TASK_VECTOR_EXTRA
 from raymerge.runtime.operators import DTYPES, MergeOperator
 
 SPLIT_DEGREES = (1, 2, 4, 8)

@@ -32,7 +32,8 @@ from raymerge.config import MergeConfig, ModelRef
 from raymerge.config.merge_config import ConfigError, InputSlice, OutputSlice, Parameters
 from raymerge.config.parameters import is_missing, resolve_parameter
 from raymerge.errors import RaymergeError
-from raymerge.methods import MethodError, MethodSpec, available_methods, get_method
+from raymerge.methods import MethodError, MethodSpec
+from raymerge.runtime.method_config import check_method_config
 from raymerge.runtime.layers import ModelLayout, layer_index_problem, parse_layer_name, split_layout
 
 # Tensors whose rows are the vocabulary: token embeddings and output heads (llama, gpt2, gpt-neox, bloom, ...).
@@ -139,23 +140,13 @@ def tensor_seed(random_seed: int, tensor_name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _all_param_names() -> set[str]:
-    names: set[str] = set()
-    for m in available_methods():
-        names |= get_method(m).known_params()
-    return names
-
-
 class _Planner:
     def __init__(self, config: MergeConfig, sources: dict[ModelRef, CheckpointSource], source_label: str, random_seed: int,
                  vocabulary: Optional[Any] = None):
         self.config = config
         self.vocabulary = vocabulary
         self.label = source_label
-        try:
-            self.spec: MethodSpec = get_method(config.merge_method)
-        except MethodError as err:
-            raise ConfigError(f"{source_label}: merge_method: {err}") from None
+        self.spec: MethodSpec = check_method_config(config, source_label)  # the checks that need no headers, first
         self.models = list(sources)
         self.model_index = {m: i for i, m in enumerate(self.models)}
         self.sources = sources
@@ -166,7 +157,6 @@ class _Planner:
         self.operators: list[MergeOperator] = []
         self.layer_sources: list[tuple[int, int]] = []
         self.tied_heads: list[tuple[str, int, str]] = []
-        self._check_parameter_names()
 
     # -- validation ------------------------------------------------------------------------
     def _check_layer_indices(self) -> None:
@@ -186,32 +176,6 @@ class _Planner:
             detail = "; ".join(f"{n} layers: {', '.join(locs)}" for n, locs in counts.items())
             raise MergePlanError(f"{self.label}: models have different numbers of layers ({detail}); "
                                  "use slices: with a layer_range per model to choose which layers are merged")
-
-    def _scopes(self) -> list[tuple[str, Optional[Parameters]]]:
-        cfg = self.config
-        scopes: list[tuple[str, Optional[Parameters]]] = [("parameters", cfg.parameters), ("modules.parameters", cfg.module_parameters())]
-        for i, m in enumerate(cfg._model_list() or []):
-            scopes.append((f"models[{i}].parameters", m.parameters))
-        for i, s in enumerate(cfg._slice_list() or []):
-            scopes.append((f"slices[{i}].parameters", s.parameters))
-            for j, src in enumerate(s.sources):
-                scopes.append((f"slices[{i}].sources[{j}].parameters", src.parameters))
-        return scopes
-
-    def _check_parameter_names(self) -> None:
-        known = self.spec.known_params()
-        everywhere = None
-        for where, scope in self._scopes():
-            for name in scope or {}:
-                if name in known:
-                    continue
-                everywhere = everywhere or _all_param_names()
-                if name not in everywhere:
-                    raise ConfigError(
-                        f"{self.label}: {where}.{name}: unknown parameter for merge_method "
-                        f"{self.spec.name!r} (known: {', '.join(sorted(known)) or 'none'})"
-                    )
-                # A parameter of another method: mergekit ignores it, and so do we.
 
     # -- slices ----------------------------------------------------------------------------
     def normalized_slices(self) -> list[OutputSlice]:
