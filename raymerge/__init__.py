@@ -26,7 +26,9 @@ if TYPE_CHECKING:  # imported on first use (`__getattr__` below), not with the p
     from raymerge.checkpoints.writer import OutputError
     from raymerge.config.merge_config import MergeConfig
     from raymerge.methods import MethodError, available_methods
-    from raymerge.runtime.merge import MergeOptions, MergeResult, PlanReport
+    from raymerge.runtime.merge import MergeResult
+    from raymerge.runtime.merge_options import MergeOptions
+    from raymerge.runtime.offline_plan import PlanReport
 
 # Importing the package stays cheap (no torch, Ray, DeepSpeed or transformers): `raymerge --help`
 # and errors in a config return at once (issue 18). The names below are the public API all the
@@ -35,11 +37,11 @@ _LAZY = {
     "CheckpointError": "raymerge.checkpoints.source",
     "OutputError": "raymerge.checkpoints.writer",
     "MergeConfig": "raymerge.config.merge_config",
-    "MethodError": "raymerge.methods",  # the package: importing it registers every method
-    "available_methods": "raymerge.methods",
-    "MergeOptions": "raymerge.runtime.merge",
+    "MethodError": "raymerge.methods",
+    "available_methods": "raymerge.methods",  # the specs (torch-free), registered on first use
+    "MergeOptions": "raymerge.runtime.merge_options",
     "MergeResult": "raymerge.runtime.merge",
-    "PlanReport": "raymerge.runtime.merge",
+    "PlanReport": "raymerge.runtime.offline_plan",
 }
 
 
@@ -198,7 +200,8 @@ def plan(
     for models given as folders without weights (shape-only), so large merges can be planned
     anywhere. `cluster`: a `clusters/` profile (default: this machine, `workers` CPU slots or
     GPUs). Returns a `PlanReport` (`.summary()`, `.plan`, `.problem`)."""
-    from raymerge.runtime.merge import MergeOptions, plan_only
+    from raymerge.runtime.merge_options import MergeOptions
+    from raymerge.runtime.offline_plan import plan_only  # no torch for safetensors inputs
 
     options = MergeOptions(
         workers=workers, cluster=cluster, planner=planner, plan_time_limit=time_limit,

@@ -48,6 +48,37 @@ def test_lists_from_headers_and_reads_lazily(sharded):
     src.close()
 
 
+def test_dtype_codes_promote_as_torch_does_and_name_torchs_dtypes():
+    """Planning works on safetensors codes without torch (`safetensors_format`): the working dtype
+    it derives must be the one torch's promotion gives the tensors the workers read."""
+    import itertools
+
+    from raymerge.checkpoints.safetensors_format import (
+        CODE_NAMES, ELEMENT_SIZES, dtype_code, element_size, promote_codes, torch_dtype,
+    )
+
+    for code in CODE_NAMES:
+        dtype = torch_dtype(code)
+        assert dtype_code(dtype) == code and torch_dtype(CODE_NAMES[code]) == dtype
+        assert element_size(code) == ELEMENT_SIZES[code] == torch.empty((), dtype=dtype).element_size()
+    for n in (2, 3):
+        for codes in itertools.product(CODE_NAMES, repeat=n):
+            want = torch_dtype(codes[0])
+            for c in codes[1:]:
+                want = torch.promote_types(want, torch_dtype(c))
+            assert promote_codes(codes) == dtype_code(want), codes
+
+
+def test_tensor_info_holds_a_dtype_code():
+    from raymerge.checkpoints.source import TensorInfo
+
+    info = TensorInfo("w", (2, 3), "BF16", "model.safetensors", 12)
+    assert info.dtype == torch.bfloat16 and info.floating
+    assert not TensorInfo("n", (1,), "I64", "model.safetensors", 8).floating
+    with pytest.raises(TypeError, match="safetensors dtype code"):
+        TensorInfo("w", (2, 3), torch.bfloat16, "model.safetensors", 12)
+
+
 def test_row_range_reads_only_those_rows(sharded):
     path, tensors = sharded
     src = LocalSource(path)

@@ -154,6 +154,27 @@ def test_a_config_its_method_refuses_before_any_heavy_import(tmp_path, llama_mod
     assert not (tmp_path / "out").exists()
 
 
+def test_plan_of_safetensors_models_imports_no_torch(llama_models, tmp_path):
+    """`raymerge plan` on local safetensors models: headers, the method specs, the operators and
+    the planner, all without torch (dtypes as safetensors codes); the same plan as the API's."""
+    config = tmp_path / "c.yaml"
+    config.write_text(f"merge_method: ties\nbase_model: {llama_models['base']}\nmodels:\n"
+                      f"  - model: {llama_models['ft1']}\n    parameters: {{weight: 1, density: 0.5}}\n"
+                      f"  - model: {llama_models['ft2']}\n    parameters: {{weight: 1, density: 0.5}}\n"
+                      "dtype: bfloat16\n")
+    result = run_cli("plan", str(config), "--workers", "2", "--planner", "lpt", "--json", str(tmp_path / "plan.json"))
+    assert (result["code"], result["heavy"]) == (0, []), result
+    assert "predicted makespan" in result["stdout"], result["stdout"]
+    import raymerge
+
+    report = raymerge.plan(config, workers=2, planner="lpt")
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    api = json.loads(json.dumps(report.plan.to_dict()))
+    del plan["solve_seconds"], api["solve_seconds"]
+    assert plan == api  # the same operators, costs and placement
+    assert all(op.bytes_read > 0 for op in report.problem.operators)
+
+
 def test_public_api_is_imported_on_first_use():
     script = textwrap.dedent(
         """

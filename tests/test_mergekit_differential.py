@@ -365,7 +365,8 @@ def threshold_ties(config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """
     from raymerge.config import load_config
     from raymerge.runtime.merge import open_sources
-    from raymerge.runtime.operators import DTYPES, build_program
+    from raymerge.checkpoints.safetensors_format import torch_dtype
+    from raymerge.runtime.operators import build_program
 
     cfg, _ = load_config(config)
     opened = open_sources(cfg.referenced_models(), allow_pickle=False)
@@ -376,7 +377,7 @@ def threshold_ties(config: dict[str, Any]) -> dict[str, torch.Tensor]:
         masks: dict[str, torch.Tensor] = {}
         for op in program.operators:
             tensors = [srcs[i.model].read(i.name) for i in op.inputs]
-            work = DTYPES[op.work_dtype] if op.work_dtype else tensors[0].dtype
+            work = torch_dtype(op.work_dtype) if op.work_dtype else tensors[0].dtype
             base = tensors[op.base_index].to(work)
             tied = torch.zeros(base.shape, dtype=torch.bool)
             for j, t in enumerate(tensors):

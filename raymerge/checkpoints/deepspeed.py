@@ -65,10 +65,10 @@ from typing import Any, Optional, Union
 import torch
 
 from raymerge.checkpoints.local import inside
-from raymerge.checkpoints.source import CheckpointError, CheckpointSource, TensorInfo, row_span
+from raymerge.checkpoints.safetensors_format import dtype_code
+from raymerge.checkpoints.source import CONFIG_FILE, CheckpointError, CheckpointSource, TensorInfo, row_span
 
 LATEST = "latest"
-CONFIG_FILE = "config.json"
 MODEL_STATES = "*model_states.pt"
 OPTIM_STATES = "*optim_states.pt"
 WRAPPER_PREFIX = "module."
@@ -502,7 +502,7 @@ class DeepSpeedSource(CheckpointSource):
 
     def tensors(self) -> dict[str, TensorInfo]:
         return {
-            name: TensorInfo(name, e.shape, e.dtype, e.file, math.prod(e.shape) * e.dtype.itemsize)
+            name: TensorInfo(name, e.shape, dtype_code(e.dtype), e.file, math.prod(e.shape) * e.dtype.itemsize)
             for name, e in self._entries.items()
         }
 

@@ -225,7 +225,7 @@ class HubSource(CheckpointSource):
                 for name, e in entries.items():
                     if self.weight_map is not None and self.weight_map.get(name) != shard:
                         continue  # the index is authoritative about which shard holds a tensor
-                    listing[name] = TensorInfo(name, e.shape, e.torch_dtype, shard, e.nbytes)
+                    listing[name] = TensorInfo(name, e.shape, e.dtype, shard, e.nbytes)
             if self.weight_map is not None:
                 missing = [n for n in self.weight_map if n not in listing]
                 if missing:
@@ -257,7 +257,7 @@ class HubSource(CheckpointSource):
         opened = self._open_shard(shard)
         entry = opened.entries.get(name)
         listed = self._listing.get(name) if self._listing is not None else None
-        if entry is None or (listed is not None and (listed.shape, listed.dtype) != (entry.shape, entry.torch_dtype)):
+        if entry is None or (listed is not None and (listed.shape, listed.code) != (entry.shape, entry.dtype)):
             raise CheckpointError(f"{self.file_label(shard)}: tensor {name!r} is not in the downloaded file as its header listed it")
         begin, end, shape = entry.begin, entry.end, entry.shape
         if rows is not None:

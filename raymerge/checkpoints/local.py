@@ -24,13 +24,14 @@ import mmap
 import os
 import threading
 from pathlib import Path
-from typing import Optional
-
-import torch
+from typing import TYPE_CHECKING, Optional
 
 from raymerge.checkpoints.json_limits import loads_bounded
-from raymerge.checkpoints.safetensors_format import HeaderError, TensorEntry, header_length, parse_header, tensor_from_bytes
+from raymerge.checkpoints.safetensors_format import HeaderError, TensorEntry, dtype_code, header_length, parse_header, tensor_from_bytes
 from raymerge.checkpoints.source import CheckpointError, CheckpointSource, TensorInfo, row_span
+
+if TYPE_CHECKING:
+    import torch
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -177,6 +178,8 @@ class LocalSource(CheckpointSource):
 
     def _load_pickle(self, fname: str) -> dict[str, torch.Tensor]:
         if fname not in self._pickle_cache:
+            import torch  # pickles only: safetensors inputs are listed and read without it here
+
             path = inside(self.root, fname, "weights file")
             try:
                 sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -191,10 +194,10 @@ class LocalSource(CheckpointSource):
             out = {}
             for name, fname in self._pickled.items():
                 t = self._load_pickle(fname)[name]
-                out[name] = TensorInfo(name, tuple(t.shape), t.dtype, fname, t.numel() * t.element_size())
+                out[name] = TensorInfo(name, tuple(t.shape), dtype_code(t.dtype), fname, t.numel() * t.element_size())
             return out
         return {
-            name: TensorInfo(name, e.shape, e.torch_dtype, fname, e.nbytes)
+            name: TensorInfo(name, e.shape, e.dtype, fname, e.nbytes)
             for name, (fname, e) in self._entries.items()
         }
 

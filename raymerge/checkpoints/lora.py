@@ -32,6 +32,7 @@ import torch
 
 from raymerge.checkpoints.json_limits import loads_bounded
 from raymerge.checkpoints.local import inside, read_safetensors_header
+from raymerge.checkpoints.safetensors_format import dtype_code
 from raymerge.checkpoints.source import CheckpointError, CheckpointSource, TensorInfo
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -167,10 +168,10 @@ class LoraSource(CheckpointSource):
         for name, info in self.base.tensors().items():
             if name in self._replaced:
                 e = self._header[self._replaced[name]]
-                info = TensorInfo(name, tuple(e.shape), e.torch_dtype, info.file, e.nbytes)
+                info = TensorInfo(name, tuple(e.shape), e.dtype, info.file, e.nbytes)
             if self._dtype is not None and info.dtype.is_floating_point and info.dtype != self._dtype:
                 numel = math.prod(info.shape)
-                info = TensorInfo(name, info.shape, self._dtype, info.file, numel * self._dtype.itemsize)
+                info = TensorInfo(name, info.shape, dtype_code(self._dtype), info.file, numel * self._dtype.itemsize)
             out[name] = info
         return out
 

@@ -39,11 +39,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from raymerge.checkpoints.deepspeed import DeepSpeedSource, is_deepspeed_checkpoint
 from raymerge.checkpoints.hub_id import is_hub_reference
 from raymerge.checkpoints.local import LocalSource
-from raymerge.checkpoints.shapes import CONFIG_FILE, ShapeOnlySource
-from raymerge.checkpoints.source import CheckpointError, CheckpointSource
+from raymerge.checkpoints.source import CONFIG_FILE, CheckpointError, CheckpointSource
 from raymerge.registries import Registry
 
 
@@ -112,6 +110,8 @@ def _is_deepspeed_folder(directory: Path) -> bool:
     """A DeepSpeed checkpoint (or tag) folder without Hugging Face weights next to it."""
     if any(True for p in ("*.safetensors", "pytorch_model*.bin") for _ in directory.glob(p)):
         return False
+    from raymerge.checkpoints.deepspeed import is_deepspeed_checkpoint  # torch: only for such folders
+
     return is_deepspeed_checkpoint(directory)
 
 
@@ -210,6 +210,18 @@ def _shape_only(path: str, o: SourceOptions) -> bool:
     return (local.is_dir() and _config_without_weights(local)) or (local.is_file() and local.name == CONFIG_FILE)
 
 
+def _open_deepspeed(path: str, o: SourceOptions) -> CheckpointSource:
+    from raymerge.checkpoints.deepspeed import DeepSpeedSource
+
+    return DeepSpeedSource(Path(path).expanduser(), allow_pickle=o.allow_pickle, config_from=o.config_from)
+
+
+def _open_shape_only(path: str, o: SourceOptions) -> CheckpointSource:
+    from raymerge.checkpoints.shapes import ShapeOnlySource  # builds the model on torch's meta device
+
+    return ShapeOnlySource(Path(path).expanduser())
+
+
 def _open_s3(path: str, o: SourceOptions) -> CheckpointSource:
     from raymerge.checkpoints.s3 import S3Source
 
@@ -218,11 +230,11 @@ def _open_s3(path: str, o: SourceOptions) -> CheckpointSource:
 
 register_source(SourceKind(
     "deepspeed", lambda p, o: Path(p).expanduser().is_dir() and _is_deepspeed_folder(Path(p).expanduser()),
-    lambda p, o: DeepSpeedSource(Path(p).expanduser(), allow_pickle=o.allow_pickle, config_from=o.config_from),
+    lambda p, o: _open_deepspeed(p, o),
     config_from=True, doc="a DeepSpeed ZeRO checkpoint folder (engine.save_checkpoint)",
 ))
 register_source(SourceKind(
-    "shape-only", _shape_only, lambda p, o: ShapeOnlySource(Path(p).expanduser()),
+    "shape-only", _shape_only, lambda p, o: _open_shape_only(p, o),
     doc="a config.json without weights (planning only)",
 ))
 register_source(SourceKind(

@@ -459,7 +459,7 @@ class S3Source(CheckpointSource):
 
     # -- CheckpointSource --------------------------------------------------------------------
     def tensors(self) -> dict[str, TensorInfo]:
-        return {name: TensorInfo(name, e.shape, e.torch_dtype, fname, e.nbytes) for name, (fname, e) in self._entries.items()}
+        return {name: TensorInfo(name, e.shape, e.dtype, fname, e.nbytes) for name, (fname, e) in self._entries.items()}
 
     def read(self, name: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
         try:

@@ -17,26 +17,31 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
-from typing import Any, Iterable
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterable
 
 from raymerge.checkpoints.json_limits import loads_bounded
 from raymerge.errors import RaymergeError
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+if TYPE_CHECKING:
+    import torch
+
+# The dtypes safetensors stores, by code: torch's name for each, and its element size. Planning
+# works on codes alone (no torch import); `torch_dtype` gives the tensor code its torch dtype.
+CODE_NAMES: dict[str, str] = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
 }
-CODES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+ELEMENT_SIZES: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+FLOAT_CODES = ("F64", "F32", "F16", "BF16")
+NAME_CODES: dict[str, str] = {name: code for code, name in CODE_NAMES.items()}  # "bfloat16" -> "BF16"
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -55,8 +60,8 @@ class TensorEntry:
     end: int
 
     @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+    def torch_dtype(self) -> "torch.dtype":
+        return torch_dtype(self.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -70,15 +75,46 @@ class TensorEntry:
         return self.nbytes // self.shape[0]
 
 
-def dtype_code(dtype: torch.dtype) -> str:
+def torch_dtype(code: str) -> "torch.dtype":
+    """torch's dtype of a safetensors code ("BF16") or of a dtype name ("bfloat16")."""
+    import torch
+
+    name = CODE_NAMES.get(code, code)
+    if name not in NAME_CODES:
+        raise HeaderError(f"unknown dtype {code!r}")
+    return getattr(torch, name)
+
+
+def dtype_code(dtype: "torch.dtype") -> str:
+    """The safetensors code of a torch dtype (HeaderError for one safetensors cannot store)."""
+    name = str(dtype).removeprefix("torch.")
     try:
-        return CODES[dtype]
+        return NAME_CODES[name]
     except KeyError:
         raise HeaderError(f"dtype {dtype} cannot be stored in safetensors") from None
 
 
 def element_size(code: str) -> int:
-    return torch.empty((), dtype=DTYPES[code]).element_size()
+    return ELEMENT_SIZES[code]
+
+
+def promote_codes(codes: Iterable[str]) -> str:
+    """The dtype torch's type promotion gives tensors of these codes (`torch.promote_types`):
+    for floating-point codes, the widest, with float16 and bfloat16 together giving float32."""
+    unique = list(dict.fromkeys(codes))
+    if len(unique) == 1:
+        return unique[0]
+    if all(c in FLOAT_CODES for c in unique):
+        for wide in ("F64", "F32"):
+            if wide in unique:
+                return wide
+        return "F32"  # F16 with BF16
+    import torch  # integer or mixed codes: torch's own table (compile refuses such mixes anyway)
+
+    out = torch_dtype(unique[0])
+    for c in unique[1:]:
+        out = torch.promote_types(out, torch_dtype(c))
+    return dtype_code(out)
 
 
 def header_length(prefix: bytes, where: str, file_size: int | None = None) -> int:
@@ -107,7 +143,7 @@ def _entry(name: str, info: Any, where: str, data_start: int) -> TensorEntry:
     code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(code, str):
         raise HeaderError(f"{where}: tensor {name!r} has dtype {code!r}, not a string")
-    if code not in DTYPES:
+    if code not in CODE_NAMES:
         raise HeaderError(f"{where}: tensor {name!r} has unsupported dtype {code!r}")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise HeaderError(f"{where}: tensor {name!r} has shape {shape!r}, not a list of non-negative integers")
@@ -197,16 +233,20 @@ def build_header(
     return header, entries
 
 
-def tensor_from_bytes(buf: bytes | bytearray | memoryview, code: str, shape: tuple[int, ...]) -> torch.Tensor:
+def tensor_from_bytes(buf: bytes | bytearray | memoryview, code: str, shape: tuple[int, ...]) -> "torch.Tensor":
     """A tensor viewing `buf` (little-endian, as safetensors stores it)."""
-    dtype = DTYPES[code]
+    import torch
+
+    dtype = torch_dtype(code)
     if len(buf) == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+def tensor_bytes(tensor: "torch.Tensor") -> memoryview:
     """The raw bytes of a CPU tensor, contiguous, without copying when possible."""
+    import torch
+
     t = tensor.detach().contiguous()
     if t.dtype == torch.bool:
         t = t.to(torch.uint8)

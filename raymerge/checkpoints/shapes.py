@@ -33,9 +33,9 @@ from typing import Any, Optional
 import torch
 
 from raymerge.checkpoints.json_limits import loads_bounded
-from raymerge.checkpoints.source import CheckpointError, CheckpointSource, TensorInfo
+from raymerge.checkpoints.safetensors_format import dtype_code
+from raymerge.checkpoints.source import CONFIG_FILE, CheckpointError, CheckpointSource, TensorInfo
 
-CONFIG_FILE = "config.json"
 
 
 def _saved_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -97,7 +97,7 @@ def _list_tensors(config_text: str) -> dict[str, TensorInfo]:
             f"cannot build the model from this config on the meta device ({type(err).__name__}: {err})"
         ) from None
     return {
-        name: TensorInfo(name, tuple(t.shape), t.dtype, "", t.numel() * t.element_size())
+        name: TensorInfo(name, tuple(t.shape), dtype_code(t.dtype), "", t.numel() * t.element_size())
         for name, t in state.items()
     }
 

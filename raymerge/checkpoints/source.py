@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Optional
-
-import torch
+from typing import TYPE_CHECKING, Any, Optional
 
 from raymerge.checkpoints.json_limits import loads_bounded
+from raymerge.checkpoints.safetensors_format import ELEMENT_SIZES, FLOAT_CODES, torch_dtype
 from raymerge.errors import CheckpointError  # noqa: F401 - exported from here, as before
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -24,9 +26,21 @@ class TensorInfo:
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    code: str  # the safetensors dtype code ("BF16"): planning needs no torch; `dtype` is torch's
     file: str  # the file holding it, relative to the checkpoint root
     nbytes: int
+
+    def __post_init__(self) -> None:
+        if self.code not in ELEMENT_SIZES:
+            raise TypeError(f"TensorInfo {self.name!r}: code must be a safetensors dtype code, got {self.code!r}")
+
+    @property
+    def dtype(self) -> "torch.dtype":
+        return torch_dtype(self.code)
+
+    @property
+    def floating(self) -> bool:
+        return self.code in FLOAT_CODES
 
     @property
     def numel(self) -> int:
@@ -35,6 +49,8 @@ class TensorInfo:
             n *= d
         return n
 
+
+CONFIG_FILE = "config.json"
 
 # Files copied from a donor model next to the weights (tokenizer and generation settings).
 TOKENIZER_FILES = (
@@ -62,7 +78,7 @@ class CheckpointSource(abc.ABC):
         """All tensors, from headers alone (no weights are read)."""
 
     @abc.abstractmethod
-    def read(self, name: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    def read(self, name: str, rows: Optional[tuple[int, int]] = None) -> "torch.Tensor":
         """Read tensor `name`, or rows [start, stop) of its first dimension, into memory."""
 
     def read_json(self, filename: str) -> Optional[dict[str, Any]]:

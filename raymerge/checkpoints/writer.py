@@ -44,13 +44,14 @@ import signal
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Collection, Iterable, Optional, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Collection, Iterable, Optional, Sequence
 
 from raymerge.checkpoints.manifest import MANIFEST_NAME, fsync_dir
 from raymerge.checkpoints.safetensors_format import TensorEntry, build_header, tensor_bytes
 from raymerge.errors import RaymergeError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 

@@ -373,6 +373,12 @@ class MergeConfig(_Strict):
                 raise ValueError("a module needs exactly one of 'slices' or 'models'")
         return self
 
+    def tokenizer_choice(self) -> Any:
+        """`union`, `base`, a ModelRef, or None when the config keeps the vocabulary as it is."""
+        if self.tokenizer is not None:
+            return self.tokenizer.source
+        return self.tokenizer_source
+
     def referenced_models(self) -> list[ModelRef]:
         """Every model the config names, base first, without duplicates, in config order."""
         seen: list[ModelRef] = []

@@ -36,12 +36,18 @@ it), and a job that needs other actors shuts it down first (`runtime.actor_pool`
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
 from raymerge.config.merge_config import ConfigError
 
 RAY_RESOURCE_UNIT = 10_000  # Ray counts fractional resources in units of 1/10000
+
+
+def host_memory_bytes() -> int:
+    """This machine's physical RAM."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 class ActorCountError(ConfigError):

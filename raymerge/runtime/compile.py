@@ -124,9 +124,7 @@ class MergeCompiler:
     def _vocabulary(self, config: MergeConfig, sources: dict[ModelRef, CheckpointSource], label: str) -> Any:
         """The merged vocabulary when the config chooses a tokenizer (`runtime.vocabulary`), built
         from tokenizer files alone; None otherwise, and when planning from config.json alone."""
-        from raymerge.runtime.vocabulary import tokenizer_choice
-
-        choice = tokenizer_choice(config)
+        choice = config.tokenizer_choice()
         if choice is None:
             return None
         models = tuple(config.referenced_models())

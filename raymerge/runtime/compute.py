@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 
 from raymerge.checkpoints import CheckpointSource
-from raymerge.checkpoints.safetensors_format import DTYPES
+from raymerge.checkpoints.safetensors_format import torch_dtype
 from raymerge.errors import RaymergeError
 from raymerge.methods import get_method
 from raymerge.methods.guided import relax_columns, scale_deltas
@@ -30,14 +30,13 @@ def compute_operator(
 ) -> torch.Tensor:
     """The merged output tensor of `op` (or its rows [start, stop) for a part of a row-split
     operator, which only elementwise methods allow), on CPU, in the operator's output dtype."""
-    out_dtype = DTYPES[op.out_dtype]
+    out_dtype = torch_dtype(op.out_dtype)
     if op.vocab is not None:
         # an embedding or head under a tokenizer choice: each input's rows gathered into the
         # output vocabulary (permuted, defaults for missing tokens, padding), on the CPU
-        from raymerge.runtime.operators import DTYPES as WORK_DTYPES
         from raymerge.runtime.vocabulary import gather_inputs
 
-        tensors = gather_inputs(op, sources, WORK_DTYPES[op.work_dtype], rows)
+        tensors = gather_inputs(op, sources, torch_dtype(op.work_dtype), rows)
     else:
         tensors = [sources[i.model].read(i.name, rows=rows) for i in op.inputs]
     if not all(t.is_floating_point() for t in tensors):

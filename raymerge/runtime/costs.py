@@ -41,16 +41,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import planners
-import torch
 
-from raymerge.checkpoints.safetensors_format import DTYPES as SAFETENSORS_DTYPES
-from raymerge.checkpoints.safetensors_format import element_size
+from raymerge.checkpoints.safetensors_format import FLOAT_CODES, NAME_CODES, element_size, torch_dtype
 from raymerge.methods import get_method
 from raymerge.methods.catalog import TASK_VECTOR_EXTRA
-from raymerge.runtime.operators import DTYPES, MergeOperator
+from raymerge.runtime.operators import MergeOperator
+
+if TYPE_CHECKING:
+    import torch
 
 SPLIT_DEGREES = (1, 2, 4, 8)
 SPLIT_MIN_BYTES = 64 * 1024 * 1024
@@ -87,10 +88,7 @@ def working_dtype_code(op: MergeOperator, input_dtypes: Optional[Sequence[str]] 
     compile time by the workers' rule, `operators.resolve_work_dtype`); an operator built without
     one (by hand) is taken to compute in its output dtype."""
     if op.work_dtype is not None:
-        torch_dtype = DTYPES[op.work_dtype]
-        for code, dt in SAFETENSORS_DTYPES.items():
-            if dt == torch_dtype:
-                return code
+        return NAME_CODES[op.work_dtype]
     return op.out_dtype
 
 
@@ -191,12 +189,15 @@ def representative_ops(ops: Sequence[MergeOperator]) -> dict[CostKey, MergeOpera
     return out
 
 
-def measure_seconds_per_element(op: MergeOperator, device: torch.device | str = "cpu", repeats: int = 2) -> float:
+def measure_seconds_per_element(op: MergeOperator, device: "torch.device | str" = "cpu", repeats: int = 2) -> float:
     """Time `op`'s method on synthetic inputs of `calibration_shape(op.method)` in its working
     dtype (best of `repeats`, after one warm-up run); seconds per output element."""
-    dtype = SAFETENSORS_DTYPES[working_dtype_code(op)]
-    if not dtype.is_floating_point:
+    import torch  # on the workers: calibration runs the method
+
+    code = working_dtype_code(op)
+    if code not in FLOAT_CODES:
         return 0.0
+    dtype = torch_dtype(code)
     g = torch.Generator(device="cpu").manual_seed(0)
     shape = calibration_shape(op.method)
     base = torch.randn(shape, generator=g)
@@ -219,6 +220,8 @@ def measure_seconds_per_element(op: MergeOperator, device: torch.device | str = 
 
 def _print_reference_table() -> None:  # pragma: no cover - a measuring tool, run by hand
     """Measure every method's `cost_ns` on this machine (1 thread, bf16, 3 fine-tunes + base)."""
+    import torch
+
     from raymerge.methods import available_methods
     from raymerge.runtime.operators import TensorInput
 

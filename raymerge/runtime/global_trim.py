@@ -69,10 +69,10 @@ def model_densities(ops: Sequence[MergeOperator], model_names: Sequence[str], la
 def magnitude_bits(op: MergeOperator, k: int, sources: Mapping[int, CheckpointSource]) -> Optional[torch.Tensor]:
     """|x_k - base| of one operator's input k as int32 float32 bit patterns (None: not floating)."""
     if op.vocab is not None:  # an embedding under a tokenizer choice: the rows the merge sees
-        from raymerge.runtime.operators import DTYPES
+        from raymerge.checkpoints.safetensors_format import torch_dtype
         from raymerge.runtime.vocabulary import gather_inputs
 
-        gathered = gather_inputs(op, sources, DTYPES[op.work_dtype])
+        gathered = gather_inputs(op, sources, torch_dtype(op.work_dtype))
         base, x = gathered[op.base_index], gathered[k]
     else:
         base = sources[op.inputs[op.base_index].model].read(op.inputs[op.base_index].name)

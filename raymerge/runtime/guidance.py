@@ -166,7 +166,7 @@ def check_guidance(cfg: MergeConfig, label: str, program: MergeProgram) -> Guida
 def _check_memory(g: GuidanceConfig, shape: Any, vocab: int, tokens: int) -> None:
     """Refuse a statistics pass whose kept activations or logits would not fit in host memory
     (`tokens`: the largest calibration set's windows x seqlen)."""
-    from raymerge.runtime.worker import host_memory_bytes
+    from raymerge.runtime.actor_resources import host_memory_bytes
 
     kept = get_guidance_method(g.method).kept_bytes
     if kept is None:

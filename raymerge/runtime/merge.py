@@ -58,18 +58,11 @@ from raymerge.runtime.executor import ExecutionStats, ensure_ray, run_plan, work
 from raymerge.runtime.global_trim import apply_model_trim, uses_model_trim
 from raymerge.runtime.output import JobOutput, upload_on
 from raymerge.runtime.recovery import ShardTracker, input_fingerprint, job_identity, remaining_operators
-from raymerge.runtime.worker import host_memory_bytes
 from raymerge.version import installed_version
-from raymerge.runtime.planning import (
-    Topology,
-    calibrated_costs,
-    calibration_note,
-    plan_merge,
-    plan_summary,
-    topology_from_profile,
-    topology_from_workers,
-)
-from raymerge.runtime.compile import CompileOptions, MergeCompiler, open_sources  # noqa: F401 - open_sources re-exported
+from raymerge.runtime.planning import calibrated_costs, calibration_note, plan_merge, topology_from_workers
+from raymerge.runtime.compile import MergeCompiler, open_sources  # noqa: F401 - open_sources re-exported
+from raymerge.runtime.merge_options import MergeOptions, compile_options
+from raymerge.runtime.offline_plan import PlanReport, plan_only  # noqa: F401 - re-exported
 from raymerge.runtime.operators import MergeProgram
 
 GB = 1e9
@@ -180,29 +173,6 @@ class PlanOutcome:
         )
 
 
-@dataclass(frozen=True)
-class MergeOptions:
-    workers: Optional[int] = None
-    overwrite: bool = False
-    random_seed: Optional[int] = None
-    quiet: bool = False
-    address: Optional[str] = None
-    out_shard_size: Union[int, str, None] = None
-    allow_pickle: bool = False
-    allow_mixed_architectures: bool = False
-    cluster: Union[str, Path, None] = None
-    planner: str = "milp"
-    plan_time_limit: float = 10.0
-    keep_workers: bool = False
-    s3_endpoint_url: Optional[str] = None  # S3-compatible store for s3:// inputs and output
-    resume: Optional[bool] = None  # None: resume when the staging folder holds this job (runtime.recovery)
-    scan_nonfinite: bool = False  # read every input tensor once, before any work, for NaN/Inf
-    in_process: bool = False  # the workers as threads of this process, no Ray (ActorPool.in_process())
-    copy_tokenizer: bool = True  # copy the tokenizer files (mergekit's --copy-tokenizer)
-    write_model_card: bool = True  # README.md and mergekit_config.yml (mergekit's --write-model-card)
-    lora_merge_dtype: Optional[str] = None  # dtype of `model+lora` inputs (mergekit's --lora-merge-dtype)
-
-
 def _chat_template_file(
     config: MergeConfig, label: str, specs: dict[ModelRef, tuple[SourceSpec, CheckpointSource]],
 ) -> Optional[str]:
@@ -276,30 +246,6 @@ def _published_files(
     return files
 
 
-@dataclass
-class PlanReport:
-    """A plan made without running anything: for `raymerge plan` and `merge --plan-only`."""
-
-    plan: Any  # planners.Plan
-    problem: Any  # planners.MergeProblem
-    topology: Topology
-
-    @property
-    def tensors(self) -> int:
-        return len(self.problem.operators)
-
-    @property
-    def bytes_in(self) -> int:
-        return int(sum(op.bytes_read for op in self.problem.operators))
-
-    def summary(self) -> str:
-        return (
-            f"{self.plan.load_table(self.problem)}\n"
-            f"{plan_summary(self.plan, self.problem, self.topology)}\n"
-            f"inputs {human_bytes(self.bytes_in)} for {self.tensors} output tensors"
-        )
-
-
 def _prepare(cfg: MergeConfig, label: str, options: MergeOptions, *, shape_only: bool = False, inputs_out: Optional[list] = None):
     """Program, source specs and the small files to publish; every metadata check happens here
     (the compile step is `runtime.compile`, shared with plan, merge-then-prune and search trials).
@@ -311,57 +257,6 @@ def _prepare(cfg: MergeConfig, label: str, options: MergeOptions, *, shape_only:
         if inputs_out is not None:
             inputs_out.extend(input_fingerprint(compiler.opened[m][1]) for m in program.models)
     return program, compiled.specs, extra_files
-
-
-def compile_options(options: MergeOptions, *, shape_only: bool = False) -> CompileOptions:
-    """The options of a merge that decide its program and how its inputs are opened."""
-    return CompileOptions(random_seed=options.random_seed, allow_pickle=options.allow_pickle,
-                          allow_mixed_architectures=options.allow_mixed_architectures,
-                          s3_endpoint_url=options.s3_endpoint_url, shape_only=shape_only,
-                          lora_merge_dtype=lora_dtype(options.lora_merge_dtype))
-
-
-def lora_dtype(name: Optional[str]) -> Optional[str]:
-    """`--lora-merge-dtype`: a floating dtype name (`torch.` prefix allowed), or ConfigError."""
-    if name is None:
-        return None
-    from raymerge.config.merge_config import DTYPE_NAMES
-
-    bare = name.removeprefix("torch.")
-    if bare not in DTYPE_NAMES:
-        raise ConfigError(f"lora_merge_dtype: unknown dtype {name!r}; use one of {', '.join(DTYPE_NAMES)}")
-    return bare
-
-
-def _offline_topology(options: MergeOptions) -> Topology:
-    from raymerge.config import load_cluster, local_profile
-
-    if options.cluster is not None:
-        return topology_from_profile(load_cluster(options.cluster), str(options.cluster))
-    gpus, gpu_memory = 0, 0
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpus = torch.cuda.device_count()
-            gpu_memory = torch.cuda.get_device_properties(0).total_memory
-    except Exception:  # noqa: BLE001 - no usable GPU
-        pass
-    cpus = options.workers or os.cpu_count() or 1
-    if gpus and options.workers:
-        gpus = options.workers
-    profile = local_profile(cpus=cpus, memory_bytes=host_memory_bytes(), gpus=gpus, gpu_memory_bytes=gpu_memory)
-    return topology_from_profile(profile, "this machine (clusters/local.yaml)")
-
-
-def plan_only(config: Union[str, Path, dict[str, Any], MergeConfig], options: MergeOptions) -> PlanReport:
-    """Plan a merge from headers (or config.json shapes) without starting Ray or reading weights."""
-    check_actor_count(options.workers, "workers")
-    cfg, label = load_config(config)
-    program, _, _ = _prepare(cfg, label, options, shape_only=True)
-    topology = _offline_topology(options)
-    plan, problem = plan_merge(program.operators, topology, planner=options.planner, time_limit=options.plan_time_limit)
-    return PlanReport(plan, problem, topology)
 
 
 def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Union[str, Path], options: MergeOptions) -> MergeResult:

@@ -19,7 +19,6 @@ import torch
 
 from raymerge.checkpoints import CheckpointSource, SourceSpec
 from raymerge.checkpoints.model_files import merged_model_config
-from raymerge.checkpoints.safetensors_format import DTYPES as CODE_DTYPES
 from raymerge.checkpoints.source import CheckpointError, TensorInfo
 from raymerge.config.merge_config import ConfigError, parse_config
 from raymerge.runtime.compute import compute_operator
@@ -61,7 +60,7 @@ class MergedSource(CheckpointSource):
         return self._sources
 
     def tensors(self) -> dict[str, TensorInfo]:
-        return {name: TensorInfo(name=name, shape=tuple(op.shape), dtype=CODE_DTYPES[op.out_dtype],
+        return {name: TensorInfo(name=name, shape=tuple(op.shape), code=op.out_dtype,
                                  file="(merged in memory)", nbytes=op.bytes_out) for name, op in self._ops.items()}
 
     def read(self, name: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:

@@ -22,12 +22,10 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from raymerge.checkpoints import CheckpointError, CheckpointSource, TensorInfo
-from raymerge.checkpoints.safetensors_format import dtype_code
+from raymerge.checkpoints.safetensors_format import CODE_NAMES, NAME_CODES, dtype_code, promote_codes, torch_dtype
 from raymerge.config import MergeConfig, ModelRef
 from raymerge.config.merge_config import ConfigError, InputSlice, OutputSlice, Parameters
 from raymerge.config.parameters import is_missing, resolve_parameter
@@ -35,6 +33,9 @@ from raymerge.errors import RaymergeError
 from raymerge.methods import MethodError, MethodSpec
 from raymerge.runtime.method_config import check_method_config
 from raymerge.runtime.layers import ModelLayout, layer_index_problem, parse_layer_name, split_layout
+
+if TYPE_CHECKING:
+    import torch
 
 # Tensors whose rows are the vocabulary: token embeddings and output heads (llama, gpt2, gpt-neox, bloom, ...).
 _VOCAB_TENSOR = re.compile(r"(embed_tokens|lm_head|embed_in|embed_out|\bwte|word_embeddings|tok_embeddings|^output)\.weight$")
@@ -49,9 +50,6 @@ TIED_HEADS: dict[str, tuple[str, ...]] = {
     "language_model.lm_head.weight": ("language_model.model.embed_tokens.weight",),
     "embed_out.weight": ("gpt_neox.embed_in.weight",),
 }
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
 
 class MergePlanError(RaymergeError, ValueError):
     """The config cannot be applied to these models (missing tensor, shape mismatch, ...)."""
@@ -340,11 +338,11 @@ class _Planner:
                 raise MergePlanError(self._vocab_message(out_name, inputs, infos))
             detail = ", ".join(f"{self._file(s.model, i)}: {list(i.shape)}" for (s, _), i in zip(inputs, infos))
             raise MergePlanError(f"shape mismatch for tensor {out_name!r}: {detail}")
-        floating = {i.dtype.is_floating_point for i in infos}
-        if len(floating) > 1 or (floating == {False} and len({i.dtype for i in infos}) > 1):
+        floating = {i.floating for i in infos}
+        if len(floating) > 1 or (floating == {False} and len({i.code for i in infos}) > 1):
             # Floating-point inputs of different precisions are merged in a common dtype; an
             # integer buffer is copied from one model, so it must be the same in all of them.
-            detail = ", ".join(f"{self._file(s.model, i)}: {dtype_code(i.dtype)}" for (s, _), i in zip(inputs, infos))
+            detail = ", ".join(f"{self._file(s.model, i)}: {i.code}" for (s, _), i in zip(inputs, infos))
             raise MergePlanError(
                 f"dtype mismatch for tensor {out_name!r}: {detail} (a floating-point tensor cannot be merged "
                 "with an integer one, nor integer tensors of different types)"
@@ -384,13 +382,13 @@ class _Planner:
         except MethodError as err:
             raise ConfigError(f"{self.label}: tensor {out_name!r}: {err}") from None
 
-        in_dtypes = [i.dtype for i in infos]
-        work = resolve_work_dtype(cfg.dtype, in_dtypes)
-        floating = all(d.is_floating_point for d in in_dtypes)
+        codes = [i.code for i in infos]
+        work = resolve_work_code(cfg.dtype, codes)
+        floating = all(i.floating for i in infos)
         if not floating:
-            out = in_dtypes[0]  # integer buffers are copied, never merged
+            out = codes[0]  # integer buffers are copied, never merged
         else:
-            out = DTYPES[cfg.out_dtype] if cfg.out_dtype else work
+            out = NAME_CODES[cfg.out_dtype] if cfg.out_dtype else work
         self.operators.append(
             MergeOperator(
                 index=len(self.operators),
@@ -400,8 +398,8 @@ class _Planner:
                 base_index=base_index,
                 model_params=tuple(model_params),
                 params=params,
-                work_dtype=dtype_name(work) if floating else cfg.dtype,
-                out_dtype=dtype_code(out),
+                work_dtype=CODE_NAMES[work] if floating else cfg.dtype,
+                out_dtype=out,
                 shape=out_shape,
                 seed=tensor_seed(self.random_seed, out_name) if self.spec.random else None,
                 vocab=vocab_map,
@@ -418,22 +416,16 @@ def _ordered_union(lists) -> list[str]:
     return list(seen)
 
 
-def promote_dtypes(dtypes: list[torch.dtype]) -> torch.dtype:
-    out = dtypes[0]
-    for d in dtypes[1:]:
-        out = torch.promote_types(out, d)
-    return out
+def resolve_work_code(config_dtype: Optional[str], input_codes: Sequence[str]) -> str:
+    """The one working-dtype rule, on safetensors codes: the config's `dtype` ("bfloat16"), else
+    the promotion of the inputs' dtypes (every input of the operator, not a pair of them), as
+    `torch.promote_types` would give it."""
+    return NAME_CODES[config_dtype] if config_dtype else promote_codes(input_codes)
 
 
-def resolve_work_dtype(config_dtype: Optional[str], input_dtypes: Sequence[torch.dtype]) -> torch.dtype:
-    """The one working-dtype rule: the config's `dtype`, else the promotion of the inputs' dtypes
-    (every input of the operator, not a pair of them)."""
-    return DTYPES[config_dtype] if config_dtype else promote_dtypes(list(input_dtypes))
-
-
-def dtype_name(dtype: torch.dtype) -> Optional[str]:
-    """The config name of a floating dtype ("bfloat16", ...), None for another dtype."""
-    return next((name for name, d in DTYPES.items() if d == dtype), None)
+def resolve_work_dtype(config_dtype: Optional[str], input_dtypes: Sequence["torch.dtype"]) -> "torch.dtype":
+    """The same rule on the torch dtypes of the tensors read (the workers' side)."""
+    return torch_dtype(resolve_work_code(config_dtype, [dtype_code(d) for d in input_dtypes]))
 
 
 def build_program(

@@ -46,7 +46,7 @@ from raymerge.progress import bar as tqdm  # tqdm with raymerge.progress.bar_kwa
 from raymerge.calibration.curation import mean_pooled_features
 from raymerge.checkpoints import OutputLayout, ShardFileWriter, SourceSpec
 from raymerge.checkpoints.memory import MemorySource
-from raymerge.checkpoints.safetensors_format import DTYPES as CODE_DTYPES
+from raymerge.checkpoints.safetensors_format import torch_dtype
 from raymerge.blocks.activations import InputAbsMean, OutputRecorder, layer_keys
 from raymerge.pruning.masks import row_mask
 from raymerge.pruning.scores import wanda_scores
@@ -223,7 +223,7 @@ class Trial:
             with fixed_threads(1) if serial else contextlib.nullcontext():
                 merged = compute_operator(op, self.inputs, self.layers.device)
             with torch.no_grad():
-                target.copy_(merged.to(CODE_DTYPES[op.out_dtype]).to(target.dtype))
+                target.copy_(merged.to(torch_dtype(op.out_dtype)).to(target.dtype))
         return len(operators)
 
     def keep_dense(self) -> None:

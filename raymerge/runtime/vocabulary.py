@@ -69,13 +69,6 @@ class VocabularyError(ConfigError):
     """The vocabulary cannot be built as the config asks (names the token and the model)."""
 
 
-def tokenizer_choice(config: MergeConfig) -> Any:
-    """`union`, `base`, a ModelRef, or None when the config keeps the vocabulary as it is."""
-    if config.tokenizer is not None:
-        return config.tokenizer.source
-    return config.tokenizer_source
-
-
 @dataclass(frozen=True)
 class VocabularyMap:
     """How one operator's output rows are gathered from each input (picklable, small: a few
@@ -287,7 +280,7 @@ def build_vocabulary(
 ) -> Optional[Vocabulary]:
     """The merged vocabulary of `config` (None when it chooses no tokenizer). `sources` holds the
     referenced models; `tokenizer_files(ref)` gives a model's tokenizer files (and config.json)."""
-    choice = tokenizer_choice(config)
+    choice = config.tokenizer_choice()
     if choice is None:
         return None
     models = config.referenced_models()

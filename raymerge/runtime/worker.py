@@ -22,6 +22,7 @@ import torch
 
 from raymerge.checkpoints import CheckpointSource, ShardFileWriter, SourceSpec
 from raymerge.checkpoints.safetensors_format import TensorEntry, tensor_bytes
+from raymerge.runtime.actor_resources import host_memory_bytes
 from raymerge.runtime.compute import compute_operator
 from raymerge.runtime.costs import measure_seconds_per_element
 from raymerge.runtime.metrics import WorkerMetrics
@@ -95,11 +96,6 @@ class WorkerInfo:
     pid: int
     device: str
     memory_bytes: int
-
-
-def host_memory_bytes() -> int:
-    """This machine's physical RAM."""
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _peak_rss_bytes() -> int:
