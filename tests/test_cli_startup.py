@@ -54,6 +54,18 @@ def test_help_imports_nothing_heavy(argv):
     assert result["heavy"] == []
 
 
+def test_methods_lists_every_method_without_a_heavy_import():
+    from raymerge.methods import available_methods
+    from raymerge.runtime.guidance_methods import available_guidance_methods
+
+    result = run_cli("methods")
+    assert (result["code"], result["heavy"]) == (0, []), result
+    listed = [line.split()[0] for line in result["stdout"].splitlines() if line and not line.startswith(" ")]
+    assert listed[:len(available_methods())] == available_methods()
+    for name in available_guidance_methods():
+        assert f"\n    {name} " in result["stdout"], name
+
+
 def test_version_imports_nothing_heavy():
     result = run_cli("--version")
     assert result["code"] == 0

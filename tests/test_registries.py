@@ -123,6 +123,12 @@ def test_guidance_methods_registry():
     assert get_guidance_method("sens").task_calibration
     with pytest.raises(ConfigError, match=r"unknown guidance method 'acn'; available: acm, aim, sens"):
         get_guidance_method("acn")
+    # each spec names its statistics pass, imported on the first call: it must exist
+    import raymerge.runtime.guidance as guidance
+
+    for name in available_guidance_methods():
+        run = get_guidance_method(name).run
+        assert run.module == "raymerge.runtime.guidance" and run.resolve() is getattr(guidance, f"run_{name}")
 
 
 def test_guidance_config_names_the_field():

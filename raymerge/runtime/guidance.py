@@ -39,8 +39,7 @@ from raymerge.methods.guided import (
 )
 from raymerge.blocks.decoder import describe_model
 from raymerge.blocks.stage import PruneSettings
-from raymerge.runtime.guidance_methods import GuidanceSpec, get_guidance_method
-from raymerge.runtime.guidance_methods import register as register_guidance
+from raymerge.runtime.guidance_methods import get_guidance_method
 from raymerge.runtime.operators import MergeOperator, MergeProgram, OperatorGuide
 from raymerge.runtime.actor_pool import ActorPool, StageJob
 from raymerge.runtime.pool_actor import ActorRef
@@ -223,22 +222,10 @@ def _sens_scales(sp: "_StagePass", g: GuidanceConfig, names: list[str], report: 
     return scales
 
 
-register_guidance(GuidanceSpec(
-    "aim", "omega", 0.4, _run_aim, scales_task_vectors=False, label="AIM",
-    doc="relax the merged delta per input channel by the base's activations",
-))
-register_guidance(GuidanceSpec(
-    "acm", "theta", 10.0, _layer_scales(_acm_scales), label="ACM",
-    # bf16 outputs of every layer, the embeddings, the final norm and the head
-    kept_bytes=lambda shape, vocab, tokens: (
-        tokens * (shape.num_layers * shape.hidden_size + 2 * shape.hidden_size + vocab) * 2, "activations"),
-    doc="per-layer task-vector scales from activation mutual information",
-))
-register_guidance(GuidanceSpec(
-    "sens", "temperature", 2.0, _layer_scales(_sens_scales), task_calibration=True, label="SENS",
-    kept_bytes=lambda shape, vocab, tokens: (tokens * vocab * 4, "reference logits"),  # float32, one task's windows
-    doc="per-layer scales from gradient sensitivity and logit distances",
-))
+# The statistics passes of the built-in methods, named by their specs (`runtime.guidance_methods`).
+run_aim = _run_aim
+run_acm = _layer_scales(_acm_scales)
+run_sens = _layer_scales(_sens_scales)
 
 
 def _label(key: int) -> str:

@@ -19,7 +19,9 @@ a new guidance method is one module that calls `register` (plus its tests).
   `tokens` calibration tokens, refused when over half the host memory; None: nothing large.
 - `label`: how the report names the method (AIM, ACM, Sens).
 
-The built-ins are registered by `raymerge.runtime.guidance` (imported by the getters).
+The built-ins are registered here, torch-free (`raymerge methods` lists them without importing
+torch): each `run` is a `LazyFunction` naming its pass in `raymerge.runtime.guidance`, imported on
+the first call.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from raymerge.errors import ConfigError
+from raymerge.methods.registry import LazyFunction
 from raymerge.registries import Registry
 
 
@@ -44,11 +47,7 @@ class GuidanceSpec:
     doc: str = ""
 
 
-def _load_builtins() -> None:
-    import raymerge.runtime.guidance  # noqa: F401  (registers aim, acm, sens)
-
-
-REGISTRY: Registry[GuidanceSpec] = Registry("guidance method", ConfigError, _load_builtins)
+REGISTRY: Registry[GuidanceSpec] = Registry("guidance method", ConfigError)
 
 
 def register(spec: GuidanceSpec) -> GuidanceSpec:
@@ -61,3 +60,25 @@ def get_guidance_method(name: str) -> GuidanceSpec:
 
 def available_guidance_methods() -> list[str]:
     return REGISTRY.names()
+
+
+def _run(name: str) -> LazyFunction:
+    return LazyFunction("raymerge.runtime.guidance", name)
+
+
+register(GuidanceSpec(
+    "aim", "omega", 0.4, _run("run_aim"), scales_task_vectors=False, label="AIM",
+    doc="relax the merged delta per input channel by the base's activations",
+))
+register(GuidanceSpec(
+    "acm", "theta", 10.0, _run("run_acm"), label="ACM",
+    # bf16 outputs of every layer, the embeddings, the final norm and the head
+    kept_bytes=lambda shape, vocab, tokens: (
+        tokens * (shape.num_layers * shape.hidden_size + 2 * shape.hidden_size + vocab) * 2, "activations"),
+    doc="per-layer task-vector scales from activation mutual information",
+))
+register(GuidanceSpec(
+    "sens", "temperature", 2.0, _run("run_sens"), task_calibration=True, label="SENS",
+    kept_bytes=lambda shape, vocab, tokens: (tokens * vocab * 4, "reference logits"),  # float32, one task's windows
+    doc="per-layer scales from gradient sensitivity and logit distances",
+))
