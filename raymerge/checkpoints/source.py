@@ -50,7 +50,7 @@ class TensorInfo:
         return n
 
 
-CONFIG_FILE = "config.json"
+CONFIG_FILE = "config.json"  # the model's configuration (architecture, sizes), next to the weights
 
 # Files copied from a donor model next to the weights (tokenizer and generation settings).
 TOKENIZER_FILES = (
