@@ -213,6 +213,8 @@ def test_defaults_are_mergekits():
         ("multislerp", [{"weight": 1}, {}], {}),  # weight required for every model
         ("karcher", [{}, {}], {"max_iter": 2.5}),
         ("karcher", [{}, {}], {"max_iter": -1}),
+        ("karcher", [{}, {}], {"max_iter": float("inf")}),  # YAML .inf: was an OverflowError traceback
+        ("karcher", [{}, {}], {"max_iter": float("nan")}),
         ("karcher", [{}, {}], {"tol": -1e-3}),
         ("sce", [{}, {}], {"select_topk": "all"}),
         ("ramplus_tl", [{}, {}], {"alpha": None, "r": True}),

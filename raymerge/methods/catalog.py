@@ -16,6 +16,7 @@ them from the catalog rather than the other way round.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from raymerge.methods import checks
@@ -40,7 +41,8 @@ def _function(module: str, name: str) -> LazyFunction:
 
 # -- value checks of single methods ------------------------------------------------------------
 def _whole_number(value) -> Optional[str]:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 0:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value != int(value) or value < 0):
         return f"expected a whole number >= 0, got {value!r}"
     return None
 
