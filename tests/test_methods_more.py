@@ -226,6 +226,22 @@ def test_bad_parameters_are_refused(method, model_params, params):
         get_method(method).resolve(model_params, params, base_index)
 
 
+def test_every_parameter_check_answers_odd_values_with_a_message():
+    """A value YAML can produce (.inf, .nan, a 400-digit integer, a list, a mapping, a string) is
+    accepted or refused with a message by every parameter's check, never an exception: the CLI
+    prints the message as one line, an exception would be a traceback."""
+    from raymerge.methods import available_methods
+
+    odd = [float("inf"), float("-inf"), float("nan"), 10**400, -(10**400), [], {}, [1], {"a": 1}, "", "x", None, True]
+    for name in available_methods():
+        for p in get_method(name).params:
+            for value in odd if p.check is not None else ():
+                answer = p.check(value)
+                assert answer is None or isinstance(answer, str), (name, p.name, value)
+            if p.check is not None:
+                assert p.check(10**400) is not None, (name, p.name)  # too large for a float: refused
+
+
 # -- against the references ------------------------------------------------------------------------
 @pytest.mark.parametrize("select_topk", [1.0, 0.25, 0.5, 0.0])
 @pytest.mark.parametrize("shape", [(12, 20), (30,)])

@@ -16,7 +16,6 @@ them from the catalog rather than the other way round.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 from raymerge.methods import checks
@@ -41,20 +40,19 @@ def _function(module: str, name: str) -> LazyFunction:
 
 # -- value checks of single methods ------------------------------------------------------------
 def _whole_number(value) -> Optional[str]:
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-            or value != int(value) or value < 0):
+    if not checks.is_finite_number(value) or value != int(value) or value < 0:
         return f"expected a whole number >= 0, got {value!r}"
     return None
 
 
 def _finite_nonnegative(value) -> Optional[str]:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+    if not checks.is_finite_number(value) or value < 0:
         return f"expected a finite number >= 0, got {value!r}"
     return None
 
 
 def _positive_int(value) -> Optional[str]:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not checks.is_finite_number(value) or not isinstance(value, int) or value < 1:
         return f"expected a whole number >= 1, got {value!r}"
     return None
 

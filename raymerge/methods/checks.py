@@ -8,19 +8,26 @@ from typing import Any, Callable
 Check = Callable[[Any], "str | None"]
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def is_finite_number(value: Any) -> bool:
+    """An int or float (not a bool) that is finite as a float: an integer too large for a float
+    (YAML reads any run of digits as one) is not."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def number(value: Any) -> str | None:
-    return None if _is_number(value) else f"expected a finite number, got {value!r}"
+    return None if is_finite_number(value) else f"expected a finite number, got {value!r}"
 
 
 def in_range(lo: float, hi: float, *, hi_open: bool = False) -> Check:
     right = ")" if hi_open else "]"
 
     def check(value: Any) -> str | None:
-        if not _is_number(value):
+        if not is_finite_number(value):
             return f"expected a number in [{lo}, {hi}{right}, got {value!r}"
         if value < lo or value > hi or (hi_open and value == hi):
             return f"must be in [{lo}, {hi}{right}, got {value!r}"
