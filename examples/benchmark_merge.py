@@ -554,7 +554,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     data = run_tool(tool, cmd, env_rm, memory_run)
                 data["input_bytes"] = sum(f.stat().st_size for f in files)
                 if tool == "raymerge" and not memory_run and data.get("bytes_written"):
-                    # after the run, so that the probe's freed pages cannot speed the merge up
+                    # after the run, not before it (the probe frees its pages again, which can make
+                    # the next runs' writes cheaper, as deleting each earlier output does)
                     write_rates[method] = max(write_rates.get(method, 0.0),
                                               new_file_write_rate(out_root, data["bytes_written"]))
                 rows.setdefault((tool, method), []).append(data)

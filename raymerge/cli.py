@@ -62,7 +62,9 @@ def _preflight(command: str, args: argparse.Namespace) -> None:
     is reported at once and with the job's own message; a local model folder that does not
     exist (the job finds it when it opens the models, after checking the output path); and the
     checks of a merge config against its method's spec that need no headers (an unknown
-    merge_method or parameter, a missing base_model: `runtime.method_config`, torch-free).
+    merge_method or parameter, no base_model: `runtime.method_config`, torch-free; the job makes
+    them when it compiles the config, also after checking the output path, so a config with both
+    mistakes is told about the method here and about the output by the Python API).
     `merge --in-process` is left to the job, which checks its contradicting option (`--address`)
     before the config."""
     from raymerge.runtime.actor_resources import check_actor_count  # config/ only

@@ -34,7 +34,9 @@ class Registry(Generic[T]):
             self._load()
 
     def register(self, spec: T, *, before: Optional[str] = None) -> T:
-        """Add `spec` (after the others, or just before the entry named `before`)."""
+        """Add `spec` (after the others, or just before the entry named `before`). The built-ins
+        are loaded first, so a plugin's spec named like one is refused here, not at a later lookup."""
+        self._ensure_loaded()
         name = getattr(spec, "name")
         if name in self._specs:
             raise ValueError(f"{self.what} {name!r} registered twice")

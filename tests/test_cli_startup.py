@@ -166,6 +166,29 @@ def test_a_config_its_method_refuses_before_any_heavy_import(tmp_path, llama_mod
     assert not (tmp_path / "out").exists()
 
 
+def test_a_base_model_given_on_each_slice_is_enough(llama_models, tmp_path):
+    """mergekit lets each slice name its base_model: the method check must not ask for a
+    top-level one (the compiler refuses, per tensor, a slice that has none)."""
+    import raymerge
+    from raymerge.config import ConfigError
+
+    base, ft = llama_models["base"], llama_models["ft1"]
+
+    def slice_(with_base: bool, first: int, last: int) -> str:
+        head = f"  - base_model: {base}\n    sources:\n" if with_base else "  - sources:\n"
+        return (head + f"      - model: {base}\n        layer_range: [{first}, {last}]\n"
+                f"      - model: {ft}\n        layer_range: [{first}, {last}]\n        parameters: {{weight: 1, density: 0.5}}\n")
+
+    config = tmp_path / "c.yaml"
+    config.write_text("merge_method: ties\nslices:\n" + slice_(True, 0, 1) + slice_(True, 1, 2))
+    result = run_cli("plan", str(config), "--planner", "lpt")
+    assert (result["code"], result["heavy"]) == (0, []), result
+    assert raymerge.plan(config, planner="lpt").tensors > 0
+    config.write_text("merge_method: ties\nslices:\n" + slice_(True, 0, 1) + slice_(False, 1, 2))
+    with pytest.raises(ConfigError, match="merge_method 'ties' needs a base_model"):
+        raymerge.plan(config, planner="lpt")
+
+
 def test_plan_of_safetensors_models_imports_no_torch(llama_models, tmp_path):
     """`raymerge plan` on local safetensors models: headers, the method specs, the operators and
     the planner, all without torch (dtypes as safetensors codes); the same plan as the API's."""

@@ -251,6 +251,27 @@ def test_plan_reads_headers_only(hub, hub_models):
     assert fetched <= {"model.safetensors.index.json", "config.json"}, fetched
 
 
+def test_cli_plan_of_a_hub_model_imports_no_torch(hub, hub_models, tmp_path):
+    """`raymerge plan` of a Hub model, in a fresh interpreter pointed at the fake Hub: headers over
+    HTTP, the plan printed, and torch never imported (dtypes are safetensors codes)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(_passthrough(REPO, 0, 2)))
+    script = ("import sys, raymerge.cli; code = raymerge.cli.main(sys.argv[1:]); "
+              "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', code)")
+    env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_CACHE=str(tmp_path / "hf-cache"), HF_HUB_DISABLE_TELEMETRY="1")
+    done = subprocess.run([sys.executable, "-c", script, "plan", str(config), "--planner", "lpt"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "predicted makespan" in done.stdout and done.stdout.split()[-2:] == ["NO-TORCH", "0"], done.stdout
+    assert not hub.downloaded()  # headers only
+
+
 def test_bad_shape_fails_before_any_download(hub, hub_models, tmp_path):
     from raymerge.demo import build_tiny_model
 

@@ -50,6 +50,30 @@ def test_the_merge_method_specs_import_no_torch_and_name_functions_that_exist():
     assert int(done.stdout.split()[-1]) >= 23
 
 
+def test_a_plugin_named_like_a_built_in_is_refused_when_registered():
+    """Built-ins load on first use: registering first must still collide at once, and leave the
+    registry whole."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        from raymerge.methods import MethodSpec, available_methods, register
+        try:
+            register(MethodSpec("ties", lambda *a, **k: None))
+        except ValueError as err:
+            assert "registered twice" in str(err), err
+        else:
+            raise AssertionError("no error")
+        print(len(available_methods()))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) >= 23
+
+
 def test_a_lazy_method_function_is_the_modules_function():
     from raymerge.methods import get_method
     from raymerge.methods.linear import linear

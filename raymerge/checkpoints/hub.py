@@ -40,9 +40,8 @@ import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
 
 from raymerge.checkpoints.local import (
     BIN_INDEX, BIN_SINGLE, SAFE_INDEX, SAFE_SINGLE, LocalSource, _map_range, check_relative_name, inside,
@@ -50,6 +49,9 @@ from raymerge.checkpoints.local import (
 )
 from raymerge.checkpoints.safetensors_format import HeaderError, TensorEntry, parse_header, tensor_from_bytes
 from raymerge.checkpoints.source import CheckpointError, CheckpointSource, TensorInfo, row_span
+
+if TYPE_CHECKING:
+    import torch
 
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]

@@ -71,14 +71,16 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable, Mapping, Optional, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-import torch
 
 from raymerge.checkpoints.local import SAFE_INDEX, SAFE_SINGLE, check_relative_name, parse_weight_map
 from raymerge.checkpoints.safetensors_format import HeaderError, TensorEntry, header_length, parse_header, tensor_from_bytes
 from raymerge.checkpoints.source import CheckpointError, CheckpointSource, TensorInfo, row_span
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEME = "s3://"
 CONFIG = "config.json"

@@ -2,8 +2,8 @@
 
 `check_method_config` finds the config's `merge_method` (a `ConfigError` listing the methods when
 there is none of that name), refuses a parameter name that no method knows (one another method
-knows is ignored, as mergekit does), and a method that needs a `base_model` configured without
-one. Compiling a config (`runtime.operators`) makes these checks first; the command line makes
+knows is ignored, as mergekit does), and a method that needs a `base_model` in a config that
+names none (neither at the top nor on a slice). Compiling a config (`runtime.operators`) makes these checks first; the command line makes
 them before torch is imported (`raymerge.cli`), so a typo is reported at once, with the job's own
 message. Specs come from the torch-free registry (`raymerge.methods.catalog`).
 """
@@ -24,7 +24,9 @@ def check_method_config(config: MergeConfig, label: str) -> MethodSpec:
     except MethodError as err:
         raise ConfigError(f"{label}: merge_method: {err}") from None
     _check_parameter_names(config, spec, label)
-    if spec.base == "required" and config.base_model is None:
+    slice_bases = [s.base_model for s in config._slice_list() or []]
+    if spec.base == "required" and config.base_model is None and not any(slice_bases):
+        # (a slice without one, when others have theirs, is refused per tensor by the compiler)
         raise ConfigError(f"{label}: merge_method {spec.name!r} needs a base_model")
     return spec
 

@@ -3,18 +3,19 @@
 `plan_only` compiles the config as a merge does (`runtime.compile`: every check of the config
 and the headers, shape-only folders allowed) and asks the planner (`runtime.planning`) for the
 plan on a cluster profile, or on this machine (`clusters/local.yaml`'s rule). It starts no Ray
-and reads no weights. For local safetensors models (and Hub ones, whose headers are read over
-HTTP) nothing here imports torch, so a plan takes about a second; a folder holding only a
+and reads no weights. For safetensors models, local or on the Hub (whose headers are read
+over HTTP), nothing here imports torch, so a plan takes about a second; a folder holding only a
 config.json is listed by building the model on torch's meta device (`checkpoints.shapes`), and
 pickled or DeepSpeed inputs are read with torch, so those plans import it.
 
 This machine's GPUs are counted with torch only when the machine may have any: a Linux machine
-without the NVIDIA (`/proc/driver/nvidia/gpus`) or AMD (`/dev/kfd`) kernel driver has no GPU
-torch could use.
+without any GPU device file (`GPU_DEVICE_PATHS`: NVIDIA, Jetson, WSL2, ROCm) has no GPU torch
+could use.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 from dataclasses import dataclass
@@ -64,12 +65,16 @@ def plan_only(config: Union[str, Path, dict[str, Any], MergeConfig], options: Me
     return PlanReport(plan, problem, topology)
 
 
+# What a Linux machine with a GPU torch can use exposes: NVIDIA's driver (/proc/driver/nvidia,
+# /dev/nvidia*), Jetson's integrated GPU (/dev/nvhost-*, /dev/nvgpu), WSL2's (/dev/dxg), ROCm (/dev/kfd).
+GPU_DEVICE_PATHS = ("/proc/driver/nvidia", "/dev/nvidia*", "/dev/nvhost-*", "/dev/nvgpu", "/dev/dxg", "/dev/kfd")
+
+
 def may_have_gpu() -> bool:
-    """Whether torch could find a GPU here: False on Linux without a GPU kernel driver."""
+    """Whether torch could find a GPU here: False only on Linux with none of `GPU_DEVICE_PATHS`."""
     if not sys.platform.startswith("linux"):
         return True
-    nvidia = Path("/proc/driver/nvidia/gpus")
-    return (nvidia.is_dir() and any(nvidia.iterdir())) or Path("/dev/kfd").exists()
+    return any(glob.glob(pattern) for pattern in GPU_DEVICE_PATHS)
 
 
 def offline_topology(options: MergeOptions) -> Topology:

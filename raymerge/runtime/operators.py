@@ -87,7 +87,7 @@ class MergeOperator:
     base_index: Optional[int]
     model_params: tuple[dict[str, Any], ...]
     params: dict[str, Any]
-    # The dtype the inputs are cast to and the method computes in, by name: `resolve_work_dtype`
+    # The dtype the inputs are cast to and the method computes in, by name: `resolve_work_code`
     # (the config's `dtype`, else the promotion of the inputs'), resolved once at compile time so
     # the workers, the whole-model trim and the planner's cost model all use the same one. None
     # (operators built by hand, integer tensors): promote the dtypes of the tensors read.
