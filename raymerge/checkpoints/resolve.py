@@ -230,11 +230,11 @@ def _open_s3(path: str, o: SourceOptions) -> CheckpointSource:
 
 register_source(SourceKind(
     "deepspeed", lambda p, o: Path(p).expanduser().is_dir() and _is_deepspeed_folder(Path(p).expanduser()),
-    lambda p, o: _open_deepspeed(p, o),
+    _open_deepspeed,
     config_from=True, doc="a DeepSpeed ZeRO checkpoint folder (engine.save_checkpoint)",
 ))
 register_source(SourceKind(
-    "shape-only", _shape_only, lambda p, o: _open_shape_only(p, o),
+    "shape-only", _shape_only, _open_shape_only,
     doc="a config.json without weights (planning only)",
 ))
 register_source(SourceKind(

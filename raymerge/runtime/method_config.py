@@ -3,9 +3,10 @@
 `check_method_config` finds the config's `merge_method` (a `ConfigError` listing the methods when
 there is none of that name), refuses a parameter name that no method knows (one another method
 knows is ignored, as mergekit does), and a method that needs a `base_model` in a config that
-names none (neither at the top nor on a slice). Compiling a config (`runtime.operators`) makes these checks first; the command line makes
-them before torch is imported (`raymerge.cli`), so a typo is reported at once, with the job's own
-message. Specs come from the torch-free registry (`raymerge.methods.catalog`).
+names none (neither at the top nor on a slice). Compiling a config (`runtime.operators`) makes
+these checks first; the command line makes them before torch is imported (`raymerge.cli`), so a
+typo is reported at once, with the job's own message. Specs come from the torch-free registry
+(`raymerge.methods.catalog`).
 """
 
 from __future__ import annotations
