@@ -9,6 +9,7 @@ in place. Cases that used to loop (an alias bomb, a huge layer index) must also 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -218,6 +219,15 @@ def test_huge_layer_index_is_refused_fast(models, tmp_path, no_ray, capsys):
     assert time.perf_counter() - t0 < 10
     assert text == (f"{f}: tensor 'model.layers.16000000.x' has layer index 16000000, past the model's 5 layers "
                     "(config.json num_hidden_layers: 4); layer indices count up from 0")
+    # config.json claiming that many layers does not lift the bound (it used to: minutes, then published)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 16000001}))
+    t0 = time.perf_counter()
+    text = merge_refused(capsys, tmp_path, linear(models["base"], bad))
+    assert time.perf_counter() - t0 < 10
+    assert text == (f"{f}: tensor 'model.layers.16000000.x' has layer index 16000000, past the model's 5 layers "
+                    "(config.json num_hidden_layers: 16000001, believed only up to 2 x the indices present); "
+                    "layer indices count up from 0")
 
 
 # -- config files ------------------------------------------------------------------------------------
@@ -396,3 +406,16 @@ def test_error_inside_a_ray_worker_is_one_line_naming_the_tensor(ray_session, mo
     assert "Traceback" not in err and "\x1b[" not in err and "ray::" not in err, err
     assert str(shard) in err and "tensor '" in err, err
     assert not out.exists()
+
+
+def test_readme_bad_input_caption_counts_the_rows():
+    """The README's bad-input table says how many cases it lists: that number is its row count."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    caption = re.search(r"The (\d+) cases below are refused", text)
+    assert caption is not None
+    lines = text[caption.end():].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| input problem |")) + 2  # header, rule
+    rows = list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
+    assert int(caption.group(1)) == len(rows), f"caption says {caption.group(1)}, the table has {len(rows)} rows"

@@ -111,6 +111,19 @@ def test_missing_config_and_bad_count_before_any_heavy_import(tmp_path):
     assert result["stderr"] == "raymerge: error: workers must be at least 1 (got 0)\n"
 
 
+@pytest.mark.parametrize(("command", "option", "value"), [("merge", "--workers", "-2"), ("plan", "--workers", "-1"),
+                                                        ("prune", "--stages", "-1"), ("prune", "--stages", "0"),
+                                                        ("search", "--stages", "-3")])
+def test_a_negative_count_is_refused_before_any_heavy_import(tmp_path, command, option, value):
+    """`--workers` / `--stages` below one: one line, exit 2, before the config is read (it does
+    not exist here) and before torch or Ray is imported."""
+    argv = [command, str(tmp_path / "missing.yaml")] + ([] if command == "plan" else [str(tmp_path / "out")])
+    result = run_cli(*argv, f"{option}={value}")
+    assert (result["code"], result["heavy"]) == (2, []), result
+    assert result["stderr"] == f"raymerge: error: {option[2:]} must be at least 1 (got {value})\n"
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("command", ["merge", "plan", "prune"])
 def test_a_missing_model_folder_before_any_heavy_import(tmp_path, command):
     missing = tmp_path / "nowhere" / "model"

@@ -127,6 +127,79 @@ def test_deepspeed_latest_tag_outside_the_folder_is_refused(tmp_path):
     assert "TOPSECRET" not in str(err.value)
 
 
+def _tiny_zero2(folder: Path) -> Path:
+    """A one-rank ZeRO-2 checkpoint in DeepSpeed's file format (what `engine.save_checkpoint`
+    writes, reduced to the keys read): `latest`, a tag folder with model and optimizer states,
+    one trainable tensor `w` (2x3) = 0..5, and a config.json and vocab.json beside `latest`."""
+    import torch
+
+    tag = folder / "global_step1"
+    tag.mkdir(parents=True)
+    (folder / "latest").write_text("global_step1")
+    torch.save({"param_shapes": [{"w": (2, 3)}], "dp_world_size": 1}, tag / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": {"zero_stage": 2, "partition_count": [1],
+                                         "single_partition_of_fp32_groups": [torch.arange(6.0)]}},
+               tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 1}))
+    (folder / "vocab.json").write_text("{}")
+    return folder
+
+
+def _refused_without_secret(open_or_read, entry: str) -> None:
+    with pytest.raises(CheckpointError) as err:
+        open_or_read()
+    text = str(err.value)
+    assert f"{entry!r} points outside the model folder; refused" in text and "\n" not in text, text
+    assert "TOPSECRET" not in text
+
+
+def test_deepspeed_side_files_outside_the_folder_are_refused_unread(tmp_path):
+    """Before: `vocab.json -> /elsewhere` in a DeepSpeed checkpoint folder returned the outside
+    bytes (side files were taken from the folder without the boundary check)."""
+    import torch
+
+    root = _tiny_zero2(tmp_path / "ckpt")
+    src = open_source(str(root), allow_pickle=True)
+    assert torch.equal(src.read("w"), torch.arange(6.0).view(2, 3)) and src.read_bytes("vocab.json") == b"{}"
+    secret = tmp_path / "secret.json"
+    secret.write_bytes(b'{"TOPSECRET": 1}')
+    for name in ("vocab.json", "config.json"):
+        (root / name).unlink()
+        (root / name).symlink_to(secret)
+        _refused_without_secret(lambda: open_source(str(root), allow_pickle=True).read_bytes(name), name)
+    # a tag folder given directly takes side files from the folder holding `latest`: same rule
+    _refused_without_secret(lambda: open_source(str(root / "global_step1"), allow_pickle=True).read_bytes("vocab.json"),
+                            "vocab.json")
+    # and from `config_from`, a Hugging Face folder of its own
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (hf / "tokenizer.json").symlink_to(secret)
+    (root / "config.json").unlink()
+    _refused_without_secret(lambda: open_source(str(root), allow_pickle=True, config_from=str(hf)).read_json("tokenizer.json"),
+                            "tokenizer.json")
+
+
+@pytest.mark.parametrize("link", ["state_file", "tag_folder"])
+def test_deepspeed_state_files_outside_the_folder_are_refused(tmp_path, link):
+    """State files are found by a glob in the tag folder: a state file that is a symlink to a file
+    elsewhere, or a `global_step*` folder (found without `latest`) that is a symlink to another
+    checkpoint, used to be loaded."""
+    root = _tiny_zero2(tmp_path / "ckpt")
+    elsewhere = _tiny_zero2(tmp_path / "elsewhere")
+    optim = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    if link == "state_file":
+        (root / "global_step1" / optim).unlink()
+        (root / "global_step1" / optim).symlink_to(elsewhere / "global_step1" / optim)
+        entry = f"global_step1/{optim}"
+    else:
+        shutil.rmtree(root / "global_step1")
+        (root / "latest").unlink()
+        (root / "global_step1").symlink_to(elsewhere / "global_step1", target_is_directory=True)
+        entry = "global_step1/mp_rank_00_model_states.pt"
+    _refused_without_secret(lambda: open_source(str(root), allow_pickle=True), entry)
+
+
 def test_s3_index_entries_must_stay_under_the_prefix():
     from raymerge.checkpoints.local import check_relative_name
 
@@ -143,6 +216,39 @@ def test_credentials_in_the_endpoint_never_reach_a_message():
     url = "http://AKIAUSER:s3cr3tpass@127.0.0.1:1"
     assert "s3cr3tpass" not in scrub(f"Invalid endpoint: {url}", url) and "AKIAUSER" not in scrub(url, url)
     assert "s3cr3tpass" not in explain(ValueError(f"bad {url}"), "s3://b/k", "b", url)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize(("direction", "port"), [("from_s3", "closed"), ("from_s3", "99999"), ("from_s3", "unclosed-ipv6"),
+                                                 ("to_s3", "closed"), ("to_s3", "abc")])
+def test_cli_never_prints_credentials_of_the_endpoint(llama_models, tmp_path, direction, port):
+    """`raymerge merge ... --s3-endpoint-url http://KEY:SECRET@host:port` where nothing listens, or
+    with a port botocore refuses: one line, exit 2, neither the key nor the secret anywhere."""
+    import os
+
+    host = "[::1" if port == "unclosed-ipv6" else "127.0.0.1"
+    url = f"http://AKIAUSER:s3cr3tpass@{host}:{_closed_port() if port == 'closed' else port}"
+    models = ["s3://bucket/a", "s3://bucket/b"] if direction == "from_s3" else [str(llama_models["base"]), str(llama_models["ft1"])]
+    out = "s3://bucket/out" if direction == "to_s3" else str(tmp_path / "out")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 0.5}} for m in models]}))
+    env = dict(os.environ, AWS_MAX_ATTEMPTS="1", AWS_ACCESS_KEY_ID="AKIAENV", AWS_SECRET_ACCESS_KEY="envsecret",
+               AWS_DEFAULT_REGION="us-east-1")
+    done = subprocess.run([sys.executable, "-m", "raymerge.cli", "merge", str(cfg), out, "--quiet", "--s3-endpoint-url", url],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raymerge: error: ") and done.stdout == "", done.stderr
+    for secret in ("s3cr3tpass", "AKIAUSER", "envsecret"):
+        assert secret not in done.stderr + done.stdout, done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_s3_staging_is_private_to_the_user(tmp_path, monkeypatch):

@@ -325,6 +325,34 @@ def _full_disk_driver(cfg: Path, disk: Path, logs: Path, report: Path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_disk_check_counts_filesystem_blocks_and_the_manifest(tmp_path):
+    """The disk check's estimate (`writer.output_files`, `writer.space_needed`) with known block
+    sizes: every file rounded up to whole blocks (small files cost a block each), the resume
+    manifest counted, and the blocks a shard of the staging folder already holds subtracted."""
+    from raymerge.checkpoints.writer import block_size, output_files, space_needed
+
+    layout = plan_shards([("a", "F32", (1,)), ("b", "F32", (2000,))], max_shard_bytes=4000)
+    files = output_files(layout, small_files=[1, 5000], extra_bytes=7)
+    first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    # the manifest: 4096 bytes, plus 2 x name length + 200 per shard (4096 + 2 * (64 + 200))
+    assert files == {first: 100, second: 8104, MANIFEST_NAME: 4624, "<small 0>": 1, "<small 1>": 5000, "<small files>": 7}
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    # 4096-byte blocks: 1 + 2 (shards) + 2 (manifest) + 1 + 2 + 1 (small files) = 9 blocks, not 17836 bytes
+    assert space_needed(staging, files, 4096) == 9 * 4096
+    assert space_needed(staging, files, 65536) == 6 * 65536
+    assert space_needed(staging, files) == space_needed(staging, files, os.statvfs(staging).f_frsize)
+    assert block_size(staging) == os.statvfs(staging).f_frsize and block_size(staging / "not" / "yet") == block_size(staging)
+    # a shard already allocated in the staging folder (a resumed merge) counts as available
+    fd = os.open(staging / second, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, 8104)
+    finally:
+        os.close(fd)
+    held = (staging / second).stat().st_blocks * 512
+    assert held >= 8104 and space_needed(staging, files, 4096) == 9 * 4096 - min(held, 3 * 4096)
+
+
 def test_full_disk_mid_merge_keeps_the_shards_and_says_how_much_is_missing(setup, tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()

@@ -70,3 +70,72 @@ def test_a_local_ray_of_our_own_requires_a_private_token(tmp_path):
     assert "AUTH token 0o600" in done.stdout, done.stdout + done.stderr[-2000:]
     assert "Token authentication is enabled for this Ray cluster" not in done.stderr  # Ray's warning: we chose it
     assert (tmp_path / ".ray" / "auth_token").stat().st_mode & 0o077 == 0
+
+
+LISTENING = textwrap.dedent(
+    """
+    import ipaddress, json, os
+    import psutil
+
+    from raymerge.runtime.executor import LOOPBACK_ENV, ensure_ray
+
+    def address(table, hexaddr):
+        raw = bytes.fromhex(hexaddr)
+        if table == "tcp":
+            return ipaddress.IPv4Address(raw[::-1])
+        return ipaddress.IPv6Address(b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+
+    def listening(pids):
+        inodes = {}
+        for pid in pids:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if link.startswith("socket:["):
+                    inodes[link[8:-1]] = pid
+        rows = []
+        for table in ("tcp", "tcp6"):
+            with open(f"/proc/net/{table}") as f:
+                for line in list(f)[1:]:
+                    local, state, inode = line.split()[1], line.split()[3], line.split()[9]
+                    if state == "0A" and inode in inodes:  # LISTEN
+                        host, port = local.split(":")
+                        rows.append([psutil.Process(inodes[inode]).name(), str(address(table, host)), int(port, 16)])
+        return rows
+
+    ensure_ray(None, num_cpus=1)  # the first import of Ray in this process
+    import ray
+
+    ray.get(ray.remote(lambda: 1).remote())  # a worker process too
+    me = psutil.Process()
+    family = [me] + me.children(recursive=True)
+    raylet = [p for p in family if p.name() == "raylet"]
+    print(json.dumps({"listening": listening([p.pid for p in family]),
+                      "env_left": LOOPBACK_ENV in os.environ or any(LOOPBACK_ENV in p.environ() for p in raylet)}))
+    ray.shutdown()
+    """
+)
+
+
+def test_a_local_ray_of_our_own_listens_on_loopback_only():
+    """Every listening TCP socket of the session's processes (driver, gcs_server, raylets, workers,
+    agents), read from /proc/net/tcp and tcp6, is a loopback address; before, gcs_server, the
+    raylets and the core workers listened on `::` (every interface). Ray's switch is set around its
+    first import only: no Ray process inherits it."""
+    import ipaddress
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    env["RAY_AUTH_MODE"] = "disabled"
+    done = subprocess.run([sys.executable, "-c", LISTENING], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    names = {name for name, _, _ in result["listening"]}
+    assert {"gcs_server", "raylet"} <= names, result
+    for name, host, port in result["listening"]:
+        ip = ipaddress.ip_address(host)
+        mapped = getattr(ip, "ipv4_mapped", None)
+        assert ip.is_loopback or (mapped is not None and mapped.is_loopback), (name, host, port)
+    assert result["env_left"] is False

@@ -51,6 +51,11 @@ config.json and tokenizer files come from the checkpoint folder (and, for a tag 
 folder holding its `latest`) when present there, else from `config_from`, a local Hugging Face
 model directory; each file is taken from the first of these that has it. A checkpoint without
 any config.json is refused when opened, naming the `config_from:` key.
+
+Each folder is a boundary (as in `local.py`): the tag named by `latest`, every state file (even
+found by a glob: it, or its tag folder, may be a symlink) and every side file must resolve, after
+symlinks, inside the folder it was found in; anything else is refused with one line naming the
+entry, before a byte of it is read.
 """
 
 from __future__ import annotations
@@ -344,10 +349,18 @@ class DeepSpeedSource(CheckpointSource):
             )
         return dirs
 
+    def _state_files(self, pattern: str) -> list[Path]:
+        """The tag folder's files matching `pattern`, each refused unless it resolves inside the
+        model folder (a state file, or the tag folder itself, may be a symlink to elsewhere)."""
+        files = sorted(self.tag_folder.glob(pattern))
+        for f in files:
+            inside(self.root, str(f.relative_to(self.root)), "state file")
+        return files
+
     def _find_files(self) -> tuple[list[Path], list[Path], int]:
         folder = self.tag_folder
-        model_files = sorted(folder.glob(MODEL_STATES))
-        optim_files = sorted(folder.glob(OPTIM_STATES))
+        model_files = self._state_files(MODEL_STATES)
+        optim_files = self._state_files(OPTIM_STATES)
         if any(f.name.startswith("layer_") for f in model_files):
             raise CheckpointError(f"{folder}: pipeline-parallel checkpoints (layer_*-model_states.pt) are not supported")
         mp_ranks = {_rank_of(f, _MP_RANK) for f in model_files + optim_files}
@@ -528,9 +541,14 @@ class DeepSpeedSource(CheckpointSource):
 
     # -- side files ----------------------------------------------------------------------------
     def _side_file(self, filename: str) -> Optional[Path]:
+        """`filename` in the first config folder that has it, refused (CheckpointError naming it)
+        unless it resolves inside that folder; None when no folder has it."""
         for d in self._config_dirs:
-            if (d / filename).is_file():
-                return d / filename
+            path = d / filename
+            if path.is_symlink() or path.is_file():
+                inside(d, filename, "file")
+            if path.is_file():
+                return path
         return None
 
     def file_label(self, filename: str) -> str:

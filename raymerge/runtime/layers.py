@@ -80,6 +80,9 @@ def layer_count(config: dict) -> Optional[tuple[str, int]]:
     return None
 
 
+GAP_FACTOR = 2  # layer indices may skip at most as many indices as are present
+
+
 def layer_index_problem(layout: ModelLayout, config: Optional[dict]) -> Optional[tuple[str, str]]:
     """(tensor name, problem) when a layer index is past the model's layers, else None.
 
@@ -87,15 +90,23 @@ def layer_index_problem(layout: ModelLayout, config: Optional[dict]) -> Optional
     up to the largest, so one tensor named `model.layers.16000000.x` would make it loop sixteen
     million times. The largest index must be below both the number of distinct indices present
     and config.json's layer count, whichever is larger (DeepSeek-V3's multi-token-prediction
-    layer sits one past `num_hidden_layers`, and is present, so it passes).
+    layer sits one past `num_hidden_layers`, and is present, so it passes). config.json is the
+    same file's author, so its count is believed only up to `GAP_FACTOR` times the indices
+    present: the work planning does stays proportional to the tensors listed, whatever it says.
     """
     if not layout.layers:
         return None
+    present = len(layout.layers)
     counted = layer_count(config) if isinstance(config, dict) else None
-    limit = max(len(layout.layers), counted[1] if counted else 0)
+    limit = max(present, min(counted[1], GAP_FACTOR * present) if counted else 0)
     top = max(layout.layers)
     if top < limit:
         return None
-    said = f"config.json {counted[0]}: {counted[1]}" if counted else "config.json gives no layer count"
-    return layout.layers[top][0], (f"has layer index {top}, past the model's {len(layout.layers)} layers ({said}); "
+    if counted is None:
+        said = "config.json gives no layer count"
+    elif counted[1] > top:
+        said = f"config.json {counted[0]}: {counted[1]}, believed only up to {GAP_FACTOR} x the indices present"
+    else:
+        said = f"config.json {counted[0]}: {counted[1]}"
+    return layout.layers[top][0], (f"has layer index {top}, past the model's {present} layers ({said}); "
                                    "layer indices count up from 0")
