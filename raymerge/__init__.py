@@ -107,6 +107,7 @@ def merge(
     copy_tokenizer: bool = True,
     write_model_card: bool = True,
     lora_merge_dtype: Optional[str] = None,
+    trust_remote_code: bool = False,
 ) -> MergeResult:
     """Merge the models described by a mergekit-format config and publish the result at `output`.
 
@@ -150,6 +151,11 @@ def merge(
             `--write-model-card`, default True).
         lora_merge_dtype: the dtype in which models given with a LoRA adapter (`model+adapter`)
             are read, the adapter applied (mergekit's `--lora-merge-dtype`; default: as stored).
+        trust_remote_code: run the Python code a model ships (the classes its `config.json` or
+            `tokenizer_config.json` `auto_map` names), as transformers' `trust_remote_code`: for
+            the tokenizers of a `tokenizer_source` / `tokenizer:` merge and for a guided merge's
+            statistics pass, which builds the model's layers (default False: such a model is
+            refused there, naming this option). A plain merge never runs model code.
 
     Returns:
         A `MergeResult`: output path, tensor count, bytes read/written, timings, peak memory,
@@ -181,6 +187,7 @@ def merge(
         copy_tokenizer=copy_tokenizer,
         write_model_card=write_model_card,
         lora_merge_dtype=lora_merge_dtype,
+        trust_remote_code=trust_remote_code,
     )
     return run_merge(config, output, options)
 
@@ -231,6 +238,7 @@ def prune(
     s3_endpoint_url: Optional[str] = None,
     allow_pickle: bool = False,
     workers: Optional[int] = None,
+    trust_remote_code: bool = False,
 ):
     """Prune the model of a prune config (see `raymerge.config.prune_config`) and publish it.
 
@@ -251,6 +259,9 @@ def prune(
         s3_endpoint_url: endpoint of an S3-compatible store for an `s3://` model and output.
         allow_pickle: accept `pytorch_model*.bin` and DeepSpeed ZeRO inputs (torch pickles). Only
             here or on the command line: a config file cannot opt in.
+        trust_remote_code: build the model (on every stage worker) and its tokenizer from the
+            Python code the model ships (its `auto_map`), as transformers' `trust_remote_code`
+            (default False: such a model is refused, naming this option). Not in a config file.
 
     Returns:
         A `PruneResult`: output path, `report` (per-layer target and achieved sparsity, N:M
@@ -266,7 +277,7 @@ def prune(
         raise ConfigError(f"stages={stages} and workers={workers} name the same thing; give one")
     options = PruneOptions(
         workers=stages if stages is not None else workers, in_process=in_process, address=address, overwrite=overwrite, quiet=quiet, plot=plot,
-        s3_endpoint_url=s3_endpoint_url, allow_pickle=allow_pickle,
+        s3_endpoint_url=s3_endpoint_url, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
     )
     return run_prune(config, output, options)
 
@@ -284,6 +295,7 @@ def optimize(
     allow_pickle: bool = False,
     allow_mixed_architectures: bool = False,
     s3_endpoint_url: Optional[str] = None,
+    trust_remote_code: bool = False,
 ):
     """Search merge coefficients or layerwise sparsities with Optuna (`raymerge search` on the
     command line; the config format is in `raymerge.config.search_config`). Named `optimize`
@@ -299,6 +311,9 @@ def optimize(
     checks its inputs as `merge` does (`allow_pickle`, `allow_mixed_architectures`,
     `s3_endpoint_url`), and every trial is compiled by the same step, with the merge config's
     `raymerge: random_seed`: a trial is the model `raymerge merge best.yaml` writes.
+    `trust_remote_code`: build the stages' layers and the tokenizer from the Python code the model
+    ships (its `auto_map`), as transformers' `trust_remote_code` (default False: such a model is
+    refused, naming this option); also used by `materialize`.
 
     Returns a `SearchResult` (`.study`, `.best_configs`, `.summary()`).
     """
@@ -306,5 +321,5 @@ def optimize(
 
     options = SearchOptions(stages=stages, in_process=in_process, address=address, quiet=quiet, materialize=materialize,
                             overwrite=overwrite, allow_pickle=allow_pickle, allow_mixed_architectures=allow_mixed_architectures,
-                            s3_endpoint_url=s3_endpoint_url)
+                            s3_endpoint_url=s3_endpoint_url, trust_remote_code=trust_remote_code)
     return run_search(config, output, options)

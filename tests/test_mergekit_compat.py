@@ -144,6 +144,45 @@ def test_cli_out_shard_size_mergekit_and_byte_units(llama_models, tmp_path):
         assert (outs["200K"] / name).read_bytes() == (outs["200KB"] / name).read_bytes()
 
 
+def _weight_map(out: Path) -> dict[str, str]:
+    """Tensor name -> shard file, from the index (a single unindexed shard holds every tensor)."""
+    index = out / "model.safetensors.index.json"
+    if index.is_file():
+        return json.loads(index.read_text())["weight_map"]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        return {name: "model.safetensors" for name in f.keys()}
+
+
+@pytest.mark.mergekit
+def test_out_shard_size_gives_mergekits_shards(llama_models, tmp_path):
+    """`--out-shard-size` in mergekit's count units gives mergekit-yaml's shard files (count and
+    names) and an index of the same tensors, on the same model and config (issue 17: "5B gives
+    mergekit's shard count"). Which file a tensor lands in is not compared: both fill shards in
+    write order, and mergekit writes in its task order (the output head right after the
+    embedding, ...), raymerge in its own, so at 100K/300K a boundary tensor sits one file apart."""
+    from mergekit_oracle import mergekit_python, mergekit_unavailable_reason, run_mergekit_many
+
+    if mergekit_python() is None:
+        pytest.skip(f"mergekit 0.1.5 unavailable: {mergekit_unavailable_reason()}")
+    config = _linear(llama_models, dtype="float32")
+    cfg = _write(config, tmp_path / "cfg.yaml")
+    sizes = ("5B", "100K", "300K")
+    theirs = {size: tmp_path / f"mergekit-{size}" for size in sizes}
+    for size in sizes:
+        errors = run_mergekit_many([(config, theirs[size])], "--out-shard-size", size)
+        assert errors[theirs[size]] is None, errors[theirs[size]]
+    for size in sizes:
+        ours = tmp_path / f"raymerge-{size}"
+        assert main(["merge", str(cfg), str(ours), "--in-process", "--quiet", "--out-shard-size", size]) == 0
+        assert _shards(ours) == _shards(theirs[size]), size
+        ours_map, theirs_map = _weight_map(ours), _weight_map(theirs[size])
+        assert set(ours_map) == set(theirs_map), size
+        assert set(ours_map.values()) == set(theirs_map.values()) == set(_shards(ours)), size
+    assert len(_shards(theirs["5B"])) == 1 and len(_shards(theirs["100K"])) > len(_shards(theirs["300K"])) > 1
+
+
 # -- flags ---------------------------------------------------------------------------------------------
 
 
@@ -153,9 +192,10 @@ def test_cli_noop_flags_note_what_raymerge_does(llama_models, tmp_path, capsys):
             "--cuda", "--lazy-unpickle", "--low-cpu-memory", "--trust-remote-code"]
     assert main(argv) == 0
     err = capsys.readouterr().err
-    for flag in ("--cuda", "--lazy-unpickle", "--low-cpu-memory", "--trust-remote-code"):
+    for flag in ("--cuda", "--lazy-unpickle", "--low-cpu-memory"):
         lines = [line for line in err.splitlines() if line.startswith(f"raymerge: note: {flag} has no effect")]
         assert len(lines) == 1, err
+    assert "--trust-remote-code has no effect" not in err  # it does something (tests/test_remote_code.py)
     assert main(["merge", str(cfg), str(tmp_path / "out2"), "--in-process", "--quiet", "--no-cuda"]) == 0
     assert "note:" not in capsys.readouterr().err
 

@@ -1,8 +1,9 @@
 """Differential tests: raymerge against mergekit 0.1.5 on the same configs and tiny models.
 
-Every deterministic method (linear, task_arithmetic, ties, breadcrumbs, breadcrumbs_ties,
-slerp, nuslerp, model_stock, passthrough, sce, karcher, multislerp, nearswap, arcee_fusion, ram,
-ramplus_tl) is run through both tools on the session's tiny models
+Every one of mergekit 0.1.5's 20 methods (linear, task_arithmetic, ties, breadcrumbs,
+breadcrumbs_ties, slerp, nuslerp, model_stock, passthrough, sce, karcher, multislerp, nearswap,
+arcee_fusion, ram, ramplus_tl, and the random dare_ties, dare_linear, della, della_linear at
+densities that draw no mask, see below) is run through both tools on the session's tiny models
 (llama float32 and bfloat16, qwen2 float32), with layer gradients, `filter:` conditionals,
 `slices` (frankenmerges, offsets, repeated layers), and `dtype`/`out_dtype`. The outputs are
 compared tensor by tensor: the same tensor names, shapes and dtypes, values within float
@@ -25,10 +26,16 @@ Speed: mergekit runs once per config, but all selected configs go through one me
 process (``in_process=True``: the same worker code, no Ray; ``tests/test_in_process.py`` checks it
 gives the bytes of a Ray merge). The file takes about 2 minutes on 2 cores once the venv exists.
 
-Not compared: the random methods (``dare_ties``, ``dare_linear``, ``della``, ``della_linear``).
-mergekit draws their masks from torch's global RNG stream in its execution order, raymerge from a
-generator seeded per (seed, tensor name) so that results do not depend on placement; the masks
-cannot match, so these methods are left out here.
+The random methods (``dare_ties``, ``dare_linear``, ``della``, ``della_linear``) are compared only
+where no mask is drawn: at density 1 (and, for ``filter: mlp``, density 0) both tools return the
+task vectors unchanged (zeroed), so what is compared is everything around the mask: weights,
+TIES sign consensus, ``lambda``, ``normalize``, DELLA's ``epsilon`` handling. With a density in
+(0, 1) mergekit draws the masks from torch's global RNG stream in its execution order, raymerge
+from a generator seeded per (seed, tensor name) so that results do not depend on placement; those
+masks cannot match (``tests/test_methods*.py`` check raymerge's against the formulas). A fractional
+density therefore never appears in these cases: not even through a per-layer gradient such as
+``[1.0, 0.0]``, which interpolates to densities between the two. ``test_cases_cover_every_mergekit_method``
+reads mergekit's own method registry and fails when one of its methods has no case here.
 """
 
 from __future__ import annotations
@@ -57,7 +64,7 @@ Models = dict[str, Path]
 FP32_ATOL = 1e-5
 FP32_RTOL = 1e-5
 
-# Random methods that cannot match mergekit's global-RNG masks (see the module docstring).
+# Random methods: compared only at densities 1 and 0, where no mask is drawn (module docstring).
 RANDOM_METHODS = ("dare_ties", "dare_linear", "della", "della_linear")
 
 
@@ -267,6 +274,28 @@ CASES: list[Case] = [
         "ramplus_tl", p, [m(p, "ft1"), m(p, "ft2"), m(p, "ft3")],
         parameters={"r": 0.5, "alpha": [0.1, 2.0], "epsilon": 0.0003},
     )),
+    # -- random methods at densities that draw no mask (module docstring) ----------------
+    Case("dare-ties-density-1-mlp-0", "llama_models", lambda p: with_base(
+        "dare_ties", p,
+        [m(p, "ft1", weight=0.7, density=1.0), m(p, "ft2", weight=[0.3, 0.9], density=1.0),
+         m(p, "ft3", weight=0.5, density=[{"filter": "mlp", "value": 0.0}, {"value": 1.0}])],
+        parameters={"normalize": True, "lambda": 0.9},
+    )),
+    Case("dare-linear-density-1", "llama_models", lambda p: with_base(
+        "dare_linear", p, [m(p, "ft1", weight=0.6, density=1.0), m(p, "ft2", weight=-0.2, density=1.0),
+                           m(p, "ft3", weight=[0.2, 0.8], density=1.0)],
+        parameters={"normalize": False, "lambda": 1.1},
+    )),
+    Case("della-density-1", "llama_models", lambda p: with_base(
+        "della", p, [m(p, "ft1", weight=1.0, density=1.0, epsilon=0.05), m(p, "ft2", weight=0.5, density=1.0, epsilon=0.1),
+                     m(p, "ft3", weight=0.3, density=1.0, epsilon=0.05)],
+        parameters={"lambda": 0.8, "normalize": True},
+    )),
+    Case("della-linear-density-1", "llama_models", lambda p: with_base(
+        "della_linear", p, [m(p, "ft1", weight=0.4, density=1.0, epsilon=0.05),
+                            m(p, "ft3", weight=[0.9, 0.1], density=1.0, epsilon=0.1)],
+        parameters={"lambda": 1.2},
+    )),
     # -- dtypes --------------------------------------------------------------------------
     Case("ties-bf16-compute-fp32-out", "llama_models", lambda p: ties_gradient(p, dtype="bfloat16", out_dtype="float32"),
          bf16=True, trim_ties=True),
@@ -475,10 +504,59 @@ def test_matches_mergekit(case: Case, request, mergekit_outputs, tmp_path):
         assert layer_ids == set(range(case.layers))
 
 
-def test_random_methods_are_not_compared():
-    """Documents the scope: the random methods exist in raymerge but cannot match mergekit."""
+def _case_methods() -> set[str]:
+    """The merge methods CASES use (the builders are cheap pure functions of the model paths)."""
+    fake = {k: Path(f"/models/{k}") for k in ("base", "ft1", "ft2", "ft3")}
+    return {case.build(fake)["merge_method"] for case in CASES}
+
+
+def _densities(config: dict[str, Any]) -> list[Any]:
+    """Every `density` value of a config: top-level, per model, per slice source."""
+    entries = [config, *config.get("models", [])]
+    for sl in config.get("slices", []):
+        entries += [sl, *sl.get("sources", [])]
+    found = [e.get("parameters", {}).get("density") for e in entries]
+    return [d for d in found if d is not None]
+
+
+def _scalars(value: Any) -> list[Any]:
+    """The numbers of a parameter value: a number, a gradient list, or a list of filter entries."""
+    if isinstance(value, dict):
+        return _scalars(value["value"])
+    if isinstance(value, list):
+        if all(isinstance(v, (int, float)) for v in value) and len(set(value)) > 1:
+            return [None]  # a per-layer gradient interpolates to densities between its points
+        return [s for v in value for s in _scalars(v)]
+    return [value]
+
+
+def test_random_methods_draw_no_mask():
+    """The random methods are compared only at densities where neither tool draws a mask: 1 or
+    0, never a gradient between them (module docstring)."""
+    fake = {k: Path(f"/models/{k}") for k in ("base", "ft1", "ft2", "ft3")}
     assert set(RANDOM_METHODS) <= set(raymerge.available_methods())
     for case in CASES:
-        # Only deterministic methods are compared (the builders are cheap pure functions).
-        fake = {k: Path(f"/models/{k}") for k in ("base", "ft1", "ft2", "ft3")}
-        assert case.build(fake)["merge_method"] not in RANDOM_METHODS, case.id
+        config = case.build(fake)
+        if config["merge_method"] in RANDOM_METHODS:
+            densities = [s for d in _densities(config) for s in _scalars(d)]
+            assert densities and all(d in (0.0, 1.0) for d in densities), (case.id, densities)
+
+
+def test_cases_cover_every_mergekit_method():
+    """Every method in mergekit 0.1.5's registry has a case here (read from the installed
+    mergekit, so a method it gains is a failure until a case is added)."""
+    import subprocess
+
+    from mergekit_oracle import mergekit_env
+
+    python = mergekit_python()
+    if python is None:
+        pytest.skip(f"mergekit 0.1.5 unavailable: {mergekit_unavailable_reason()}")
+    listing = ("import json; from mergekit.merge_methods.registry import registered_methods as r; "
+               "print(json.dumps(sorted(m.spec.name for m in r())))")
+    proc = subprocess.run([str(python), "-c", listing], capture_output=True, text=True, env=mergekit_env(),
+                          timeout=300, check=True)
+    theirs = set(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert len(theirs) == 20, sorted(theirs)
+    missing = theirs - _case_methods()
+    assert not missing, f"mergekit methods without a differential case: {sorted(missing)}"

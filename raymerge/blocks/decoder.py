@@ -97,14 +97,36 @@ def _autograd(enabled: bool) -> Any:
     return torch.enable_grad() if enabled else torch.no_grad()
 
 
-def meta_model(config: dict[str, Any]) -> nn.Module:
-    """The causal LM of `config` (a config.json dict), on the meta device: no memory used."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def meta_model(
+    config: dict[str, Any], *, source: Optional[CheckpointSource] = None, trust_remote_code: bool = False,
+) -> nn.Module:
+    """The causal LM of `config` (a config.json dict), on the meta device: no memory used.
 
+    A config with an `auto_map` is built from the code it names (read through `source`) when
+    `trust_remote_code` is set (`checkpoints.remote_code`); without it, transformers' own class
+    of its `model_type` is used, and a model type transformers does not know is a
+    `CheckpointError` naming the flag.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from raymerge.checkpoints.remote_code import auto_map, code_folder, model_code_files, needs_code_error
+
+    where = source.file_label("config.json") if source is not None else "config.json"
+    if trust_remote_code and auto_map(config):
+        if source is None:
+            raise CheckpointError(f"{where}: its model code must be read from the checkpoint, and none was given")
+        files = model_code_files(config, source.read_bytes, where)
+        with code_folder(files) as folder:
+            hf_config = AutoConfig.from_pretrained(str(folder), trust_remote_code=True)
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=True)
     cfg_dict = dict(config)
     model_type = cfg_dict.pop("model_type", None)
     if model_type is None:
-        raise CheckpointError("config.json has no model_type")
+        raise CheckpointError(f"{where} has no model_type")
+    if model_type not in CONFIG_MAPPING and auto_map(config):
+        raise needs_code_error(where, f"model type {model_type!r}", KeyError(f"transformers has no model type {model_type!r}"))
     hf_config = AutoConfig.for_model(model_type, **cfg_dict)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(hf_config)
@@ -149,8 +171,12 @@ class ModelShape:
     module_shapes: dict[str, tuple[int, int]]  # relative module name -> (out_features, in_features)
 
 
-def describe_model(config: dict[str, Any], patterns: Optional[list[str]] = None) -> ModelShape:
-    model = meta_model(config)
+def describe_model(
+    config: dict[str, Any], patterns: Optional[list[str]] = None, *,
+    source: Optional[CheckpointSource] = None, trust_remote_code: bool = False,
+) -> ModelShape:
+    """The `ModelShape` of `config` (`source` and `trust_remote_code`: as `meta_model`'s)."""
+    model = meta_model(config, source=source, trust_remote_code=trust_remote_code)
     path, layers = find_layers(model)
     modules = prunable_modules(layers[0], patterns)
     shapes = {n: tuple(layers[0].get_submodule(n).weight.shape) for n in modules}
@@ -179,8 +205,9 @@ class DecoderBlock:
         device: str | torch.device = "cpu",
         embed: bool = False,
         head: bool = False,
+        trust_remote_code: bool = False,
     ) -> None:
-        self.model = meta_model(config)
+        self.model = meta_model(config, source=source, trust_remote_code=trust_remote_code)
         self.layers_path, layers = find_layers(self.model)
         if not 0 <= first <= last < len(layers):
             raise ValueError(f"layers {first}..{last} out of range for a model of {len(layers)} layers")

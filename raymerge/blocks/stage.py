@@ -57,6 +57,9 @@ class PruneSettings:
     dtype: str = "float32"
     weight_exponent: float = 1.0  # Wanda's metric |W|^a * ||X||^b
     norm_exponent: float = 1.0
+    # build the layers from the code the checkpoint ships (its config's auto_map), as transformers'
+    # trust_remote_code (`checkpoints.remote_code`); the job's option, handed to every stage here
+    trust_remote_code: bool = False
 
     @property
     def statistic(self) -> Optional[str]:
@@ -108,7 +111,8 @@ class PruneStage:
         self.source = source
         self._dtypes = {name: info.dtype for name, info in source.tensors().items()}  # the checkpoint's, read once
         self.block = DecoderBlock(
-            config, source, first, last, dtype=DTYPES[settings.dtype], device=device, embed=embed, head=head
+            config, source, first, last, dtype=DTYPES[settings.dtype], device=device, embed=embed, head=head,
+            trust_remote_code=settings.trust_remote_code,
         )
         self.first, self.last = first, last
         self._stored: list[torch.Tensor] = []

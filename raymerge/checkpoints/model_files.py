@@ -128,19 +128,32 @@ def model_card(*, method: str, models: Sequence[str], base: Optional[str], confi
     return str(ModelCard("\n".join(lines)))
 
 
-def load_tokenizer(source: CheckpointSource) -> Any:
+def load_tokenizer(source: CheckpointSource, *, trust_remote_code: bool = False) -> Any:
     """The `transformers` tokenizer of a model, from its tokenizer files (read through the
     source, so a Hub, S3 or DeepSpeed model works like a local folder); `CheckpointError` when
-    it has none."""
+    it has none. `trust_remote_code`: a tokenizer whose auto_map names code shipped with the
+    model is built from that code (`checkpoints.remote_code`); without it, one that cannot be
+    loaded otherwise is a `CheckpointError` naming the flag."""
     import tempfile
     from pathlib import Path
 
     from transformers import AutoTokenizer
 
-    files = tokenizer_files(source)
+    from raymerge.checkpoints.remote_code import needs_code_error, tokenizer_code_files
+
+    files = tokenizer_files(source, (*TOKENIZER_FILES, "config.json"))
     if not any(name.startswith("tokenizer") or name in ("vocab.json",) for name in files):
         raise CheckpointError(f"{source.location}: no tokenizer files (needed to tokenize the calibration text)")
+    code = tokenizer_code_files(files, source.read_bytes, source.location)
+    files.pop("config.json", None)  # read for its auto_map only: the tokenizer loads as before
+    if trust_remote_code:
+        files.update(code)
     with tempfile.TemporaryDirectory(prefix="raymerge-tok-") as tmp:
         for name, data in files.items():
             Path(tmp, name).write_bytes(data)
-        return AutoTokenizer.from_pretrained(tmp)
+        try:
+            return AutoTokenizer.from_pretrained(tmp, trust_remote_code=trust_remote_code)
+        except (ValueError, OSError) as err:
+            if code and not trust_remote_code:
+                raise needs_code_error(source.location, "tokenizer", err) from None
+            raise

@@ -44,6 +44,7 @@ class CompileOptions:
     s3_endpoint_url: Optional[str] = None  # for s3:// inputs (already resolved by the driver)
     shape_only: bool = False  # models given as config.json alone (planning only)
     lora_merge_dtype: Optional[str] = None  # dtype of models read with a LoRA adapter (`model+lora`)
+    trust_remote_code: bool = False  # run code a model ships (auto_map): tokenizers, guided statistics
 
 
 @dataclass
@@ -136,24 +137,30 @@ class MergeCompiler:
         return self._vocabularies[key]
 
     def _build_vocabulary(self, config: MergeConfig, sources: dict[ModelRef, CheckpointSource], label: str) -> Any:
-        from raymerge.checkpoints.model_files import tokenizer_files
+        from raymerge.checkpoints.remote_code import tokenizer_code_files
         from raymerge.runtime.vocabulary import build_vocabulary
+
+        trust = self.options.trust_remote_code
 
         def files(ref: ModelRef) -> dict[str, bytes]:
             names = (*TOKENIZER_FILES, "config.json")
-            if ref in sources:
-                return tokenizer_files(sources[ref], names)
             local = Path(ref.path).expanduser()
-            if ref.revision is None and local.is_dir():  # a tokenizer-only folder is enough
-                return {n: (local / n).read_bytes() for n in names if (local / n).is_file()}
-            return tokenizer_files(self.sources([ref])[ref], names)
+            if ref not in sources and ref.revision is None and local.is_dir():  # a tokenizer-only folder is enough
+                def read(n: str) -> Optional[bytes]:
+                    return (local / n).read_bytes() if (local / n).is_file() else None
+            else:
+                read = (sources[ref] if ref in sources else self.sources([ref])[ref]).read_bytes
+            found = {n: data for n in names if (data := read(n)) is not None}
+            if trust:  # the tokenizer's own code, when its auto_map names some
+                found.update(tokenizer_code_files(found, read, str(ref)))
+            return found
 
         if self.options.shape_only:
             try:
-                return build_vocabulary(config, sources, label, files)
+                return build_vocabulary(config, sources, label, files, trust_remote_code=trust)
             except Exception:  # noqa: BLE001 - planning from config.json alone: keep the stored rows
                 return None
-        return build_vocabulary(config, sources, label, files)
+        return build_vocabulary(config, sources, label, files, trust_remote_code=trust)
 
     def close(self) -> None:
         opened, self.opened = self.opened, {}

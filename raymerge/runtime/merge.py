@@ -302,7 +302,8 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
             checked = check_guidance(cfg, label, program)
             # The statistics run on the merge's own pool (a kept one too): no other actors.
             pool = _start_pool(options, profile)
-            guidance = guide_program(checked, cfg, program, specs, pool, quiet=options.quiet)
+            guidance = guide_program(checked, cfg, program, specs, pool, quiet=options.quiet,
+                                     trust_remote_code=options.trust_remote_code)
             extra_files = {**(extra_files or {}), "guidance.json": guidance.to_json()}
         if settings is not None and settings.export_task_vectors:
             from raymerge.runtime.onebit_export import task_vector_files

@@ -35,6 +35,7 @@ class MergeOptions:
     copy_tokenizer: bool = True  # copy the tokenizer files (mergekit's --copy-tokenizer)
     write_model_card: bool = True  # README.md and mergekit_config.yml (mergekit's --write-model-card)
     lora_merge_dtype: Optional[str] = None  # dtype of `model+lora` inputs (mergekit's --lora-merge-dtype)
+    trust_remote_code: bool = False  # run code a model ships (auto_map): tokenizers, guided statistics' stages
 
 
 def compile_options(options: MergeOptions, *, shape_only: bool = False) -> CompileOptions:
@@ -42,7 +43,8 @@ def compile_options(options: MergeOptions, *, shape_only: bool = False) -> Compi
     return CompileOptions(random_seed=options.random_seed, allow_pickle=options.allow_pickle,
                           allow_mixed_architectures=options.allow_mixed_architectures,
                           s3_endpoint_url=options.s3_endpoint_url, shape_only=shape_only,
-                          lora_merge_dtype=lora_dtype(options.lora_merge_dtype))
+                          lora_merge_dtype=lora_dtype(options.lora_merge_dtype),
+                          trust_remote_code=options.trust_remote_code)
 
 
 def lora_dtype(name: Optional[str]) -> Optional[str]:

@@ -194,8 +194,9 @@ class Vocabulary:
 # -- driver: tokenizers ------------------------------------------------------------------------
 
 
-def load_tokenizer(files: dict[str, bytes]) -> Any:
-    """A fast tokenizer from a model's tokenizer files (and config.json), or None without them."""
+def load_tokenizer(files: dict[str, bytes], *, trust_remote_code: bool = False) -> Any:
+    """A fast tokenizer from a model's tokenizer files (and config.json, and with
+    `trust_remote_code` the code files its auto_map names), or None without them."""
     import transformers
 
     if not any(name.startswith("tokenizer") for name in files):
@@ -203,7 +204,7 @@ def load_tokenizer(files: dict[str, bytes]) -> Any:
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in files.items():
             (Path(tmp) / name).write_bytes(data)
-        return transformers.AutoTokenizer.from_pretrained(tmp, use_fast=True)
+        return transformers.AutoTokenizer.from_pretrained(tmp, use_fast=True, trust_remote_code=trust_remote_code)
 
 
 def _vocab_size(source: CheckpointSource) -> Optional[int]:
@@ -243,7 +244,8 @@ def _strip(tokenizer: Any, vocab_size: Optional[int], where: str) -> Any:
     return tokenizer
 
 
-def _union(base_tok: Any, toks: dict[ModelRef, Any], sizes: dict[ModelRef, Optional[int]]) -> Any:
+def _union(base_tok: Any, toks: dict[ModelRef, Any], sizes: dict[ModelRef, Optional[int]],
+           trust_remote_code: bool = False) -> Any:
     """The base tokenizer (a fresh copy) plus every other model's tokens it lacks, in turn."""
     import transformers
 
@@ -264,7 +266,7 @@ def _union(base_tok: Any, toks: dict[ModelRef, Any], sizes: dict[ModelRef, Optio
             added[info.content] = info
     with tempfile.TemporaryDirectory() as tmp:
         base_tok.save_pretrained(tmp, legacy_format=False)
-        out = transformers.AutoTokenizer.from_pretrained(tmp, use_fast=True)
+        out = transformers.AutoTokenizer.from_pretrained(tmp, use_fast=True, trust_remote_code=trust_remote_code)
     base_vocab = base_tok.get_vocab()
     for t in merged_vocab:
         if t not in added and t not in base_vocab:
@@ -276,10 +278,11 @@ def _union(base_tok: Any, toks: dict[ModelRef, Any], sizes: dict[ModelRef, Optio
 
 def build_vocabulary(
     config: MergeConfig, sources: dict[ModelRef, CheckpointSource], label: str,
-    tokenizer_files: Callable[[ModelRef], dict[str, bytes]],
+    tokenizer_files: Callable[[ModelRef], dict[str, bytes]], *, trust_remote_code: bool = False,
 ) -> Optional[Vocabulary]:
     """The merged vocabulary of `config` (None when it chooses no tokenizer). `sources` holds the
-    referenced models; `tokenizer_files(ref)` gives a model's tokenizer files (and config.json)."""
+    referenced models; `tokenizer_files(ref)` gives a model's tokenizer files (and config.json,
+    and with `trust_remote_code` the code of a tokenizer whose auto_map names one)."""
     choice = config.tokenizer_choice()
     if choice is None:
         return None
@@ -290,7 +293,7 @@ def build_vocabulary(
     pad = settings.pad_to_multiple_of if settings is not None else None
 
     sizes = {m: _vocab_size(sources[m]) for m in models}
-    base_tok = load_tokenizer(tokenizer_files(base))
+    base_tok = load_tokenizer(tokenizer_files(base), trust_remote_code=trust_remote_code)
     if base_tok is None:
         raise VocabularyError(f"{label}: the base model {base} has no tokenizer files (needed for the tokenizer choice)")
     base_tok = _strip(base_tok, sizes[base], str(base))
@@ -299,7 +302,7 @@ def build_vocabulary(
         if m == base:
             continue
         try:
-            tok = load_tokenizer(tokenizer_files(m))
+            tok = load_tokenizer(tokenizer_files(m), trust_remote_code=trust_remote_code)
         except Exception as err:  # noqa: BLE001 - mergekit too: assume the base's tokenizer
             log.warning("%s: cannot load the tokenizer of %s (%s); assuming it is the base's", label, m, err)
             tok = None
@@ -309,13 +312,13 @@ def build_vocabulary(
         toks[m] = tok
 
     if isinstance(choice, ModelRef):
-        out = load_tokenizer(tokenizer_files(choice))
+        out = load_tokenizer(tokenizer_files(choice), trust_remote_code=trust_remote_code)
         if out is None:
             raise VocabularyError(f"{label}: tokenizer_source {choice} has no tokenizer files")
     elif choice == "base":
         out = base_tok  # the same object: tokens added below are then the base's too (as in mergekit)
     else:
-        out = _union(base_tok, toks, sizes)
+        out = _union(base_tok, toks, sizes, trust_remote_code)
     existing = set(out.get_vocab())
     for tok in tokens:
         if tok not in existing:

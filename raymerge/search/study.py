@@ -75,6 +75,9 @@ class SearchOptions:
     allow_pickle: bool = False
     allow_mixed_architectures: bool = False
     s3_endpoint_url: Optional[str] = None
+    # build the stages' layers and the tokenizer from code the model ships (its auto_map), as
+    # transformers' trust_remote_code; also given to the compile step and to --materialize
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -394,7 +397,8 @@ def run_search(config: Union[str, Path, dict[str, Any], SearchConfig], output: U
     out.mkdir(parents=True, exist_ok=True)
     task: Union[_MergeTask, _PruneTask] = _MergeTask(cfg, label, CompileOptions(
         allow_pickle=options.allow_pickle, allow_mixed_architectures=options.allow_mixed_architectures,
-        s3_endpoint_url=options.s3_endpoint_url)) if cfg.merge is not None else _PruneTask(cfg, label)
+        s3_endpoint_url=options.s3_endpoint_url, trust_remote_code=options.trust_remote_code,
+    )) if cfg.merge is not None else _PruneTask(cfg, label)
     level = optuna.logging.get_verbosity()
     if not verbose():  # Optuna's INFO lines ("A new study created", one per trial) repeat our progress bar
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -447,11 +451,13 @@ def _windows(cfg: SearchConfig, task, tokenizer, shape: ModelShape, objective: O
 def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions, t0: float, optuna) -> SearchResult:
     donor = task.donor_source() if isinstance(task, _MergeTask) else task.source
     model_config = donor.config()
-    shape = describe_model(model_config, None if isinstance(task, _MergeTask) else task.prune.modules)
+    trust = options.trust_remote_code
+    shape = describe_model(model_config, None if isinstance(task, _MergeTask) else task.prune.modules,
+                           source=donor, trust_remote_code=trust)
     # A merge that chooses a tokenizer: the windows are tokenized by the merged tokenizer, and
     # the stages, loaded from the donor, get the merged vocabulary's rows (`setup`).
     vocabulary = task.vocabulary if isinstance(task, _MergeTask) else None
-    tokenizer = vocabulary.tokenizer if vocabulary is not None else load_tokenizer(donor)
+    tokenizer = vocabulary.tokenizer if vocabulary is not None else load_tokenizer(donor, trust_remote_code=trust)
     objectives = cfg.objectives
     files = donor_files(donor) if any(get_objective(o.kind).model_files for o in objectives) else None
     windows = [_windows(cfg, task, tokenizer, shape, o) for o in objectives]
@@ -463,7 +469,7 @@ def _run(cfg: SearchConfig, label: str, out: Path, task, options: SearchOptions,
         (o.reference or (task.models[task.donor] if isinstance(task, _MergeTask) else None)) if get_objective(o.kind).reference else None
         for o in objectives
     ]
-    settings = PruneSettings(method="wanda", modules=shape.modules, dtype=cfg.dtype)
+    settings = PruneSettings(method="wanda", modules=shape.modules, dtype=cfg.dtype, trust_remote_code=trust)
     bounds = even_stages(shape.num_layers, options.stages)
     n_stages = len(bounds)
 
@@ -842,7 +848,8 @@ def _materialize(cfg: SearchConfig, best: Path, out: Path, options: SearchOption
     assert target is not None
     # OUT/best-model is the search's own folder, replaced on every run; a given target is the user's.
     overwrite = True if options.materialize is True else options.overwrite
-    kwargs = dict(overwrite=overwrite, quiet=options.quiet, address=options.address, s3_endpoint_url=options.s3_endpoint_url)
+    kwargs = dict(overwrite=overwrite, quiet=options.quiet, address=options.address, s3_endpoint_url=options.s3_endpoint_url,
+                  trust_remote_code=options.trust_remote_code)
     if cfg.merge is not None:
         if options.in_process:  # an in-process search materializes in process too: no Ray
             kwargs.update(in_process=True, address=None)
