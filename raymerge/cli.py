@@ -157,10 +157,18 @@ MERGEKIT_NOOP_FLAGS: dict[str, str] = {
                       "shards, so neither RAM nor GPU memory ever holds the whole output",
     "lazy_unpickle": "inputs are always read tensor by tensor (safetensors by header offsets; pytorch_model*.bin, "
                      "with --allow-pickle, through torch.load(weights_only=True, mmap=True))",
-    "trust_remote_code": "a merge never runs model code: it reads tensors and config.json only, and guided "
-                         "merges, prune and search build layers from transformers' own classes, so models that "
-                         "need remote code are not supported there, with or without this flag",
 }
+
+TRUST_REMOTE_CODE_HELP = (
+    "run the Python code a model ships (the classes its config.json or tokenizer_config.json auto_map names, "
+    "read from the model's own files), as transformers' trust_remote_code: {where}. Default: off, and a model "
+    "that needs its code is refused naming this flag")
+
+
+def _add_trust_remote_code(p: argparse.ArgumentParser, where: str) -> None:
+    """--trust-remote-code, explained for the command it is on."""
+    p.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False,
+                   help=TRUST_REMOTE_CODE_HELP.format(where=where))
 
 
 def _add_mergekit_options(p: argparse.ArgumentParser) -> None:
@@ -181,6 +189,9 @@ def _add_mergekit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-merge-cache", default=None, metavar="DIR",
                    help="accepted, no effect: raymerge applies a LoRA adapter to each tensor as it is read, "
                         "so no merged copy of the model is written anywhere")
+    _add_trust_remote_code(g, "the tokenizers of a tokenizer_source / tokenizer: merge, and the layers a guided "
+                              "merge's statistics pass builds on its stage workers (a plain merge reads tensors and "
+                              "config.json only and runs no model code)")
     for flag, instead in MERGEKIT_NOOP_FLAGS.items():
         g.add_argument(f"--{flag.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=False,
                        help=f"accepted, no effect: {instead}")
@@ -277,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--s3-endpoint-url", default=None, metavar="URL",
                     help="endpoint of an S3-compatible store for an s3:// model and output (default: AWS, or $AWS_ENDPOINT_URL)")
     pr.add_argument("--quiet", action="store_true", help="no progress bars and no step lines on stderr (the report is printed)")
+    _add_trust_remote_code(pr, "the model's layers, built on every stage worker, and its tokenizer")
 
     se = sub.add_parser(
         "search",
@@ -307,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="endpoint of an S3-compatible store for s3:// models and an s3:// --materialize TARGET "
                          "(default: AWS, or $AWS_ENDPOINT_URL)")
     _add_input_options(se)
+    _add_trust_remote_code(se, "the layers the stage workers build, the tokenizer, and --materialize")
 
     pl = sub.add_parser(
         "plan",
@@ -331,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="build tiny demo models and merge them (no downloads)",
         description=(
             "Build a tiny base model and three fine-tunes with transformers, write a TIES config "
-            "for them, merge them on a local Ray and load the result with transformers: the whole pipeline, "
+            "for them, merge them where `raymerge merge` would (no GPU and no --address: on worker threads of "
+            "this process; with a GPU or --address: on Ray) and load the result with transformers: the whole pipeline, "
             "offline, in well under a minute. With --workdir the models, a calibration text and ready configs "
             "for `raymerge merge`, `prune` and `search` (ties.yaml, prune.yaml, search.yaml) stay there "
             "(README, 'The first hour')."
@@ -365,7 +379,7 @@ def _merge(args: argparse.Namespace) -> int:
         cluster=args.cluster, planner=args.planner, plan_time_limit=args.plan_time_limit,
         s3_endpoint_url=args.s3_endpoint_url, scan_nonfinite=args.scan_nonfinite, resume=args.resume,
         in_process=args.in_process, copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card,
-        lora_merge_dtype=args.lora_merge_dtype,
+        lora_merge_dtype=args.lora_merge_dtype, trust_remote_code=args.trust_remote_code,
     )
     print(result.summary())
     if args.result_json:
@@ -384,7 +398,7 @@ def _prune(args: argparse.Namespace) -> int:
     result = raymerge.prune(
         args.config, args.output, stages=args.stages, in_process=args.in_process, overwrite=args.overwrite,
         quiet=args.quiet, address=args.address, plot=args.plot, s3_endpoint_url=args.s3_endpoint_url,
-        allow_pickle=args.allow_pickle,
+        allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
     )
     print(result.report.table())
     print(result.summary())
@@ -402,7 +416,7 @@ def _search(args: argparse.Namespace) -> int:
     result = raymerge.optimize(args.config, args.output, stages=args.stages, in_process=args.in_process,
                                address=args.address, quiet=args.quiet, materialize=args.materialize,
                                overwrite=args.overwrite, allow_pickle=args.allow_pickle, allow_mixed_architectures=args.allow_mixed_architectures,
-                               s3_endpoint_url=args.s3_endpoint_url)
+                               s3_endpoint_url=args.s3_endpoint_url, trust_remote_code=args.trust_remote_code)
     print(result.summary())
     for path in result.plots:
         print(f"plot: {path}")

@@ -2,8 +2,8 @@
 
 - `bar(...)`: every progress bar of raymerge is a `tqdm` made here. On a terminal it redraws in
   place; when stderr is not a terminal (`ray job logs`, a CI log, `2> file`) it writes one plain
-  line at most every 30 s (and the last one), instead of a redraw per update that a log keeps
-  as hundreds of lines.
+  line, ending in a newline (`LogLines`), at most every 30 s (and the last one), instead of a
+  redraw per update that a log keeps as hundreds of states on one physical line.
 - `phase(what)`: one line on stderr when a step that can take more than a few seconds starts
   (loading stages, a calibration pass, pruning, setting up a search), and one with its time when
   it ends, so no step is silent for a minute; `quiet=True` prints nothing.
@@ -45,9 +45,42 @@ def bar_kwargs(**kwargs: Any) -> dict[str, Any]:
         kwargs.setdefault("dynamic_ncols", True)
     else:
         kwargs.pop("dynamic_ncols", None)
+        file = kwargs["file"]
         kwargs.update(mininterval=LOG_INTERVAL_S, maxinterval=LOG_INTERVAL_S, ncols=100, ascii=True,
-                      dynamic_ncols=False)
+                      dynamic_ncols=False, leave=True,  # a log keeps each bar's last state
+                      file=file if isinstance(file, LogLines) else LogLines(file))
     return kwargs
+
+
+class LogLines:
+    """A stream for tqdm when the output is a log: each state tqdm writes becomes one line ending in
+    a newline. tqdm redraws in place (`\\r` + state + padding, cursor moves for nested bars), which a
+    log file keeps as one physical line holding every state; here the carriage returns, the padding,
+    the cursor moves and tqdm's clearing writes (blank states) are dropped."""
+
+    _CURSOR_UP = "\x1b[A"
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        for state in text.replace(self._CURSOR_UP, "").replace("\r", "\n").split("\n"):
+            if state.strip():
+                self.stream.write(state.rstrip() + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        flush = getattr(self.stream, "flush", None)
+        if flush is not None:
+            flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:  # encoding, closed, ...: the wrapped stream's
+        if name == "stream":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self.stream, name)
 
 
 def bar(iterable: Any = None, **kwargs: Any):
@@ -102,4 +135,4 @@ def set_verbose() -> None:
     logging.getLogger("DeepSpeed").removeFilter(_DEEPSPEED_NOISE)
 
 
-__all__ = ["DropMessages", "bar", "bar_kwargs", "phase", "quiet_third_party", "set_verbose", "verbose", "is_terminal", "LOG_INTERVAL_S"]
+__all__ = ["DropMessages", "LogLines", "bar", "bar_kwargs", "phase", "quiet_third_party", "set_verbose", "verbose", "is_terminal", "LOG_INTERVAL_S"]

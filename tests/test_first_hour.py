@@ -70,6 +70,56 @@ def test_the_runnable_block_is_what_the_first_hour_needs():
         build_parser().parse_args(shlex.split(c)[1:])
 
 
+def readme_raymerge_commands(text: str) -> list[list[str]]:
+    """The arguments of every `raymerge ...` command in every code block of the README (any
+    language but the data formats): continuation lines joined, comments dropped, split at `&&`,
+    `||`, `;` and `|`, leading `NAME=value` words skipped; a command run through another
+    (`ray job submit ... -- raymerge merge ...`) counts too."""
+    commands = []
+    for m in re.finditer(r"^```(\w*)\n(.*?)^```", text, re.S | re.M):
+        if m.group(1) in ("python", "yaml", "json"):
+            continue
+        for line in m.group(2).replace("\\\n", " ").splitlines():
+            try:
+                words = shlex.split(line, comments=True)
+            except ValueError:  # not shell (a quoted message): no command
+                continue
+            segment: list[str] = []
+            for word in [*words, ";"]:
+                if word not in ("&&", "||", ";", "|"):
+                    segment.append(word)
+                    continue
+                while segment and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", segment[0]):
+                    segment.pop(0)
+                if segment[:1] == ["raymerge"]:
+                    commands.append(segment[1:])
+                elif "--" in segment and segment[segment.index("--") + 1:][:1] == ["raymerge"]:
+                    commands.append(segment[segment.index("--") + 2:])
+                segment = []
+    return commands
+
+
+def test_every_readme_command_parses_with_the_cli():
+    """Every `raymerge ...` command shown in the README parses with today's CLI parser, so a
+    renamed or removed flag fails here instead of in a reader's shell."""
+    import contextlib
+    import io
+
+    commands = readme_raymerge_commands((ROOT / "README.md").read_text())
+    verbs = {c[0] for c in commands if c}
+    assert {"demo", "merge", "prune", "search", "plan", "methods"} <= verbs, verbs  # the blocks were found
+    assert ["merge", "ties.yaml", "s3://my-bucket/merged/ties"] in commands  # after `ray job submit ... --`
+    parser = build_parser()
+    for args in commands:
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            try:
+                parser.parse_args(args)
+            except SystemExit:
+                pytest.fail(f"README command does not parse: raymerge {shlex.join(args)}\n{err.getvalue()}")
+    with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):  # the check can fail
+        parser.parse_args(["merge", "cfg.yaml", "out", "--no-such-flag"])
+
+
 RUNNER = textwrap.dedent(
     """
     import shlex, sys, time
@@ -131,12 +181,15 @@ def test_first_hour_output_is_quiet_when_it_is_a_log(first_hour):
     everything = done.stdout + done.stderr
     for noise in NOISE:
         assert noise not in everything, (noise, everything[-4000:])
+    assert "\r" not in done.stderr  # each progress state is a line of its own in a log
     err = _split(done.stderr)
-    demo_lines = [x for x in re.split(r"[\r\n]+", err[0]) if x.strip() and not x.startswith("=== rc")]
-    assert len(demo_lines) <= 12, demo_lines  # phases (start, end) and the merge bar's first and last state
-    assert any(x.startswith("raymerge: starting the merge workers") for x in demo_lines), demo_lines
-    bar_states = [x for x in demo_lines if x.startswith("merging on ")]
-    assert 1 <= len(bar_states) <= 3, bar_states
+    merge_local = next(i for i, c in enumerate(commands) if shlex.split(c)[1] == "merge" and "--address local" in c)
+    for step in (0, merge_local):  # the demo (worker threads) and the merge on a local Ray of its own
+        lines = [x for x in err[step].split("\n") if x.strip() and not x.startswith("=== rc")]
+        assert len(lines) <= 12, (step, lines)  # phases (start, end) and the merge bar's first and last state
+        assert any(x.startswith("raymerge: starting the merge workers") for x in lines), (step, lines)
+        bar_states = [x for x in lines if x.startswith("merging on ")]
+        assert 1 <= len(bar_states) <= 3, (step, bar_states)
     prune = commands.index(next(c for c in commands if " prune " in f" {c} "))
     assert re.search(r"^raymerge: pruning \(wanda, sequential[;)].*: done in", err[prune], flags=re.M), err[prune]
     search = commands.index(next(c for c in commands if " search " in f" {c} "))
@@ -164,6 +217,27 @@ def test_verbose_flag_is_everywhere_and_shows_third_party_messages(monkeypatch):
     finally:
         monkeypatch.delenv("RAYMERGE_VERBOSE", raising=False)
         progress.quiet_third_party()
+
+
+def test_verbose_shows_rays_token_authentication_note(tmp_path, monkeypatch):
+    """Ray's note that it enabled token authentication is dropped around starting a local Ray of
+    our own, but not with `-v` (`RAYMERGE_VERBOSE=1`), which shows every third-party note."""
+    import logging
+
+    from raymerge.runtime.executor import local_ray_auth
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # Ray's token file would go here; none is made
+    note = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    record = logging.LogRecord(note.name, logging.WARNING, __file__, 1,
+                               "Token authentication is enabled for this Ray cluster", None, None)
+    seen = {}
+    for flag in ("", "1"):
+        monkeypatch.setenv("RAYMERGE_VERBOSE", flag)
+        with local_ray_auth():
+            seen[flag] = bool(note.filter(record))
+        assert note.filter(record)  # the filter goes with the context
+    assert seen == {"": False, "1": True}
 
 
 def test_highs_banner_is_dropped_at_the_file_descriptor():
@@ -208,9 +282,17 @@ def test_progress_bars_are_periodic_lines_in_a_log():
     with bar(total=500, desc="steps", file=stream) as b:
         for _ in range(500):
             b.update(1)
-    states = [x for x in re.split(r"[\r\n]+", stream.getvalue()) if x.strip()]
-    assert 1 <= len(states) <= 3, states  # not 500 redraws
-    assert states[-1].startswith("steps: 100%")
+    # Each state is a line of its own: split on newlines only (a redraw joined by "\r" would be
+    # one physical line of a log file holding 0% and 100%).
+    states = [x for x in stream.getvalue().split("\n") if x.strip()]
+    assert 2 <= len(states) <= 3, states  # the first and last state, not 500 redraws
+    assert "\r" not in stream.getvalue()
+    assert states[0].startswith("steps:   0%") and states[-1].startswith("steps: 100%"), states
+    assert all(len(x) <= 100 for x in states), states  # fixed width, no padding left behind
+    quick = io.StringIO()  # a bar that asks not to be left: a log still keeps its last state
+    with bar(total=3, desc="quick", file=quick, leave=False) as b:
+        b.update(3)
+    assert quick.getvalue().split("\n")[-2].startswith("quick: 100%"), quick.getvalue()
     sources = [p for p in (ROOT / "raymerge").rglob("*.py") if p.name != "progress.py"]
     direct = [str(p.relative_to(ROOT)) for p in sources if re.search(r"^\s*(from tqdm|import tqdm)", p.read_text(), re.M)]
     assert direct == [], f"make progress bars with raymerge.progress.bar: {direct}"
@@ -227,6 +309,15 @@ def test_one_flag_name_per_idea():
     assert "--stages" in sub["search"].format_help()
     for command in ("merge", "plan", "demo"):
         assert "--workers" in sub[command].format_help() and "--stages" not in sub[command].format_help()
+
+
+def test_demo_help_says_where_it_merges():
+    """`raymerge demo` merges where `raymerge merge` would: on worker threads without a GPU or an
+    address, not always "on a local Ray"."""
+    parser = build_parser()
+    sub = {name: p for a in parser._subparsers._group_actions for name, p in a.choices.items()}
+    text = " ".join(sub["demo"].format_help().split())
+    assert "worker threads" in text and "merge them on a local Ray" not in text, text
 
 
 def test_demo_removes_its_temporary_folder(tmp_path, monkeypatch, capsys):
@@ -301,3 +392,30 @@ def test_search_plots_name_the_objective_and_its_direction():
         assert (pareto.get_xlabel(), pareto.get_ylabel()) == tuple(labels)
     finally:
         plt.close("all")
+
+
+def test_prune_chart_labels_its_axes_layers_and_bars():
+    """The prune's per-layer chart (`--plot`): integer layer ticks (not half layers), labelled
+    axes, a legend naming target and achieved, read from the figure object."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from raymerge.pruning.report import ModuleResult, PruneReport
+
+    results = [ModuleResult(layer=i, module=m, target=0.5, zeros=40 + i, numel=100)
+               for i in range(4) for m in ("mlp.up_proj", "mlp.down_proj")]
+    report = PruneReport.build(results, method="wanda", pattern="unstructured", mode="sequential", target=0.5,
+                               model_parameters=1000)
+    fig = report.figure()
+    try:
+        ax = fig.axes[0]
+        assert "layer" in ax.get_xlabel() and "sparsity" in ax.get_ylabel()
+        assert list(ax.get_xticks()) == [0, 1, 2, 3]
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2", "3"]
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["target", "achieved"]
+        achieved = ax.containers[1]
+        assert [round(b.get_height(), 2) for b in achieved] == [0.4, 0.41, 0.42, 0.43]
+    finally:
+        plt.close(fig)

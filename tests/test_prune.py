@@ -252,6 +252,95 @@ def test_cli_prune_prints_report(trained, tmp_path, capsys):
     assert json.loads((tmp_path / "r.json").read_text())["nm_valid"] is True
 
 
+def test_in_process_prune_shows_each_pass_while_it_runs(trained, tmp_path, capsys, monkeypatch):
+    """In process a stage call runs when it is made, so each pass gets its own phase line, opened
+    before its work and closed after it: the stage's work (marked here by a line its calls print)
+    falls between a pass's start and end lines, never before the line that announces it."""
+    import sys
+
+    from raymerge.runtime.pool_actor import PoolActor
+
+    def marked(name: str, mark: str):
+        real = getattr(PoolActor, name)
+
+        def call(self, *args, **kwargs):
+            print(mark, file=sys.stderr, flush=True)
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(PoolActor, name, call)
+
+    marked("loss", "STAGE: loss")
+    marked("prune_sequential", "STAGE: prune")
+    _prune(trained, tmp_path, options=PruneOptions(in_process=True, quiet=False))
+    lines = capsys.readouterr().err.splitlines()
+    events = []
+    for line in lines:
+        if line.startswith("STAGE: "):
+            if not events or events[-1] != line:  # one entry per run of the same call
+                events.append(line)
+        elif line.startswith("raymerge: ") and ("perplexity" in line or "pruning" in line):
+            events.append(line.split(" ...")[0].split(": done in")[0] + (" END" if ": done in" in line else " START"))
+    assert events == [
+        "raymerge: perplexity before pruning (8 held-out windows) START", "STAGE: loss",
+        "raymerge: perplexity before pruning (8 held-out windows) END",
+        "raymerge: pruning (wanda, sequential) START", "STAGE: prune", "raymerge: pruning (wanda, sequential) END",
+        "raymerge: perplexity after pruning (8 held-out windows) START", "STAGE: loss",
+        "raymerge: perplexity after pruning (8 held-out windows) END",
+    ], lines
+
+
+def test_passes_on_ray_are_queued_then_waited_for_once(capsys):
+    """On Ray the passes are queued without waiting (the stages overlap across passes) and waited
+    for once, under one phase line naming them (a stand-in pool counts the waits)."""
+    from raymerge.runtime.prune import _Passes
+
+    class Pool:
+        remote = True
+
+        def __init__(self) -> None:
+            self.waits: list = []
+
+        def __len__(self) -> int:
+            return 2
+
+        def get(self, handles, desc=None, quiet=True):
+            self.waits.append(list(handles))
+            return [h * 10 for h in handles]
+
+    pool = Pool()
+    passes = _Passes(pool, quiet=False)
+    passes.add("dense perplexity", lambda: [1, 2], "perplexity before pruning")
+    passes.add("pruning", lambda: [3], "pruning (wanda, sequential)")
+    assert pool.waits == [] and capsys.readouterr().err == ""  # queued: nothing waited for, no line yet
+    assert passes.wait("pruning (wanda, sequential") == {"dense perplexity": [10, 20], "pruning": [30]}
+    assert pool.waits == [[1, 2, 3]]
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "raymerge: pruning (wanda, sequential; dense perplexity, pruning, pipelined over 2 stage(s)) ..."
+    assert err[1].startswith("raymerge: pruning (wanda, sequential; dense perplexity, pruning, pipelined over 2 stage(s)): done in")
+
+
+def test_starting_the_stage_workers_is_announced(trained, tmp_path, capsys, monkeypatch):
+    """A prune on Ray says that it starts Ray and its stage workers (seconds) before it does, as a
+    merge does ("starting the merge workers")."""
+    from raymerge.runtime import prune as prune_module
+
+    class Stop(Exception):
+        pass
+
+    def no_ray(address=None, num_cpus=None):
+        print("STARTING RAY", file=__import__("sys").stderr, flush=True)
+        raise Stop
+
+    monkeypatch.setattr(prune_module, "ensure_ray", no_ray)
+    with pytest.raises(Stop):
+        run_prune(_config(trained), tmp_path / "out", PruneOptions(quiet=False))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines.index("raymerge: starting the prune stage workers ...") < lines.index("STARTING RAY"), lines
+    with pytest.raises(Stop):
+        run_prune(_config(trained), tmp_path / "out", PruneOptions(quiet=True))
+    assert "raymerge:" not in capsys.readouterr().err  # --quiet: nothing
+
+
 # -- bad inputs: a clear error, nothing published -------------------------------------------------------
 def _fails(trained, tmp_path, match, exc=ConfigError, **cfg):
     out = tmp_path / "never"

@@ -8,7 +8,8 @@ on, the last stage computes the loss, logits or features. `Pipeline` is that flo
 against the stages' typed calls (`runtime.pool_actor.ActorRef`): each call returns a handle (a
 Ray object reference, or the value itself in process), handles are passed straight on to the
 next stage (Ray moves the tensors between actors; the driver never holds activations), and the
-driver's `get` waits for them. No Ray here: the driver object supplies `get`.
+driver's `get` waits for them (`map`: one call per micro-batch, with a progress bar on Ray and in
+process alike). No Ray here: the driver object supplies `get` and `map`.
 
 Overlap. A stage actor runs its calls one at a time in the order the driver submitted them, so
 a chain of handles submitted without waiting is a pipeline: stage k runs micro-batch b while
@@ -30,7 +31,8 @@ import torch
 
 class Pipeline:
     """Micro-batches through a driver's stages (module docstring). `driver` turns handles into
-    values (`get(handles, desc, quiet)`: a `runtime.actor_pool.ActorPool`)."""
+    values (`get(handles, desc, quiet)`, `map(call, items, desc, quiet)`: a
+    `runtime.actor_pool.ActorPool`)."""
 
     def __init__(self, driver: Any, stages: list[Any], batch_size: int, quiet: bool) -> None:
         self.d, self.stages, self.batch_size, self.quiet = driver, stages, batch_size, quiet
@@ -67,14 +69,16 @@ class Pipeline:
         return self.nll_total(self.d.get(self.nll_parts(windows), desc, self.quiet))
 
     def features(self, windows: torch.Tensor) -> torch.Tensor:
-        handles = [self.stages[-1].features(self.forward(ids)) for ids in self.batches(windows)]
-        return torch.cat(self.d.get(handles, "curation features", self.quiet))
-
-    def keep_reference(self, windows: torch.Tensor, first_key: int = 0) -> None:
-        """Have the last stage keep the logits of each micro-batch under keys first_key, +1, ..."""
         last = self.stages[-1]
-        self.d.get([last.keep_reference(self.forward(ids), first_key + j)
-                    for j, ids in enumerate(self.batches(windows))])
+        return torch.cat(self.d.map(lambda ids: last.features(self.forward(ids)), self.batches(windows),
+                                    "curation features", self.quiet))
+
+    def keep_reference(self, windows: torch.Tensor, first_key: int = 0, desc: Optional[str] = None) -> None:
+        """Have the last stage keep the logits of each micro-batch under keys first_key, +1, ...
+        (a progress bar `desc` unless quiet)."""
+        last = self.stages[-1]
+        self.d.map(lambda item: last.keep_reference(self.forward(item[1]), first_key + item[0]),
+                   list(enumerate(self.batches(windows))), desc, self.quiet)
 
     def prune_sequential(self, windows: torch.Tensor, sparsities: list[list[dict[int, float]]],
                          wait: bool = True) -> Optional[list[Any]]:

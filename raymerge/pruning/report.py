@@ -9,8 +9,8 @@ Each stage's entry says where it ran, its layers, and its utilisation: `busy_sec
 inside the stage's calls, measured by the actor) over `wall_seconds` (the driver's wall time from
 loading the stage to finishing it); utilisation near 1 on every stage means the micro-batches
 overlapped between stages, near 1/k on k stages that they ran one stage at a time.
-Written next to the model as `prune_report.json`; `table()` is what the CLI prints; `plot()`
-draws target vs achieved sparsity per layer (matplotlib, optional).
+Written next to the model as `prune_report.json`; `table()` is what the CLI prints; `figure()`
+draws target vs achieved sparsity per layer (matplotlib, optional) and `plot()` saves it.
 """
 
 from __future__ import annotations
@@ -158,8 +158,10 @@ class PruneReport:
                 )
         return "\n".join(lines)
 
-    def plot(self, path: str | Path) -> Path:
-        """A bar chart of target and achieved sparsity per layer, as PNG (needs matplotlib)."""
+    def figure(self):
+        """The per-layer chart as a matplotlib figure (needs matplotlib): target and achieved
+        sparsity side by side for each decoder layer, one integer tick per layer, the axes
+        labelled and a legend naming the two bars. `plot` saves it; tests read it."""
         try:
             import matplotlib
 
@@ -167,19 +169,29 @@ class PruneReport:
             import matplotlib.pyplot as plt
         except ImportError:
             raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from None
-        path = Path(path)
         xs = [r.layer for r in self.layers]
         fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(xs) + 2), 3.5))
         ax.bar([x - 0.2 for x in xs], [r.target for r in self.layers], width=0.4, label="target")
         ax.bar([x + 0.2 for x in xs], [r.achieved for r in self.layers], width=0.4, label="achieved")
+        ax.set_xticks(xs)  # one tick per layer (matplotlib's own would fall on half layers)
         ax.set_xlabel("decoder layer")
-        ax.set_ylabel("sparsity")
+        ax.set_ylabel("sparsity (share of weights that are zero)")
         ax.set_ylim(0, 1)
         ax.set_title(f"{self.method} {self.pattern}: {self.achieved_sparsity:.1%} of pruned weights are zero")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        return fig
+
+    def plot(self, path: str | Path) -> Path:
+        """The per-layer chart (`figure`) as PNG at `path`."""
+        import matplotlib.pyplot as plt
+
+        path = Path(path)
+        fig = self.figure()
+        try:
+            fig.savefig(path, dpi=100)
+        finally:
+            plt.close(fig)
         return path
 
 

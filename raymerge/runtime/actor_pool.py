@@ -204,6 +204,17 @@ class ActorPool:
                     bar.update(len(done))
         return ray.get(handles)
 
+    def map(self, call: Callable[[Any], Any], items: Sequence[Any], desc: Optional[str] = None,
+            quiet: bool = True) -> list[Any]:
+        """`call(item)` (calls on the actors, returning a handle) for each item, and the values,
+        with one progress bar over the items when `desc` is given and not `quiet`, on Ray and in
+        process alike: on Ray every call is submitted first and the bar counts them as they
+        finish (`get`); in process a call runs when it is made, so the bar counts the calls."""
+        if self.remote:
+            return self.get([call(item) for item in items], desc, quiet)
+        steps = tqdm(items, desc=desc, unit="step", leave=False, disable=quiet or not desc)
+        return [call(item) for item in steps]
+
     def replace(self, i: int) -> Any:
         """Replace actor `i` (dead, or given up) by a new one with the same resources; returns the
         handle of its `setup` (work sent to it later runs after that), else of its `describe`."""

@@ -46,7 +46,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-from raymerge.progress import DropMessages
+from raymerge.progress import DropMessages, verbose
 from raymerge.progress import bar as tqdm  # tqdm with raymerge.progress.bar_kwargs
 
 from raymerge.checkpoints import OutputLayout, SourceSpec
@@ -93,15 +93,18 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) ->
     (`address="local"`): Ray's own default would join whichever local cluster it finds, so the
     same command could silently run on another user's cluster, or one of several.
 
-    A local Ray of our own runs with Ray's token authentication (`local_ray_auth`): Ray's
-    servers listen on every interface (its gRPC servers bind 0.0.0.0; Ray has no option to bind
-    them to loopback only), so the token, readable by this user only, is what keeps other
-    machines, and other users of this one, from running code in it."""
+    A local Ray of our own listens on loopback only when this call is the process's first import
+    of Ray (`import_ray_loopback_only`), and runs with Ray's token authentication
+    (`local_ray_auth`): the token, readable by this user only, is what keeps other users of this
+    machine (who can reach its loopback), and other machines where Ray was imported before, from
+    running code in it."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None or address == "local":
+        import_ray_loopback_only()
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True}
     if address is None or address == "local":  # a new local Ray of our own (`address="local"` asks for one)
         address = "local"
@@ -110,6 +113,32 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) ->
             ray.init(address=address, **kwargs)
         return
     ray.init(address=address, **kwargs)
+
+
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's multi-node switch, off by default on Windows and macOS
+
+
+def import_ray_loopback_only() -> None:
+    """Import Ray for the first time in this process so that a local Ray started next listens on
+    loopback only.
+
+    Ray 2.60 has no bind-address option: a local node's servers (gcs_server, raylets, core
+    workers, the runtime-env agent) listen on the node IP, `::` for the gRPC servers. The node
+    IP of a new local Ray is the loopback address where Ray's `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`
+    is off (its default on Windows and macOS, which support single-node Ray only): every one of
+    those servers then binds 127.0.0.1 (`::ffff:127.0.0.1`). Ray reads that variable once, when
+    `ray._private.ray_constants` is imported, so it is set around that first import only: the
+    processes this one starts later (a `ray start --address ...` joining a cluster) do not see
+    it, and joining a cluster from this process (`address=...`) does not use the node IP. A
+    variable the user set is theirs (left alone), and where Ray was imported already, its
+    default stays (all interfaces; token authentication still applies)."""
+    if "ray" in sys.modules or LOOPBACK_ENV in os.environ:
+        return
+    os.environ[LOOPBACK_ENV] = "0"
+    try:
+        import ray  # noqa: F401 - read by ray._private.ray_constants, once, here
+    finally:
+        del os.environ[LOOPBACK_ENV]
 
 
 TOKEN_FILE = os.path.join("~", ".ray", "auth_token")  # where Ray keeps the token it generates
@@ -121,7 +150,7 @@ def local_ray_auth():
     `disabled` is theirs to choose, e.g. on a loopback-only test machine): Ray then enables token
     authentication for a new local cluster by itself (Ray 2.60's default; the test checks it
     stays so), and its warning that it did is dropped (raymerge chose it; it says nothing to the
-    user). A token file Ray generates here is made readable by this user only (Ray writes it
+    user), except with `raymerge -v` (`RAYMERGE_VERBOSE`), which shows every note. A token file Ray generates here is made readable by this user only (Ray writes it
     with the umask's mode, e.g. 0644, readable by every local user); an existing one that other
     users can read is left alone, with a one-line warning."""
     if os.environ.get("RAY_AUTH_MODE") is not None:
@@ -131,7 +160,8 @@ def local_ray_auth():
     existed = os.path.exists(path)
     ray_auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
     chosen = DropMessages("Token authentication is enabled for this Ray cluster")
-    ray_auth_log.addFilter(chosen)
+    if not verbose():
+        ray_auth_log.addFilter(chosen)
     try:
         yield
     finally:

@@ -84,12 +84,14 @@ _KEY_NAMES = {-1: "embed", -2: "norm", -3: "head"}
 
 def guide_program(
     g: GuidanceConfig, cfg: MergeConfig, program: MergeProgram, specs: list[SourceSpec], pool: ActorPool, *,
-    quiet: bool = False,
+    quiet: bool = False, trust_remote_code: bool = False,
 ) -> GuidanceReport:
     """Run the statistics pass and put an `OperatorGuide` on each affected operator of `program`
     (`g`: the settings as `check_guidance` returned them). The pass runs on the merge's own
     `pool` (its first `g.stages` actors, at most all of them; in process, its one actor), which
-    the merge then uses: no other actors are started, and a kept pool stays kept."""
+    the merge then uses: no other actors are started, and a kept pool stays kept.
+    `trust_remote_code`: the stages build the layers from the code the models ship (their
+    `PruneSettings` carry it to the actors), and the tokenizer is loaded with it."""
     import time
 
     t0 = time.perf_counter()
@@ -103,7 +105,7 @@ def guide_program(
 
     def attempt() -> GuidanceReport:
         report = GuidanceReport(method=g.method, strength=strength(g), models=names)
-        with _StagePass(g, specs, base, quiet, pool) as sp:
+        with _StagePass(g, specs, base, quiet, pool, trust_remote_code) as sp:
             get_guidance_method(g.method).run(sp, g, program, base, names, report)
         return report
 
@@ -240,8 +242,10 @@ class _StagePass:
     """Stages over one model's layers at a time (the first actors of the merge's pool), and the
     passes the methods need."""
 
-    def __init__(self, g: GuidanceConfig, specs: list[SourceSpec], base: int, quiet: bool, pool: ActorPool) -> None:
+    def __init__(self, g: GuidanceConfig, specs: list[SourceSpec], base: int, quiet: bool, pool: ActorPool,
+                 trust_remote_code: bool = False) -> None:
         self.g, self.specs, self.base, self.quiet, self.pool = g, specs, base, quiet, pool
+        self.trust_remote_code = trust_remote_code
 
     def __enter__(self) -> "_StagePass":
         from raymerge.blocks.pipeline import Pipeline, even_stages
@@ -251,10 +255,10 @@ class _StagePass:
         src = self.specs[self.base].open()
         try:
             self.model_config = src.config()
-            self.tokenizer = load_tokenizer(src)
+            self.tokenizer = load_tokenizer(src, trust_remote_code=self.trust_remote_code)
+            self.shape = describe_model(self.model_config, source=src, trust_remote_code=self.trust_remote_code)
         finally:
             src.close()
-        self.shape = describe_model(self.model_config)
         from raymerge.calibration.windows import resolve_seqlen
 
         cals = [self.g.calibration, *self.g.task_calibration.values()]
@@ -272,7 +276,8 @@ class _StagePass:
         n = len(self.bounds)
         self.pipe = Pipeline(self.pool, self.workers, self.g.batch_size, self.quiet)
         try:
-            settings = PruneSettings(method="wanda", modules=self.shape.modules, dtype=self.g.dtype)
+            settings = PruneSettings(method="wanda", modules=self.shape.modules, dtype=self.g.dtype,
+                                     trust_remote_code=self.trust_remote_code)
             last = n - 1
             self.pool.get([w.load(self.model_config, self.specs[self.base], a, b, settings, k == 0, k == last)
                            for k, (w, (a, b)) in enumerate(zip(self.workers, self.bounds))])
@@ -314,8 +319,7 @@ class _StagePass:
     def run(self, windows: torch.Tensor, desc: str) -> None:
         """Every window through the layers and the last stage's final norm and head (collectors see all)."""
         last = self.workers[-1]
-        self.d.get([last.head(self.pipe.forward(ids)) for ids in self.pipe.batches(windows)],
-                   desc=desc, quiet=self.quiet)
+        self.d.map(lambda ids: last.head(self.pipe.forward(ids)), self.pipe.batches(windows), desc, self.quiet)
 
     def layer_keys(self) -> dict[str, Optional[int]]:
         keys: dict[str, Optional[int]] = {}
@@ -360,11 +364,11 @@ class _StagePass:
         for b, j in enumerate(tasks):  # model j: its sensitivity, then its own text's logits as the reference
             self.load(j)
             sensitivity[j] = self._sensitivity(data[j], names[j])
-            self.pipe.keep_reference(data[j])
+            self.pipe.keep_reference(data[j], desc=f"Sens reference logits ({names[j]})")
             for a, i in enumerate(tasks):
                 if i != j:
                     self.load(i)
-                    distances[a][b] = self._distance(data[j])
+                    distances[a][b] = self._distance(data[j], f"Sens logit distances ({names[i]} on {names[j]}'s text)")
             self.each(ActorRef.drop_references)
         layers = sorted({k for s in sensitivity.values() for k in s})
         alpha = [sens_layer_scores([sensitivity[i].get(k, 0.0) for k in layers]) for i in tasks]
@@ -394,8 +398,8 @@ class _StagePass:
             out.update(part)
         return out
 
-    def _distance(self, windows: torch.Tensor) -> float:
+    def _distance(self, windows: torch.Tensor, desc: str) -> float:
         last = self.workers[-1]
-        parts = self.d.get([last.logit_distance(self.pipe.forward(ids), j)
-                            for j, ids in enumerate(self.pipe.batches(windows))])
+        parts = self.d.map(lambda item: last.logit_distance(self.pipe.forward(item[1]), item[0]),
+                           list(enumerate(self.pipe.batches(windows))), desc, self.quiet)
         return sum(p[0] for p in parts) / max(1, sum(p[1] for p in parts))

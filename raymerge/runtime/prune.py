@@ -37,7 +37,8 @@
    `WorkerLostError`.
 
 `in_process=True` runs the same stage code in the driver as a single stage, without Ray: the
-reference the distributed runs are tested against.
+reference the distributed runs are tested against. There a stage call runs when it is made, so
+each pass runs as it is queued, and gets a phase line of its own (`_Passes`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -92,6 +93,7 @@ class PruneOptions:
     s3_endpoint_url: Optional[str] = None  # S3-compatible store for an s3:// model and output
     allow_pickle: bool = False  # accept pytorch_model*.bin and DeepSpeed ZeRO folders (torch pickles)
     keep_workers: bool = False  # keep the stage actors for the next job of this process (as merge's)
+    trust_remote_code: bool = False  # build the model and tokenizer from code it ships (`checkpoints.remote_code`)
 
 
 @dataclass
@@ -120,9 +122,10 @@ class PruneError(RaymergeError, ValueError):
 
 
 # -- checks that need only the config, headers and text ------------------------------------------------
-def _model_shape(cfg: PruneConfig, model_config: dict[str, Any], label: str) -> ModelShape:
+def _model_shape(cfg: PruneConfig, model_config: dict[str, Any], label: str, source: CheckpointSource,
+                 trust_remote_code: bool) -> ModelShape:
     try:
-        return describe_model(model_config, cfg.modules)
+        return describe_model(model_config, cfg.modules, source=source, trust_remote_code=trust_remote_code)
     except CheckpointError as err:
         raise ConfigError(f"{label}: {err}") from None
 
@@ -238,7 +241,7 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
     try:
         model_config = source.config()
         tensors = source.tensors()
-        shape = _model_shape(cfg, model_config, label)
+        shape = _model_shape(cfg, model_config, label, source, options.trust_remote_code)
         _check_tensors(shape, tensors, source.location)
         _check_widths(cfg, shape, label)
         fixed = _fixed_sparsities(cfg, shape.num_layers, label)
@@ -246,7 +249,7 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
         if cfg.calibration is not None:
             try:
                 resolve_seqlen(cfg.calibration.seqlen, shape.max_positions)
-                tokenizer = load_tokenizer(source)
+                tokenizer = load_tokenizer(source, trust_remote_code=options.trust_remote_code)
                 if cfg.calibration.curate is None:
                     windows = load_calibration(cfg.calibration, tokenizer, shape.max_positions)
             except CalibrationError as err:
@@ -259,7 +262,7 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
     settings = PruneSettings(
         method=cfg.method, modules=shape.modules, nm=cfg.nm, blocksize=cfg.sparsegpt.blocksize,
         dampening=cfg.sparsegpt.dampening, dtype=cfg.dtype, weight_exponent=cfg.wanda.weight_exponent,
-        norm_exponent=cfg.wanda.norm_exponent,
+        norm_exponent=cfg.wanda.norm_exponent, trust_remote_code=options.trust_remote_code,
     )
     t_checked = time.perf_counter()
 
@@ -277,9 +280,10 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
             driver = ActorPool.in_process("in-process stage")
             plans, infos = [_StagePlan(0, 0, shape.num_layers - 1)], _describe(driver)
         else:
-            ensure_ray(options.address)
-            n = options.workers if options.workers is not None else default_actor_count()
-            driver = actor_pool.acquire(max(1, min(n, shape.num_layers)), what="prune stage workers")
+            with phase("starting the prune stage workers", options.quiet):  # Ray too, when none runs yet
+                ensure_ray(options.address)
+                n = options.workers if options.workers is not None else default_actor_count()
+                driver = actor_pool.acquire(max(1, min(n, shape.num_layers)), what="prune stage workers")
             every = _describe(driver)
             plans = plan_stages(shape, every, settings, cfg.mode)
             driver.keep([p.worker for p in plans])  # the unused actors end
@@ -312,11 +316,13 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
 
         # Every pass is queued without waiting (`blocks.pipeline`: overlap), so the stages overlap
         # across passes as well as across micro-batches; the driver waits once, below. Only OWL's
-        # ratios, which the driver needs to set the sparsities, are waited for on the way.
+        # ratios, which the driver needs to set the sparsities, are waited for on the way. In
+        # process each pass runs as it is queued, in a phase line of its own (`_Passes`).
         evaluates = _evaluates(cfg, wins)
-        queued: dict[str, list[Any]] = {}
+        passes = _Passes(driver, options.quiet)
         if evaluates:
-            queued["dense perplexity"] = pipe.nll_parts(wins.heldout)
+            passes.add("dense perplexity", lambda: pipe.nll_parts(wins.heldout),
+                       f"perplexity before pruning ({wins.heldout.shape[0]} held-out windows)")
         kind = settings.statistic
         if fixed is None:  # OWL
             assert isinstance(cfg.layerwise, Owl) and wins is not None
@@ -328,22 +334,22 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
                     ratios.update(part)
             layer_sparsities = owl_sparsities([ratios[i] for i in range(shape.num_layers)], cfg.target_sparsity, cfg.layerwise.owl.lam)
             if cfg.mode == "sequential":
-                queued["clear statistics"] = [s.clear_statistics() for s in stages]
+                passes.add("clear statistics", lambda: [s.clear_statistics() for s in stages])
         else:
             layer_sparsities = fixed
             if kind is not None and cfg.mode == "parallel":
-                queued["calibration pass"] = pipe.dense_pass(wins.calibration, (kind,), wait=False)
+                passes.add("calibration pass", lambda: pipe.dense_pass(wins.calibration, (kind,), wait=False),
+                           f"calibration pass ({wins.calibration.shape[0]} windows, {kind} statistics)")
         per_stage = _per_stage(plans, layer_sparsities)
+        pruning = f"pruning ({cfg.method}, {cfg.mode})"
         if kind is not None and cfg.mode == "sequential":
-            queued["pruning"] = pipe.prune_sequential(wins.calibration, per_stage, wait=False)
+            passes.add("pruning", lambda: pipe.prune_sequential(wins.calibration, per_stage, wait=False), pruning)
         else:
-            queued["pruning"] = pipe.prune_collected(per_stage, wait=False)
+            passes.add("pruning", lambda: pipe.prune_collected(per_stage, wait=False), pruning)
         if evaluates:
-            queued["pruned perplexity"] = pipe.nll_parts(wins.heldout)
-        with phase(f"pruning ({cfg.method}, {cfg.mode}; {', '.join(queued)}, pipelined over {len(plans)} stage(s))",
-                   options.quiet):
-            values = iter(driver.get([h for hs in queued.values() for h in hs], "pruning pipeline", options.quiet))
-            done = {name: [next(values) for _ in hs] for name, hs in queued.items()}
+            passes.add("pruned perplexity", lambda: pipe.nll_parts(wins.heldout),
+                       f"perplexity after pruning ({wins.heldout.shape[0]} held-out windows)")
+        done = passes.wait(f"pruning ({cfg.method}, {cfg.mode}")
         nll_before = pipe.nll_total(done["dense perplexity"]) if evaluates else None
         nll_after = pipe.nll_total(done["pruned perplexity"]) if evaluates else None
         t_pruned = time.perf_counter()
@@ -401,6 +407,38 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
         peak_worker_rss_bytes=max(f[1] for f in finished),
         timings={"checks": t_checked - t0, "load": t_loaded - t_checked, "prune": t_pruned - t_loaded, "write": t_end - t_pruned},
     )
+
+
+class _Passes:
+    """The prune's passes after loading (dense perplexity, the calibration pass, pruning, pruned
+    perplexity), each a list of handles under its name.
+
+    On Ray a pass is queued without waiting (`blocks.pipeline`: overlap) and `wait` waits for
+    every pass at once, in one phase line with a progress bar over the steps. In process a call
+    runs when it is made, so a pass runs while it is queued: `add` runs it inside a phase line of
+    its own (`title`; none for bookkeeping calls), so the user sees each pass start and end
+    while it works instead of one line after all the work is done."""
+
+    def __init__(self, pool: ActorPool, quiet: bool) -> None:
+        self.pool, self.quiet = pool, quiet
+        self.queued: dict[str, list[Any]] = {}
+
+    def add(self, name: str, queue: Callable[[], Optional[list[Any]]], title: Optional[str] = None) -> None:
+        """Queue a pass (`queue()` makes its calls and returns their handles)."""
+        if self.pool.remote or title is None:
+            self.queued[name] = queue() or []
+            return
+        with phase(title, self.quiet):
+            self.queued[name] = queue() or []
+
+    def wait(self, what: str) -> dict[str, list[Any]]:
+        """Every pass's values, by name; on Ray under one phase line: `what`, then the passes."""
+        handles = [h for hs in self.queued.values() for h in hs]
+        if self.pool.remote:
+            with phase(f"{what}; {', '.join(self.queued)}, pipelined over {len(self.pool)} stage(s))", self.quiet):
+                handles = self.pool.get(handles, "pruning pipeline", self.quiet)
+        values = iter(handles)
+        return {name: [next(values) for _ in hs] for name, hs in self.queued.items()}
 
 
 def _utilisation(busy: float, wall: float) -> dict[str, float]:
