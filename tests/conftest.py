@@ -100,6 +100,36 @@ def llama_bf16_models(model_root) -> dict[str, Path]:
     return _build_family(model_root, "llama", "bfloat16")
 
 
+def force_row_splits(monkeypatch) -> list:
+    """Make every operator that may be row-split (`costs.split_degrees`) split 4 ways, parts dealt
+    round-robin over the workers; returns the list the forced plans are appended to."""
+    import planners
+
+    import raymerge.runtime.costs as costs
+    import raymerge.runtime.merge as merge_module
+
+    monkeypatch.setattr(costs, "SPLIT_MIN_BYTES", 0)
+    real = merge_module.plan_merge
+    used: list = []
+
+    def split_everything(ops, topology, table=None, **kw):
+        plan, problem = real(ops, topology, table, **kw)
+        names = [w.name for w in problem.workers]
+        assignments, k = [], 0
+        for op in problem.operators:
+            of = 4 if 4 in op.split_degrees else 1
+            for part in range(of):
+                assignments.append(planners.Assignment(op.name, part, of, names[k % len(names)]))
+                k += 1
+        forced = planners.plan.make_plan(problem, assignments, solver="test", status="heuristic",
+                                         solve_seconds=0.0, lower_bound=planners.lower_bound(problem))
+        used.append(forced)
+        return forced, problem
+
+    monkeypatch.setattr(merge_module, "plan_merge", split_everything)
+    return used
+
+
 def load_state(path: Path) -> dict:
     """Every tensor of a saved model folder, by name (sharded or not)."""
     from safetensors.torch import load_file

@@ -13,6 +13,7 @@ The end-to-end check (1, 2 and 3 Ray workers give the same published bytes) is i
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -228,6 +229,8 @@ E2E_CASES = {
     "ties rescale": {"merge_method": "ties", "parameters": {"rescale": True}},
     "ties trim_scope model": {"merge_method": "ties", "parameters": {"trim_scope": "model"}},
     "della": {"merge_method": "della"},
+    "dare_linear": {"merge_method": "dare_linear"},
+    "della_linear": {"merge_method": "della_linear"},
     "breadcrumbs": {"merge_method": "breadcrumbs", "parameters": {"rescale": True}},
     "model_stock": {"merge_method": "model_stock", "no_weights": True},
     "slerp": {"merge_method": "slerp", "two": True, "parameters": {"t": 0.4}},
@@ -252,6 +255,11 @@ def wide_models(tmp_path_factory) -> dict[str, dict[str, Path]]:
             family[f"ft{i + 1}"] = build_tiny_model(folder / f"ft{i + 1}", seed=10 + i, dtype=dtype, base=base, config_overrides=shape)
         families[str(dtype).split(".")[-1]] = family
     return families
+
+
+# The 1-worker bytes of each (case, dtype), kept by `test_merge_determinism_across_workers` for the
+# faked 2-node cluster's comparison (which merges in process itself when it runs alone).
+_E2E_REFERENCE: dict[tuple[str, str], dict[str, bytes]] = {}
 
 
 def _e2e_config(case: str, family: dict[str, Path]) -> dict:
@@ -283,6 +291,8 @@ def test_merge_determinism_across_workers(ray_session, wide_models, tmp_path):
                     raymerge.merge(_e2e_config(case, family), out, workers=workers, random_seed=7, quiet=True,
                                    keep_workers=True, out_shard_size="4MB")
                     outputs[(case, dtype, workers)] = {f.name: f.read_bytes() for f in sorted(out.iterdir()) if f.is_file()}
+                    if workers == 1:
+                        _E2E_REFERENCE[(case, dtype)] = _file_bytes(out)
     finally:
         raymerge.shutdown_workers()
     rows, differing = [], []
@@ -307,7 +317,7 @@ def test_merge_determinism_across_in_process_threads(wide_models, tmp_path):
 
     differing = []
     for dtype, family in wide_models.items():
-        for case in FAKE_CLUSTER_CASES:
+        for case in THREAD_SPLIT_CASES:
             first = None
             for workers in (1, 2, 3):
                 out = tmp_path / f"{case.replace(' ', '_')}-{dtype}-{workers}"
@@ -320,33 +330,147 @@ def test_merge_determinism_across_in_process_threads(wide_models, tmp_path):
     assert not differing, f"bytes depend on the in-process thread count: {differing}"
 
 
-FAKE_CLUSTER_CASES = ("dare_ties", "ties rescale")  # the two whose bf16 bytes split the most (issue 14)
+THREAD_SPLIT_CASES = ("dare_ties", "ties rescale")  # the two whose bf16 bytes split the most (issue 14)
 
 
 def test_merge_bytes_on_a_fake_two_node_cluster(fake_cluster, wide_models, tmp_path):
-    """The same 1M-element merges on a faked 2-node cluster (2 workers of 1 CPU: one on each
-    node, as each node has 1 CPU) publish the bytes of an in-process merge, in both dtypes.
-    (The suite's one faked multi-node cluster: starting one costs ~25 s.)"""
+    """Every end-to-end case's 1M-element merge on a faked 2-node cluster (2 workers of 1 CPU: one
+    on each node, as each node has 1 CPU) publishes the bytes of 1 worker (on the suite's local
+    Ray, or in process when this test runs alone), in both dtypes. (The suite's one faked
+    multi-node cluster: starting one costs ~25 s.)"""
     import ray
 
     import raymerge
 
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     rows, differing = [], []
-    for dtype, family in wide_models.items():
-        for case in FAKE_CLUSTER_CASES:
-            cfg = _e2e_config(case, family)
-            name = f"{case.replace(' ', '_')}-{dtype}"
-            local = raymerge.merge(cfg, tmp_path / f"{name}-local", random_seed=7, quiet=True, in_process=True,
-                                   out_shard_size="4MB").output
-            dist = raymerge.merge(cfg, tmp_path / f"{name}-2nodes", workers=2, random_seed=7, quiet=True,
-                                  out_shard_size="4MB")
-            same = _file_bytes(dist.output) == _file_bytes(local)
-            rows.append(f"{case:24s} {dtype:9s} 2 nodes vs in-process: {'identical' if same else 'DIFFERENT'}")
-            if not same:
-                differing.append((case, dtype))
+    try:
+        for dtype, family in wide_models.items():
+            for case in E2E_CASES:
+                cfg = _e2e_config(case, family)
+                name = f"{case.replace(' ', '_')}-{dtype}"
+                dist = raymerge.merge(cfg, tmp_path / f"{name}-2nodes", workers=2, random_seed=7, quiet=True,
+                                      out_shard_size="4MB", keep_workers=True)
+                assert len(dist.per_node) == 2, "the two workers share a node"
+                reference = _E2E_REFERENCE.get((case, dtype))
+                if reference is None:  # this test run alone: an in-process merge is the reference
+                    reference = _file_bytes(raymerge.merge(cfg, tmp_path / f"{name}-local", random_seed=7, quiet=True,
+                                                           in_process=True, out_shard_size="4MB").output)
+                same = _file_bytes(dist.output) == reference
+                rows.append(f"{case:24s} {dtype:9s} 2 nodes vs 1 worker: {'identical' if same else 'DIFFERENT'}")
+                if not same:
+                    differing.append((case, dtype))
+    finally:
+        raymerge.shutdown_workers()
     print("\n".join(rows))
     assert not differing, f"bytes differ on the fake 2-node cluster: {differing}"
+
+
+# -- row splits: only elementwise methods are split into row parts (`costs.split_degrees`) ----------
+def _row_split_config(method: str, family: dict[str, Path]) -> dict:
+    weights = (("ft1", 0.5), ("ft2", 0.3), ("ft3", 0.4))
+    if method == "passthrough":
+        return {"merge_method": method, "models": [{"model": str(family["ft1"]), "parameters": {"scale": 0.7}}]}
+    if method == "linear":
+        return {"merge_method": method, "models": [{"model": str(family[k]), "parameters": {"weight": w}} for k, w in weights]}
+    cfg = {"merge_method": method, "base_model": str(family["base"])}
+    if method == "nearswap":
+        return {**cfg, "models": [{"model": str(family["ft1"])}], "parameters": {"t": 0.01}}
+    if method == "ram":
+        return {**cfg, "models": [{"model": str(family[k])} for k, _ in weights], "parameters": {"epsilon": 0.03}}
+    return {**cfg, "models": [{"model": str(family[k]), "parameters": {"weight": w}} for k, w in weights]}
+
+
+ROW_SPLIT_METHODS = ("linear", "nearswap", "passthrough", "ram", "task_arithmetic")
+
+
+def test_every_elementwise_method_is_row_split_tested():
+    assert set(ROW_SPLIT_METHODS) == {m for m in available_methods() if get_method(m).elementwise}
+
+
+def test_row_split_parts_publish_the_bytes_of_whole_tensors(wide_models, tmp_path, monkeypatch):
+    """Every method that may be split into row parts, in both dtypes: every splittable tensor cut
+    into 4 parts dealt over 2 in-process workers publishes the bytes of one worker computing whole
+    tensors (1M-element MLP weights)."""
+    from conftest import force_row_splits
+
+    import raymerge
+
+    def run(method, dtype, family, name, workers):
+        out = tmp_path / f"{method}-{dtype}-{name}"
+        result = raymerge.merge(_row_split_config(method, family), out, in_process=True, workers=workers,
+                                quiet=True, out_shard_size="4MB")
+        return result, _file_bytes(out)
+
+    whole = {(m, d): run(m, d, f, "whole", 1)[1] for d, f in wide_models.items() for m in ROW_SPLIT_METHODS}
+    force_row_splits(monkeypatch)
+    differing = []
+    for dtype, family in wide_models.items():
+        for method in ROW_SPLIT_METHODS:
+            result, files = run(method, dtype, family, "split", 2)
+            assert result.plan.parts > result.tensors, f"{method}: nothing was split"
+            if files != whole[(method, dtype)]:
+                differing.append((method, dtype))
+    assert not differing, f"row-split parts change the bytes: {differing}"
+
+
+# -- guided merges: statistics passes over stages, merges over workers --------------------------------
+GUIDED_CASES = {"aim ties": ("aim", "ties"), "acm": ("acm", "task_arithmetic"), "sens": ("sens", "task_arithmetic")}
+
+
+def _guided_config(case: str, family: dict[str, Path], calib: Path, stages: int) -> dict:
+    method, merge_method = GUIDED_CASES[case]
+    extra = {"density": 0.6} if merge_method == "ties" else {}
+    return {
+        "merge_method": merge_method,
+        "base_model": str(family["base"]),
+        "models": [{"model": str(family[k]), "parameters": {"weight": w, **extra}} for k, w in (("ft1", 0.6), ("ft2", 0.5))],
+        "raymerge": {"guidance": {"method": method, "stages": stages, "calibration": {
+            "dataset": str(calib), "nsamples": 2, "seqlen": 16, "eval_samples": 0, "seed": 3}}},
+    }
+
+
+def _guided_files(folder: Path) -> dict[str, bytes]:
+    """The published weights and the guidance report without its timing (the config file records
+    the stage count, so it differs by design)."""
+    files = {k: v for k, v in _file_bytes(folder).items() if k != "mergekit_config.yml"}
+    report = json.loads(files["guidance.json"])
+    report.pop("seconds", None)
+    files["guidance.json"] = json.dumps(report, sort_keys=True).encode()
+    return files
+
+
+def test_guided_merge_bytes_do_not_depend_on_workers_or_stages(ray_session, wide_models, tmp_path):
+    """AIM (over TIES), ACM and Sens-Merging, in float32 and bfloat16, on the 1M-element llama: in
+    process with 1 worker and 1 stage, and on Ray with 2 workers and 2 stages (one layer each),
+    publish the same weights and the same statistics. Prints the matrix."""
+    from raymerge.demo import demo_text
+
+    import raymerge
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text(demo_text(6, 60, seed=5))
+    runs = {"in-process w1 s1": (dict(in_process=True, workers=1), 1),
+            "ray w2 s2": (dict(workers=2, keep_workers=True), 2)}
+    rows, differing = [], []
+    try:
+        for dtype, family in wide_models.items():
+            for case in GUIDED_CASES:
+                first = None
+                for run, (options, stages) in runs.items():
+                    out = tmp_path / f"{case.replace(' ', '_')}-{dtype}-{run.replace(' ', '_')}"
+                    raymerge.merge(_guided_config(case, family, calib, stages), out, quiet=True, out_shard_size="4MB",
+                                   **options)
+                    files = _guided_files(out)
+                    first = first or files
+                    same = files == first
+                    rows.append(f"{case:9s} {dtype:9s} {run:17s}: {'identical' if same else 'DIFFERENT'}")
+                    if not same:
+                        differing.append((case, dtype, run))
+    finally:
+        raymerge.shutdown_workers()
+    print("\n".join(rows))
+    assert not differing, f"guided merges depend on the workers or stages: {differing}"
 
 
 def _file_bytes(folder: Path) -> dict[str, bytes]:

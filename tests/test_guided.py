@@ -336,7 +336,7 @@ def test_sens_equals_direct_computation_and_is_stage_independent(sens_runs, fami
             reports[2][key] if key == "coefficients" else reports[2]["extra"][key]
         assert a.keys() == b.keys()
         for m in a:
-            assert a[m] == pytest.approx(b[m], rel=1e-6)
+            assert a[m] == b[m], (key, m)  # the same numbers, not merely close
     ids = {"ft1": windows({**family, "calib": family["root"] / "calib-ft1.txt"}), "ft2": windows(family)}
     hf = {m: hf_model(family[m]) for m, _ in models}
     sens = {m: reference_sensitivity(hf[m], ids[m]) for m, _ in models}
@@ -373,6 +373,19 @@ def test_sens_identical_finetunes_scale_by_one(family):
     report = json.loads((out / "guidance.json").read_text())
     for coefficients in report["coefficients"].values():
         assert coefficients and all(v == pytest.approx(1.0, abs=1e-12) for v in coefficients.values())
+
+
+def test_in_process_statistics_passes_show_progress(family, tmp_path, capsys):
+    """In process (no Ray: a stage call runs when it is made) the statistics passes show the same
+    progress bars as on Ray; stderr is a pipe here, so each bar's states are plain lines."""
+    models = [("ft1", 0.6), ("ft2", 0.4)]
+    raymerge.merge(guided_config(family, "aim", models, omega=OMEGA), tmp_path / "aim", in_process=True)
+    raymerge.merge(guided_config(family, "sens", models), tmp_path / "sens", in_process=True)
+    lines = capsys.readouterr().err.splitlines()
+    for bar in ("AIM statistics (base): 100%", "Sens gradients (", "Sens reference logits (", "Sens logit distances ("):
+        assert any(x.startswith(bar) for x in lines), (bar, lines)
+    raymerge.merge(guided_config(family, "aim", models, omega=OMEGA), tmp_path / "aim-quiet", in_process=True, quiet=True)
+    assert not [x for x in capsys.readouterr().err.splitlines() if "%|" in x]  # quiet: no bar
 
 
 def test_job_hash_covers_the_guidance():

@@ -24,6 +24,8 @@ from raymerge.runtime.planning import (
 )
 from raymerge.runtime.worker import WorkerInfo
 
+from conftest import force_row_splits
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -123,37 +125,13 @@ def test_milp_plan_on_profile_is_never_worse_than_lpt(llama_models):
 # -- plans executed by the workers ---------------------------------------------------------------
 
 
-def _force_splits(monkeypatch) -> list:
-    """Make every splittable operator split 4 ways, parts dealt round-robin over the workers."""
-    monkeypatch.setattr(costs, "SPLIT_MIN_BYTES", 0)
-    real = merge_module.plan_merge
-    used: list = []
-
-    def split_everything(ops, topology, table=None, **kw):
-        plan, problem = real(ops, topology, table, **kw)
-        names = [w.name for w in problem.workers]
-        assignments, k = [], 0
-        for op in problem.operators:
-            of = 4 if 4 in op.split_degrees else 1
-            for part in range(of):
-                assignments.append(planners.Assignment(op.name, part, of, names[k % len(names)]))
-                k += 1
-        forced = planners.plan.make_plan(problem, assignments, solver="test", status="heuristic",
-                                         solve_seconds=0.0, lower_bound=planners.lower_bound(problem))
-        used.append(forced)
-        return forced, problem
-
-    monkeypatch.setattr(merge_module, "plan_merge", split_everything)
-    return used
-
-
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
 def test_row_split_parts_give_identical_bytes(ray_session, llama_models, tmp_path, monkeypatch, method):
     cfg = linear_config(llama_models)
     if method == "task_arithmetic":
         cfg = {**cfg, "merge_method": "task_arithmetic", "base_model": str(llama_models["base"])}
     whole = raymerge.merge(cfg, tmp_path / "whole", workers=1, quiet=True, out_shard_size="300KB")
-    used = _force_splits(monkeypatch)
+    used = force_row_splits(monkeypatch)
     split = raymerge.merge(cfg, tmp_path / "split", workers=2, quiet=True, out_shard_size="300KB")
     assert used and any(a.of == 4 for a in used[0].assignments)
     assert split.plan.parts > split.tensors  # parts really were split
