@@ -88,7 +88,11 @@ LISTENING = textwrap.dedent(
     def listening(pids):
         inodes = {}
         for pid in pids:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:  # the process ended meanwhile (Ray ends idle workers)
+                continue
+            for fd in fds:
                 try:
                     link = os.readlink(f"/proc/{pid}/fd/{fd}")
                 except OSError:
@@ -102,7 +106,11 @@ LISTENING = textwrap.dedent(
                     local, state, inode = line.split()[1], line.split()[3], line.split()[9]
                     if state == "0A" and inode in inodes:  # LISTEN
                         host, port = local.split(":")
-                        rows.append([psutil.Process(inodes[inode]).name(), str(address(table, host)), int(port, 16)])
+                        try:
+                            name = psutil.Process(inodes[inode]).name()
+                        except psutil.NoSuchProcess:
+                            name = "(ended)"
+                        rows.append([name, str(address(table, host)), int(port, 16)])
         return rows
 
     ensure_ray(None, num_cpus=1)  # the first import of Ray in this process
@@ -111,7 +119,14 @@ LISTENING = textwrap.dedent(
     ray.get(ray.remote(lambda: 1).remote())  # a worker process too
     me = psutil.Process()
     family = [me] + me.children(recursive=True)
-    raylet = [p for p in family if p.name() == "raylet"]
+
+    def named(p, name):
+        try:
+            return p.name() == name
+        except psutil.NoSuchProcess:
+            return False
+
+    raylet = [p for p in family if named(p, "raylet")]
     print(json.dumps({"listening": listening([p.pid for p in family]),
                       "env_left": LOOPBACK_ENV in os.environ or any(LOOPBACK_ENV in p.environ() for p in raylet)}))
     ray.shutdown()

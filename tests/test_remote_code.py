@@ -127,12 +127,72 @@ def test_guided_merge_on_ray_stage_workers_needs_the_flag(custom, llama_models, 
     `PruneSettings`): the same coefficients and bytes as the plain llama family's merge."""
     with pytest.raises(RaymergeError, match="--trust-remote-code"):
         raymerge.merge(_guided(custom, custom["calib"]), tmp_path / "refused", in_process=True, quiet=True)
+    assert not (tmp_path / "refused").exists()
     ours = raymerge.merge(_guided(custom, custom["calib"]), tmp_path / "custom", workers=2, quiet=True,
                           trust_remote_code=True)
     plain = raymerge.merge(_guided(llama_models, custom["calib"]), tmp_path / "plain", in_process=True, quiet=True)
+
     def by_name(coefficients: dict) -> dict:  # keyed by model path: the folders differ, the names do not
         return {Path(model).name: values for model, values in coefficients.items()}
 
     assert ours.guidance is not None and plain.guidance is not None and ours.guidance.coefficients
     assert by_name(ours.guidance.coefficients) == by_name(plain.guidance.coefficients)
     assert _files(tmp_path / "custom") == _files(tmp_path / "plain")
+
+
+def _tokenizer_folder(plain: Path, folder: Path, module_source: str, entry: str, tokenizer_class: str) -> Path:
+    """A copy of the model at `plain` whose tokenizer_config.json names `entry` in its
+    auto_map (and `tokenizer_class`), with `tokenization_custom.py` holding `module_source`."""
+    shutil.copytree(plain, folder)
+    tok_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tok_config.update(tokenizer_class=tokenizer_class, auto_map={"AutoTokenizer": [None, entry]})
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    (folder / "tokenization_custom.py").write_text(module_source)
+    return folder
+
+
+def test_code_is_neither_read_nor_run_without_the_flag(llama_models, tmp_path):
+    """Without the flag no code file is read: a module with an import-time side effect does not
+    run, and a tokenizer transformers knows by its class loads as it did before the flag existed
+    (an auto_map naming another repository, or a missing file, does not matter then)."""
+    marker = tmp_path / "ran"
+    noisy = f"open({str(marker)!r}, 'w').write('x')\nfrom transformers import PreTrainedTokenizerFast\n" \
+            "class CustomTokenizerFast(PreTrainedTokenizerFast):\n    pass\n"
+    known = _tokenizer_folder(llama_models["base"], tmp_path / "known", noisy, "tokenization_custom.CustomTokenizerFast",
+                              "PreTrainedTokenizerFast")
+    other_repo = _tokenizer_folder(llama_models["base"], tmp_path / "other", noisy, "org/repo--tokenization_x.X",
+                                   "PreTrainedTokenizerFast")
+    plain = LocalSource(llama_models["base"])
+    try:
+        expected = load_tokenizer(plain)
+    finally:
+        plain.close()
+    for folder in (known, other_repo):
+        source = LocalSource(folder)
+        try:
+            tokenizer = load_tokenizer(source)
+        finally:
+            source.close()
+        assert type(tokenizer) is type(expected) and tokenizer.get_vocab() == expected.get_vocab()
+    assert not marker.exists(), "a code file ran without --trust-remote-code"
+
+
+@pytest.mark.parametrize("import_line", ["from .../../escaped import x", "from ./../escaped import x", "from .a.b import x"])
+def test_a_code_file_importing_outside_the_folder_is_refused_unread(llama_models, tmp_path, import_line):
+    """A shipped module whose relative import names a path (`.../../x`) or a submodule is refused
+    with one line, with the flag too: nothing outside the model folder is read, nothing is
+    written outside a temporary folder."""
+    (tmp_path / "escaped.py").write_text("SECRET = 'do-not-read'\n")
+    source_text = f"{import_line}\nfrom transformers import PreTrainedTokenizerFast\n" \
+                  "class CustomTokenizerFast(PreTrainedTokenizerFast):\n    pass\n"
+    folder = _tokenizer_folder(llama_models["base"], tmp_path / "model" / "tok", source_text,
+                               "tokenization_custom.CustomTokenizerFast", "CustomTokenizerFast")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    source = LocalSource(folder)
+    try:
+        with pytest.raises(CheckpointError, match="not a module next to config.json") as err:
+            load_tokenizer(source, trust_remote_code=True)
+    finally:
+        source.close()
+    assert "do-not-read" not in str(err.value) and "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -118,9 +118,13 @@ def meta_model(
             raise CheckpointError(f"{where}: its model code must be read from the checkpoint, and none was given")
         files = model_code_files(config, source.read_bytes, where)
         with code_folder(files) as folder:
-            hf_config = AutoConfig.from_pretrained(str(folder), trust_remote_code=True)
-            with torch.device("meta"):
-                return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=True)
+            try:
+                hf_config = AutoConfig.from_pretrained(str(folder), trust_remote_code=True)
+                with torch.device("meta"):
+                    return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=True)
+            except Exception as err:  # noqa: BLE001 - the model's own code failed (a missing package, no causal LM class)
+                first = str(err).splitlines()[0][:300] if str(err) else ""
+                raise CheckpointError(f"{where}: building the model from the code it ships failed: {type(err).__name__}: {first}") from None
     cfg_dict = dict(config)
     model_type = cfg_dict.pop("model_type", None)
     if model_type is None:

@@ -132,28 +132,38 @@ def load_tokenizer(source: CheckpointSource, *, trust_remote_code: bool = False)
     """The `transformers` tokenizer of a model, from its tokenizer files (read through the
     source, so a Hub, S3 or DeepSpeed model works like a local folder); `CheckpointError` when
     it has none. `trust_remote_code`: a tokenizer whose auto_map names code shipped with the
-    model is built from that code (`checkpoints.remote_code`); without it, one that cannot be
-    loaded otherwise is a `CheckpointError` naming the flag."""
-    import tempfile
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
-    from raymerge.checkpoints.remote_code import needs_code_error, tokenizer_code_files
+    model is built from that code (`checkpoints.remote_code`); without it, no code file is read,
+    and one that cannot be loaded otherwise is a `CheckpointError` naming the flag."""
+    from raymerge.checkpoints.remote_code import tokenizer_auto_map, tokenizer_code_files
 
     files = tokenizer_files(source, (*TOKENIZER_FILES, "config.json"))
     if not any(name.startswith("tokenizer") or name in ("vocab.json",) for name in files):
         raise CheckpointError(f"{source.location}: no tokenizer files (needed to tokenize the calibration text)")
-    code = tokenizer_code_files(files, source.read_bytes, source.location)
+    names_code = bool(tokenizer_auto_map(files))
+    code = tokenizer_code_files(files, source.read_bytes, source.location) if trust_remote_code and names_code else {}
     files.pop("config.json", None)  # read for its auto_map only: the tokenizer loads as before
-    if trust_remote_code:
-        files.update(code)
-    with tempfile.TemporaryDirectory(prefix="raymerge-tok-") as tmp:
-        for name, data in files.items():
-            Path(tmp, name).write_bytes(data)
+    return tokenizer_from_files({**files, **code}, source.location, trust_remote_code=trust_remote_code,
+                                names_code=names_code)
+
+
+def tokenizer_from_files(files: dict[str, bytes], where: str, *, trust_remote_code: bool = False,
+                         names_code: bool = False, use_fast: Optional[bool] = None) -> Any:
+    """A `transformers` tokenizer from a model's tokenizer files (with `trust_remote_code`, also
+    the code files its auto_map names, which the caller read: `remote_code.tokenizer_code_files`),
+    loaded from a temporary folder named after the files (`remote_code.code_folder`: the same code
+    is one module in transformers' cache). A tokenizer whose auto_map names code (`names_code`)
+    that transformers cannot load without it is a `CheckpointError` naming `where` and the flag."""
+    from transformers import AutoTokenizer
+
+    from raymerge.checkpoints.remote_code import code_folder, needs_code_error
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if use_fast is not None:
+        kwargs["use_fast"] = use_fast
+    with code_folder(files) as folder:
         try:
-            return AutoTokenizer.from_pretrained(tmp, trust_remote_code=trust_remote_code)
-        except (ValueError, OSError) as err:
-            if code and not trust_remote_code:
-                raise needs_code_error(source.location, "tokenizer", err) from None
+            return AutoTokenizer.from_pretrained(str(folder), **kwargs)
+        except (ValueError, OSError, ImportError) as err:
+            if names_code:
+                raise needs_code_error(where, "tokenizer", err) from None
             raise

@@ -57,17 +57,26 @@ def _modules(mapping: Mapping[str, Any], where: str) -> list[str]:
     return list(dict.fromkeys(modules))
 
 
+def _module_file(module: str, where: str, why: str) -> str:
+    """`module.py` for a module next to config.json; a `CheckpointError` for any other name (a
+    dotted or path-like one: `.../x`, `a.b`), which could name a file outside the model folder."""
+    if not module.isidentifier():
+        raise CheckpointError(f"{where}: {why} {module!r}, which is not a module next to config.json; refused")
+    return f"{module}.py"
+
+
 def code_files(mapping: Mapping[str, Any], read: Callable[[str], Optional[bytes]], where: str) -> dict[str, bytes]:
     """The Python files behind `mapping` (an auto_map), and those they import relatively, read
-    with `read(filename)`; a `CheckpointError` naming `where` when one is missing."""
+    with `read(filename)`; a `CheckpointError` naming `where` when one is missing, or when a name
+    is not a plain module next to config.json (only such files are read or written)."""
     from transformers.dynamic_module_utils import get_relative_imports
 
     files: dict[str, bytes] = {}
-    pending = _modules(mapping, where)
+    pending = [(m, "auto_map names") for m in _modules(mapping, where)]
     with tempfile.TemporaryDirectory(prefix="raymerge-code-scan-") as tmp:
         while pending:
-            module = pending.pop()
-            name = f"{module}.py"
+            module, why = pending.pop()
+            name = _module_file(module, where, why)
             if name in files:
                 continue
             data = read(name)
@@ -76,7 +85,11 @@ def code_files(mapping: Mapping[str, Any], read: Callable[[str], Optional[bytes]
             files[name] = data
             path = Path(tmp, name)
             path.write_bytes(data)
-            pending += [m for m in get_relative_imports(str(path)) if f"{m}.py" not in files]
+            try:
+                imports = get_relative_imports(str(path))
+            except (UnicodeDecodeError, OSError) as err:
+                raise CheckpointError(f"{where}: {name} cannot be read as Python source ({err})") from None
+            pending += [(m, f"{name} imports") for m in imports if f"{m}.py" not in files]
     return files
 
 
@@ -103,9 +116,9 @@ def model_code_files(config: Mapping[str, Any], read: Callable[[str], Optional[b
     return files
 
 
-def tokenizer_code_files(files: Mapping[str, bytes], read: Callable[[str], Optional[bytes]], where: str) -> dict[str, bytes]:
-    """The code behind the `AutoTokenizer` entries of a model's tokenizer_config.json and
-    config.json auto_maps (`files` holds those JSON files when the model has them)."""
+def tokenizer_auto_map(files: Mapping[str, bytes]) -> dict[str, Any]:
+    """The `AutoTokenizer` entries of a model's tokenizer_config.json and config.json auto_maps
+    (`files` holds those JSON files when the model has them), by file name; {} when none."""
     mapping: dict[str, Any] = {}
     for name in ("config.json", "tokenizer_config.json"):
         if name in files:
@@ -116,7 +129,12 @@ def tokenizer_code_files(files: Mapping[str, bytes], read: Callable[[str], Optio
             entry = auto_map(data if isinstance(data, dict) else None).get("AutoTokenizer")
             if entry is not None:
                 mapping[name] = entry
-    return code_files(mapping, read, where)
+    return mapping
+
+
+def tokenizer_code_files(files: Mapping[str, bytes], read: Callable[[str], Optional[bytes]], where: str) -> dict[str, bytes]:
+    """The code behind the `AutoTokenizer` entries of `files`' auto_maps (`tokenizer_auto_map`)."""
+    return code_files(tokenizer_auto_map(files), read, where)
 
 
 def needs_code_error(where: str, what: str, err: BaseException) -> CheckpointError:

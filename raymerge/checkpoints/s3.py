@@ -505,7 +505,8 @@ class S3Source(CheckpointSource):
         return self.s3.url(filename)
 
     def read_bytes(self, filename: str) -> Optional[bytes]:
-        return self._get_whole(filename)
+        # a key below the model's prefix only (as a local folder's boundary): no `..`, no absolute name
+        return self._get_whole(check_relative_name(filename, self.location, "file"))
 
     def bytes_read(self) -> int:
         return self._tensor_bytes

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from raymerge.errors import ConfigError
+
 
 @dataclass
 class ModuleResult:
@@ -168,7 +170,7 @@ class PruneReport:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
-            raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from None
+            raise ConfigError("--plot needs matplotlib: pip install matplotlib") from None
         xs = [r.layer for r in self.layers]
         fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(xs) + 2), 3.5))
         ax.bar([x - 0.2 for x in xs], [r.target for r in self.layers], width=0.4, label="target")
@@ -184,10 +186,10 @@ class PruneReport:
 
     def plot(self, path: str | Path) -> Path:
         """The per-layer chart (`figure`) as PNG at `path`."""
+        path = Path(path)
+        fig = self.figure()  # first: without matplotlib, its one-line error
         import matplotlib.pyplot as plt
 
-        path = Path(path)
-        fig = self.figure()
         try:
             fig.savefig(path, dpi=100)
         finally:

@@ -137,6 +137,7 @@ class MergeCompiler:
         return self._vocabularies[key]
 
     def _build_vocabulary(self, config: MergeConfig, sources: dict[ModelRef, CheckpointSource], label: str) -> Any:
+        from raymerge.checkpoints.local import inside
         from raymerge.checkpoints.remote_code import tokenizer_code_files
         from raymerge.runtime.vocabulary import build_vocabulary
 
@@ -147,7 +148,8 @@ class MergeCompiler:
             local = Path(ref.path).expanduser()
             if ref not in sources and ref.revision is None and local.is_dir():  # a tokenizer-only folder is enough
                 def read(n: str) -> Optional[bytes]:
-                    return (local / n).read_bytes() if (local / n).is_file() else None
+                    path = inside(local, n, "tokenizer file")  # within the folder, after symlinks
+                    return path.read_bytes() if path.is_file() else None
             else:
                 read = (sources[ref] if ref in sources else self.sources([ref])[ref]).read_bytes
             found = {n: data for n in names if (data := read(n)) is not None}

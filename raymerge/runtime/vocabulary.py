@@ -194,17 +194,17 @@ class Vocabulary:
 # -- driver: tokenizers ------------------------------------------------------------------------
 
 
-def load_tokenizer(files: dict[str, bytes], *, trust_remote_code: bool = False) -> Any:
+def load_tokenizer(files: dict[str, bytes], where: str, *, trust_remote_code: bool = False) -> Any:
     """A fast tokenizer from a model's tokenizer files (and config.json, and with
-    `trust_remote_code` the code files its auto_map names), or None without them."""
-    import transformers
+    `trust_remote_code` the code files its auto_map names), or None without them; one whose
+    code is needed without the flag is a `CheckpointError` naming `where` and the flag."""
+    from raymerge.checkpoints.model_files import tokenizer_from_files
+    from raymerge.checkpoints.remote_code import tokenizer_auto_map
 
     if not any(name.startswith("tokenizer") for name in files):
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, data in files.items():
-            (Path(tmp) / name).write_bytes(data)
-        return transformers.AutoTokenizer.from_pretrained(tmp, use_fast=True, trust_remote_code=trust_remote_code)
+    return tokenizer_from_files(files, where, trust_remote_code=trust_remote_code,
+                                names_code=bool(tokenizer_auto_map(files)), use_fast=True)
 
 
 def _vocab_size(source: CheckpointSource) -> Optional[int]:
@@ -293,7 +293,7 @@ def build_vocabulary(
     pad = settings.pad_to_multiple_of if settings is not None else None
 
     sizes = {m: _vocab_size(sources[m]) for m in models}
-    base_tok = load_tokenizer(tokenizer_files(base), trust_remote_code=trust_remote_code)
+    base_tok = load_tokenizer(tokenizer_files(base), str(base), trust_remote_code=trust_remote_code)
     if base_tok is None:
         raise VocabularyError(f"{label}: the base model {base} has no tokenizer files (needed for the tokenizer choice)")
     base_tok = _strip(base_tok, sizes[base], str(base))
@@ -302,7 +302,7 @@ def build_vocabulary(
         if m == base:
             continue
         try:
-            tok = load_tokenizer(tokenizer_files(m), trust_remote_code=trust_remote_code)
+            tok = load_tokenizer(tokenizer_files(m), str(m), trust_remote_code=trust_remote_code)
         except Exception as err:  # noqa: BLE001 - mergekit too: assume the base's tokenizer
             log.warning("%s: cannot load the tokenizer of %s (%s); assuming it is the base's", label, m, err)
             tok = None
@@ -312,7 +312,7 @@ def build_vocabulary(
         toks[m] = tok
 
     if isinstance(choice, ModelRef):
-        out = load_tokenizer(tokenizer_files(choice), trust_remote_code=trust_remote_code)
+        out = load_tokenizer(tokenizer_files(choice), str(choice), trust_remote_code=trust_remote_code)
         if out is None:
             raise VocabularyError(f"{label}: tokenizer_source {choice} has no tokenizer files")
     elif choice == "base":
