@@ -371,7 +371,9 @@ def test_search_plots_name_the_objective_and_its_direction():
     from raymerge.search.study import objective_label, plot_figures
 
     assert objective_label(Objective(kind="perplexity")) == "perplexity (lower is better)"
-    assert objective_label(Objective(kind="reconstruction", direction="maximize")) == "reconstruction (higher is better)"
+    assert objective_label(Objective(kind="reconstruction", direction="maximize")) == \
+        "logit MSE vs the reference (higher is better)"
+    assert objective_label(Objective(kind="reconstruction", reference="/models/base")) == "logit MSE vs base (lower is better)"
 
     figures = dict(plot_figures(_study(["minimize"]), ["perplexity (lower is better)"]))
     try:

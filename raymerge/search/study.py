@@ -768,10 +768,15 @@ def _export(cfg: SearchConfig, task, trial, shape: ModelShape, out: Path, i: int
 
 
 def objective_label(objective: Any) -> str:
-    """An objective as a plot axis says it: 'perplexity (lower is better)'; lm_eval names its metric."""
+    """An objective as a plot axis says it, with what it measures and its direction: 'perplexity
+    (lower is better)', 'logit MSE vs base (lower is better)' (reconstruction: the mean squared
+    error of the logits against its reference), 'lm_eval acc on arc_easy (higher is better)'."""
     name = objective.kind
+    if objective.kind == "reconstruction":
+        reference = getattr(objective, "reference", None)
+        name = f"logit MSE vs {Path(str(reference.path)).name if reference is not None else 'the reference'}"
     if objective.kind == "lm_eval" and getattr(objective, "lm_eval", None) is not None:
-        name = f"lm_eval {objective.lm_eval.metric.split(',')[0]}"
+        name = f"lm_eval {objective.lm_eval.metric.split(',')[0]} on {'+'.join(objective.lm_eval.tasks)}"
     better = "lower" if direction_of(objective) == "minimize" else "higher"
     return f"{name} ({better} is better)"
 
