@@ -205,7 +205,8 @@ def test_verbose_flag_is_everywhere_and_shows_third_party_messages(monkeypatch):
         assert build_parser().parse_args([*args, "-v"]).verbose
         assert not getattr(build_parser().parse_args(args), "verbose", False)
     assert build_parser().parse_args(["-v", "methods"]).verbose
-    monkeypatch.delenv("RAYMERGE_VERBOSE", raising=False)
+    # recorded, so teardown restores the variable as it was (set_verbose below sets it directly)
+    monkeypatch.setenv("RAYMERGE_VERBOSE", "")
     import logging
 
     ds = logging.getLogger("DeepSpeed")
@@ -215,7 +216,7 @@ def test_verbose_flag_is_everywhere_and_shows_third_party_messages(monkeypatch):
         progress.set_verbose()
         assert os.environ["RAYMERGE_VERBOSE"] == "1" and progress._DEEPSPEED_NOISE not in ds.filters
     finally:
-        monkeypatch.delenv("RAYMERGE_VERBOSE", raising=False)
+        os.environ.pop("RAYMERGE_VERBOSE", None)
         progress.quiet_third_party()
 
 
