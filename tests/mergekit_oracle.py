@@ -324,9 +324,10 @@ for argv in jobs:
 
 
 def run_mergekit_many(
-    jobs: Sequence[tuple[Mapping[str, Any], Path]], *extra_args: str, timeout: float = 1800
+    jobs: Sequence[tuple], *extra_args: str, timeout: float = 1800
 ) -> dict[Path, str | None]:
-    """Run mergekit-yaml once per (config, out_dir) job, all in one mergekit process.
+    """Run mergekit-yaml once per (config, out_dir) job, all in one mergekit process; a job may
+    be (config, out_dir, args) to add command-line arguments of its own after `extra_args`.
 
     Each config is written as YAML beside its `out_dir`. Returns, per out_dir, None when that
     merge succeeded or the error (a traceback) when it failed; one failing config does not stop
@@ -334,11 +335,11 @@ def run_mergekit_many(
     """
     python = _require_python()
     argvs = []
-    for config, out_dir in jobs:
+    for config, out_dir, *own in jobs:
         out_dir = Path(out_dir)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         config_path = write_config(config, out_dir.parent / f"{out_dir.name}.mergekit.yml")
-        argvs.append(mergekit_args(config_path, out_dir, *extra_args))
+        argvs.append(mergekit_args(config_path, out_dir, *extra_args, *(own[0] if own else ())))
     with tempfile.TemporaryDirectory() as tmp:
         jobs_file, results_file = Path(tmp) / "jobs.json", Path(tmp) / "results.json"
         jobs_file.write_text(json.dumps(argvs))
@@ -352,7 +353,7 @@ def run_mergekit_many(
             f"mergekit batch driver failed ({proc.returncode}) after {len(errors)}/{len(argvs)} merges\n"
             f"--- stderr ---\n{proc.stderr[-6000:]}\n--- stdout ---\n{proc.stdout[-2000:]}"
         )
-    return {Path(out): err for (_, out), err in zip(jobs, errors)}
+    return {Path(job[1]): err for job, err in zip(jobs, errors)}
 
 
 def load_tensors(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -170,9 +170,8 @@ def test_out_shard_size_gives_mergekits_shards(llama_models, tmp_path):
     cfg = _write(config, tmp_path / "cfg.yaml")
     sizes = ("5B", "100K", "300K")
     theirs = {size: tmp_path / f"mergekit-{size}" for size in sizes}
-    for size in sizes:
-        errors = run_mergekit_many([(config, theirs[size])], "--out-shard-size", size)
-        assert errors[theirs[size]] is None, errors[theirs[size]]
+    errors = run_mergekit_many([(config, theirs[size], ("--out-shard-size", size)) for size in sizes])
+    assert all(e is None for e in errors.values()), errors
     for size in sizes:
         ours = tmp_path / f"raymerge-{size}"
         assert main(["merge", str(cfg), str(ours), "--in-process", "--quiet", "--out-shard-size", size]) == 0

@@ -112,7 +112,7 @@ def test_prune_needs_the_flag_and_then_equals_the_plain_model(custom, llama_mode
 
 
 def _guided(models: dict[str, Path], calib: Path) -> dict:
-    calibration = {"dataset": str(calib), "nsamples": 4, "seqlen": 24, "eval_samples": 0, "seed": 3}
+    calibration = {"dataset": str(calib), "nsamples": 2, "seqlen": 16, "eval_samples": 0, "seed": 3}
     return {
         "merge_method": "task_arithmetic",
         "base_model": str(models["base"]),
