@@ -312,7 +312,7 @@ def test_passes_on_ray_are_queued_then_waited_for_once(capsys):
     passes.add("dense perplexity", lambda: [1, 2], "perplexity before pruning")
     passes.add("pruning", lambda: [3], "pruning (wanda, sequential)")
     assert pool.waits == [] and capsys.readouterr().err == ""  # queued: nothing waited for, no line yet
-    assert passes.wait("pruning (wanda, sequential") == {"dense perplexity": [10, 20], "pruning": [30]}
+    assert passes.wait("wanda, sequential") == {"dense perplexity": [10, 20], "pruning": [30]}
     assert pool.waits == [[1, 2, 3]]
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "raymerge: pruning (wanda, sequential; dense perplexity, pruning, pipelined over 2 stage(s)) ..."

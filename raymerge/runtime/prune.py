@@ -349,7 +349,7 @@ def run_prune(config: Union[str, Path, dict[str, Any], PruneConfig], output: Uni
         if evaluates:
             passes.add("pruned perplexity", lambda: pipe.nll_parts(wins.heldout),
                        f"perplexity after pruning ({wins.heldout.shape[0]} held-out windows)")
-        done = passes.wait(f"pruning ({cfg.method}, {cfg.mode}")
+        done = passes.wait(f"{cfg.method}, {cfg.mode}")
         nll_before = pipe.nll_total(done["dense perplexity"]) if evaluates else None
         nll_after = pipe.nll_total(done["pruned perplexity"]) if evaluates else None
         t_pruned = time.perf_counter()
@@ -432,10 +432,11 @@ class _Passes:
             self.queued[name] = queue() or []
 
     def wait(self, what: str) -> dict[str, list[Any]]:
-        """Every pass's values, by name; on Ray under one phase line: `what`, then the passes."""
+        """Every pass's values, by name; on Ray under one phase line, 'pruning (`what`; the
+        passes, pipelined over N stage(s))'."""
         handles = [h for hs in self.queued.values() for h in hs]
         if self.pool.remote:
-            with phase(f"{what}; {', '.join(self.queued)}, pipelined over {len(self.pool)} stage(s))", self.quiet):
+            with phase(f"pruning ({what}; {', '.join(self.queued)}, pipelined over {len(self.pool)} stage(s))", self.quiet):
                 handles = self.pool.get(handles, "pruning pipeline", self.quiet)
         values = iter(handles)
         return {name: [next(values) for _ in hs] for name, hs in self.queued.items()}
