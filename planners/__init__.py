@@ -26,7 +26,6 @@ bound, the gap between them, which solver produced it and an honest status ("opt
 """
 
 from planners.greedy import lower_bound, lpt
-from planners.milp import available_solvers, solve
 from planners.pipeline import Layer, PipelinePlan, PipelineProblem, Stage, plan_pipeline
 from planners.plan import Assignment, InfeasibleError, Plan, PlanError, validate
 from planners.problem import MergeProblem, Node, Operator, ProblemError, Worker
@@ -51,4 +50,22 @@ __all__ = [
     "Stage",
     "PipelinePlan",
     "plan_pipeline",
+]
+
+
+def __getattr__(name: str):
+    """`solve` and `available_solvers` on first use: `planners.milp` imports PuLP (and through it
+    HiGHS and numpy, ~0.25 s), which a plan by `lpt`, or with one group of equal workers, never
+    needs (`raymerge plan` answers in well under a second)."""
+    if name in ("solve", "available_solvers"):
+        from planners import milp
+
+        return getattr(milp, name)
+    raise AttributeError(f"module 'planners' has no attribute {name!r}")
+
+
+__all__ = [
+    "Assignment", "InfeasibleError", "Layer", "MergeProblem", "Node", "Operator", "PipelinePlan", "PipelineProblem",
+    "Plan", "PlanError", "ProblemError", "Stage", "Worker", "available_solvers", "lower_bound", "lpt", "plan_pipeline",
+    "solve", "validate",
 ]

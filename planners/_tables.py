@@ -108,9 +108,14 @@ class Tables:
         """
         if self._lp_bound is not None:
             return self._lp_bound if self._lp_bound >= 0 else None
+        self._lp_bound = self._one_group_bound() if len(self.groups) == 1 else self._solve_lp()
+        return self._lp_bound if self._lp_bound >= 0 else None
+
+    def _solve_lp(self) -> float:
+        """The relaxation of `lp_bound` solved by an LP solver; -1.0 where none is available or
+        it finds no optimum."""
         import pulp
 
-        self._lp_bound = -1.0
         have = pulp.listSolvers(onlyAvailable=True)
         if "HiGHS" in have:
             from planners._quiet import hush_highs_banner
@@ -122,7 +127,7 @@ class Tables:
                 warnings.simplefilter("ignore", DeprecationWarning)
                 cmd = (pulp.COIN_CMD if "COIN_CMD" in have else pulp.PULP_CBC_CMD)(msg=False)
         else:
-            return None
+            return -1.0
         lp = pulp.LpProblem("raymerge_bound", pulp.LpMinimize)
         add = getattr(lp, "add_variable", None) or (lambda n, lo, up, cat: pulp.LpVariable(n, lo, up, cat))
         T = add("T", 0, None, pulp.LpContinuous)
@@ -149,9 +154,21 @@ class Tables:
             warnings.simplefilter("ignore", DeprecationWarning)
             lp.solve(cmd)
         if lp.sol_status != pulp.LpSolutionOptimal or T.varValue is None:
-            return None
-        self._lp_bound = max(0.0, float(T.varValue) * (1 - 1e-7))  # LP tolerances
-        return self._lp_bound
+            return -1.0
+        return max(0.0, float(T.varValue) * (1 - 1e-7))  # LP tolerances
+
+    def _one_group_bound(self) -> float:
+        """`lp_bound` when all workers form one group, in closed form (no solver): every y[c,0] is
+        N_c, so T is the larger of the group's total time over its size and its node's link
+        seconds; -1.0 (no bound) when an operator fits nowhere, where the LP is infeasible."""
+        n_ops = len(self.problem.operators)
+        if any(0 not in self.fits[i][self.degrees[i][-1]] for i in range(n_ops)):
+            return -1.0
+        bound = sum(self.full[i][0] for i in range(n_ops)) / len(self.groups[0])
+        bandwidth = self.node_bandwidth.get(self.group_node[0])
+        if bandwidth:
+            bound = max(bound, sum(self.link[i][0] for i in range(n_ops)) / bandwidth)
+        return max(0.0, bound)
 
     def min_extra_parts(self) -> int:
         """Fewest extra parts any plan has (operators that must be split to fit)."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "ray", "deepspeed", "transformers")
+HEAVY = ("torch", "ray", "deepspeed", "transformers", "pulp")
 
 RUNNER = textwrap.dedent(
     """

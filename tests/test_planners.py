@@ -291,6 +291,37 @@ def test_gap_and_bound_are_reported_on_every_plan():
             assert all(w.name in table for w in p.workers)
 
 
+def test_one_group_bound_is_the_lp_optimum_without_a_solver():
+    """With all workers alike (one group), the LP relaxation's bound comes in closed form, with
+    no solver and no PuLP import (`raymerge plan` stays fast); it equals the LP solver's optimum,
+    and is absent, as the LP's, where an operator fits no worker."""
+    from planners._tables import Tables
+
+    checked = 0
+    for seed in range(40):
+        rng = random.Random(seed)
+        node = Node("n0", rng.choice([0.5, 1, 4]) * GB)
+        memory = rng.choice([8, 24, 64]) * GB
+        workers = [Worker(f"w{k}", "n0", memory, 1.5, 2 * GB) for k in range(rng.choice([1, 2, 3, 8]))]
+        ops = [Operator(f"op{i}", bytes_read=rng.uniform(0.5, 6) * GB, bytes_written=rng.uniform(0.1, 1) * GB,
+                        compute_s=rng.uniform(0.2, 4), peak_memory=rng.choice([2, 6, 12, 20]) * GB,
+                        split_degrees=rng.choice(DEGREES), input_location=rng.choice([None, "n0"]))
+               for i in range(rng.randint(1, 12))]
+        problem = MergeProblem(ops, workers, [node], remote_bandwidth=rng.choice([None, 3 * GB]))
+        try:
+            tab = Tables(problem)
+        except InfeasibleError:
+            continue
+        assert len(tab.groups) == 1
+        closed, solved = tab._one_group_bound(), tab._solve_lp()
+        assert (closed < 0) == (solved < 0), seed
+        if closed >= 0:
+            assert closed == pytest.approx(solved, rel=1e-6), seed
+            assert tab.lp_bound() == closed
+            checked += 1
+    assert checked >= 25
+
+
 def test_time_limited_incumbent_is_not_called_optimal():
     p = _benchmark_module().llama_problem("7B", 32)
     plan = solve(p, time_limit=1.0, gap=0.0)
@@ -442,7 +473,7 @@ def test_pipeline_is_optimal_against_brute_force():
         assert plan.status == "optimal" and plan.solver == "exact"
         assert plan.lower_bound <= plan.makespan and plan.gap == pytest.approx(1 - plan.lower_bound / plan.makespan)
         checked += 1
-    assert checked >= 20
+    assert checked >= 25
 
 
 def test_pipeline_infeasible_names_the_layer():
