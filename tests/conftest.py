@@ -2,7 +2,8 @@
 
 Ray: started once per test session with 2 CPUs and token auth off (loopback only). Tests that
 need a multi-node `ray.cluster_utils.Cluster` use the `fake_cluster` fixture, which shuts the
-shared session down and brings it back afterwards.
+shared session down (`take_local_ray_down`); it comes back before the next test that is not a
+cluster test, so consecutive cluster tests do not restart it between each two.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ def _start_local_ray() -> None:
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
 
 
+# Set by a cluster fixture that took the session's local Ray down: the next test that does not
+# use such a fixture gets it back first (`pytest_runtest_setup`).
+_LOCAL_RAY_TAKEN_DOWN = [False]
+_OWN_CLUSTER_FIXTURES = {"fake_cluster", "cluster"}
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray with 2 CPUs, shared by every test that merges."""
@@ -40,14 +47,37 @@ def ray_session():
         ray.shutdown()
 
 
+def take_local_ray_down() -> None:
+    """For a fixture that needs a cluster of its own: the session's local Ray (if up) goes down,
+    and comes back before the next test that is not a cluster test. Not in the cluster fixtures'
+    teardown, so that consecutive cluster tests do not start and stop it between each two (~6 s
+    and ~8 CPU-seconds each time)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+        _LOCAL_RAY_TAKEN_DOWN[0] = True
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before any fixture of the test is set up (module-scoped ones included): the local Ray back
+    if a cluster fixture took it down and this test does not use one."""
+    if _LOCAL_RAY_TAKEN_DOWN[0] and not set(getattr(item, "fixturenames", ())) & _OWN_CLUSTER_FIXTURES:
+        import ray
+
+        _LOCAL_RAY_TAKEN_DOWN[0] = False
+        if not ray.is_initialized():
+            _start_local_ray()
+
+
 @pytest.fixture
 def fake_cluster():
     """A 2-node `ray.cluster_utils.Cluster` (1 CPU each) on this machine; yields the cluster."""
     import ray
     from ray.cluster_utils import Cluster
 
-    if ray.is_initialized():
-        ray.shutdown()
+    take_local_ray_down()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
@@ -56,8 +86,7 @@ def fake_cluster():
         yield cluster
     finally:
         ray.shutdown()
-        cluster.shutdown()
-        _start_local_ray()
+        cluster.shutdown()  # the session's Ray comes back before the next test that asks for it
 
 
 @pytest.fixture(scope="session")

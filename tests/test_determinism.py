@@ -7,8 +7,9 @@ with 3 (more than this machine's cores is fine: the split follows the thread cou
 cores) and compares the bits. `test_the_grid_catches_thread_dependent_sums` checks that these
 sizes and thread counts do expose torch's native whole-tensor reduction, so the grid can fail.
 
-The end-to-end check (1, 2 and 3 Ray workers give the same published bytes) is in
-`test_merge_determinism_across_workers`.
+The end-to-end check (1, 2 and 3 Ray workers give the same published bytes) is
+`test_merge_determinism_across_workers` (1 and 3 workers on the local Ray) with
+`test_merge_bytes_on_a_fake_two_node_cluster` (2 workers on two nodes).
 """
 
 from __future__ import annotations
@@ -223,7 +224,7 @@ def test_owl_outlier_ratio_does_not_depend_on_threads():
     assert len(ratios) == 1
 
 
-# -- end to end: the published bytes for 1, 2 and 3 Ray workers --------------------------------------
+# -- end to end: the published bytes for 1, 2 (on two nodes) and 3 Ray workers ----------------------
 E2E_CASES = {
     "dare_ties": {"merge_method": "dare_ties"},
     "ties rescale": {"merge_method": "ties", "parameters": {"rescale": True}},
@@ -277,14 +278,16 @@ def _e2e_config(case: str, family: dict[str, Path]) -> dict:
 
 
 def test_merge_determinism_across_workers(ray_session, wide_models, tmp_path):
-    """Every case, in float32 and bfloat16: 1, 2 and 3 workers on the 2-CPU session (3 share the
-    CPUs fractionally) publish the same bytes. Prints the matrix (method x dtype x workers)."""
+    """Every case, in float32 and bfloat16: 1 and 3 workers on the 2-CPU session (3 share the
+    CPUs fractionally) publish the same bytes. Prints the matrix (method x dtype x workers). The
+    2-worker run of the matrix is `test_merge_bytes_on_a_fake_two_node_cluster`: 2 workers of 1
+    CPU, as on this session, but on two nodes."""
     import raymerge
     from conftest import load_state
 
     outputs: dict[tuple[str, str, int], dict] = {}
     try:
-        for workers in (1, 2, 3):
+        for workers in (1, 3):
             for dtype, family in wide_models.items():
                 for case in E2E_CASES:
                     out = tmp_path / f"{case.replace(' ', '_')}-{dtype}-{workers}"
@@ -336,8 +339,8 @@ THREAD_SPLIT_CASES = ("dare_ties", "ties rescale")  # the two whose bf16 bytes s
 def test_merge_bytes_on_a_fake_two_node_cluster(fake_cluster, wide_models, tmp_path):
     """Every end-to-end case's 1M-element merge on a faked 2-node cluster (2 workers of 1 CPU: one
     on each node, as each node has 1 CPU) publishes the bytes of 1 worker (on the suite's local
-    Ray, or in process when this test runs alone), in both dtypes. (The suite's one faked
-    multi-node cluster: starting one costs ~25 s.)"""
+    Ray, or in process when this test runs alone), in both dtypes: the matrix's 2-worker run.
+    (One of the suite's two faked multi-node clusters: starting one costs ~25 s.)"""
     import ray
 
     import raymerge

@@ -37,6 +37,7 @@ os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
 import raymerge  # noqa: E402
 from raymerge.runtime.worker import IO_SAMPLE_BYTES  # noqa: E402
 from raymerge.checkpoints import s3 as s3mod  # noqa: E402
+from conftest import take_local_ray_down  # noqa: E402
 from s3_server import serve  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -77,15 +78,13 @@ def private_cluster(tmp_path_factory):
 @pytest.fixture
 def cluster(private_cluster, monkeypatch, tmp_path):
     """The cluster, with this process not yet connected to any Ray (raymerge connects with
-    `address=`); the session's local Ray comes back afterwards if it was there. The driver's
-    S3 staging goes to a folder of this test."""
+    `address=`); the session's local Ray, if it was up, comes back before the next test that is not
+    a cluster test (`conftest.take_local_ray_down`). The driver's S3 staging goes to a folder of this test."""
     import ray
 
-    had_local = ray.is_initialized()
     address_before = os.environ.get("RAY_ADDRESS")
     raymerge.shutdown_workers()
-    if had_local:
-        ray.shutdown()
+    take_local_ray_down()
     monkeypatch.setenv(s3mod.STAGING_ENV, str(tmp_path / "driver-staging"))
     yield private_cluster
     raymerge.shutdown_workers()
@@ -95,10 +94,6 @@ def cluster(private_cluster, monkeypatch, tmp_path):
         os.environ.pop("RAY_ADDRESS", None)
     else:
         os.environ["RAY_ADDRESS"] = address_before
-    if had_local:
-        from conftest import _start_local_ray
-
-        _start_local_ray()
 
 
 @pytest.fixture(scope="session")
