@@ -75,3 +75,37 @@ def test_python_api_example_runs(ray_session, tmp_path, capsys, monkeypatch):
     runpy.run_path(str(EXAMPLES / "python_api.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert out.count("39 tensors") == 3
+
+
+def test_merge_benchmark_references_read_every_byte(tmp_path):
+    """`examples/benchmark_merge.py`'s references run and count what they read: both page-cache
+    readers report every byte of the files (the mapped one in whole 8-byte words) over the seconds
+    they took (the clock is made to advance 1 s per reading), and the method's own compute rate
+    runs the configured method."""
+    import importlib.util
+    import time
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "benchmark_merge.py"
+    spec = importlib.util.spec_from_file_location("benchmark_merge", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    files = [tmp_path / "a.bin", tmp_path / "b.bin"]
+    files[0].write_bytes(b"\1" * (3 << 20))
+    files[1].write_bytes(b"\2" * ((1 << 20) + 5))
+    slept = []
+
+    def slow_perf_counter(real=time.perf_counter):
+        slept.append(1)
+        return real() + len(slept)  # every call one second later: rate = counted bytes / seconds
+
+    bench.time.perf_counter = slow_perf_counter
+    try:
+        read, mapped = bench.read_rate(files, tries=1), bench.mapped_rate(files, tries=1)
+    finally:
+        bench.time.perf_counter = time.perf_counter
+    assert read == pytest.approx((3 << 20) + (1 << 20) + 5, rel=0.05)  # all bytes, in ~1 s
+    assert mapped == pytest.approx((3 << 20) + (1 << 20), rel=0.05)  # whole 8-byte words
+    assert bench.page_cache_rate(files, tries=1) > 0
+    config = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 0.5}},
+                                                   {"model": "b", "parameters": {"weight": 0.5}}]}
+    assert bench.method_compute_rate(config, elements=1 << 16, tries=1) > 0
