@@ -22,7 +22,8 @@ when that worker holds more than `k` of them.
 
 Solving: HiGHS in-process (`pulp.HiGHS`, highspy) by default, PuLP's CBC (`COIN_CMD` or
 `PULP_CBC_CMD`) when HiGHS is not available or when asked. `solve` first runs the LPT greedy:
-- if the LPT plan is already within `gap` of the lower bound, no MILP is built at all;
+- if the LPT plan is already within `gap` of the lower bound, or within `min_gain` seconds of it
+  (a MILP could not gain more than that), no MILP is built at all, and PuLP is not imported;
 - otherwise the LPT plan is the MILP's warm start (HiGHS: `setSolution` on the highspy model,
   which PuLP 3.3 does not do itself; CBC: `warmStart=True`), and the MILP is capped at the LPT
   makespan (`T <= lpt makespan`), so `solve` never returns a slower plan than `lpt`, nor one with
@@ -52,8 +53,6 @@ import warnings
 from dataclasses import replace
 from typing import Any, Optional
 
-import pulp
-
 from planners._tables import Tables
 from planners._quiet import hush_highs_banner
 from planners.greedy import _assignments, _lpt_choices
@@ -63,6 +62,8 @@ from planners.problem import MergeProblem
 
 def available_solvers() -> list[str]:
     """The MILP back ends usable here, in order of preference ("highs", "cbc")."""
+    import pulp
+
     names = set(pulp.listSolvers(onlyAvailable=True))
     out = []
     if "HiGHS" in names:
@@ -81,12 +82,15 @@ def solve(
     threads: Optional[int] = None,
     warm_start: bool = True,
     msg: bool = False,
+    min_gain: float = 0.0,
 ) -> Plan:
     """The best plan the MILP finds within `time_limit` seconds, never slower than `lpt`'s.
 
     `time_limit`: wall-clock seconds for the whole call (greedy, model building and solver; the
     solver gets what is left, at least 0.1 s). `gap`: relative optimality gap (on the
-    objective) at which the solver may stop. `solver`:
+    objective) at which the solver may stop. `min_gain`: seconds; no MILP is built when the LPT
+    plan's objective is within that of the lower bound, since no plan could gain more (status
+    "heuristic" unless LPT is also within `gap`); PuLP is imported only when a MILP is built. `solver`:
     "highs", "cbc", or None for the first available. `warm_start`: start the solver from the
     LPT plan. `msg`: show the solver's log. Raises `InfeasibleError` naming the operator that
     fits no worker. See the module docstring for the model, `status` and the bounds.
@@ -99,7 +103,10 @@ def solve(
         raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
     if not 0 <= gap < 1:
         raise ValueError(f"gap must be in [0, 1), got {gap!r}")
-    backend = _pick_solver(solver)
+    if not (min_gain >= 0 and math.isfinite(min_gain)):
+        raise ValueError(f"min_gain must be a finite number of seconds >= 0, got {min_gain!r}")
+    if solver not in (None, "highs", "cbc"):
+        raise ValueError(f"solver must be 'highs', 'cbc' or None, got {solver!r}")
     tab = Tables(problem)  # raises InfeasibleError first
     bounds = tab.bound_parts()
     lb = max(bounds.values())
@@ -117,11 +124,18 @@ def solve(
         "lpt_objective": lpt_plan.objective,
         "objective_bound": objective_lb,
     }
-    if lpt_plan.objective - objective_lb <= gap * lpt_plan.objective:
-        status = "optimal" if lpt_plan.objective <= objective_lb * (1 + 1e-12) else "within_gap"
-        info["milp"] = {"skipped": "the LPT plan is within the requested gap of the lower bound"}
+    within_gap = lpt_plan.objective - objective_lb <= gap * lpt_plan.objective
+    if within_gap or lpt_plan.objective - objective_lb <= min_gain:
+        if lpt_plan.objective <= objective_lb * (1 + 1e-12):
+            status = "optimal"
+        else:
+            status = "within_gap" if within_gap else "heuristic"
+        why = ("within the requested gap of the lower bound" if within_gap else
+               f"within {min_gain:g} s of the lower bound: no plan could gain more")
+        info["milp"] = {"skipped": f"the LPT plan is {why}"}
         return replace(lpt_plan, status=status, solve_seconds=time.perf_counter() - t0, info=info)
 
+    backend = _pick_solver(solver)
     model = _Model(tab, lb, cap=lpt_plan.makespan)
     if warm_start:
         model.set_start(lpt_degrees, lpt_workers)
@@ -185,25 +199,40 @@ def _var(lp: pulp.LpProblem, name: str, low: float, up: float, cat: str) -> pulp
     add = getattr(lp, "add_variable", None)
     if add is not None:
         return add(name, low, up, cat=cat)
+    import pulp
+
     return pulp.LpVariable(name, lowBound=low, upBound=up, cat=cat)
 
 
-class _HiGHSWarm(pulp.HiGHS):
-    """`pulp.HiGHS` that hands the variables' initial values to highspy as a starting solution."""
+def _highs_warm(**options: Any) -> Any:
+    """`pulp.HiGHS` that hands the variables' initial values to highspy as a starting solution
+    (the class is made on first use: PuLP is imported only when a MILP is solved)."""
+    global _HIGHS_WARM
+    if _HIGHS_WARM is None:
+        import pulp
 
-    def callSolver(self, lp):  # noqa: N802 (PuLP's name)
-        highspy = pulp.apis.highs_api.highspy
-        cols = sorted(lp.variables(), key=lambda v: v.index)
-        if cols and all(v.varValue is not None for v in cols):
-            sol = highspy.HighsSolution()
-            sol.col_value = [float(v.varValue) for v in cols]
-            sol.value_valid = True
-            lp.solverModel.setSolution(sol)
-        super().callSolver(lp)
+        class HiGHSWarm(pulp.HiGHS):
+            def callSolver(self, lp):  # noqa: N802 (PuLP's name)
+                highspy = pulp.apis.highs_api.highspy
+                cols = sorted(lp.variables(), key=lambda v: v.index)
+                if cols and all(v.varValue is not None for v in cols):
+                    sol = highspy.HighsSolution()
+                    sol.col_value = [float(v.varValue) for v in cols]
+                    sol.value_valid = True
+                    lp.solverModel.setSolution(sol)
+                super().callSolver(lp)
+
+        _HIGHS_WARM = HiGHSWarm
+    return _HIGHS_WARM(**options)
+
+
+_HIGHS_WARM: Any = None
 
 
 class _Model:
     def __init__(self, tab: Tables, lb: float, cap: float):
+        import pulp
+
         self.tab = tab
         p = tab.problem
         self.problem = p
@@ -272,6 +301,8 @@ class _Model:
     def set_start(self, degrees: list[int], workers: list[list[int]]) -> None:
         """Initial values from a concrete plan, workers permuted within groups to satisfy the
         symmetry rows (loads descending)."""
+        import pulp
+
         tab = self.tab
         per_worker: dict[int, dict[tuple[int, int], int]] = {w: {} for w in range(len(self.problem.workers))}
         load = [0.0] * len(self.problem.workers)
@@ -299,6 +330,8 @@ class _Model:
 
     def solve(self, backend: str, *, time_limit: float, gap: float, threads: Optional[int], msg: bool,
               warm_start: bool) -> dict:
+        import pulp
+
         lp = self.lp
         info: dict[str, Any] = {
             "solver": backend,
@@ -311,7 +344,7 @@ class _Model:
         t0 = time.perf_counter()
         if backend == "highs":
             hush_highs_banner(msg)
-            cmd = _HiGHSWarm(msg=msg, timeLimit=time_limit, gapRel=gap, gapAbs=0.0, threads=threads)
+            cmd = _highs_warm(msg=msg, timeLimit=time_limit, gapRel=gap, gapAbs=0.0, threads=threads)
             lp.solve(cmd)
             h = lp.solverModel
             hinfo = h.getInfo()

@@ -213,6 +213,11 @@ def test_plan_of_safetensors_models_imports_no_torch(llama_models, tmp_path):
     result = run_cli("plan", str(config), "--workers", "2", "--planner", "lpt", "--json", str(tmp_path / "plan.json"))
     assert (result["code"], result["heavy"]) == (0, []), result
     assert "predicted makespan" in result["stdout"], result["stdout"]
+    # The default planner too: a merge this small is within MILP_MIN_GAIN_S of its bound, so no
+    # MILP is built and PuLP (counted as heavy here) is never imported.
+    default = run_cli("plan", str(config), "--workers", "2")
+    assert (default["code"], default["heavy"]) == (0, []), default
+    assert "solver lpt" in default["stdout"], default["stdout"]
     import raymerge
 
     report = raymerge.plan(config, workers=2, planner="lpt")

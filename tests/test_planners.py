@@ -322,6 +322,38 @@ def test_one_group_bound_is_the_lp_optimum_without_a_solver():
     assert checked >= 25
 
 
+def test_min_gain_keeps_lpt_without_building_a_milp():
+    """`solve(min_gain=...)`: where the LPT plan is within `min_gain` seconds of the lower bound
+    but not within `gap`, LPT's plan comes back as "heuristic", without a MILP and without
+    importing PuLP; with a smaller `min_gain` the MILP runs as before."""
+    for _, p in _problems(6, start=700, n_ops=8, n_workers=3):
+        greedy = lpt(p)
+        spare = greedy.objective - solve(p, time_limit=2.0, gap=0.99).info["objective_bound"]
+        if spare <= 1e-3 or greedy.objective - greedy.lower_bound <= 1e-3 * greedy.objective:
+            continue
+        kept = solve(p, time_limit=2.0, gap=0.0, min_gain=spare * 1.01)
+        assert (kept.solver, kept.status) == ("lpt", "heuristic")
+        assert "no plan could gain more" in kept.info["milp"]["skipped"]
+        assert kept.makespan == greedy.makespan
+        full = solve(p, time_limit=2.0, gap=0.0, min_gain=spare * 0.5)
+        assert "skipped" not in full.info["milp"]
+        break
+    else:
+        pytest.fail("no test problem where LPT is off the lower bound")
+    with pytest.raises(ValueError, match="min_gain"):
+        solve(p, min_gain=-1)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import planners; "
+        "from planners import MergeProblem, Operator, Worker, Node; "
+        "ops = [Operator(f'o{i}', bytes_read=1e6, bytes_written=1e6, compute_s=0.01 * (i % 3 + 1), peak_memory=1e6) for i in range(7)]; "
+        "p = MergeProblem(ops, [Worker('w0', 'n', 1e9, 1.0, 1e9), Worker('w1', 'n', 1e9, 1.0, 1e9)], [Node('n', 1e9)]); "
+        "plan = planners.solve(p, gap=0.0, min_gain=0.1); "
+        "print(plan.solver, 'pulp' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["lpt", "False"], out.stderr
+
+
 def test_time_limited_incumbent_is_not_called_optimal():
     p = _benchmark_module().llama_problem("7B", 32)
     plan = solve(p, time_limit=1.0, gap=0.0)
