@@ -2,6 +2,9 @@
 
 Standalone: imports pulp (HiGHS through pulp's highspy interface, CBC as the fallback) and the
 standard library, nothing of torch, Ray or raymerge, so it can be used and tested on its own.
+PuLP is imported when an LP or MILP is first built, not with the package (~0.25 s with HiGHS and
+numpy): a plan on one group of equal workers whose greedy plan is already close to its lower
+bound never needs it.
 
 Two problems:
 - `MergeProblem`: independent operators (one per output tensor) with bytes read and written,
@@ -26,6 +29,7 @@ bound, the gap between them, which solver produced it and an honest status ("opt
 """
 
 from planners.greedy import lower_bound, lpt
+from planners.milp import available_solvers, solve
 from planners.pipeline import Layer, PipelinePlan, PipelineProblem, Stage, plan_pipeline
 from planners.plan import Assignment, InfeasibleError, Plan, PlanError, validate
 from planners.problem import MergeProblem, Node, Operator, ProblemError, Worker
@@ -50,22 +54,4 @@ __all__ = [
     "Stage",
     "PipelinePlan",
     "plan_pipeline",
-]
-
-
-def __getattr__(name: str):
-    """`solve` and `available_solvers` on first use: `planners.milp` imports PuLP (and through it
-    HiGHS and numpy, ~0.25 s), which a plan by `lpt`, or with one group of equal workers, never
-    needs (`raymerge plan` answers in well under a second)."""
-    if name in ("solve", "available_solvers"):
-        from planners import milp
-
-        return getattr(milp, name)
-    raise AttributeError(f"module 'planners' has no attribute {name!r}")
-
-
-__all__ = [
-    "Assignment", "InfeasibleError", "Layer", "MergeProblem", "Node", "Operator", "PipelinePlan", "PipelineProblem",
-    "Plan", "PlanError", "ProblemError", "Stage", "Worker", "available_solvers", "lower_bound", "lpt", "plan_pipeline",
-    "solve", "validate",
 ]

@@ -10,8 +10,9 @@
   a worker that can hold the operator) over the summed bandwidth of the nodes that have workers;
 - remote storage: bytes to and from remote storage over `remote_bandwidth`, when it is given;
 - LP relaxation: operators spread fractionally over groups of interchangeable workers, each
-  group's time within (workers in it) x T and each node link's within T (solved with HiGHS or
-  CBC through PuLP in milliseconds; left out if PuLP has no solver). It subsumes `work` and
+  group's time within (workers in it) x T and each node link's within T (in closed form for one
+  group of equal workers; else solved with HiGHS or CBC through PuLP in milliseconds, and left
+  out if PuLP has no solver). It subsumes `work` and
   `network`, and is what makes the bound tight when workers differ in speed or locality.
 The first three are the textbook P||Cmax bounds (total work over capacity, largest job).
 

@@ -23,7 +23,8 @@ when that worker holds more than `k` of them.
 Solving: HiGHS in-process (`pulp.HiGHS`, highspy) by default, PuLP's CBC (`COIN_CMD` or
 `PULP_CBC_CMD`) when HiGHS is not available or when asked. `solve` first runs the LPT greedy:
 - if the LPT plan is already within `gap` of the lower bound, or within `min_gain` seconds of it
-  (a MILP could not gain more than that), no MILP is built at all, and PuLP is not imported;
+  (a MILP could not gain more than that), no MILP is built at all (nor PuLP imported, when the
+  lower bound needed none: one group of equal workers, `planners._tables.Tables.lp_bound`);
 - otherwise the LPT plan is the MILP's warm start (HiGHS: `setSolution` on the highspy model,
   which PuLP 3.3 does not do itself; CBC: `warmStart=True`), and the MILP is capped at the LPT
   makespan (`T <= lpt makespan`), so `solve` never returns a slower plan than `lpt`, nor one with
@@ -51,13 +52,16 @@ import math
 import time
 import warnings
 from dataclasses import replace
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from planners._tables import Tables
 from planners._quiet import hush_highs_banner
 from planners.greedy import _assignments, _lpt_choices
 from planners.plan import Plan, PlanError, make_plan
 from planners.problem import MergeProblem
+
+if TYPE_CHECKING:  # imported where a MILP is built: `import planners` stays light
+    import pulp
 
 
 def available_solvers() -> list[str]:
@@ -90,7 +94,8 @@ def solve(
     solver gets what is left, at least 0.1 s). `gap`: relative optimality gap (on the
     objective) at which the solver may stop. `min_gain`: seconds; no MILP is built when the LPT
     plan's objective is within that of the lower bound, since no plan could gain more (status
-    "heuristic" unless LPT is also within `gap`); PuLP is imported only when a MILP is built. `solver`:
+    "heuristic" unless LPT is also within `gap`). The solver's availability is checked only
+    when a MILP is built: where none is needed, `solver="cbc"` without CBC returns LPT's plan. `solver`:
     "highs", "cbc", or None for the first available. `warm_start`: start the solver from the
     LPT plan. `msg`: show the solver's log. Raises `InfeasibleError` naming the operator that
     fits no worker. See the module docstring for the model, `status` and the bounds.

@@ -98,13 +98,12 @@ def test_merge_benchmark_references_read_every_byte(tmp_path):
         slept.append(1)
         return real() + len(slept)  # every call one second later: rate = counted bytes / seconds
 
-    bench.time.perf_counter = slow_perf_counter
-    try:
+    with pytest.MonkeyPatch.context() as patch:  # bench.time is the time module: restored after
+        patch.setattr(bench.time, "perf_counter", slow_perf_counter)
         read, mapped = bench.read_rate(files, tries=1), bench.mapped_rate(files, tries=1)
-    finally:
-        bench.time.perf_counter = time.perf_counter
-    assert read == pytest.approx((3 << 20) + (1 << 20) + 5, rel=0.05)  # all bytes, in ~1 s
-    assert mapped == pytest.approx((3 << 20) + (1 << 20), rel=0.05)  # whole 8-byte words
+    assert time.perf_counter is slow_perf_counter.__defaults__[0]
+    assert read == pytest.approx((3 << 20) + (1 << 20) + 5, rel=0.2)  # all bytes, in ~1 s
+    assert mapped == pytest.approx((3 << 20) + (1 << 20), rel=0.2)  # whole 8-byte words
     assert bench.page_cache_rate(files, tries=1) > 0
     config = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 0.5}},
                                                    {"model": "b", "parameters": {"weight": 0.5}}]}

@@ -129,7 +129,7 @@ def build_problem(
     return planners.MergeProblem(operators, topology.workers, topology.nodes, remote_bandwidth=topology.remote_bandwidth)
 
 
-MILP_MIN_GAIN_S = 0.1  # seconds: about what importing PuLP and solving a small placement MILP takes
+MILP_MIN_GAIN_S = 0.1  # seconds: about what building and solving a small placement MILP takes
 
 
 def plan_merge(
@@ -149,8 +149,9 @@ def plan_merge(
     # One solver thread: HiGHS keeps a pool of worker threads for the life of the process, which a
     # forked child inherits broken (a merge in a forked process would hang in the solver); the
     # placement MILP is small and HiGHS's MIP search gains little from more threads.
-    # `min_gain`: a merge whose LPT plan is within MILP_MIN_GAIN_S of the lower bound keeps it; the
-    # MILP (importing PuLP and HiGHS, building and solving the model) would cost about as much.
+    # `min_gain`: a merge whose LPT plan is within MILP_MIN_GAIN_S of the lower bound (objective:
+    # makespan plus the split penalty) keeps it; building and solving the MILP would cost about as
+    # much (and importing PuLP, where the bound needed none).
     plan = (planners.lpt(problem) if planner == "lpt"
             else planners.solve(problem, time_limit=time_limit, threads=1, min_gain=MILP_MIN_GAIN_S))
     return plan, problem
