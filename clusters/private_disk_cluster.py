@@ -222,9 +222,13 @@ class PrivateDiskCluster:
         old = self.node(name)
         self._kill_namespace(old)
         self.nodes.remove(old)
-        alive = len(self.alive_nodes())
+        # The GCS lists a killed node as alive until it has missed enough heartbeats (tens of
+        # seconds): wait for a node at its address with an id not listed before the restart,
+        # not for one more alive node, which may never come once the old one is marked dead.
+        stale = {nid for nid, ip in self._alive_ids().items() if ip == old.ip}
         self._start_worker(self.worker_names.index(name), name, self._env())
-        self.wait_for_nodes(alive + 1, timeout)
+        self._wait(lambda alive: any(ip == old.ip and nid not in stale for nid, ip in alive.items()),
+                   f"{name} ({old.ip}) came back", timeout)
 
     def _gcs(self):
         from ray._raylet import GcsClient
@@ -243,16 +247,21 @@ class PrivateDiskCluster:
             time.sleep(0.1)
         raise ClusterError(f"the Ray head did not listen on {self.address} within {timeout:.0f} s: {self._tail(self.nodes[0].log)}")
 
+    def _alive_ids(self) -> dict[str, str]:
+        """node id -> node IP of the alive nodes, as the GCS sees them."""
+        infos = self._gcs().get_all_node_info(timeout=5)
+        return {node_id.hex(): info.node_manager_address for node_id, info in infos.items() if info.state == 0}
+
     def alive_nodes(self) -> dict[str, str]:
         """node IP -> node id of the alive nodes, as the GCS sees them."""
-        infos = self._gcs().get_all_node_info(timeout=5)
-        out = {}
-        for node_id, info in infos.items():
-            if info.state == 0:  # ALIVE
-                out[info.node_manager_address] = node_id.hex()
-        return out
+        return {ip: nid for nid, ip in self._alive_ids().items()}
 
     def wait_for_nodes(self, count: int, timeout: float = 60.0) -> None:
+        self._wait(lambda alive: len(alive) >= count, f"{count} Ray nodes came up", timeout)
+
+    def _wait(self, done, what: str, timeout: float) -> None:
+        """Until `done(node id -> IP of the alive nodes)`; a node whose processes all exited, or
+        the timeout, raises `ClusterError`."""
         deadline = time.monotonic() + timeout
         seen: dict = {}
         while time.monotonic() < deadline:
@@ -260,13 +269,13 @@ class PrivateDiskCluster:
                 if not _pids_in(node.namespace):
                     raise ClusterError(f"{node.name} exited: {self._tail(node.log)}")
             try:
-                seen = self.alive_nodes()
+                seen = self._alive_ids()
             except Exception:  # noqa: BLE001 - the GCS is still starting
                 seen = {}
-            if len(seen) >= count:
+            if done(seen):
                 return
             time.sleep(0.2)
-        raise ClusterError(f"only {len(seen)} of {count} Ray nodes came up within {timeout:.0f} s")
+        raise ClusterError(f"not within {timeout:.0f} s: {what} (alive: {len(seen)} Ray node(s))")
 
     # -- stop -------------------------------------------------------------------------------------
 
