@@ -418,10 +418,10 @@ def mapped_rate(files: list[Path], tries: int = 2) -> float:
 
     import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    from raymerge.methods.reductions import fixed_threads
+
     best = 0.0
-    try:
+    with fixed_threads(1):
         for _ in range(tries):
             start, size = time.perf_counter(), 0
             for f in files:
@@ -438,8 +438,6 @@ def mapped_rate(files: list[Path], tries: int = 2) -> float:
                         del words, chunk
                     size += length
             best = max(best, size / (time.perf_counter() - start))
-    finally:
-        torch.set_num_threads(before)
     return best
 
 
@@ -450,24 +448,20 @@ def method_compute_rate(config: dict, elements: int = 32 << 20, tries: int = 3) 
     import torch
 
     from raymerge.methods import get_method
+    from raymerge.methods.reductions import fixed_threads
 
     spec = get_method(config["merge_method"])
     models = config["models"]
     g = torch.Generator().manual_seed(0)
     inputs = [torch.randn(elements, generator=g).to(torch.bfloat16) for _ in models]
-    model_params = [dict(m.get("parameters") or {}) for m in models]
-    params = {p.name: p.default for p in spec.params if not p.per_model}
-    params.update(config.get("parameters") or {})
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    model_params, params = spec.resolve([dict(m.get("parameters") or {}) for m in models],
+                                        dict(config.get("parameters") or {}), None)
     best = math.inf
-    try:
+    with fixed_threads(1):
         for _ in range(tries):
             start = time.perf_counter()
             spec.fn(inputs, base_index=None, model_params=model_params, params=params, generator=None)
             best = min(best, time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(before)
     return sum(t.numel() * t.element_size() for t in inputs) / best
 
 

@@ -48,6 +48,7 @@ when the solver reports it (HiGHS does; PuLP does not return CBC's).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -210,28 +211,27 @@ def _var(lp: pulp.LpProblem, name: str, low: float, up: float, cat: str) -> pulp
 
 
 def _highs_warm(**options: Any) -> Any:
-    """`pulp.HiGHS` that hands the variables' initial values to highspy as a starting solution
-    (the class is made on first use: PuLP is imported only when a MILP is solved)."""
-    global _HIGHS_WARM
-    if _HIGHS_WARM is None:
-        import pulp
-
-        class HiGHSWarm(pulp.HiGHS):
-            def callSolver(self, lp):  # noqa: N802 (PuLP's name)
-                highspy = pulp.apis.highs_api.highspy
-                cols = sorted(lp.variables(), key=lambda v: v.index)
-                if cols and all(v.varValue is not None for v in cols):
-                    sol = highspy.HighsSolution()
-                    sol.col_value = [float(v.varValue) for v in cols]
-                    sol.value_valid = True
-                    lp.solverModel.setSolution(sol)
-                super().callSolver(lp)
-
-        _HIGHS_WARM = HiGHSWarm
-    return _HIGHS_WARM(**options)
+    """A `pulp.HiGHS` that hands the variables' initial values to highspy as a starting solution."""
+    return _highs_warm_class()(**options)
 
 
-_HIGHS_WARM: Any = None
+@functools.cache
+def _highs_warm_class() -> type:
+    """The class behind `_highs_warm`, made on first use: PuLP is imported only when a MILP is solved."""
+    import pulp
+
+    class HiGHSWarm(pulp.HiGHS):
+        def callSolver(self, lp):  # noqa: N802 (PuLP's name)
+            highspy = pulp.apis.highs_api.highspy
+            cols = sorted(lp.variables(), key=lambda v: v.index)
+            if cols and all(v.varValue is not None for v in cols):
+                sol = highspy.HighsSolution()
+                sol.col_value = [float(v.varValue) for v in cols]
+                sol.value_valid = True
+                lp.solverModel.setSolution(sol)
+            super().callSolver(lp)
+
+    return HiGHSWarm
 
 
 class _Model:
