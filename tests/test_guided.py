@@ -167,12 +167,16 @@ def sigmoid(v):
 def acm_runs(ray_session, family):
     models = [("ft1", 0.6), ("ft2", 0.5), ("same", 0.4)]
     out = {}
-    for stages in (1, 2):
-        # Two stages with one window per micro-batch: the base's and each fine-tune's windows
-        # are paired across many calls; one stage with all windows in one batch.
-        res = raymerge.merge(guided_config(family, "acm", models, stages=stages, theta=THETA, batch_size=5 - 2 * stages),
-                             family["root"] / f"acm{stages}", quiet=True)
-        out[stages] = res.output
+    try:
+        for stages in (1, 2):
+            # Two stages with one window per micro-batch: the base's and each fine-tune's windows
+            # are paired across many calls; one stage with all windows in one batch. Both on the
+            # same two kept actors (the statistics use the first `stages` of them).
+            res = raymerge.merge(guided_config(family, "acm", models, stages=stages, theta=THETA, batch_size=5 - 2 * stages),
+                                 family["root"] / f"acm{stages}", quiet=True, workers=2, keep_workers=True)
+            out[stages] = res.output
+    finally:
+        raymerge.shutdown_workers()
     return models, out
 
 
@@ -269,7 +273,14 @@ def test_guidance_config_errors(family, tmp_path):
         raymerge.merge(cfg, tmp_path / "out", quiet=True)
 
 
-def test_guidance_needs_a_base_model(ray_session, family, tmp_path):
+def test_guidance_needs_a_base_model(ray_session, family, tmp_path, monkeypatch):
+    """Every guidance mistake is a ConfigError before any actor starts (on a Ray session too)."""
+    import raymerge.runtime.merge as merge_module
+
+    def no_actors(*args, **kwargs):
+        raise AssertionError("a guidance config mistake started actors")
+
+    monkeypatch.setattr(merge_module, "_start_pool", no_actors)
     cfg = guided_config(family, "acm", [("ft1", 1.0), ("ft2", 1.0)])
     del cfg["base_model"]
     with pytest.raises(ConfigError, match="needs a base_model"):
@@ -322,9 +333,12 @@ def sens_runs(ray_session, family):
     models = [("ft1", 0.6), ("ft2", 0.5)]
     task = {str(family["ft1"]): {"dataset": str(family["root"] / "calib-ft1.txt"), **CALIB}}
     out = {}
-    for stages in (1, 2):
-        cfg = guided_config(family, "sens", models, stages=stages, temperature=TEMPERATURE, task_calibration=task)
-        out[stages] = raymerge.merge(cfg, family["root"] / f"sens{stages}", quiet=True).output
+    try:
+        for stages in (1, 2):  # on the same two kept actors, as acm_runs
+            cfg = guided_config(family, "sens", models, stages=stages, temperature=TEMPERATURE, task_calibration=task)
+            out[stages] = raymerge.merge(cfg, family["root"] / f"sens{stages}", quiet=True, workers=2, keep_workers=True).output
+    finally:
+        raymerge.shutdown_workers()
     return models, out
 
 

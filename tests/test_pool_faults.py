@@ -18,7 +18,8 @@ import pytest
 
 import raymerge.runtime.prune as prune
 from raymerge.pruning.report import REPORT_FILE
-from raymerge.runtime.actor_pool import MAX_WORKER_RESTARTS, WorkerLostError
+from raymerge.runtime import actor_pool
+from raymerge.runtime.actor_pool import WorkerLostError
 from raymerge.runtime.prune import PruneOptions, run_prune
 
 
@@ -108,15 +109,19 @@ def test_stages_that_keep_dying_end_with_worker_lost(trained, tmp_path, ray_sess
         return infos
 
     monkeypatch.setattr(prune, "_describe", describe_and_kill)
+    # A limit of 1 restart (the policy reads MAX_WORKER_RESTARTS when a job starts): the same
+    # path as the default's 3, with 4 stage actors started instead of 8.
+    limit = 1
+    monkeypatch.setattr(actor_pool, "MAX_WORKER_RESTARTS", limit)
     out = tmp_path / "out"
     with pytest.raises(WorkerLostError) as info:
         run_prune(_config(trained), out, PruneOptions(workers=2, quiet=True))
-    assert len(attempts) == MAX_WORKER_RESTARTS + 1
+    assert len(attempts) == limit + 1
     message = str(info.value)
     assert "\n" not in message
-    assert f"actors died {MAX_WORKER_RESTARTS + 1} times" in message and "stage 0 (layers 0-1)" in message, message
+    assert f"actors died {limit + 1} times (limit {limit} restarts)" in message and "stage 0 (layers 0-1)" in message, message
     err = capsys.readouterr().err
-    assert err.count("warning: prune: stage 0 (layers 0-1) died") == MAX_WORKER_RESTARTS, err
+    assert err.count("warning: prune: stage 0 (layers 0-1) died") == limit, err
     assert not out.exists(), "nothing may be published"
     assert not [p.name for p in tmp_path.iterdir() if "staging" in p.name]
 

@@ -203,7 +203,10 @@ def della_magprune(
     work = _random_dtype(tensor)
     rows = tensor.unsqueeze(0) if tensor.dim() < 2 else tensor
     order = torch.argsort(rows.abs(), dim=1, stable=True)
-    ranks = order.argsort(dim=1).to(work)  # 0-based; rank + 1 in the paper, same after normalising
+    # 0-based ranks (rank + 1 in the paper, the same after normalising): the inverse permutation
+    # of `order`, scattered in one pass rather than found by a second sort.
+    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions).to(work)
     lo = ranks.min(dim=1, keepdim=True).values
     hi = ranks.max(dim=1, keepdim=True).values
     rank_norm = torch.nan_to_num((ranks - lo) / (hi - lo), nan=0.5).clamp(0, 1)  # nan: one-element rows

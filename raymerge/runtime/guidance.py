@@ -164,6 +164,25 @@ def check_guidance(cfg: MergeConfig, label: str, program: MergeProgram) -> Guida
     return g
 
 
+def check_guidance_memory(g: GuidanceConfig, base: SourceSpec, trust_remote_code: bool = False) -> None:
+    """Before any actor starts: refuse a statistics pass whose kept activations or logits would
+    not fit in host memory (ConfigError naming the calibration keys), from the base model's config
+    and the calibration settings alone."""
+    from raymerge.calibration.windows import resolve_seqlen
+
+    if get_guidance_method(g.method).kept_bytes is None:
+        return
+    src = base.open()
+    try:
+        model_config = src.config()
+        shape = describe_model(model_config, source=src, trust_remote_code=trust_remote_code)
+    finally:
+        src.close()
+    cals = [g.calibration, *g.task_calibration.values()]
+    tokens = max(c.nsamples * resolve_seqlen(c.seqlen, shape.max_positions) for c in cals)
+    _check_memory(g, shape, int(model_config.get("vocab_size") or 0), tokens)
+
+
 def _check_memory(g: GuidanceConfig, shape: Any, vocab: int, tokens: int) -> None:
     """Refuse a statistics pass whose kept activations or logits would not fit in host memory
     (`tokens`: the largest calibration set's windows x seqlen)."""
@@ -259,11 +278,6 @@ class _StagePass:
             self.shape = describe_model(self.model_config, source=src, trust_remote_code=self.trust_remote_code)
         finally:
             src.close()
-        from raymerge.calibration.windows import resolve_seqlen
-
-        cals = [self.g.calibration, *self.g.task_calibration.values()]
-        tokens = max(c.nsamples * resolve_seqlen(c.seqlen, self.shape.max_positions) for c in cals)
-        _check_memory(self.g, self.shape, int(self.model_config.get("vocab_size") or 0), tokens)
         if self.g.stages > len(self.pool) and self.pool.remote:
             log.warning("raymerge: guidance.stages is %d but the merge has %d worker(s): the statistics pass "
                         "runs on %d stage(s)", self.g.stages, len(self.pool), len(self.pool))

@@ -297,9 +297,10 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
     keep = options.keep_workers
     try:
         if settings is not None and settings.guidance is not None:
-            from raymerge.runtime.guidance import check_guidance, guide_program
+            from raymerge.runtime.guidance import check_guidance, check_guidance_memory, guide_program
 
             checked = check_guidance(cfg, label, program)
+            check_guidance_memory(checked, specs[program.models.index(cfg.base_model)], options.trust_remote_code)
             # The statistics run on the merge's own pool (a kept one too): no other actors.
             pool = _start_pool(options, profile)
             guidance = guide_program(checked, cfg, program, specs, pool, quiet=options.quiet,
