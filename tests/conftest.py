@@ -44,7 +44,16 @@ def ray_session():
     _start_local_ray()
     yield
     if ray.is_initialized():
+        _end_kept_workers()
         ray.shutdown()
+
+
+def _end_kept_workers() -> None:
+    """Tests may leave a merge's workers kept (`keep_workers=True`) for the next test of the same
+    size; they go before their Ray session does."""
+    import raymerge
+
+    raymerge.shutdown_workers()
 
 
 def take_local_ray_down() -> None:
@@ -55,6 +64,7 @@ def take_local_ray_down() -> None:
     import ray
 
     if ray.is_initialized():
+        _end_kept_workers()
         ray.shutdown()
         _LOCAL_RAY_TAKEN_DOWN[0] = True
 
@@ -85,6 +95,7 @@ def fake_cluster():
     try:
         yield cluster
     finally:
+        _end_kept_workers()
         ray.shutdown()
         cluster.shutdown()  # the session's Ray comes back before the next test that asks for it
 

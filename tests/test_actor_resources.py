@@ -108,7 +108,8 @@ def test_more_merge_workers_than_cpus_run_and_give_the_same_bytes(ray_session, l
         "models": [{"model": str(llama_models[k]), "parameters": {"weight": 0.5, "density": 0.6}} for k in ("ft1", "ft2")],
     }
     four = finishes_within(300, raymerge.merge, cfg, tmp_path / "four", workers=4, quiet=True, out_shard_size="300KB")
-    one = raymerge.merge(cfg, tmp_path / "one", workers=1, quiet=True, out_shard_size="300KB")
+    # The reference in process (one in-process worker = one Ray worker: tests/test_determinism.py).
+    one = raymerge.merge(cfg, tmp_path / "one", workers=1, quiet=True, out_shard_size="300KB", in_process=True)
     assert four.workers == 4 and one.workers == 1
     assert file_bytes(four.output) == file_bytes(one.output)
 

@@ -314,8 +314,9 @@ def test_merge_determinism_across_in_process_threads(wide_models, tmp_path):
     """The default merge on a machine without a GPU runs its workers as threads of the driver,
     sharing the cores out as torch threads: 1, 2 and 3 of them publish the same bytes for every
     case, in float32 and bfloat16 (1 thread computes with all cores' torch threads, 2 and 3 with
-    one each). The two cases whose bytes split most by threads (issue 14); every method's own
-    thread grid is `test_merge_method_bits_do_not_depend_on_threads`."""
+    one each), and (in the suite) the bytes of one Ray worker. The two cases whose bytes split
+    most by threads (issue 14); every method's own thread grid is
+    `test_merge_method_bits_do_not_depend_on_threads`."""
     import raymerge
 
     differing = []
@@ -330,7 +331,15 @@ def test_merge_determinism_across_in_process_threads(wide_models, tmp_path):
                 first = first or files
                 if files != first:
                     differing.append((case, dtype, workers))
+            # In the suite, after test_merge_determinism_across_workers: in process = one Ray worker.
+            ray_bytes = _E2E_REFERENCE.get((case, dtype))
+            if ray_bytes is not None and _without_readme(first) != ray_bytes:
+                differing.append((case, dtype, "in process vs 1 Ray worker"))
     assert not differing, f"bytes depend on the in-process thread count: {differing}"
+
+
+def _without_readme(files: dict[str, bytes]) -> dict[str, bytes]:
+    return {k: v for k, v in files.items() if k != "README.md"}
 
 
 THREAD_SPLIT_CASES = ("dare_ties", "ties rescale")  # the two whose bf16 bytes split the most (issue 14)

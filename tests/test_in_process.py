@@ -36,7 +36,7 @@ def _config(method: str, models: dict[str, Path]) -> dict:
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
-def test_in_process_equals_ray_with_one_and_two_workers(method, llama_models, ray_session, tmp_path):
+def test_in_process_equals_ray_workers(method, llama_models, ray_session, tmp_path):
     cfg = _config(method, llama_models)
     local = raymerge.merge(cfg, tmp_path / "local", in_process=True, random_seed=7, quiet=True, out_shard_size="300KB")
     assert local.workers == (os.cpu_count() or 1)  # one thread per core by default
@@ -44,9 +44,11 @@ def test_in_process_equals_ray_with_one_and_two_workers(method, llama_models, ra
     assert "measured" in local.summary() and "in process" in local.plan.report.topology.description
     expected = _files(tmp_path / "local")
     assert any(name.endswith(".safetensors") for name in expected) and len(expected) > 3
-    for workers in (1, 2):
+    # One Ray worker equals in process on 1M-element tensors (tests/test_determinism.py); two
+    # here, kept for the next merge of the same size.
+    for workers in (2,):
         out = tmp_path / f"ray{workers}"
-        raymerge.merge(cfg, out, workers=workers, random_seed=7, quiet=True, out_shard_size="300KB")
+        raymerge.merge(cfg, out, workers=workers, random_seed=7, quiet=True, out_shard_size="300KB", keep_workers=True)
         got = _files(out)
         assert got.keys() == expected.keys(), workers
         differ = [name for name in expected if got[name] != expected[name]]

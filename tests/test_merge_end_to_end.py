@@ -47,7 +47,7 @@ def file_bytes(folder: Path) -> dict[str, bytes]:
 def test_output_loads_and_runs_forward(ray_session, llama_models, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    result = raymerge.merge(ties_config(llama_models), tmp_path / "out", quiet=True)
+    result = raymerge.merge(ties_config(llama_models), tmp_path / "out", quiet=True, workers=2, keep_workers=True)
     assert result.tensors == len(load_state(llama_models["base"]))
     assert result.bytes_read > 0 and result.bytes_written > 0
     model = AutoModelForCausalLM.from_pretrained(result.output)
@@ -81,9 +81,14 @@ def test_qwen2_output_loads(qwen2_models, tmp_path):
 
 @pytest.mark.parametrize("make_config", [ties_config, dare_config], ids=["ties", "dare_ties"])
 def test_bytes_identical_for_any_worker_count(ray_session, llama_models, tmp_path, make_config):
+    """Per-model density lists and filtered weights, sharded output: one in-process worker and two
+    Ray workers (kept for the next test; in process equals one Ray worker on 1M-element tensors:
+    tests/test_determinism.py) publish the same bytes."""
     cfg = make_config(llama_models)
-    one = raymerge.merge(cfg, tmp_path / "one", workers=1, quiet=True, random_seed=7, out_shard_size="300KB")
-    two = raymerge.merge(cfg, tmp_path / "two", workers=2, quiet=True, random_seed=7, out_shard_size="300KB")
+    one = raymerge.merge(cfg, tmp_path / "one", workers=1, quiet=True, random_seed=7, out_shard_size="300KB",
+                         in_process=True)
+    two = raymerge.merge(cfg, tmp_path / "two", workers=2, quiet=True, random_seed=7, out_shard_size="300KB",
+                         keep_workers=True)
     assert one.workers == 1 and two.workers == 2
     a, b = file_bytes(one.output), file_bytes(two.output)
     assert len([n for n in a if n.endswith(".safetensors")]) > 1  # really sharded

@@ -130,16 +130,16 @@ def test_row_split_parts_give_identical_bytes(ray_session, llama_models, tmp_pat
     cfg = linear_config(llama_models)
     if method == "task_arithmetic":
         cfg = {**cfg, "merge_method": "task_arithmetic", "base_model": str(llama_models["base"])}
-    whole = raymerge.merge(cfg, tmp_path / "whole", workers=1, quiet=True, out_shard_size="300KB")
+    whole = raymerge.merge(cfg, tmp_path / "whole", workers=1, quiet=True, out_shard_size="300KB", in_process=True)
     used = force_row_splits(monkeypatch)
-    split = raymerge.merge(cfg, tmp_path / "split", workers=2, quiet=True, out_shard_size="300KB")
+    split = raymerge.merge(cfg, tmp_path / "split", workers=2, quiet=True, out_shard_size="300KB", keep_workers=True)
     assert used and any(a.of == 4 for a in used[0].assignments)
     assert split.plan.parts > split.tensors  # parts really were split
     assert file_bytes(split.output) == file_bytes(whole.output)
 
 
 def test_result_reports_predicted_and_measured_makespan(ray_session, llama_models, tmp_path):
-    result = raymerge.merge(linear_config(llama_models), tmp_path / "out", workers=2, quiet=True)
+    result = raymerge.merge(linear_config(llama_models), tmp_path / "out", workers=2, quiet=True, keep_workers=True)
     p = result.plan
     assert p is not None and p.predicted_makespan > 0 and p.measured_makespan > 0
     assert p.solver in ("lpt", "highs", "cbc") and p.status in ("optimal", "within_gap", "time_limit", "heuristic")
@@ -197,6 +197,14 @@ def test_kept_worker_pool_is_reused(ray_session, llama_models, tmp_path):
         b = raymerge.merge(cfg, tmp_path / "b", workers=1, quiet=True, keep_workers=True)
         assert actor_pool.kept() is pool and pool.actors == actors  # same actors
         assert file_bytes(a.output) == file_bytes(b.output)
+        # A Ray session of another cluster (after ray.shutdown() and a new ray.init(), whose first
+        # driver is job 01000000 again): same job id, another node: the kept pool is not reused.
+        job, node = actor_pool._ray_session()
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(actor_pool, "_ray_session", lambda: (job, "another-cluster-node"))
+            fresh = actor_pool.acquire(1)
+        assert fresh is not pool and actor_pool.kept() is None
+        actor_pool.release(fresh, keep=False)
     finally:
         raymerge.shutdown_workers()
     assert actor_pool.kept() is None
@@ -247,7 +255,7 @@ def test_llama70b_plan_from_config_json_alone(monkeypatch):
 
 def test_idle_worker_takes_unsent_batches_and_bytes_stay_identical(ray_session, llama_models, tmp_path, monkeypatch):
     cfg = linear_config(llama_models)
-    reference = raymerge.merge(cfg, tmp_path / "ref", workers=1, quiet=True, out_shard_size="300KB")
+    reference = raymerge.merge(cfg, tmp_path / "ref", workers=1, quiet=True, out_shard_size="300KB", in_process=True)
     real = merge_module.plan_merge
 
     def all_on_first_worker(ops, topology, table=None, **kw):
@@ -259,7 +267,7 @@ def test_idle_worker_takes_unsent_batches_and_bytes_stay_identical(ray_session, 
 
     monkeypatch.setattr(merge_module, "plan_merge", all_on_first_worker)
     monkeypatch.setattr("raymerge.runtime.executor.BATCH_OPS", 1)  # many batches to share
-    lopsided = raymerge.merge(cfg, tmp_path / "lopsided", workers=2, quiet=True, out_shard_size="300KB")
+    lopsided = raymerge.merge(cfg, tmp_path / "lopsided", workers=2, quiet=True, out_shard_size="300KB", keep_workers=True)
     assert lopsided.plan.moved_parts > 0
     assert "moved at run time" in lopsided.summary()
     assert file_bytes(lopsided.output) == file_bytes(reference.output)

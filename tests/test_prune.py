@@ -226,8 +226,8 @@ def test_explicit_layer_list_and_module_selection(trained, tmp_path):
 def test_distributed_stages_match_single_process(trained, tmp_path, fake_cluster):
     for method, mode in (("wanda", "sequential"), ("sparsegpt", "parallel")):
         single = _prune(trained, tmp_path, f"{method}-1", method=method, mode=mode)
-        multi = _prune(trained, tmp_path, f"{method}-3", method=method, mode=mode,
-                       options=PruneOptions(workers=2, quiet=True))
+        multi = _prune(trained, tmp_path, f"{method}-3", method=method, mode=mode,  # both on the same two actors
+                       options=PruneOptions(workers=2, quiet=True, keep_workers=True))
         assert len(multi.stages) == 2 and multi.stages[0]["layers"] == [0, 1] and multi.stages[1]["layers"] == [2, 3]
         a, b = load_state(single.output), load_state(multi.output)
         for name in a:
@@ -434,7 +434,8 @@ def test_report_gives_stage_utilisation(trained, tmp_path, ray_session):
     """Each stage's busy time (inside its calls), the driver's wall time and their ratio, in
     (0, 1], in the result, the JSON report and the printed table; in process and on two stages.
     No timing is asserted beyond the ratio's range (the machine may be shared)."""
-    for name, options in (("one", PruneOptions(in_process=True, quiet=True)), ("two", PruneOptions(workers=2, quiet=True))):
+    for name, options in (("one", PruneOptions(in_process=True, quiet=True)),
+                          ("two", PruneOptions(workers=2, quiet=True, keep_workers=True))):  # kept for the next test
         result = _prune(trained, tmp_path, name, method="wanda", mode="parallel", options=options)
         written = json.loads((result.output / "prune_report.json").read_text())["stages"]
         assert len(written) == len(result.report.stages) == (1 if name == "one" else 2)
@@ -480,7 +481,7 @@ def test_merge_then_prune_equals_pruning_the_written_merge(trained, finetune_of_
     del cfg["model"]
     two_step = run_prune({**cfg, "model": str(written)}, tmp_path / "two-step", PruneOptions(in_process=True, quiet=True))
     one_job = run_prune({**cfg, "merge": merge}, tmp_path / "one-job", PruneOptions(in_process=True, quiet=True))
-    staged = run_prune({**cfg, "merge": merge}, tmp_path / "staged", PruneOptions(workers=2, quiet=True))
+    staged = run_prune({**cfg, "merge": merge}, tmp_path / "staged", PruneOptions(workers=2, quiet=True, keep_workers=True))
     a, b, c = load_state(two_step.output), load_state(one_job.output), load_state(staged.output)
     assert sorted(a) == sorted(b) == sorted(c)
     for name in a:

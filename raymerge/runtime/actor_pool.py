@@ -142,7 +142,7 @@ class ActorPool:
         self.setup: Optional[Callable[[ActorRef], Any]] = None
         self.cache: dict[Any, Any] = {}
         self._infos: Optional[list[Any]] = None
-        self._job_id = ray.get_runtime_context().get_job_id()
+        self._session = _ray_session()
 
     @classmethod
     def in_process(cls, what: str = "in-process worker", n: int = 1) -> "ActorPool":
@@ -154,13 +154,13 @@ class ActorPool:
         pool.remote, pool.what, pool.rule, pool._cls = False, what, None, None
         pool.workers = [ActorRef(PoolActor(i), False) for i in range(n)]
         pool.labels = [what] if n == 1 else [f"{what} {i}" for i in range(n)]
-        pool.setup, pool.cache, pool._infos, pool._job_id = None, {}, None, None
+        pool.setup, pool.cache, pool._infos, pool._session = None, {}, None, None
         return pool
 
     @property
     def key(self) -> Optional[tuple]:
         """What a kept pool must match to be reused: Ray session (job), size, resources, threads."""
-        return _pool_key(self._job_id, len(self.workers), self.rule) if self.remote else None
+        return _pool_key(self._session, len(self.workers), self.rule) if self.remote else None
 
     def _start(self, i: int) -> Any:
         assert self._cls is not None
@@ -265,9 +265,19 @@ def _labels(what: str, n: int) -> list[str]:
     return [f"{singular} {i}" for i in range(n)]
 
 
-def _pool_key(job_id: Any, n: int, rule: ActorResources) -> tuple:
+def _ray_session() -> tuple:
+    """This driver's Ray session: its job id with the id of the node it runs on. The job id alone
+    repeats: the first driver of every new cluster is job 01000000, so after a `ray.shutdown()`
+    and a new `ray.init()` a kept pool of the old cluster would match (its actors long gone)."""
+    import ray
+
+    context = ray.get_runtime_context()
+    return (context.get_job_id(), context.get_node_id())
+
+
+def _pool_key(session: tuple, n: int, rule: ActorResources) -> tuple:
     """What a kept pool must match to be reused: Ray session (job), size, resources, threads."""
-    return (job_id, n, tuple(sorted(rule.options.items())), rule.threads)
+    return (session, n, tuple(sorted(rule.options.items())), rule.threads)
 
 
 # -- a pool kept between merges of this process ------------------------------------------------------
@@ -283,9 +293,7 @@ def acquire(n: Optional[int], what: str = "merge workers") -> ActorPool:
     n = n if n is not None else default_actor_count()
     rule = actor_resources(n, what=what)  # raises at once what the cluster cannot hold
     if _kept is not None:
-        import ray
-
-        if _kept.key == _pool_key(ray.get_runtime_context().get_job_id(), n, rule) and _kept.workers:
+        if _kept.key == _pool_key(_ray_session(), n, rule) and _kept.workers:
             pool, _kept = _kept, None
             pool.what, pool.labels = what, _labels(what, len(pool))
             return pool
