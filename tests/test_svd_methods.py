@@ -429,6 +429,12 @@ def test_cost_model_scales_svd_methods_with_the_smaller_dimension():
     assert per_element == pytest.approx(4 * (small.compute_s - costs.OPERATOR_OVERHEAD_S) / (1024 * 4096))
     assert costs.calibration_shape("lore") == costs.SVD_CALIBRATION_SHAPE
     assert costs.calibration_shape("ties") == costs.CALIBRATION_SHAPE
+    # Calibration times a job of small tensors on its own largest shape, never more than the usual one.
+    assert costs.job_calibration_shape(op("ties", (64, 128))) == (64, 128)
+    assert costs.job_calibration_shape(op("ties", (300,))) == (300,)
+    assert costs.job_calibration_shape(op("ties", (4096, 4096))) == costs.CALIBRATION_SHAPE
+    assert costs.job_calibration_shape(op("tsv", (32, 32))) == costs.SVD_CALIBRATION_SHAPE  # shape_factor's base
+    assert costs.measure_seconds_per_element(op("ties", (300,)), repeats=1) > 0
     assert costs.peak_memory(op("tsv", (64, 64))) > costs.peak_memory(op("task_arithmetic", (64, 64)))
     assert costs.measure_seconds_per_element(op("lore", (64, 64)), repeats=1) > 0
 

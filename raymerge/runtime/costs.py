@@ -70,7 +70,7 @@ OPERATOR_OVERHEAD_S = 1e-3  # per operator: opening inputs, a Python call or two
 SVD_EXTRA_PER_INPUT = 3.0
 SVD_EXTRA = 4.0
 
-CALIBRATION_SHAPE = (256, 4096)  # 1M elements: long enough to time, short enough to be instant
+CALIBRATION_SHAPE = (256, 4096)  # 1M elements: long enough to time; smaller jobs time their own shape
 SVD_CALIBRATION_SHAPE = (64, 1024)  # SVD methods (see the module docstring)
 
 
@@ -113,8 +113,21 @@ def is_svd_method(method: str) -> bool:
 
 
 def calibration_shape(method: str) -> tuple[int, int]:
-    """The synthetic tensor shape a method's cost per element is measured on."""
+    """The synthetic tensor shape a method's cost per element is measured on (at most: see
+    `job_calibration_shape`)."""
     return SVD_CALIBRATION_SHAPE if is_svd_method(method) else CALIBRATION_SHAPE
+
+
+def job_calibration_shape(op: MergeOperator) -> tuple[int, ...]:
+    """The shape calibration times `op`'s method on (`op`: the largest operator of its cost key,
+    `representative_ops`): `calibration_shape`, or `op`'s own shape when that has fewer elements.
+    A job of small tensors is timed on what it really computes (the per-call overhead included),
+    not on 1M-element tensors it never sees: three runs of a slow method on 1M elements took longer
+    than a whole small merge. SVD methods keep their shape (`shape_factor` scales from it)."""
+    shape = calibration_shape(op.method)
+    if is_svd_method(op.method) or elements(op) >= math.prod(shape):
+        return shape
+    return tuple(op.shape)
 
 
 def shape_factor(op: MergeOperator) -> float:
@@ -190,7 +203,7 @@ def representative_ops(ops: Sequence[MergeOperator]) -> dict[CostKey, MergeOpera
 
 
 def measure_seconds_per_element(op: MergeOperator, device: "torch.device | str" = "cpu", repeats: int = 2) -> float:
-    """Time `op`'s method on synthetic inputs of `calibration_shape(op.method)` in its working
+    """Time `op`'s method on synthetic inputs of `job_calibration_shape(op)` in its working
     dtype (best of `repeats`, after one warm-up run); seconds per output element."""
     import torch  # on the workers: calibration runs the method
 
@@ -199,7 +212,7 @@ def measure_seconds_per_element(op: MergeOperator, device: "torch.device | str" 
         return 0.0
     dtype = torch_dtype(code)
     g = torch.Generator(device="cpu").manual_seed(0)
-    shape = calibration_shape(op.method)
+    shape = job_calibration_shape(op)
     base = torch.randn(shape, generator=g)
     inputs = [(base + 0.01 * torch.randn(shape, generator=g)).to(device=device, dtype=dtype) for _ in op.inputs]
     spec = get_method(op.method)
