@@ -185,6 +185,35 @@ def test_workers_measure_read_write_and_part_costs_on_the_job_itself(llama_model
     assert problem.part_time(op, 1, topo.workers[1]) > problem.part_time(op, 1, topo.workers[0])
 
 
+def test_calibration_is_cached_per_method_and_shape():
+    """A pool (kept between jobs) times a cost key once per calibration shape: a small job's
+    figures (its own small tensors) are not reused for a job of large tensors, and a second job of
+    the same shape times nothing."""
+    import math
+
+    from raymerge.methods import get_method
+    from raymerge.runtime import executor
+    from raymerge.runtime.actor_pool import ActorPool
+    from raymerge.runtime.operators import MergeOperator, TensorInput
+
+    def op(shape):
+        mps, params = get_method("task_arithmetic").resolve([{}, {"weight": 0.5}], {}, 0)
+        return MergeOperator(index=0, name="w", method="task_arithmetic",
+                             inputs=tuple(TensorInput(i, "w", 4 * math.prod(shape)) for i in range(2)),
+                             base_index=0, model_params=tuple(mps), params=params, work_dtype=None, out_dtype="F32",
+                             shape=shape, seed=None)
+
+    pool = ActorPool.in_process(n=1)
+    small, large = op((64, 128)), op((1024, 2048))
+    key = costs.cost_key(small)
+    assert costs.cost_key(large) == key
+    executor.calibrate(pool, {key: small})
+    executor.calibrate(pool, {key: small})
+    assert len(pool.cache["calibration"]) == 1  # the same shape: timed once
+    executor.calibrate(pool, {key: large})
+    assert sorted(shape for _, shape in pool.cache["calibration"]) == [(64, 128), costs.CALIBRATION_SHAPE]
+
+
 def test_kept_worker_pool_is_reused(ray_session, llama_models, tmp_path):
     from raymerge.runtime import actor_pool
 

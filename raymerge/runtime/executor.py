@@ -52,7 +52,7 @@ from raymerge.progress import bar as tqdm  # tqdm with raymerge.progress.bar_kwa
 from raymerge.checkpoints import OutputLayout, SourceSpec
 from raymerge.runtime import actor_pool
 from raymerge.runtime.actor_pool import ActorPool, Restarts, WorkerLostError
-from raymerge.runtime.costs import part_rows
+from raymerge.runtime.costs import job_calibration_shape, part_rows
 from raymerge.runtime.operators import MergeOperator
 from raymerge.runtime.worker import BatchStats, WorkItem, WriteTarget
 
@@ -192,16 +192,18 @@ def begin(pool: ActorPool, sources: Sequence[SourceSpec], staging: str, node_sha
 
 
 def calibrate(pool: ActorPool, samples: dict[Any, MergeOperator]) -> list[list[float]]:
-    """Per actor, seconds per element of each sample's method (cached on the pool by key, so a
-    kept pool calibrates a method once)."""
+    """Per actor, seconds per element of each sample's method (cached on the pool by key and
+    calibration shape, so a kept pool calibrates a method once per shape: a small job's figures,
+    timed on its own small tensors, are not reused for a large one)."""
     cache: dict[Any, list[float]] = pool.cache.setdefault("calibration", {})
-    missing = [k for k in samples if k not in cache]
+    keys = {k: (k, job_calibration_shape(op)) for k, op in samples.items()}
+    missing = [k for k in samples if keys[k] not in cache]
     if missing:
         ops = [samples[k] for k in missing]
         rows = _per_actor(pool, lambda w: w.calibrate(ops), together=False)
         for j, k in enumerate(missing):
-            cache[k] = [row[j] for row in rows]
-    return [[cache[k][w] for k in samples] for w in range(len(pool))]
+            cache[keys[k]] = [row[j] for row in rows]
+    return [[cache[keys[k]][w] for k in samples] for w in range(len(pool))]
 
 
 def measure_io(pool: ActorPool, ops: Sequence[MergeOperator]) -> list:
