@@ -83,11 +83,12 @@ _KEY_NAMES = {-1: "embed", -2: "norm", -3: "head"}
 
 
 def guide_program(
-    g: GuidanceConfig, cfg: MergeConfig, program: MergeProgram, specs: list[SourceSpec], pool: ActorPool, *,
-    quiet: bool = False, trust_remote_code: bool = False,
+    g: GuidanceConfig, cfg: MergeConfig, program: MergeProgram, specs: list[SourceSpec], pool: ActorPool,
+    facts: BaseModelFacts, *, quiet: bool = False, trust_remote_code: bool = False,
 ) -> GuidanceReport:
     """Run the statistics pass and put an `OperatorGuide` on each affected operator of `program`
-    (`g`: the settings as `check_guidance` returned them). The pass runs on the merge's own
+    (`g`: the settings as `check_guidance` returned them; `facts`: the base model's, as
+    `check_guidance_memory` returned them). The pass runs on the merge's own
     `pool` (its first `g.stages` actors, at most all of them; in process, its one actor), which
     the merge then uses: no other actors are started, and a kept pool stays kept.
     `trust_remote_code`: the stages build the layers from the code the models ship (their
@@ -105,7 +106,7 @@ def guide_program(
 
     def attempt() -> GuidanceReport:
         report = GuidanceReport(method=g.method, strength=strength(g), models=names)
-        with _StagePass(g, specs, base, quiet, pool, trust_remote_code) as sp:
+        with _StagePass(g, specs, base, quiet, pool, facts, trust_remote_code) as sp:
             get_guidance_method(g.method).run(sp, g, program, base, names, report)
         return report
 
@@ -164,14 +165,21 @@ def check_guidance(cfg: MergeConfig, label: str, program: MergeProgram) -> Guida
     return g
 
 
-def check_guidance_memory(g: GuidanceConfig, base: SourceSpec, trust_remote_code: bool = False) -> None:
-    """Before any actor starts: refuse a statistics pass whose kept activations or logits would
-    not fit in host memory (ConfigError naming the calibration keys), from the base model's config
-    and the calibration settings alone."""
+@dataclass(frozen=True)
+class BaseModelFacts:
+    """What the statistics pass needs of the base model's config, read once before any actor
+    starts (`check_guidance_memory`) and handed to the pass."""
+
+    config: dict[str, Any]
+    shape: Any  # blocks.decoder.ModelShape
+
+
+def check_guidance_memory(g: GuidanceConfig, base: SourceSpec, trust_remote_code: bool = False) -> BaseModelFacts:
+    """Before any actor starts: the base model's config and shape, after refusing a statistics
+    pass whose kept activations or logits would not fit in host memory (ConfigError naming the
+    calibration keys), from the config and the calibration settings alone."""
     from raymerge.calibration.windows import resolve_seqlen
 
-    if get_guidance_method(g.method).kept_bytes is None:
-        return
     src = base.open()
     try:
         model_config = src.config()
@@ -181,6 +189,7 @@ def check_guidance_memory(g: GuidanceConfig, base: SourceSpec, trust_remote_code
     cals = [g.calibration, *g.task_calibration.values()]
     tokens = max(c.nsamples * resolve_seqlen(c.seqlen, shape.max_positions) for c in cals)
     _check_memory(g, shape, int(model_config.get("vocab_size") or 0), tokens)
+    return BaseModelFacts(model_config, shape)
 
 
 def _check_memory(g: GuidanceConfig, shape: Any, vocab: int, tokens: int) -> None:
@@ -262,8 +271,9 @@ class _StagePass:
     passes the methods need."""
 
     def __init__(self, g: GuidanceConfig, specs: list[SourceSpec], base: int, quiet: bool, pool: ActorPool,
-                 trust_remote_code: bool = False) -> None:
+                 facts: BaseModelFacts, trust_remote_code: bool = False) -> None:
         self.g, self.specs, self.base, self.quiet, self.pool = g, specs, base, quiet, pool
+        self.model_config, self.shape = facts.config, facts.shape
         self.trust_remote_code = trust_remote_code
 
     def __enter__(self) -> "_StagePass":
@@ -273,9 +283,7 @@ class _StagePass:
         self._windows: dict[str, torch.Tensor] = {}
         src = self.specs[self.base].open()
         try:
-            self.model_config = src.config()
             self.tokenizer = load_tokenizer(src, trust_remote_code=self.trust_remote_code)
-            self.shape = describe_model(self.model_config, source=src, trust_remote_code=self.trust_remote_code)
         finally:
             src.close()
         if self.g.stages > len(self.pool) and self.pool.remote:

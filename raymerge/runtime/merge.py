@@ -300,10 +300,10 @@ def run_merge(config: Union[str, Path, dict[str, Any], MergeConfig], output: Uni
             from raymerge.runtime.guidance import check_guidance, check_guidance_memory, guide_program
 
             checked = check_guidance(cfg, label, program)
-            check_guidance_memory(checked, specs[program.models.index(cfg.base_model)], options.trust_remote_code)
+            facts = check_guidance_memory(checked, specs[program.models.index(cfg.base_model)], options.trust_remote_code)
             # The statistics run on the merge's own pool (a kept one too): no other actors.
             pool = _start_pool(options, profile)
-            guidance = guide_program(checked, cfg, program, specs, pool, quiet=options.quiet,
+            guidance = guide_program(checked, cfg, program, specs, pool, facts, quiet=options.quiet,
                                      trust_remote_code=options.trust_remote_code)
             extra_files = {**(extra_files or {}), "guidance.json": guidance.to_json()}
         if settings is not None and settings.export_task_vectors:
