@@ -257,3 +257,63 @@ def test_public_api_is_imported_on_first_use():
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.split()[-1] == "ok", done.stderr[-3000:]
+
+
+QUICK_EXIT = textwrap.dedent(
+    """
+    import atexit, os, sys, tempfile, threading, time
+    class Teardown:
+        def __del__(self):
+            os.write(1, b" interpreter-teardown")  # a normal exit finalizes the module's objects
+    witness = Teardown()
+    scratch = tempfile.TemporaryDirectory(dir=sys.argv[1])  # removed by its finalizer at exit
+    atexit.register(lambda: print("atexit handler ran"))
+    sys.stdout.write("buffered-tail")  # no newline: still in the buffer at exit
+    if sys.argv[2] == "thread":
+        threading.Thread(target=lambda: (time.sleep(0.5), print("thread finished")), daemon=False).start()
+    sys.argv = ["raymerge", *sys.argv[3:]]
+    from raymerge.cli import run
+    run()
+    print("unreachable")
+    """
+)
+
+
+@pytest.mark.parametrize("thread", ["none", "thread"])
+def test_console_script_exits_quickly_but_completely(tmp_path, thread):
+    """The console script (`cli.run`) skips the interpreter's teardown (`exit_quickly`), which
+    takes a second after a merge; what a normal exit does that matters still happens: atexit
+    handlers run, temporary folders are removed by their finalizers, buffered stdout is written,
+    main's exit code is returned, and a running non-daemon thread is waited for."""
+    done = subprocess.run([sys.executable, "-c", QUICK_EXIT, str(tmp_path), thread, "methods"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "linear" in done.stdout and "buffered-tail" in done.stdout and "atexit handler ran" in done.stdout
+    assert "unreachable" not in done.stdout
+    assert ("thread finished" in done.stdout) == (thread == "thread")
+    assert ("interpreter-teardown" in done.stdout) == (thread == "thread")  # skipped unless a thread runs
+    assert list(tmp_path.iterdir()) == []
+
+    failed = subprocess.run([sys.executable, "-c", QUICK_EXIT, str(tmp_path), thread, "merge", str(tmp_path / "missing.yaml"),
+                             str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 2 and "missing.yaml" in failed.stderr and "Traceback" not in failed.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_console_script_is_the_quick_exit():
+    """pyproject's `raymerge` entry point is `cli.run` (main() then the quick exit), not `main`."""
+    text = (ROOT / "pyproject.toml").read_text()
+    assert 'raymerge = "raymerge.cli:run"' in text
+
+
+def test_an_in_process_merge_imports_no_ray(llama_models, tmp_path):
+    """A merge that runs in process (no cluster named, or `--in-process`) never imports Ray: its
+    workers used to import it only to ask whether they were Ray actors (a quarter of a second of
+    every in-process merge)."""
+    config = tmp_path / "c.yaml"
+    config.write_text(f"merge_method: linear\nmodels:\n  - model: {llama_models['ft1']}\n    parameters: {{weight: 0.5}}\n"
+                      f"  - model: {llama_models['ft2']}\n    parameters: {{weight: 0.5}}\n")
+    result = run_cli("merge", str(config), str(tmp_path / "out"), "--in-process", "--quiet")
+    assert result["code"] == 0, result
+    assert "torch" in result["heavy"] and "ray" not in result["heavy"], result
+    assert (tmp_path / "out" / "model.safetensors").exists() or list((tmp_path / "out").glob("*.safetensors"))

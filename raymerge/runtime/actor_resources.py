@@ -42,6 +42,15 @@ from typing import Any, Mapping, Optional, Sequence
 
 from raymerge.config.merge_config import ConfigError
 
+
+def ray_if_imported() -> Any:
+    """The `ray` module when this process has imported it, else None. A process that never
+    imported Ray is neither a Ray actor nor connected to a cluster, and an in-process merge need
+    not pay a quarter of a second to import Ray only to find that out."""
+    import sys
+
+    return sys.modules.get("ray")
+
 RAY_RESOURCE_UNIT = 10_000  # Ray counts fractional resources in units of 1/10000
 
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+from raymerge.runtime.actor_resources import ray_if_imported
+
 TAG_KEYS = ("worker", "node")
 COUNTERS = {
     "bytes_read": ("raymerge_worker_bytes_read", "Input bytes a raymerge merge worker read"),
@@ -81,9 +83,10 @@ class _Recorded:
 
 
 def _in_ray() -> bool:
+    ray = ray_if_imported()
+    if ray is None:
+        return False
     try:
-        import ray
-
         return ray.is_initialized()
     except Exception:  # noqa: BLE001 - no Ray: no metrics
         return False

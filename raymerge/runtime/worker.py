@@ -22,7 +22,7 @@ import torch
 
 from raymerge.checkpoints import CheckpointSource, ShardFileWriter, SourceSpec
 from raymerge.checkpoints.safetensors_format import TensorEntry, tensor_bytes
-from raymerge.runtime.actor_resources import host_memory_bytes
+from raymerge.runtime.actor_resources import host_memory_bytes, ray_if_imported
 from raymerge.runtime.compute import compute_operator
 from raymerge.runtime.costs import measure_seconds_per_element
 from raymerge.runtime.metrics import WorkerMetrics
@@ -133,9 +133,10 @@ def pick_device() -> torch.device:
 def _ray_actor_gpus() -> Optional[list]:
     """The GPU ids Ray assigned this process when it is a Ray actor, else None (not in Ray, or
     the driver)."""
+    ray = ray_if_imported()
+    if ray is None:
+        return None
     try:
-        import ray
-
         if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
             return None
         return list(ray.get_gpu_ids())
@@ -146,10 +147,9 @@ def _ray_actor_gpus() -> Optional[list]:
 def worker_info(worker_id: int, device: torch.device) -> WorkerInfo:
     """Where this process runs and the memory it has (the GPU's, or the whole node's RAM)."""
     node_id = "local"
+    ray = ray_if_imported()
     try:
-        import ray
-
-        if ray.is_initialized():
+        if ray is not None and ray.is_initialized():
             node_id = ray.get_runtime_context().get_node_id()
     except Exception:  # noqa: BLE001 - outside Ray the node is this machine
         pass
