@@ -239,6 +239,7 @@ def prune(
     allow_pickle: bool = False,
     workers: Optional[int] = None,
     trust_remote_code: bool = False,
+    keep_workers: bool = False,
 ):
     """Prune the model of a prune config (see `raymerge.config.prune_config`) and publish it.
 
@@ -262,6 +263,8 @@ def prune(
         trust_remote_code: build the model (on every stage worker) and its tokenizer from the
             Python code the model ships (its `auto_map`), as transformers' `trust_remote_code`
             (default False: such a model is refused, naming this option). Not in a config file.
+        keep_workers: keep the stage actors for the next job of this process (a prune, or a
+            merge, of as many actors; `shutdown_workers()` ends them), as `merge(keep_workers=)`.
 
     Returns:
         A `PruneResult`: output path, `report` (per-layer target and achieved sparsity, N:M
@@ -278,6 +281,7 @@ def prune(
     options = PruneOptions(
         workers=stages if stages is not None else workers, in_process=in_process, address=address, overwrite=overwrite, quiet=quiet, plot=plot,
         s3_endpoint_url=s3_endpoint_url, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+        keep_workers=keep_workers,
     )
     return run_prune(config, output, options)
 

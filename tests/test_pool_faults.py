@@ -136,7 +136,9 @@ def test_prune_keeps_its_stage_actors_when_asked(trained, tmp_path, ray_session)
         pool = actor_pool.kept()
         assert pool is not None and len(pool) == 2
         actors = list(pool.actors)
-        b = run_prune(_config(trained), tmp_path / "b", PruneOptions(workers=2, quiet=True, keep_workers=True))
+        import raymerge
+
+        b = raymerge.prune(_config(trained), tmp_path / "b", stages=2, quiet=True, keep_workers=True)  # the public option
         assert actor_pool.kept() is pool and pool.actors == actors
         assert [s["worker"] for s in a.stages] == [s["worker"] for s in b.stages]  # same host:pid per stage
         assert _files(a.output) == _files(b.output)

@@ -4,7 +4,10 @@ One `clusters/private_disk_cluster.py` cluster per test session: a Ray head (0 C
 worker nodes (1 CPU each, `{"node_a": 1}` / `{"node_b": 1}`), each in its own mount namespace
 with a private tmpfs of its own (its temp dir, Ray temp dir, HF cache and raymerge staging
 dir); moto's S3 server on 127.0.0.1 is the only storage they share. The tests connect to the
-head with raymerge's `address=` option, as a user would.
+head with raymerge's `address=` option, as a user would, once for the module, and their jobs keep
+their actors for the next test's job (`keep_workers=True`; the tests are ordered so that a merge's
+pool serves the prune and the guided merge that follow, before the failed prune and the search
+end it): the suite starts 6-8 actors here instead of 18.
 
 - S3 -> S3 merges (TIES, DARE with a seed) and a Wanda prune give the bytes of a single-node
   in-process run of the same config: each node stages the shards it writes on its own disk and
@@ -75,17 +78,19 @@ def private_cluster(tmp_path_factory):
             cluster.stop()
 
 
-@pytest.fixture
-def cluster(private_cluster, monkeypatch, tmp_path):
-    """The cluster, with this process not yet connected to any Ray (raymerge connects with
-    `address=`); the session's local Ray, if it was up, comes back before the next test that is not
-    a cluster test (`conftest.take_local_ray_down`). The driver's S3 staging goes to a folder of this test."""
+@pytest.fixture(scope="module")
+def connected(private_cluster):
+    """This module's one connection to the cluster, with this process first disconnected from any
+    other Ray (raymerge connects with `address=`, as a user would, at the first job). The jobs keep
+    their actors (`keep_workers=True`) for the next test's job, as a user's session of several
+    jobs on one cluster would: a merge's pool serves the next merge, prune and guided merge of its
+    size; a search ends it and starts its own. The session's local Ray, if it was up, comes back
+    before the next test that is not a cluster test (`conftest.take_local_ray_down`)."""
     import ray
 
     address_before = os.environ.get("RAY_ADDRESS")
     raymerge.shutdown_workers()
     take_local_ray_down()
-    monkeypatch.setenv(s3mod.STAGING_ENV, str(tmp_path / "driver-staging"))
     yield private_cluster
     raymerge.shutdown_workers()
     if ray.is_initialized():
@@ -94,6 +99,13 @@ def cluster(private_cluster, monkeypatch, tmp_path):
         os.environ.pop("RAY_ADDRESS", None)
     else:
         os.environ["RAY_ADDRESS"] = address_before
+
+
+@pytest.fixture
+def cluster(connected, monkeypatch, tmp_path):
+    """The connected cluster; the driver's S3 staging goes to a folder of this test."""
+    monkeypatch.setenv(s3mod.STAGING_ENV, str(tmp_path / "driver-staging"))
+    yield connected
 
 
 @pytest.fixture(scope="session")
@@ -141,7 +153,7 @@ def test_s3_merge_on_private_disks_matches_local(cluster, s3_llama, llama_models
     assert len([n for n in expected if n.endswith(".safetensors")]) > 1
     url = f"s3://{OUT}/{make.__name__}"
     result = raymerge.merge(make(s3_llama), url, address=c.address, workers=2, quiet=True, out_shard_size=SHARD,
-                            s3_endpoint_url=store.url)
+                            s3_endpoint_url=store.url, keep_workers=True)
     assert result.output == url
     got = store.objects(OUT, make.__name__)
     assert without_named(got) == without_named(expected)
@@ -176,7 +188,7 @@ def test_input_on_one_nodes_private_disk_is_refused(cluster, llama_models, tmp_p
                                                 {"model": secret, "parameters": {"weight": 0.5}}]}
     url = f"s3://{OUT}/sentinel"
     with pytest.raises(Exception) as info:
-        raymerge.merge(cfg, url, address=c.address, workers=2, quiet=True, s3_endpoint_url=store.url)
+        raymerge.merge(cfg, url, address=c.address, workers=2, quiet=True, s3_endpoint_url=store.url, keep_workers=True)
     message = str(info.value)
     assert secret in message and "\n" not in message.strip(), message
     assert store.objects(OUT, "sentinel") == {}
@@ -213,7 +225,7 @@ def test_prune_s3_to_s3_on_private_disks_matches_local(cluster, s3_llama, llama_
     expected = {f.name: f.read_bytes() for f in sorted(local.output.iterdir())}
     url = f"s3://{OUT}/pruned"
     raymerge.prune({**cfg, "model": s3_llama["ft2"]}, url, address=c.address, workers=2, quiet=True,
-                   s3_endpoint_url=store.url)
+                   s3_endpoint_url=store.url, keep_workers=True)
     got = store.objects(OUT, "pruned")
     assert sorted(got) == sorted(expected)
     # The config file names the model as given (an s3:// URL vs the local folder); the rest is equal.
@@ -233,6 +245,31 @@ def test_prune_s3_to_s3_on_private_disks_matches_local(cluster, s3_llama, llama_
         stage_of.setdefault(shard, set()).add(int(layer >= boundary))
     assert any(len(s) == 2 for s in stage_of.values()), stage_of
     # No node keeps its staging copy once the model is published.
+    _assert_no_node_keeps_shards(c, tmp_path / "driver-staging")
+
+
+def test_guided_merge_on_private_disks_matches_local(cluster, s3_llama, llama_models, tmp_path):
+    """An ACM-guided TIES merge (a statistics pass on guidance stages, then the merge) S3 -> S3 on
+    the private-disk cluster: the bytes of the same guided merge run in process to a local folder."""
+    from raymerge.demo import demo_text
+
+    c, store = cluster
+    (tmp_path / "calib.txt").write_text(demo_text(8, 120, seed=5))
+
+    def guided(p) -> dict:
+        return ties(p, dtype="float32", raymerge={"guidance": {
+            "method": "acm", "stages": 2,
+            "calibration": {"dataset": str(tmp_path / "calib.txt"), "nsamples": 4, "seqlen": 24, "eval_samples": 0, "seed": 3}}})
+
+    expected = local_files(guided(llama_models), tmp_path / "ref")
+    url = f"s3://{OUT}/guided"
+    result = raymerge.merge(guided(s3_llama), url, address=c.address, workers=2, quiet=True, out_shard_size=SHARD,
+                            s3_endpoint_url=store.url, keep_workers=True)
+    assert result.output == url and result.guidance is not None
+    got = store.objects(OUT, "guided")
+    skip = ("guidance.json",)  # names the inputs (local vs s3://), as README and the config copy do
+    assert {k: v for k, v in without_named(got).items() if k not in skip} == \
+        {k: v for k, v in without_named(expected).items() if k not in skip}
     _assert_no_node_keeps_shards(c, tmp_path / "driver-staging")
 
 
@@ -256,7 +293,7 @@ def test_a_failed_prune_on_private_disks_leaves_no_node_copies(cluster, s3_llama
     monkeypatch.setattr(prune_module.NodeStaging, "gather", gather_fails)
     with pytest.raises(RuntimeError, match="injected failure"):
         raymerge.prune(cfg, f"s3://{OUT}/pruned-fails", address=c.address, workers=2, quiet=True,
-                       s3_endpoint_url=store.url)
+                       s3_endpoint_url=store.url, keep_workers=True)
     assert began and len(set(began[-1])) == 2  # the stages were on two nodes, each with its copy
     _assert_no_node_keeps_shards(c, tmp_path / "driver-staging")
     assert store.objects(OUT, "pruned-fails") == {}
@@ -289,31 +326,6 @@ def test_search_on_private_disks_materializes_the_bytes_of_a_local_merge(cluster
                            s3_endpoint_url=store.url)
     expected = {f.name: f.read_bytes() for f in sorted(local.output.iterdir())}
     assert without_named(store.objects(OUT, "searched")) == without_named(expected)
-    _assert_no_node_keeps_shards(c, tmp_path / "driver-staging")
-
-
-def test_guided_merge_on_private_disks_matches_local(cluster, s3_llama, llama_models, tmp_path):
-    """An ACM-guided TIES merge (a statistics pass on guidance stages, then the merge) S3 -> S3 on
-    the private-disk cluster: the bytes of the same guided merge run in process to a local folder."""
-    from raymerge.demo import demo_text
-
-    c, store = cluster
-    (tmp_path / "calib.txt").write_text(demo_text(8, 120, seed=5))
-
-    def guided(p) -> dict:
-        return ties(p, dtype="float32", raymerge={"guidance": {
-            "method": "acm", "stages": 2,
-            "calibration": {"dataset": str(tmp_path / "calib.txt"), "nsamples": 4, "seqlen": 24, "eval_samples": 0, "seed": 3}}})
-
-    expected = local_files(guided(llama_models), tmp_path / "ref")
-    url = f"s3://{OUT}/guided"
-    result = raymerge.merge(guided(s3_llama), url, address=c.address, workers=2, quiet=True, out_shard_size=SHARD,
-                            s3_endpoint_url=store.url)
-    assert result.output == url and result.guidance is not None
-    got = store.objects(OUT, "guided")
-    skip = ("guidance.json",)  # names the inputs (local vs s3://), as README and the config copy do
-    assert {k: v for k, v in without_named(got).items() if k not in skip} == \
-        {k: v for k, v in without_named(expected).items() if k not in skip}
     _assert_no_node_keeps_shards(c, tmp_path / "driver-staging")
 
 

@@ -420,16 +420,6 @@ def test_curated_calibration(trained, tmp_path):
     assert any(not torch.equal(sa[k], sc[k]) for k in sa), "curation picked the same windows as no curation"
 
 
-def test_more_stages_than_cpu_slots(trained, tmp_path, ray_session):
-    """Four stages (one layer each, fractional CPU slots): middle stages hold neither embeddings
-    nor head, and the result equals the single-process prune."""
-    single = _prune(trained, tmp_path, "one", method="wanda", mode="parallel")
-    multi = _prune(trained, tmp_path, "four", method="wanda", mode="parallel", options=PruneOptions(workers=4, quiet=True))
-    assert [s["layers"] for s in multi.stages] == [[0, 0], [1, 1], [2, 2], [3, 3]]
-    a, b = load_state(single.output), load_state(multi.output)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_report_gives_stage_utilisation(trained, tmp_path, ray_session):
     """Each stage's busy time (inside its calls), the driver's wall time and their ratio, in
     (0, 1], in the result, the JSON report and the printed table; in process and on two stages.
