@@ -4,7 +4,7 @@ is quiet when it is a log, plots say what they show, and one word names one idea
 `test_readme_first_hour_block_runs` reads the ```bash block of README.md marked
 `<!-- first-hour: runnable -->` and runs every command of it, in order, in one fresh Python
 process (one import of torch instead of one per command; `raymerge.cli.main` is what the
-`raymerge` script calls) with stdout and stderr as pipes, i.e. not a terminal, in a temporary
+`raymerge` script runs before its quick exit, `cli.exit_quickly`) with stdout and stderr as pipes, i.e. not a terminal, in a temporary
 folder where `examples/` and `clusters/` are the repository's. Its environment has no
 `RAY_AUTH_MODE` (so the demo's local Ray starts as a user's does, with token authentication) and
 a temporary HOME (Ray's token file goes there, as in `tests/test_ray_session.py`).
