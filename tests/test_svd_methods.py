@@ -439,6 +439,33 @@ def test_cost_model_scales_svd_methods_with_the_smaller_dimension():
     assert costs.measure_seconds_per_element(op("lore", (64, 64)), repeats=1) > 0
 
 
+def test_a_long_calibration_run_is_not_repeated(monkeypatch):
+    """Calibration: one warm-up run, then up to `repeats` timed runs, but no second one once a
+    timed run took CALIBRATION_ENOUGH_S (an expensive method's calibration costs a third less)."""
+    import dataclasses
+
+    from raymerge.runtime import costs
+    from raymerge.runtime.operators import MergeOperator, TensorInput
+
+    spec = get_method("ties")
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return spec.fn(*args, **kwargs)
+
+    monkeypatch.setattr(costs, "get_method", lambda name: dataclasses.replace(spec, fn=counted))
+    mps, params = spec.resolve([{}] + [{"weight": 0.5}] * 2, {}, 0)
+    ties_op = MergeOperator(index=0, name="w", method="ties", inputs=tuple(TensorInput(i, "w", 4 * 300) for i in range(3)),
+                            base_index=0, model_params=tuple(mps), params=params, work_dtype=None, out_dtype="F32",
+                            shape=(300,), seed=None)
+    for enough, expected in ((float("inf"), 3), (0.0, 2)):  # never long enough: warm-up + 2; always: warm-up + 1
+        calls.clear()
+        monkeypatch.setattr(costs, "CALIBRATION_ENOUGH_S", enough)
+        assert costs.measure_seconds_per_element(ties_op, repeats=2) > 0
+        assert len(calls) == expected, (enough, len(calls))
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end
 # ---------------------------------------------------------------------------------------------

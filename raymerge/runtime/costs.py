@@ -202,9 +202,16 @@ def representative_ops(ops: Sequence[MergeOperator]) -> dict[CostKey, MergeOpera
     return out
 
 
+# A timed calibration run at least this long is not repeated: its noise (a scheduler tick, a
+# page fault) is small next to it, and a second run of an expensive method (DELLA's per-row
+# sorts over 1M elements: 0.1-0.3 s) would add a third to the calibration of every merge using it.
+CALIBRATION_ENOUGH_S = 0.05
+
+
 def measure_seconds_per_element(op: MergeOperator, device: "torch.device | str" = "cpu", repeats: int = 2) -> float:
     """Time `op`'s method on synthetic inputs of `job_calibration_shape(op)` in its working
-    dtype (best of `repeats`, after one warm-up run); seconds per output element."""
+    dtype (best of up to `repeats`, after one warm-up run; no more once a timed run took
+    CALIBRATION_ENOUGH_S); seconds per output element."""
     import torch  # on the workers: calibration runs the method
 
     code = working_dtype_code(op)
@@ -228,6 +235,8 @@ def measure_seconds_per_element(op: MergeOperator, device: "torch.device | str" 
             torch.cuda.synchronize()
         if i > 0:
             best = min(best, time.perf_counter() - start)
+            if best >= CALIBRATION_ENOUGH_S:
+                break
     return best / math.prod(shape)
 
 
