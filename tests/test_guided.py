@@ -163,6 +163,15 @@ def sigmoid(v):
     return 1 / (1 + math.exp(-v))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _kept_pool_ends_with_the_module():
+    """The guided runs below keep their two actors for the next Ray merge of 2 workers in this
+    module (ACM's serve Sens's and the kept-pool test's: 2 stage actors started instead of 6);
+    whatever is still kept ends with the module, so no other module finds it."""
+    yield
+    raymerge.shutdown_workers()
+
+
 @pytest.fixture(scope="module")
 def acm_runs(ray_session, family):
     models = [("ft1", 0.6), ("ft2", 0.5), ("same", 0.4)]
@@ -171,12 +180,14 @@ def acm_runs(ray_session, family):
         for stages in (1, 2):
             # Two stages with one window per micro-batch: the base's and each fine-tune's windows
             # are paired across many calls; one stage with all windows in one batch. Both on the
-            # same two kept actors (the statistics use the first `stages` of them).
+            # same two kept actors (the statistics use the first `stages` of them), which stay
+            # kept for this module's next Ray merges of 2 workers (`_kept_pool_ends_with_the_module`).
             res = raymerge.merge(guided_config(family, "acm", models, stages=stages, theta=THETA, batch_size=5 - 2 * stages),
                                  family["root"] / f"acm{stages}", quiet=True, workers=2, keep_workers=True)
             out[stages] = res.output
-    finally:
+    except BaseException:
         raymerge.shutdown_workers()
+        raise
     return models, out
 
 
@@ -334,11 +345,12 @@ def sens_runs(ray_session, family):
     task = {str(family["ft1"]): {"dataset": str(family["root"] / "calib-ft1.txt"), **CALIB}}
     out = {}
     try:
-        for stages in (1, 2):  # on the same two kept actors, as acm_runs
+        for stages in (1, 2):  # on the same two kept actors, as acm_runs (its own, when it ran)
             cfg = guided_config(family, "sens", models, stages=stages, temperature=TEMPERATURE, task_calibration=task)
             out[stages] = raymerge.merge(cfg, family["root"] / f"sens{stages}", quiet=True, workers=2, keep_workers=True).output
-    finally:
+    except BaseException:
         raymerge.shutdown_workers()
+        raise
     return models, out
 
 
