@@ -12,7 +12,9 @@ Ray, DeepSpeed or transformers, so `--help`, `--version` and errors in a config 
 Each subcommand imports what it runs when it runs, and first repeats, with `raymerge.config`
 alone, the checks its job makes before anything else (`_preflight`: the actor count, then the
 config file: missing, not YAML, invalid), in the same order and with the same messages; the job
-then makes them again (they are cheap) and goes on to the checks that need the models.
+then makes them again (they are cheap) and goes on to the checks that need the models. The
+`raymerge` script (`run`) leaves without tearing the interpreter down once `main` returns
+(`exit_quickly`: a second after a merge that imported torch and transformers).
 """
 
 from __future__ import annotations
