@@ -109,7 +109,8 @@ def _check_model_paths(paths: Sequence[str]) -> None:
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("execution")
     g.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="number of worker actors (default: one per GPU in the cluster, else one per CPU slot)")
+                   help="number of worker actors (default: one per GPU in the cluster, else one per CPU slot; in "
+                        "this process, one per CPU core, or one for a merge reading under 16 MiB)")
     g.add_argument("--address", default=None,
                    help="Ray cluster address (default: $RAY_ADDRESS; else, on a machine without a GPU, the workers run "
                         "as threads of this process, since a local Ray costs seconds to start and stop and gives one "
@@ -248,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="before any work, read every input tensor once and stop at the first holding NaN or Inf "
                         "(costs a full read of the inputs)")
     m.add_argument("--in-process", action="store_true",
-                   help="run the workers as threads of this process (one per CPU core, or --workers N), without "
+                   help="run the workers as threads of this process (one per CPU core, one for a merge reading "
+                        "under 16 MiB, or --workers N), without "
                         "Ray: the default on a machine without a GPU when no cluster is named (see --address); the "
                         "bytes are those of a merge on Ray")
     m.add_argument("--plan-only", action="store_true",

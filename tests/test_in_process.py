@@ -39,7 +39,7 @@ def _config(method: str, models: dict[str, Path]) -> dict:
 def test_in_process_equals_ray_workers(method, llama_models, ray_session, tmp_path):
     cfg = _config(method, llama_models)
     local = raymerge.merge(cfg, tmp_path / "local", in_process=True, random_seed=7, quiet=True, out_shard_size="300KB")
-    assert local.workers == (os.cpu_count() or 1)  # one thread per core by default
+    assert local.workers == 1  # a merge this small runs on one thread by default (test below)
     assert local.plan is not None and local.plan.measured_makespan > 0
     assert "measured" in local.summary() and "in process" in local.plan.report.topology.description
     expected = _files(tmp_path / "local")
@@ -53,6 +53,20 @@ def test_in_process_equals_ray_workers(method, llama_models, ray_session, tmp_pa
         assert got.keys() == expected.keys(), workers
         differ = [name for name in expected if got[name] != expected[name]]
         assert not differ, f"{method}: in process vs {workers} Ray worker(s): {differ} differ"
+
+
+def test_default_in_process_workers_one_per_core_unless_the_merge_is_small(monkeypatch):
+    """In process, by default: one worker thread per core, but one for a merge reading less than
+    SMALL_JOB_BYTES (its tiny parts are Python's time, and threads take turns on the GIL for it)."""
+    from raymerge.runtime import merge as merge_module
+
+    monkeypatch.setattr(merge_module.os, "cpu_count", lambda: 4)
+    small = merge_module.SMALL_JOB_BYTES
+    assert merge_module._local_worker_count(small) == 4
+    assert merge_module._local_worker_count(10 * small) == 4
+    assert merge_module._local_worker_count(None) == 4
+    assert merge_module._local_worker_count(small - 1) == 1
+    assert merge_module._local_worker_count(0) == 1
 
 
 def test_in_process_starts_no_ray(llama_models, tmp_path):
