@@ -102,11 +102,14 @@ def test_resume_continues_without_repeating(opposite_finetunes, trained, tmp_pat
 
 
 def test_concurrent_trials_equal_sequential(opposite_finetunes, trained, tmp_path, ray_session):
+    """Two pipelines of two stages on Ray score every trial as one in-process pipeline does; the
+    Ray trials' time breakdown comes back from the stages (`test_trial_time_breakdown`)."""
     grid = {"choices": [0.5, 1.0, 1.5, 2.0]}
     seq = raymerge.optimize(_merge_search(opposite_finetunes, trained["calib"], 4, "grid", 1, w_range=grid),
                           tmp_path / "seq", in_process=True, quiet=True)
     par = raymerge.optimize(_merge_search(opposite_finetunes, trained["calib"], 4, "grid", 2, w_range=grid),
-                          tmp_path / "par", quiet=True)
+                          tmp_path / "par", quiet=True, stages=2)
+    _check_breakdown(par, 4)
     key = "merge.models.0.parameters.weight"
     a = {t.params[key]: t.values[0] for t in seq.study.trials}
     b = {t.params[key]: t.values[0] for t in par.study.trials}
@@ -335,18 +338,16 @@ def _check_breakdown(result, trials: int) -> None:
     assert "per trial" in result.summary() and "re-merge" in result.summary()
 
 
-def test_trial_time_breakdown(opposite_finetunes, trained, tmp_path, ray_session):
+def test_trial_time_breakdown(opposite_finetunes, trained, tmp_path):
     """Each trial's time splits into re-merge, forward, Optuna, compile and transfer/other: none
-    negative, together at most the trials' time; in process, and on Ray with 2 stages x 2 pipelines
-    (the stages' intervals come back with each trial)."""
+    negative, together at most the trials' time; in process here, and on Ray with 2 stages x 2
+    pipelines in `test_concurrent_trials_equal_sequential` (the stages' intervals come back with
+    each trial)."""
     grid = {"choices": [0.5, 1.0, 1.5]}
     local = raymerge.optimize(_merge_search(opposite_finetunes, trained["calib"], 3, "grid", w_range=grid),
                               tmp_path / "local", in_process=True, quiet=True)
     _check_breakdown(local, 3)
     assert local.timings.compile > 0 and local.timings.optuna > 0
-    on_ray = raymerge.optimize(_merge_search(opposite_finetunes, trained["calib"], 3, "grid", 2, w_range=grid),
-                               tmp_path / "ray", quiet=True, stages=2)
-    _check_breakdown(on_ray, 3)
     prune = raymerge.optimize({
         "prune": {"model": str(trained["model"]), "method": "wanda", "sparsity": 0.5,
                   "calibration": {"dataset": str(trained["calib"]), "nsamples": 4, "seqlen": 64, "eval_samples": 2}},
