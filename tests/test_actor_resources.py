@@ -1,7 +1,8 @@
 """The one resource rule for Ray actor pools (`raymerge.runtime.actor_resources`): the rule on
 made-up clusters, and on the 2-CPU test session more actors than CPUs run (fractional shares)
-instead of hanging — a merge with 4 workers (same bytes as 1), a search with 2 stages x
-concurrency 2 — while a count below one fails at once, before Ray, with one line."""
+instead of hanging — a merge with 4 workers (same bytes as 1); a search with 2 stages x
+concurrency 2 is `tests/test_search.py::test_concurrent_trials_equal_sequential` — while a count
+below one fails at once, before Ray, with one line."""
 
 from __future__ import annotations
 
@@ -112,22 +113,6 @@ def test_more_merge_workers_than_cpus_run_and_give_the_same_bytes(ray_session, l
     one = raymerge.merge(cfg, tmp_path / "one", workers=1, quiet=True, out_shard_size="300KB", in_process=True)
     assert four.workers == 4 and one.workers == 1
     assert file_bytes(four.output) == file_bytes(one.output)
-
-
-def test_search_stages_times_concurrency_above_the_cpus_runs(ray_session, llama_models, tmp_path):
-    from raymerge.demo import demo_text
-
-    raymerge.shutdown_workers()
-    (tmp_path / "heldout.txt").write_text(demo_text(6, 200, seed=5))
-    cfg = {
-        "merge": {"merge_method": "task_arithmetic", "base_model": str(llama_models["base"]), "dtype": "float32",
-                  "models": [{"model": str(llama_models["ft1"]), "parameters": {"weight": {"choices": [0.3, 0.9]}}},
-                             {"model": str(llama_models["ft2"]), "parameters": {"weight": 0.5}}]},
-        "evaluation": {"dataset": str(tmp_path / "heldout.txt"), "seqlen": 32, "eval_samples": 4},
-        "study": {"n_trials": 2, "sampler": "grid", "concurrency": 2},
-    }
-    result = finishes_within(300, raymerge.optimize, cfg, tmp_path / "s", stages=2, quiet=True)  # 4 stage actors, 2 CPUs
-    assert result.completed == 2 and result.failed == 0
 
 
 # -- a count below one: refused before Ray, one line ----------------------------------------------------
