@@ -589,9 +589,9 @@ def exit_quickly(code: int) -> None:
     """Leave the process with `code` without tearing the interpreter down.
 
     A normal exit finalizes every module and collects the objects that torch, transformers and
-    Ray made: 1.0-1.3 s after a merge on the 2-core VM (`raymerge merge` of the benchmark's linear
-    config: 5.0-5.6 s with a normal exit, 3.9-4.2 s with this one), time in which the work is done
-    and nothing is left to save. What must run still does: every `atexit` handler, in order
+    Ray made: 0.6-1.3 s after a merge on the 2-core VM (`raymerge merge` of the benchmark's linear
+    config, alternating the two exits: 4.5-5.6 s with a normal exit, 3.5-4.2 s with this one), time
+    in which the work is done and nothing is left to save. What must run still does: every `atexit` handler, in order
     (Ray's shutdown of a local cluster this process started, `weakref.finalize` callbacks such as
     temporary folders' removal, logging's flush), then the flush of stdout and stderr. Only when
     a thread the interpreter would wait for is still running does the exit take the normal way.

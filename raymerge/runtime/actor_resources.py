@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
@@ -47,9 +48,8 @@ def ray_if_imported() -> Any:
     """The `ray` module when this process has imported it, else None. A process that never
     imported Ray is neither a Ray actor nor connected to a cluster, and an in-process merge need
     not pay a quarter of a second to import Ray only to find that out."""
-    import sys
-
     return sys.modules.get("ray")
+
 
 RAY_RESOURCE_UNIT = 10_000  # Ray counts fractional resources in units of 1/10000
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -49,7 +48,7 @@ from raymerge.checkpoints.source import CheckpointError
 from raymerge.checkpoints.s3 import resolve_endpoint_url
 from raymerge.checkpoints.writer import DEFAULT_SHARD_BYTES, human_bytes
 from raymerge.config import ConfigError, MergeConfig, ModelRef, load_config
-from raymerge.runtime.actor_resources import check_actor_count
+from raymerge.runtime.actor_resources import check_actor_count, ray_if_imported
 from raymerge.runtime.costs import representative_ops
 from raymerge.runtime import actor_pool, executor
 from raymerge.runtime.actor_pool import ActorPool
@@ -465,7 +464,8 @@ def local_by_default(options: MergeOptions) -> bool:
         return False
     if os.environ.get("RAY_ADDRESS"):
         return False
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+    ray = ray_if_imported()
+    if ray is not None and ray.is_initialized():
         return False
     from raymerge.runtime.worker import pick_device
 
