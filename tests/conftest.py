@@ -69,6 +69,15 @@ def take_local_ray_down() -> None:
         _LOCAL_RAY_TAKEN_DOWN[0] = True
 
 
+def pytest_collection_finish(session):
+    """When mergekit differential tests are selected, the session's mergekit process starts now,
+    in the background: its imports (~10 s on the CI machine) overlap the tests before them."""
+    if any(item.get_closest_marker("mergekit") for item in session.items):
+        from mergekit_oracle import start_batch_server
+
+        start_batch_server()
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     """Before any fixture of the test is set up (module-scoped ones included): the local Ray back

@@ -17,7 +17,8 @@ This module owns everything about *running the reference implementation*:
   is adopted as it is.
 * `mergekit_command()` / `mergekit_env()` / `run_mergekit()` run ``mergekit-yaml`` on CPU,
   quiet, with a fixed random seed; `run_mergekit_many()` runs mergekit-yaml's own command for
-  several configs in one process (one merge per config, the imports paid once).
+  several configs in the session's one mergekit process (its imports paid once;
+  `start_batch_server()` starts it early, in the background).
 * `load_tensors()` and `assert_tensors_close()` compare merged checkpoints tensor by tensor.
 
 Environment:
@@ -27,6 +28,7 @@ Environment:
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import importlib.metadata
 import json
@@ -35,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,7 @@ _MARKER = ".raymerge-mergekit-ok"
 _BUILD_TIMEOUT_S = 1800
 
 _state: dict[str, Any] = {"resolved": False, "python": None, "reason": None}
+_resolve_lock = threading.Lock()
 
 
 def venv_path() -> Path:
@@ -200,7 +204,13 @@ def _build(venv: Path) -> None:
 
 
 def mergekit_python() -> Path | None:
-    """The python of a venv with mergekit==0.1.5, building it on first use; None if impossible."""
+    """The python of a venv with mergekit==0.1.5, building it on first use; None if impossible.
+    Thread-safe: the batch server may be resolving it in the background (`start_batch_server`)."""
+    with _resolve_lock:
+        return _resolve_python()
+
+
+def _resolve_python() -> Path | None:
     if _state["resolved"]:
         return _state["python"]
     _state["resolved"] = True
@@ -303,56 +313,155 @@ def run_mergekit(config: Mapping[str, Any], out_dir: Path, *extra_args: str, tim
     return out_dir
 
 
-# Runs mergekit-yaml's own click command once per job, all in one interpreter: the same code path
-# and options as separate `mergekit-yaml` processes, without paying ~5 s of imports per config.
-_BATCH_DRIVER = r"""
-import json, sys, traceback
+# One mergekit process for the whole test session: it runs mergekit-yaml's own click command once
+# per job (the same code path and options as separate `mergekit-yaml` processes) and pays
+# mergekit's imports (about 10 s on the CI machine) once, not once per batch. Protocol on its
+# stdin/stdout: a JSON line [jobs_file, results_file] in, a line "done" out when the results file
+# is written; mergekit's own output goes to its stderr (a log file).
+_SERVER_DRIVER = r"""
+import json, os, sys, traceback
+channel = os.fdopen(os.dup(1), "w")
+os.dup2(2, 1)
 from mergekit.scripts.run_yaml import main
-jobs = json.load(open(sys.argv[1]))
-errors = []
-for argv in jobs:
-    try:
-        main.main(args=argv, standalone_mode=False)
-        errors.append(None)
-    except SystemExit as exc:
-        errors.append(None if exc.code in (0, None) else f"mergekit-yaml exited with {exc.code}")
-    except BaseException:
-        errors.append(traceback.format_exc()[-6000:])
-    with open(sys.argv[2], "w") as f:
+channel.write("ready\n"); channel.flush()
+for line in sys.stdin:
+    jobs_file, results_file = json.loads(line)
+    errors = []
+    for argv in json.load(open(jobs_file)):
+        try:
+            main.main(args=argv, standalone_mode=False)
+            errors.append(None)
+        except SystemExit as exc:
+            errors.append(None if exc.code in (0, None) else f"mergekit-yaml exited with {exc.code}")
+        except BaseException:
+            errors.append(traceback.format_exc()[-6000:])
+    with open(results_file, "w") as f:
         json.dump(errors, f)
+    channel.write("done\n"); channel.flush()
 """
+
+
+class _BatchServer:
+    """The session's mergekit process (`_SERVER_DRIVER`), started on first use or early, in the
+    background, by `start_batch_server`."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # one batch at a time
+        self.proc: subprocess.Popen | None = None
+        self.folder = Path(tempfile.mkdtemp(prefix="mergekit-oracle-"))
+        self.log = self.folder / "server.log"
+        self.ready = False
+
+    def start(self) -> None:
+        python = _require_python()
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(python), "-c", _SERVER_DRIVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=log, text=True, env=mergekit_env(), cwd=self.folder,
+            )
+        self.ready = False
+
+    def _line(self, timeout: float) -> str:
+        assert self.proc is not None and self.proc.stdout is not None
+        timer = threading.Timer(timeout, self.proc.kill)  # a hung merge ends the server, not the suite
+        timer.start()
+        try:
+            return self.proc.stdout.readline()
+        finally:
+            timer.cancel()
+
+    def _fail(self, what: str) -> RuntimeError:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        tail = self.log.read_text(errors="replace")[-6000:] if self.log.exists() else ""
+        return RuntimeError(f"mergekit batch server {what} (exit {proc.returncode if proc else None})\n--- its log ---\n{tail}")
+
+    def run(self, argvs: list[list[str]], timeout: float) -> list[str | None]:
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self.start()
+            assert self.proc is not None and self.proc.stdin is not None
+            if not self.ready:
+                if self._line(timeout).strip() != "ready":
+                    raise self._fail("did not start")
+                self.ready = True
+            batch = tempfile.mkdtemp(dir=self.folder)
+            jobs_file, results_file = Path(batch) / "jobs.json", Path(batch) / "results.json"
+            jobs_file.write_text(json.dumps(argvs))
+            try:
+                self.proc.stdin.write(json.dumps([str(jobs_file), str(results_file)]) + "\n")
+                self.proc.stdin.flush()
+            except OSError:
+                raise self._fail("died") from None
+            if self._line(timeout).strip() != "done":
+                raise self._fail(f"died or timed out ({timeout:.0f} s) during a batch of {len(argvs)} merges")
+            errors = json.loads(results_file.read_text())
+            shutil.rmtree(batch, ignore_errors=True)
+            if len(errors) != len(argvs):
+                raise self._fail(f"answered {len(errors)} of {len(argvs)} merges")
+            return errors
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()
+                self.proc.wait(timeout=10)
+            except Exception:  # noqa: BLE001 - it is going away either way
+                self.proc.kill()
+            self.proc = None
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_server: list[_BatchServer] = []
+_server_lock = threading.Lock()
+
+
+def _batch_server() -> _BatchServer:
+    with _server_lock:
+        if not _server:
+            _server.append(_BatchServer())
+            atexit.register(_server[0].stop)
+        return _server[0]
+
+
+def start_batch_server() -> None:
+    """Resolve the venv and start the session's mergekit process now, in a background thread, so
+    its imports overlap other tests (conftest calls it when mergekit tests are selected). Any
+    failure is left for the first batch to report."""
+
+    def warm() -> None:
+        if mergekit_python() is None:
+            return
+        server = _batch_server()
+        with server.lock:
+            if server.proc is None:
+                server.start()
+
+    threading.Thread(target=warm, name="mergekit-oracle-start", daemon=True).start()
 
 
 def run_mergekit_many(
     jobs: Sequence[tuple], *extra_args: str, timeout: float = 1800
 ) -> dict[Path, str | None]:
-    """Run mergekit-yaml once per (config, out_dir) job, all in one mergekit process; a job may
-    be (config, out_dir, args) to add command-line arguments of its own after `extra_args`.
+    """Run mergekit-yaml once per (config, out_dir) job, all in the session's one mergekit
+    process; a job may be (config, out_dir, args) to add command-line arguments of its own after
+    `extra_args`.
 
     Each config is written as YAML beside its `out_dir`. Returns, per out_dir, None when that
     merge succeeded or the error (a traceback) when it failed; one failing config does not stop
-    the others. Raises only if the driver process itself dies.
+    the others. Raises only if the mergekit process itself dies (or takes over `timeout`).
     """
-    python = _require_python()
     argvs = []
     for config, out_dir, *own in jobs:
         out_dir = Path(out_dir)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         config_path = write_config(config, out_dir.parent / f"{out_dir.name}.mergekit.yml")
         argvs.append(mergekit_args(config_path, out_dir, *extra_args, *(own[0] if own else ())))
-    with tempfile.TemporaryDirectory() as tmp:
-        jobs_file, results_file = Path(tmp) / "jobs.json", Path(tmp) / "results.json"
-        jobs_file.write_text(json.dumps(argvs))
-        proc = subprocess.run(
-            [str(python), "-c", _BATCH_DRIVER, str(jobs_file), str(results_file)],
-            capture_output=True, text=True, env=mergekit_env(), timeout=timeout, cwd=tmp,
-        )
-        errors = json.loads(results_file.read_text()) if results_file.exists() else []
-    if proc.returncode != 0 or len(errors) != len(argvs):
-        raise RuntimeError(
-            f"mergekit batch driver failed ({proc.returncode}) after {len(errors)}/{len(argvs)} merges\n"
-            f"--- stderr ---\n{proc.stderr[-6000:]}\n--- stdout ---\n{proc.stdout[-2000:]}"
-        )
+    _require_python()
+    errors = _batch_server().run(argvs, timeout)
     return {Path(job[1]): err for job, err in zip(jobs, errors)}
 
 
