@@ -7,6 +7,9 @@ import os
 import subprocess
 import sys
 import textwrap
+from typing import Any
+
+import pytest
 
 SCRIPT = textwrap.dedent(
     """
@@ -33,16 +36,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_no_address_starts_our_own_ray_and_auto_joins_the_running_one():
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_AUTH_MODE"] = "disabled"
-    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = [line for line in done.stdout.splitlines() if line.split(" ")[0] in ("OURS", "JOINED", "AUTO-JOINED", "AUTO-ELSEWHERE")]
-    assert lines[0].startswith("OURS "), done.stdout
-    assert lines[1] == "AUTO-JOINED", done.stdout
-
-
 AUTH_SCRIPT = textwrap.dedent(
     """
     import os, stat
@@ -60,16 +53,42 @@ AUTH_SCRIPT = textwrap.dedent(
 )
 
 
-def test_a_local_ray_of_our_own_requires_a_private_token(tmp_path):
+@pytest.fixture(scope="module")
+def own_rays(tmp_path_factory) -> dict[str, Any]:
+    """The token and loopback checks each start a local Ray in a subprocess, which mostly waits
+    for Ray's daemons: both run at once (neither looks at other Rays on the machine). The
+    auto-join test, which does, runs after them."""
+    home = tmp_path_factory.mktemp("fresh-home")  # a fresh ~/.ray: no token yet, Ray generates one
+    auth_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    auth_env["HOME"] = str(home)
+    listen_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    listen_env["RAY_AUTH_MODE"] = "disabled"
+    runs: dict[str, Any] = {
+        "home": home,
+        "auth": subprocess.Popen([sys.executable, "-c", AUTH_SCRIPT], env=auth_env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True),
+        "listening": subprocess.Popen([sys.executable, "-c", LISTENING], env=listen_env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True),
+    }
+    yield runs
+    for name in ("auth", "listening"):
+        runs[name].kill()
+        runs[name].wait()
+
+
+def _finished(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def test_a_local_ray_of_our_own_requires_a_private_token(own_rays):
     """Ray's servers listen on every interface: our local Ray requires token authentication, and
     the token file Ray generates is readable by this user only (Ray writes it 0644 by umask)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
-    env["HOME"] = str(tmp_path)  # a fresh ~/.ray: no token yet, Ray generates one
-    done = subprocess.run([sys.executable, "-c", AUTH_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    done = _finished(own_rays["auth"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "AUTH token 0o600" in done.stdout, done.stdout + done.stderr[-2000:]
     assert "Token authentication is enabled for this Ray cluster" not in done.stderr  # Ray's warning: we chose it
-    assert (tmp_path / ".ray" / "auth_token").stat().st_mode & 0o077 == 0
+    assert (own_rays["home"] / ".ray" / "auth_token").stat().st_mode & 0o077 == 0
 
 
 LISTENING = textwrap.dedent(
@@ -134,7 +153,7 @@ LISTENING = textwrap.dedent(
 )
 
 
-def test_a_local_ray_of_our_own_listens_on_loopback_only():
+def test_a_local_ray_of_our_own_listens_on_loopback_only(own_rays):
     """Every listening TCP socket of the session's processes (driver, gcs_server, raylets, workers,
     agents), read from /proc/net/tcp and tcp6, is a loopback address; before, gcs_server, the
     raylets and the core workers listened on `::` (every interface). Ray's switch is set around its
@@ -142,9 +161,7 @@ def test_a_local_ray_of_our_own_listens_on_loopback_only():
     import ipaddress
     import json
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    env["RAY_AUTH_MODE"] = "disabled"
-    done = subprocess.run([sys.executable, "-c", LISTENING], env=env, capture_output=True, text=True, timeout=300)
+    done = _finished(own_rays["listening"])
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     names = {name for name, _, _ in result["listening"]}
@@ -154,3 +171,13 @@ def test_a_local_ray_of_our_own_listens_on_loopback_only():
         mapped = getattr(ip, "ipv4_mapped", None)
         assert ip.is_loopback or (mapped is not None and mapped.is_loopback), (name, host, port)
     assert result["env_left"] is False
+
+
+def test_no_address_starts_our_own_ray_and_auto_joins_the_running_one():
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.split(" ")[0] in ("OURS", "JOINED", "AUTO-JOINED", "AUTO-ELSEWHERE")]
+    assert lines[0].startswith("OURS "), done.stdout
+    assert lines[1] == "AUTO-JOINED", done.stdout
