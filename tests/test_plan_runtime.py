@@ -185,6 +185,28 @@ def test_workers_measure_read_write_and_part_costs_on_the_job_itself(llama_model
     assert problem.part_time(op, 1, topo.workers[1]) > problem.part_time(op, 1, topo.workers[0])
 
 
+def test_read_bandwidth_leaves_out_a_reads_fixed_cost(llama_models, tmp_path, monkeypatch):
+    """The probe's read bandwidth is what the bytes beyond a read's fixed cost take: that fixed
+    cost (timed on the smallest operator's read) is in the part overhead already. A read of 10 MB
+    in 11 ms whose fixed cost is 1 ms is 1 GB/s (not 0.91 GB/s)."""
+    from raymerge.checkpoints import SourceSpec
+    from raymerge.runtime import worker as worker_module
+    from raymerge.runtime.worker import MergeWorkerImpl
+
+    ops = program_of(linear_config(llama_models)).operators
+    large = max(ops, key=lambda op: op.bytes_in)
+    small = min(ops, key=lambda op: op.bytes_in)
+    monkeypatch.setattr(worker_module, "_timed_read",
+                        lambda op, sources, rows: (0.011, 10_000_000) if op is large else (0.001, small.bytes_in))
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    worker = MergeWorkerImpl(0)
+    worker.begin([SourceSpec(str(llama_models[k])) for k in ("ft1", "ft2", "ft3")], str(staging))
+    io = worker.measure_io(large, small)
+    worker.finish()
+    assert io.read_bandwidth == pytest.approx(1e9)
+
+
 def test_calibration_is_cached_per_method_and_shape():
     """A pool (kept between jobs) times a cost key once per calibration shape: a small job's
     figures (its own small tensors) are not reused for a job of large tensors, and a second job of
