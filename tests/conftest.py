@@ -34,6 +34,7 @@ def _start_local_ray() -> None:
 # use such a fixture gets it back first (`pytest_runtest_setup`).
 _LOCAL_RAY_TAKEN_DOWN = [False]
 _OWN_CLUSTER_FIXTURES = {"fake_cluster", "cluster"}
+_FAKE_CLUSTER_UP = [False]  # the module-scoped `fake_cluster` is connected
 
 
 @pytest.fixture(scope="session")
@@ -82,6 +83,9 @@ def pytest_collection_finish(session):
 def pytest_runtest_setup(item):
     """Before any fixture of the test is set up (module-scoped ones included): the local Ray back
     if a cluster fixture took it down and this test does not use one."""
+    if _FAKE_CLUSTER_UP[0] and "fake_cluster" not in getattr(item, "fixturenames", ()):
+        pytest.fail(f"{item.nodeid} runs while its module's fake_cluster is connected: put the tests "
+                    "that use fake_cluster last in their module", pytrace=False)
     if _LOCAL_RAY_TAKEN_DOWN[0] and not set(getattr(item, "fixturenames", ())) & _OWN_CLUSTER_FIXTURES:
         import ray
 
@@ -90,9 +94,12 @@ def pytest_runtest_setup(item):
             _start_local_ray()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def fake_cluster():
-    """A 2-node `ray.cluster_utils.Cluster` (1 CPU each) on this machine; yields the cluster."""
+    """A 2-node `ray.cluster_utils.Cluster` (1 CPU each) on this machine; yields the cluster.
+    One per module (starting one and bringing the session's Ray back cost ~12 s): the tests that
+    use it run last in their module, as a test after them would find the driver still connected
+    to the cluster (`pytest_runtest_setup` refuses to run one)."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -101,9 +108,11 @@ def fake_cluster():
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+    _FAKE_CLUSTER_UP[0] = True
     try:
         yield cluster
     finally:
+        _FAKE_CLUSTER_UP[0] = False
         _end_kept_workers()
         ray.shutdown()
         cluster.shutdown()  # the session's Ray comes back before the next test that asks for it

@@ -345,40 +345,6 @@ def _without_readme(files: dict[str, bytes]) -> dict[str, bytes]:
 THREAD_SPLIT_CASES = ("dare_ties", "ties rescale")  # the two whose bf16 bytes split the most (issue 14)
 
 
-def test_merge_bytes_on_a_fake_two_node_cluster(fake_cluster, wide_models, tmp_path):
-    """Every end-to-end case's 1M-element merge on a faked 2-node cluster (2 workers of 1 CPU: one
-    on each node, as each node has 1 CPU) publishes the bytes of 1 worker (on the suite's local
-    Ray, or in process when this test runs alone), in both dtypes: the matrix's 2-worker run.
-    (One of the suite's two faked multi-node clusters: starting one costs ~25 s.)"""
-    import ray
-
-    import raymerge
-
-    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-    rows, differing = [], []
-    try:
-        for dtype, family in wide_models.items():
-            for case in E2E_CASES:
-                cfg = _e2e_config(case, family)
-                name = f"{case.replace(' ', '_')}-{dtype}"
-                dist = raymerge.merge(cfg, tmp_path / f"{name}-2nodes", workers=2, random_seed=7, quiet=True,
-                                      out_shard_size="4MB", keep_workers=True)
-                assert len(dist.per_node) == 2, "the two workers share a node"
-                reference = _E2E_REFERENCE.get((case, dtype))
-                if reference is None:  # this test run alone: an in-process merge is the reference
-                    reference = _file_bytes(raymerge.merge(cfg, tmp_path / f"{name}-local", random_seed=7, quiet=True,
-                                                           in_process=True, out_shard_size="4MB").output)
-                same = _file_bytes(dist.output) == reference
-                rows.append(f"{case:24s} {dtype:9s} 2 nodes vs 1 worker: {'identical' if same else 'DIFFERENT'}")
-                if not same:
-                    differing.append((case, dtype))
-    finally:
-        raymerge.shutdown_workers()
-    print("\n".join(rows))
-    assert not differing, f"bytes differ on the fake 2-node cluster: {differing}"
-
-
-# -- row splits: only elementwise methods are split into row parts (`costs.split_degrees`) ----------
 def _row_split_config(method: str, family: dict[str, Path]) -> dict:
     weights = (("ft1", 0.5), ("ft2", 0.3), ("ft3", 0.4))
     if method == "passthrough":
@@ -555,3 +521,73 @@ def test_prune_determinism_across_stages(ray_session, wide_prunable, tmp_path):
                 differing.append((case, run))
     print("\n".join(rows))
     assert not differing, f"pruned bytes depend on the stage count: {differing}"
+
+
+# -- the faked 2-node cluster (last in the module: one cluster for both tests) ----------------------
+def test_merge_bytes_on_a_fake_two_node_cluster(fake_cluster, wide_models, tmp_path):
+    """Every end-to-end case's 1M-element merge on a faked 2-node cluster (2 workers of 1 CPU: one
+    on each node, as each node has 1 CPU) publishes the bytes of 1 worker (on the suite's local
+    Ray, or in process when this test runs alone), in both dtypes: the matrix's 2-worker run.
+    (The module's faked 2-node cluster, shared with `test_prune_stages_on_a_fake_two_node_cluster`:
+    the two run last in the module, so the session's local Ray is taken down and brought back once.)"""
+    import ray
+
+    import raymerge
+
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    rows, differing = [], []
+    try:
+        for dtype, family in wide_models.items():
+            for case in E2E_CASES:
+                cfg = _e2e_config(case, family)
+                name = f"{case.replace(' ', '_')}-{dtype}"
+                dist = raymerge.merge(cfg, tmp_path / f"{name}-2nodes", workers=2, random_seed=7, quiet=True,
+                                      out_shard_size="4MB", keep_workers=True)
+                assert len(dist.per_node) == 2, "the two workers share a node"
+                reference = _E2E_REFERENCE.get((case, dtype))
+                if reference is None:  # this test run alone: an in-process merge is the reference
+                    reference = _file_bytes(raymerge.merge(cfg, tmp_path / f"{name}-local", random_seed=7, quiet=True,
+                                                           in_process=True, out_shard_size="4MB").output)
+                same = _file_bytes(dist.output) == reference
+                rows.append(f"{case:24s} {dtype:9s} 2 nodes vs 1 worker: {'identical' if same else 'DIFFERENT'}")
+                if not same:
+                    differing.append((case, dtype))
+    finally:
+        raymerge.shutdown_workers()
+    print("\n".join(rows))
+    assert not differing, f"bytes differ on the fake 2-node cluster: {differing}"
+
+
+# -- row splits: only elementwise methods are split into row parts (`costs.split_degrees`) ----------
+
+
+def test_prune_stages_on_a_fake_two_node_cluster(fake_cluster, trained, tmp_path):
+    """Pruning on 2 stage actors (1 CPU each: one per node of the faked cluster, whose nodes have
+    1 CPU each) gives the masks of an
+    in-process prune (Wanda sequential and SparseGPT parallel, on the trained model), Wanda's
+    bytes too, and the same perplexity after pruning."""
+    from conftest import load_state
+    from raymerge.runtime.prune import PruneOptions, run_prune
+
+    import ray
+
+    import raymerge
+
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    try:
+        for method, mode in (("wanda", "sequential"), ("sparsegpt", "parallel")):
+            cfg = {
+                "model": str(trained["model"]), "method": method, "mode": mode, "sparsity": 0.5, "batch_size": 4,
+                "calibration": {"dataset": str(trained["calib"]), "nsamples": 16, "seqlen": 64, "eval_samples": 8},
+            }
+            single = run_prune(cfg, tmp_path / f"{method}-1", PruneOptions(in_process=True, quiet=True))
+            multi = run_prune(cfg, tmp_path / f"{method}-2", PruneOptions(workers=2, quiet=True, keep_workers=True))
+            assert [s["layers"] for s in multi.stages] == [[0, 1], [2, 3]], multi.stages
+            a, b = load_state(single.output), load_state(multi.output)
+            for name in a:
+                assert torch.equal(a[name] == 0, b[name] == 0), f"{method}: {name} masks differ"
+                if method == "wanda":
+                    assert torch.equal(a[name], b[name]), name
+            assert multi.report.perplexity_after == pytest.approx(single.report.perplexity_after, rel=1e-5)
+    finally:
+        raymerge.shutdown_workers()

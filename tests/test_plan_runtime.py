@@ -236,6 +236,63 @@ def test_calibration_is_cached_per_method_and_shape():
     assert sorted(shape for _, shape in pool.cache["calibration"]) == [(64, 128), costs.CALIBRATION_SHAPE]
 
 
+def test_one_actor_of_each_alike_group_calibrates_and_shared_cores_scale_its_figures(monkeypatch):
+    """Compute is timed by one actor per node (and kind and size of device): 3 CPU actors on a
+    2-CPU node and 1 on a 4-CPU node make two calls, not four, at once; the first node's actors
+    share 2 cores 3 ways, so their figures are 1.5 times the measured one; GPU actors are not
+    scaled. Storage is still timed by every actor (`together`)."""
+    import ray
+
+    from raymerge.methods import get_method
+    from raymerge.runtime import executor
+    from raymerge.runtime.actor_resources import ActorResources
+    from raymerge.runtime.operators import MergeOperator, TensorInput
+
+    mps, params = get_method("task_arithmetic").resolve([{}, {"weight": 0.5}], {}, 0)
+    op = MergeOperator(index=0, name="w", method="task_arithmetic", inputs=tuple(TensorInput(i, "w", 4 * 64 * 128) for i in range(2)),
+                       base_index=0, model_params=tuple(mps), params=params, work_dtype=None, out_dtype="F32",
+                       shape=(64, 128), seed=None)
+
+    class Actor:
+        def __init__(self, i):
+            self.i, self.calls = i, []
+
+        def calibrate(self, ops):
+            self.calls.append("calibrate")
+            return [10.0 + self.i for _ in ops]
+
+        def probe(self):
+            self.calls.append("probe")
+            return self.i
+
+    class Pool:
+        remote = True
+
+        def __init__(self, infos, rule):
+            self.workers, self._infos, self.rule, self.cache = [Actor(i) for i in range(len(infos))], infos, rule, {}
+
+        def __len__(self):
+            return len(self.workers)
+
+        def infos(self):
+            return self._infos
+
+        def get(self, values):
+            return values
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"NodeID": "a", "Alive": True, "Resources": {"CPU": 2.0}},
+                                               {"NodeID": "b", "Alive": True, "Resources": {"CPU": 4.0}}])
+    infos = [WorkerInfo(i, node, "h", i, "cpu", 8 << 30) for i, node in enumerate("aaab")]
+    pool = Pool(infos, ActorResources({"num_cpus": 2 / 3}, threads=1))
+    rows = executor.calibrate(pool, {"k": op})
+    assert [w.calls for w in pool.workers] == [["calibrate"], [], [], ["calibrate"]]
+    assert rows == [[15.0], [15.0], [15.0], [13.0]]
+    assert executor._per_actor(pool, lambda w: w.probe()) == [0, 1, 2, 3]  # storage: every actor
+    gpus = Pool([WorkerInfo(i, "a", "h", i, "cuda", 80 << 30) for i in range(3)], ActorResources({"num_gpus": 1, "num_cpus": 1}, threads=1))
+    assert executor.calibrate(gpus, {"k": op}) == [[10.0]] * 3
+    assert executor.oversubscription(type("P", (), {"remote": False, "__len__": lambda self: 1})()) == [1.0]
+
+
 def test_kept_worker_pool_is_reused(ray_session, llama_models, tmp_path):
     from raymerge.runtime import actor_pool
 

@@ -223,21 +223,6 @@ def test_explicit_layer_list_and_module_selection(trained, tmp_path):
     assert result.report.perplexity_before is None  # no calibration text, no perplexity
 
 
-def test_distributed_stages_match_single_process(trained, tmp_path, fake_cluster):
-    for method, mode in (("wanda", "sequential"), ("sparsegpt", "parallel")):
-        single = _prune(trained, tmp_path, f"{method}-1", method=method, mode=mode)
-        multi = _prune(trained, tmp_path, f"{method}-3", method=method, mode=mode,  # both on the same two actors
-                       options=PruneOptions(workers=2, quiet=True, keep_workers=True))
-        assert len(multi.stages) == 2 and multi.stages[0]["layers"] == [0, 1] and multi.stages[1]["layers"] == [2, 3]
-        a, b = load_state(single.output), load_state(multi.output)
-        for name in a:
-            assert torch.equal(a[name] == 0, b[name] == 0), f"{method}: {name} masks differ"
-        if method == "wanda":
-            for name in a:
-                assert torch.equal(a[name], b[name]), name
-        assert multi.report.perplexity_after == pytest.approx(single.report.perplexity_after, rel=1e-5)
-
-
 def test_cli_prune_prints_report(trained, tmp_path, capsys):
     import yaml
 

@@ -194,16 +194,41 @@ def begin(pool: ActorPool, sources: Sequence[SourceSpec], staging: str, node_sha
 def calibrate(pool: ActorPool, samples: dict[Any, MergeOperator]) -> list[list[float]]:
     """Per actor, seconds per element of each sample's method (cached on the pool by key and
     calibration shape, so a kept pool calibrates a method once per shape: a small job's figures,
-    timed on its own small tensors, are not reused for a large one)."""
+    timed on its own small tensors, are not reused for a large one). One actor of each group of
+    alike actors measures for its group (`_per_actor`); where a node's actors have fewer cores
+    than threads among them, the figures are scaled by how much fewer (`oversubscription`)."""
     cache: dict[Any, list[float]] = pool.cache.setdefault("calibration", {})
     keys = {k: (k, job_calibration_shape(op)) for k, op in samples.items()}
     missing = [k for k in samples if keys[k] not in cache]
     if missing:
         ops = [samples[k] for k in missing]
         rows = _per_actor(pool, lambda w: w.calibrate(ops), together=False)
+        slower = oversubscription(pool)
         for j, k in enumerate(missing):
-            cache[keys[k]] = [row[j] for row in rows]
+            cache[keys[k]] = [row[j] * factor for row, factor in zip(rows, slower)]
     return [[cache[keys[k]][w] for k in samples] for w in range(len(pool))]
+
+
+def oversubscription(pool: ActorPool) -> list[float]:
+    """Per actor, how much slower it computes than when measured alone because its node's CPU
+    actors run more torch threads among them than the node has cores (at least 1): 3 one-thread
+    actors of 2/3 CPU on a 2-CPU node, or 3 in-process workers on 2 cores, share 2 cores 3 ways
+    (1.5). GPU actors compute on their own GPUs (1)."""
+    infos = pool.infos() if pool.remote else None
+    if not pool.remote:
+        threads, cores = local_threads(len(pool)) * len(pool), os.cpu_count() or 1
+        return [max(1.0, threads / cores)] * len(pool)
+    assert pool.rule is not None and infos is not None
+    if pool.rule.gpus > 0:
+        return [1.0] * len(pool)
+    import ray
+
+    cpus = {n["NodeID"]: n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")}
+    on_node: dict[str, int] = {}
+    for info in infos:
+        on_node[info.node_id] = on_node.get(info.node_id, 0) + 1
+    return [max(1.0, on_node[info.node_id] * pool.rule.threads / cpus[info.node_id]) if cpus.get(info.node_id) else 1.0
+            for info in infos]
 
 
 def measure_io(pool: ActorPool, ops: Sequence[MergeOperator]) -> list:
@@ -252,15 +277,23 @@ def _gc_frozen():
 
 
 def _per_actor(pool: ActorPool, call: Callable[[Any], Any], together: bool = True) -> list:
-    """`call(actor)`'s value for every actor of `pool`. Each Ray actor measures for itself, in
-    its own process (maybe on its own node). In process, with the torch threads they will merge
-    with: `together`, every worker at once on a thread of its own, as they will merge (storage:
-    alone, a worker would not see what the others cost it in the kernel's page-cache and
-    memory-map locks; on 2 cores two linear workers merge at about 0.75x the rate of one); else
-    the first worker for all (compute: each worker has its own cores, and measuring all at once
-    makes each look slower than it merges, by up to a fifth for TIES on 2 cores)."""
+    """`call(actor)`'s value for every actor of `pool`. `together`, every actor at once, as they
+    will merge (storage: alone, an actor would not see what the others cost it in the kernel's
+    page-cache and memory-map locks; on 2 cores two linear workers merge at about 0.75x the rate
+    of one): each Ray actor measures for itself, in its own process (maybe on its own node); in
+    process, every worker on a thread of its own with the torch threads they will merge with.
+    Else (compute) one actor per group of alike actors (`alike`) measures for its group, the
+    groups at once: alike actors compute alike, measuring all of a node's actors at once makes
+    each look slower than it merges (by up to a fifth for TIES on 2 cores), and a pool of n
+    actors on one node would spend n times the CPU on it; in process the first worker measures
+    for all."""
     if pool.remote:
-        return pool.get([call(w) for w in pool.workers])
+        if together:
+            return pool.get([call(w) for w in pool.workers])
+        group = alike(pool.infos())
+        first = sorted(set(group))
+        values = dict(zip(first, pool.get([call(pool.workers[i]) for i in first])))
+        return [values[g] for g in group]
     with _in_process_threads(pool):
         if len(pool) == 1 or not together:
             return [call(pool.workers[0])] * len(pool)
@@ -268,6 +301,14 @@ def _per_actor(pool: ActorPool, call: Callable[[Any], Any], together: bool = Tru
 
         with ThreadPoolExecutor(len(pool), thread_name_prefix="raymerge-calibrate") as threads:
             return list(threads.map(call, pool.workers))
+
+
+def alike(infos: Sequence[Any]) -> list[int]:
+    """For each actor (its `WorkerInfo`), the index of the first actor on the same node with the
+    same kind of device and the same memory (of the GPU, or of the node): the one that measures
+    the speed of both."""
+    first: dict[tuple, int] = {}
+    return [first.setdefault((info.node_id, info.device, info.memory_bytes), i) for i, info in enumerate(infos)]
 
 
 def finish(pool: ActorPool) -> list[Any]:
