@@ -8,8 +8,12 @@ cluster test, so consecutive cluster tests do not restart it between each two.
 
 from __future__ import annotations
 
+import atexit
 import os
+import signal
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,12 +75,44 @@ def take_local_ray_down() -> None:
 
 
 def pytest_collection_finish(session):
-    """When mergekit differential tests are selected, the session's mergekit process starts now,
-    in the background: its imports (~10 s on the CI machine) overlap the tests before them."""
+    """Slow set-ups of one core that do not need the session's Ray start now, in the background,
+    so that they overlap the tests before theirs: the session's mergekit process when mergekit
+    differential tests are selected (its imports take ~10 s on the CI machine), and whatever a
+    selected test module starts in its `start_early(config)` (e.g. the DeepSpeed checkpoint writer)."""
     if any(item.get_closest_marker("mergekit") for item in session.items):
         from mergekit_oracle import start_batch_server
 
         start_batch_server()
+    modules = {id(item.module): item.module for item in session.items if getattr(item, "module", None) is not None}
+    for module in modules.values():
+        if callable(getattr(module, "start_early", None)):
+            module.start_early(session.config)
+
+
+class Background:
+    """A subprocess a test module starts before its tests (`start_early`), so that it runs while
+    the tests before them do; its stdout and stderr go to files in `folder` (a pipe nobody reads
+    yet would fill and block it). Killed, with what it started, if the session ends first."""
+
+    def __init__(self, argv: list[str], folder: Path, **popen: Any) -> None:
+        self.stdout, self.stderr = folder / "stdout.txt", folder / "stderr.txt"
+        with open(self.stdout, "w") as out, open(self.stderr, "w") as err:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=err, start_new_session=True, **popen)
+        atexit.register(self.kill)
+
+    def result(self, timeout: float) -> subprocess.CompletedProcess:
+        """Wait for it (killed after `timeout` seconds): its exit code and output."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, self.stdout.read_text(),
+                                           self.stderr.read_text())
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
 
 @pytest.hookimpl(tryfirst=True)

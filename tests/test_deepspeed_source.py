@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -141,27 +142,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory) -> Path:
-    """The folder holding z1, z2, z3 (DeepSpeed), zN.hf (consolidated) and zN.oracle.safetensors."""
-    pytest.importorskip("deepspeed")
-    out = tmp_path_factory.mktemp("deepspeed")
+_EARLY: dict[str, Any] = {}  # the writer `start_early` started
+
+
+def start_early(config: pytest.Config) -> None:
+    """Start the checkpoint writer when the session's tests are collected (`conftest`): its ~13 s,
+    mostly one core's imports, overlap the tests before this module's; `ckpts` waits for it."""
+    import importlib.util
+
+    if "writer" not in _EARLY and importlib.util.find_spec("deepspeed") is not None:
+        _EARLY["writer"] = _start_writer(config._tmp_path_factory.mktemp("deepspeed"))  # type: ignore[attr-defined]
+
+
+def _start_writer(out: Path) -> tuple[Path, Any]:
+    from conftest import Background
+
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
         OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
     )
-    log = out / "writer.log"
-    with open(log, "w") as f:
-        try:
-            proc = subprocess.run(
-                [sys.executable, __file__, str(out), str(_free_port())], env=env, stdout=f, stderr=subprocess.STDOUT,
-                timeout=600,
-            )
-            failed = proc.returncode != 0
-        except subprocess.TimeoutExpired:
-            failed = True
-    if failed:
-        pytest.fail(f"writing the DeepSpeed checkpoints failed; log:\n{log.read_text()[-3000:]}")
+    return out, Background([sys.executable, __file__, str(out), str(_free_port())], out, env=env)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> Path:
+    """The folder holding z1, z2, z3 (DeepSpeed), zN.hf (consolidated) and zN.oracle.safetensors."""
+    pytest.importorskip("deepspeed")
+    out, writer = _EARLY.pop("writer", None) or _start_writer(tmp_path_factory.mktemp("deepspeed"))
+    done = writer.result(timeout=600)
+    if done.returncode != 0:
+        pytest.fail(f"writing the DeepSpeed checkpoints failed (exit {done.returncode}); log:\n{(done.stdout + done.stderr)[-3000:]}")
     from raymerge.demo import save_tiny_tokenizer
 
     for name in CONFIGS:

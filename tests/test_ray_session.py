@@ -53,32 +53,43 @@ AUTH_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def own_rays(tmp_path_factory) -> dict[str, Any]:
-    """The token and loopback checks each start a local Ray in a subprocess, which mostly waits
-    for Ray's daemons: both run at once (neither looks at other Rays on the machine). The
-    auto-join test, which does, runs after them."""
-    home = tmp_path_factory.mktemp("fresh-home")  # a fresh ~/.ray: no token yet, Ray generates one
+_EARLY: dict[str, Any] = {}  # the runs `start_early` started
+
+
+def start_early(config: pytest.Config) -> None:
+    """Start the token and loopback checks' local Rays when the session's tests are collected
+    (`conftest`): each subprocess mostly waits for Ray's daemons, and neither looks at other Rays
+    on the machine, so they overlap the tests before this module's and each other. The auto-join
+    test, which does look, runs after them, in its test."""
+    if "runs" not in _EARLY:
+        _EARLY["runs"] = _start_own_rays(config._tmp_path_factory)  # type: ignore[attr-defined]
+
+
+def _start_own_rays(factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from conftest import Background
+
+    home = factory.mktemp("fresh-home")  # a fresh ~/.ray: no token yet, Ray generates one
     auth_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     auth_env["HOME"] = str(home)
     listen_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     listen_env["RAY_AUTH_MODE"] = "disabled"
-    runs: dict[str, Any] = {
+    return {
         "home": home,
-        "auth": subprocess.Popen([sys.executable, "-c", AUTH_SCRIPT], env=auth_env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True),
-        "listening": subprocess.Popen([sys.executable, "-c", LISTENING], env=listen_env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True),
+        "auth": Background([sys.executable, "-c", AUTH_SCRIPT], factory.mktemp("auth-run"), env=auth_env, text=True),
+        "listening": Background([sys.executable, "-c", LISTENING], factory.mktemp("listening-run"), env=listen_env, text=True),
     }
+
+
+@pytest.fixture(scope="module")
+def own_rays(tmp_path_factory) -> Any:
+    runs = _EARLY.pop("runs", None) or _start_own_rays(tmp_path_factory)
     yield runs
     for name in ("auth", "listening"):
         runs[name].kill()
-        runs[name].wait()
 
 
-def _finished(proc: subprocess.Popen) -> subprocess.CompletedProcess:
-    stdout, stderr = proc.communicate(timeout=300)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+def _finished(run: Any) -> subprocess.CompletedProcess:
+    return run.result(timeout=300)
 
 
 def test_a_local_ray_of_our_own_requires_a_private_token(own_rays):
