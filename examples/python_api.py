@@ -2,7 +2,8 @@
 
     python examples/python_api.py [WORKDIR]
 
-Runs offline on a local Ray in well under a minute.
+Runs offline in well under a minute; without a GPU the merges run on worker threads of this
+process (`raymerge.merge`'s default there; `address="local"` would start a local Ray).
 """
 
 from __future__ import annotations
