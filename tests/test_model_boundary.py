@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -226,29 +227,48 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize(("direction", "port"), [("from_s3", "closed"), ("from_s3", "99999"), ("from_s3", "unclosed-ipv6"),
-                                                 ("to_s3", "closed"), ("to_s3", "abc")])
-def test_cli_never_prints_credentials_of_the_endpoint(llama_models, tmp_path, direction, port):
-    """`raymerge merge ... --s3-endpoint-url http://KEY:SECRET@host:port` where nothing listens, or
-    with a port botocore refuses: one line, exit 2, neither the key nor the secret anywhere."""
+CREDENTIAL_CASES = [("from_s3", "closed"), ("from_s3", "99999"), ("from_s3", "unclosed-ipv6"), ("to_s3", "closed"), ("to_s3", "abc")]
+
+
+@pytest.fixture(scope="module")
+def credential_runs(llama_models, tmp_path_factory) -> dict[tuple[str, str], Any]:
+    """Each case's `raymerge merge` subprocess, all started at once (each is mostly one core's
+    imports); a test waits for its own."""
     import os
 
-    host = "[::1" if port == "unclosed-ipv6" else "127.0.0.1"
-    url = f"http://AKIAUSER:s3cr3tpass@{host}:{_closed_port() if port == 'closed' else port}"
-    models = ["s3://bucket/a", "s3://bucket/b"] if direction == "from_s3" else [str(llama_models["base"]), str(llama_models["ft1"])]
-    out = "s3://bucket/out" if direction == "to_s3" else str(tmp_path / "out")
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 0.5}} for m in models]}))
+    from conftest import Background
+
     env = dict(os.environ, AWS_MAX_ATTEMPTS="1", AWS_ACCESS_KEY_ID="AKIAENV", AWS_SECRET_ACCESS_KEY="envsecret",
                AWS_DEFAULT_REGION="us-east-1")
-    done = subprocess.run([sys.executable, "-m", "raymerge.cli", "merge", str(cfg), out, "--quiet", "--s3-endpoint-url", url],
-                          capture_output=True, text=True, timeout=300, env=env)
+    runs = {}
+    for direction, port in CREDENTIAL_CASES:
+        folder = tmp_path_factory.mktemp(f"credentials-{direction}-{port}")
+        host = "[::1" if port == "unclosed-ipv6" else "127.0.0.1"
+        url = f"http://AKIAUSER:s3cr3tpass@{host}:{_closed_port() if port == 'closed' else port}"
+        models = ["s3://bucket/a", "s3://bucket/b"] if direction == "from_s3" else [str(llama_models["base"]), str(llama_models["ft1"])]
+        out = "s3://bucket/out" if direction == "to_s3" else str(folder / "out")
+        cfg = folder / "cfg.yaml"
+        cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 0.5}} for m in models]}))
+        run = Background([sys.executable, "-m", "raymerge.cli", "merge", str(cfg), out, "--quiet", "--s3-endpoint-url", url],
+                         folder, env=env, text=True)
+        runs[(direction, port)] = (folder, run)
+    yield runs
+    for _, run in runs.values():
+        run.kill()
+
+
+@pytest.mark.parametrize(("direction", "port"), CREDENTIAL_CASES)
+def test_cli_never_prints_credentials_of_the_endpoint(credential_runs, direction, port):
+    """`raymerge merge ... --s3-endpoint-url http://KEY:SECRET@host:port` where nothing listens, or
+    with a port botocore refuses: one line, exit 2, neither the key nor the secret anywhere."""
+    folder, run = credential_runs[(direction, port)]
+    done = run.result(timeout=300)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("raymerge: error: ") and done.stdout == "", done.stderr
     for secret in ("s3cr3tpass", "AKIAUSER", "envsecret"):
         assert secret not in done.stderr + done.stdout, done.stderr
-    assert not (tmp_path / "out").exists()
+    assert not (folder / "out").exists()
 
 
 def test_s3_staging_is_private_to_the_user(tmp_path, monkeypatch):
