@@ -239,14 +239,12 @@ E2E_CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def wide_models(tmp_path_factory) -> dict[str, dict[str, Path]]:
-    """A llama (hidden 512, intermediate 2048: MLP weights of 1,048,576 elements, 2 layers) and
-    three fine-tunes, in float32 and bfloat16."""
+def _wide_families(root: Path, layers: int) -> dict[str, dict[str, Path]]:
+    """A llama (hidden 512, intermediate 2048: MLP weights of 1,048,576 elements) of `layers`
+    decoder layers and three fine-tunes, in float32 and bfloat16."""
     from raymerge.demo import build_tiny_model
 
-    root = tmp_path_factory.mktemp("wide")
-    shape = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4)
+    shape = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4)
     families = {}
     for dtype in (torch.float32, torch.bfloat16):
         folder = root / str(dtype).split(".")[-1]
@@ -256,6 +254,20 @@ def wide_models(tmp_path_factory) -> dict[str, dict[str, Path]]:
             family[f"ft{i + 1}"] = build_tiny_model(folder / f"ft{i + 1}", seed=10 + i, dtype=dtype, base=base, config_overrides=shape)
         families[str(dtype).split(".")[-1]] = family
     return families
+
+
+@pytest.fixture(scope="module")
+def wide_models(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """The merge matrix's models: one decoder layer holds every kind of tensor (1M-element MLP
+    weights, 262K-element attention ones, norms, embeddings, head), and a second would only double
+    the same work."""
+    return _wide_families(tmp_path_factory.mktemp("wide"), layers=1)
+
+
+@pytest.fixture(scope="module")
+def wide_two_layer_models(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """As `wide_models` with 2 decoder layers: the guided merges' 2 statistics stages hold one each."""
+    return _wide_families(tmp_path_factory.mktemp("wide2"), layers=2)
 
 
 # The 1-worker bytes of each (case, dtype), kept by `test_merge_determinism_across_workers` for the
@@ -418,7 +430,7 @@ def _guided_files(folder: Path) -> dict[str, bytes]:
     return files
 
 
-def test_guided_merge_bytes_do_not_depend_on_workers_or_stages(ray_session, wide_models, tmp_path):
+def test_guided_merge_bytes_do_not_depend_on_workers_or_stages(ray_session, wide_two_layer_models, tmp_path):
     """AIM (over TIES), ACM and Sens-Merging, in float32 and bfloat16, on the 1M-element llama: in
     process with 1 worker and 1 stage, and on Ray with 2 workers and 2 stages (one layer each),
     publish the same weights and the same statistics. Prints the matrix."""
@@ -432,7 +444,7 @@ def test_guided_merge_bytes_do_not_depend_on_workers_or_stages(ray_session, wide
             "ray w2 s2": (dict(workers=2, keep_workers=True), 2)}
     rows, differing = [], []
     try:
-        for dtype, family in wide_models.items():
+        for dtype, family in wide_two_layer_models.items():
             for case in GUIDED_CASES:
                 first = None
                 for run, (options, stages) in runs.items():
