@@ -214,21 +214,18 @@ def oversubscription(pool: ActorPool) -> list[float]:
     actors run more torch threads among them than the node has cores (at least 1): 3 one-thread
     actors of 2/3 CPU on a 2-CPU node, or 3 in-process workers on 2 cores, share 2 cores 3 ways
     (1.5). GPU actors compute on their own GPUs (1)."""
-    infos = pool.infos() if pool.remote else None
     if not pool.remote:
         threads, cores = local_threads(len(pool)) * len(pool), os.cpu_count() or 1
         return [max(1.0, threads / cores)] * len(pool)
-    assert pool.rule is not None and infos is not None
+    assert pool.rule is not None
     if pool.rule.gpus > 0:
         return [1.0] * len(pool)
     import ray
 
     cpus = {n["NodeID"]: n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")}
-    on_node: dict[str, int] = {}
-    for info in infos:
-        on_node[info.node_id] = on_node.get(info.node_id, 0) + 1
-    return [max(1.0, on_node[info.node_id] * pool.rule.threads / cpus[info.node_id]) if cpus.get(info.node_id) else 1.0
-            for info in infos]
+    nodes = [info.node_id for info in pool.infos()]
+    threads = {node: nodes.count(node) * pool.rule.threads for node in nodes}
+    return [max(1.0, threads[node] / cpus[node]) if cpus.get(node) else 1.0 for node in nodes]
 
 
 def measure_io(pool: ActorPool, ops: Sequence[MergeOperator]) -> list:
