@@ -74,6 +74,9 @@ def take_local_ray_down() -> None:
         _LOCAL_RAY_TAKEN_DOWN[0] = True
 
 
+_STARTED_EARLY: dict[str, Any] = {}  # by test module name: what its `start_early` returned
+
+
 def pytest_collection_finish(session):
     """Slow set-ups of one core that do not need the session's Ray start now, in the background,
     so that they overlap the tests before theirs: the session's mergekit process when mergekit
@@ -83,10 +86,16 @@ def pytest_collection_finish(session):
         from mergekit_oracle import start_batch_server
 
         start_batch_server()
-    modules = {id(item.module): item.module for item in session.items if getattr(item, "module", None) is not None}
-    for module in modules.values():
+    modules = {item.module.__name__: item.module for item in session.items if getattr(item, "module", None) is not None}
+    for name, module in modules.items():
         if callable(getattr(module, "start_early", None)):
-            module.start_early(session.config)
+            _STARTED_EARLY[name] = module.start_early(session.config)
+
+
+def started_early(module_name: str) -> Any:
+    """What the test module `module_name`'s `start_early` started at collection (once: a second
+    call gets None), or None when it did not run (the module run some other way)."""
+    return _STARTED_EARLY.pop(module_name, None)
 
 
 class Background:

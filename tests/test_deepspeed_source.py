@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -142,16 +142,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-_EARLY: dict[str, Any] = {}  # the writer `start_early` started
-
-
-def start_early(config: pytest.Config) -> None:
+def start_early(config: pytest.Config) -> Optional[tuple[Path, Any]]:
     """Start the checkpoint writer when the session's tests are collected (`conftest`): its ~13 s,
     mostly one core's imports, overlap the tests before this module's; `ckpts` waits for it."""
     import importlib.util
 
-    if "writer" not in _EARLY and importlib.util.find_spec("deepspeed") is not None:
-        _EARLY["writer"] = _start_writer(config._tmp_path_factory.mktemp("deepspeed"))  # type: ignore[attr-defined]
+    if importlib.util.find_spec("deepspeed") is None:
+        return None
+    return _start_writer(config._tmp_path_factory.mktemp("deepspeed"))  # type: ignore[attr-defined]
 
 
 def _start_writer(out: Path) -> tuple[Path, Any]:
@@ -168,7 +166,9 @@ def _start_writer(out: Path) -> tuple[Path, Any]:
 def ckpts(tmp_path_factory) -> Path:
     """The folder holding z1, z2, z3 (DeepSpeed), zN.hf (consolidated) and zN.oracle.safetensors."""
     pytest.importorskip("deepspeed")
-    out, writer = _EARLY.pop("writer", None) or _start_writer(tmp_path_factory.mktemp("deepspeed"))
+    from conftest import started_early
+
+    out, writer = started_early(__name__) or _start_writer(tmp_path_factory.mktemp("deepspeed"))
     done = writer.result(timeout=600)
     if done.returncode != 0:
         pytest.fail(f"writing the DeepSpeed checkpoints failed (exit {done.returncode}); log:\n{(done.stdout + done.stderr)[-3000:]}")

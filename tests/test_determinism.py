@@ -357,6 +357,7 @@ def _without_readme(files: dict[str, bytes]) -> dict[str, bytes]:
 THREAD_SPLIT_CASES = ("dare_ties", "ties rescale")  # the two whose bf16 bytes split the most (issue 14)
 
 
+# -- row splits: only elementwise methods are split into row parts (`costs.split_degrees`) ----------
 def _row_split_config(method: str, family: dict[str, Path]) -> dict:
     weights = (("ft1", 0.5), ("ft2", 0.3), ("ft3", 0.4))
     if method == "passthrough":
@@ -570,14 +571,11 @@ def test_merge_bytes_on_a_fake_two_node_cluster(fake_cluster, wide_models, tmp_p
     assert not differing, f"bytes differ on the fake 2-node cluster: {differing}"
 
 
-# -- row splits: only elementwise methods are split into row parts (`costs.split_degrees`) ----------
-
 
 def test_prune_stages_on_a_fake_two_node_cluster(fake_cluster, trained, tmp_path):
     """Pruning on 2 stage actors (1 CPU each: one per node of the faked cluster, whose nodes have
-    1 CPU each) gives the masks of an
-    in-process prune (Wanda sequential and SparseGPT parallel, on the trained model), Wanda's
-    bytes too, and the same perplexity after pruning."""
+    1 CPU each) gives the masks of an in-process prune (Wanda sequential and SparseGPT parallel,
+    on the trained model), Wanda's bytes too, and the same perplexity after pruning."""
     from conftest import load_state
     from raymerge.runtime.prune import PruneOptions, run_prune
 

@@ -144,14 +144,10 @@ def _split(text: str) -> dict[int, str]:
     return {int(parts[k]): parts[k + 1] for k in range(1, len(parts) - 1, 2)}
 
 
-_EARLY: dict[str, Any] = {}  # the block's run `start_early` started
-
-
-def start_early(config: pytest.Config) -> None:
+def start_early(config: pytest.Config) -> tuple[Path, list[str], Any]:
     """Start the block's run when the session's tests are collected (`conftest`): its ~20 s, much
     of them one core's, overlap the tests before this module's; `first_hour` waits for it."""
-    if "run" not in _EARLY:
-        _EARLY["run"] = _start_block(config._tmp_path_factory.mktemp("first-hour"))  # type: ignore[attr-defined]
+    return _start_block(config._tmp_path_factory.mktemp("first-hour"))  # type: ignore[attr-defined]
 
 
 def _start_block(work: Path) -> tuple[Path, list[str], Any]:
@@ -170,7 +166,9 @@ def _start_block(work: Path) -> tuple[Path, list[str], Any]:
 
 @pytest.fixture(scope="module")
 def first_hour(tmp_path_factory):
-    work, commands, run = _EARLY.pop("run", None) or _start_block(tmp_path_factory.mktemp("first-hour"))
+    from conftest import started_early
+
+    work, commands, run = started_early(__name__) or _start_block(tmp_path_factory.mktemp("first-hour"))
     return work, commands, run.result(timeout=600)
 
 

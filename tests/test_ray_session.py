@@ -53,16 +53,12 @@ AUTH_SCRIPT = textwrap.dedent(
 )
 
 
-_EARLY: dict[str, Any] = {}  # the runs `start_early` started
-
-
-def start_early(config: pytest.Config) -> None:
+def start_early(config: pytest.Config) -> dict[str, Any]:
     """Start the token and loopback checks' local Rays when the session's tests are collected
     (`conftest`): each subprocess mostly waits for Ray's daemons, and neither looks at other Rays
     on the machine, so they overlap the tests before this module's and each other. The auto-join
     test, which does look, runs after them, in its test."""
-    if "runs" not in _EARLY:
-        _EARLY["runs"] = _start_own_rays(config._tmp_path_factory)  # type: ignore[attr-defined]
+    return _start_own_rays(config._tmp_path_factory)  # type: ignore[attr-defined]
 
 
 def _start_own_rays(factory: pytest.TempPathFactory) -> dict[str, Any]:
@@ -82,20 +78,18 @@ def _start_own_rays(factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def own_rays(tmp_path_factory) -> Any:
-    runs = _EARLY.pop("runs", None) or _start_own_rays(tmp_path_factory)
+    from conftest import started_early
+
+    runs = started_early(__name__) or _start_own_rays(tmp_path_factory)
     yield runs
     for name in ("auth", "listening"):
         runs[name].kill()
 
 
-def _finished(run: Any) -> subprocess.CompletedProcess:
-    return run.result(timeout=300)
-
-
 def test_a_local_ray_of_our_own_requires_a_private_token(own_rays):
     """Ray's servers listen on every interface: our local Ray requires token authentication, and
     the token file Ray generates is readable by this user only (Ray writes it 0644 by umask)."""
-    done = _finished(own_rays["auth"])
+    done = own_rays["auth"].result(timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "AUTH token 0o600" in done.stdout, done.stdout + done.stderr[-2000:]
     assert "Token authentication is enabled for this Ray cluster" not in done.stderr  # Ray's warning: we chose it
@@ -172,7 +166,7 @@ def test_a_local_ray_of_our_own_listens_on_loopback_only(own_rays):
     import ipaddress
     import json
 
-    done = _finished(own_rays["listening"])
+    done = own_rays["listening"].result(timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     names = {name for name, _, _ in result["listening"]}
