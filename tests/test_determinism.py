@@ -270,8 +270,8 @@ def wide_two_layer_models(tmp_path_factory) -> dict[str, dict[str, Path]]:
     return _wide_families(tmp_path_factory.mktemp("wide2"), layers=2)
 
 
-# The 1-worker bytes of each (case, dtype), kept by `test_merge_determinism_across_workers` for the
-# faked 2-node cluster's comparison (which merges in process itself when it runs alone).
+# The 1-worker (in-process) bytes of each (case, dtype), kept by `test_merge_determinism_across_workers`
+# for the faked 2-node cluster's comparison (which merges in process itself when it runs alone).
 _E2E_REFERENCE: dict[tuple[str, str], dict[str, bytes]] = {}
 
 
@@ -290,10 +290,12 @@ def _e2e_config(case: str, family: dict[str, Path]) -> dict:
 
 
 def test_merge_determinism_across_workers(ray_session, wide_models, tmp_path):
-    """Every case, in float32 and bfloat16: 1 and 3 workers on the 2-CPU session (3 share the
-    CPUs fractionally) publish the same bytes. Prints the matrix (method x dtype x workers). The
-    2-worker run of the matrix is `test_merge_bytes_on_a_fake_two_node_cluster`: 2 workers of 1
-    CPU, as on this session, but on two nodes."""
+    """Every case, in float32 and bfloat16: 1 worker (in process: the same worker code on a
+    thread of the driver, with both cores' torch threads) and 3 Ray workers on the 2-CPU session
+    (3 share the CPUs fractionally, one torch thread each) publish the same bytes. Prints the
+    matrix (method x dtype x workers). The 2-worker run of the matrix is
+    `test_merge_bytes_on_a_fake_two_node_cluster`: 2 Ray workers of 1 CPU, as on this session,
+    but on two nodes."""
     import raymerge
     from conftest import load_state
 
@@ -303,11 +305,12 @@ def test_merge_determinism_across_workers(ray_session, wide_models, tmp_path):
             for dtype, family in wide_models.items():
                 for case in E2E_CASES:
                     out = tmp_path / f"{case.replace(' ', '_')}-{dtype}-{workers}"
+                    where = dict(in_process=True) if workers == 1 else dict(keep_workers=True)
                     raymerge.merge(_e2e_config(case, family), out, workers=workers, random_seed=7, quiet=True,
-                                   keep_workers=True, out_shard_size="4MB")
-                    outputs[(case, dtype, workers)] = {f.name: f.read_bytes() for f in sorted(out.iterdir()) if f.is_file()}
+                                   out_shard_size="4MB", **where)
+                    outputs[(case, dtype, workers)] = _file_bytes(out)
                     if workers == 1:
-                        _E2E_REFERENCE[(case, dtype)] = _file_bytes(out)
+                        _E2E_REFERENCE[(case, dtype)] = outputs[(case, dtype, workers)]
     finally:
         raymerge.shutdown_workers()
     rows, differing = [], []
@@ -326,9 +329,9 @@ def test_merge_determinism_across_in_process_threads(wide_models, tmp_path):
     """The default merge on a machine without a GPU runs its workers as threads of the driver,
     sharing the cores out as torch threads: 1, 2 and 3 of them publish the same bytes for every
     case, in float32 and bfloat16 (1 thread computes with all cores' torch threads, 2 and 3 with
-    one each), and (in the suite) the bytes of one Ray worker. The two cases whose bytes split
-    most by threads (issue 14); every method's own thread grid is
-    `test_merge_method_bits_do_not_depend_on_threads`."""
+    one each). The two cases whose bytes split most by threads (issue 14); every method's own
+    thread grid is `test_merge_method_bits_do_not_depend_on_threads`, and in process against
+    Ray workers, every case: `test_merge_determinism_across_workers`."""
     import raymerge
 
     differing = []
@@ -343,15 +346,7 @@ def test_merge_determinism_across_in_process_threads(wide_models, tmp_path):
                 first = first or files
                 if files != first:
                     differing.append((case, dtype, workers))
-            # In the suite, after test_merge_determinism_across_workers: in process = one Ray worker.
-            ray_bytes = _E2E_REFERENCE.get((case, dtype))
-            if ray_bytes is not None and _without_readme(first) != ray_bytes:
-                differing.append((case, dtype, "in process vs 1 Ray worker"))
     assert not differing, f"bytes depend on the in-process thread count: {differing}"
-
-
-def _without_readme(files: dict[str, bytes]) -> dict[str, bytes]:
-    return {k: v for k, v in files.items() if k != "README.md"}
 
 
 THREAD_SPLIT_CASES = ("dare_ties", "ties rescale")  # the two whose bf16 bytes split the most (issue 14)
@@ -494,32 +489,48 @@ def wide_prunable(tmp_path_factory) -> dict[str, Path]:
     return {"model": model, "calib": root / "calib.txt"}
 
 
+# The in-process bytes of each prune case, kept by `test_prune_determinism_across_stages` for the
+# faked 2-node cluster's 2-stage column (which prunes in process itself when it runs alone).
+_PRUNE_REFERENCE: dict[str, dict[str, torch.Tensor]] = {}
+
+
+def _prune_case_config(case: str, wide_prunable: dict[str, Path]) -> dict:
+    return {
+        "model": str(wide_prunable["model"]), "sparsity": 0.5, "batch_size": 4,
+        "calibration": {"dataset": str(wide_prunable["calib"]), "nsamples": 8, "seqlen": 64, "eval_samples": 0},
+        **PRUNE_CASES[case],
+    }
+
+
+def _prune_out(tmp_path: Path, case: str, run: str) -> Path:
+    return tmp_path / f"{case.replace(' ', '_').replace(':', '-')}-{run.split()[0]}"
+
+
 def test_prune_determinism_across_stages(ray_session, wide_prunable, tmp_path):
-    """Every case: in-process and 1, 2 and 4 stage actors (on 2 CPUs: different thread counts
-    per stage; 4 stages are more than the CPU slots, so they share them fractionally, one layer
-    each: middle stages hold neither embeddings nor head) publish the same masks and the same
-    bytes. Prints the matrix."""
+    """Every case: in-process and 1 and 4 stage actors (on 2 CPUs: 2 torch threads for the one
+    stage, 1 for each of 4; 4 stages are more than the CPU slots, so they share them
+    fractionally, one layer each: middle stages hold neither embeddings nor head) publish the
+    same masks and the same bytes. Prints the matrix. The matrix's 2-stage column is
+    `test_prune_stages_on_a_fake_two_node_cluster`: 2 stages of 1 CPU, as on this session, but
+    on two nodes."""
     from conftest import load_state
     from raymerge.runtime.prune import PruneOptions, run_prune
 
     import raymerge
 
     # Runs outer, cases inner: each stage count's actors are kept from one case to the next
-    # (`keep_workers`), so the matrix starts 3 pools rather than 15.
+    # (`keep_workers`), so the matrix starts 2 pools rather than 10.
     runs = {"in-process": PruneOptions(in_process=True, quiet=True)}
-    runs.update({f"{n} stage(s)": PruneOptions(workers=n, quiet=True, keep_workers=True) for n in (1, 2, 4)})
+    runs.update({f"{n} stage(s)": PruneOptions(workers=n, quiet=True, keep_workers=True) for n in (1, 4)})
     states: dict[str, dict[str, dict]] = {case: {} for case in PRUNE_CASES}
     try:
         for run, options in runs.items():
-            for case, extra in PRUNE_CASES.items():
-                cfg = {
-                    "model": str(wide_prunable["model"]), "sparsity": 0.5, "batch_size": 4,
-                    "calibration": {"dataset": str(wide_prunable["calib"]), "nsamples": 8, "seqlen": 64, "eval_samples": 0},
-                    **extra,
-                }
-                out = tmp_path / f"{case.replace(' ', '_').replace(':', '-')}-{run.split()[0]}"
-                result = run_prune(cfg, out, options)
+            for case in PRUNE_CASES:
+                out = _prune_out(tmp_path, case, run)
+                result = run_prune(_prune_case_config(case, wide_prunable), out, options)
                 states[case][run] = load_state(out)
+                if run == "in-process":
+                    _PRUNE_REFERENCE[case] = states[case][run]
                 if run == "4 stage(s)":  # more stages than the 2 CPU slots: one layer each, fractional shares
                     assert [s["layers"] for s in result.stages] == [[0, 0], [1, 1], [2, 2], [3, 3]], result.stages
     finally:
@@ -539,8 +550,8 @@ def test_prune_determinism_across_stages(ray_session, wide_prunable, tmp_path):
 # -- the faked 2-node cluster (last in the module: one cluster for both tests) ----------------------
 def test_merge_bytes_on_a_fake_two_node_cluster(fake_cluster, wide_models, tmp_path):
     """Every end-to-end case's 1M-element merge on a faked 2-node cluster (2 workers of 1 CPU: one
-    on each node, as each node has 1 CPU) publishes the bytes of 1 worker (on the suite's local
-    Ray, or in process when this test runs alone), in both dtypes: the matrix's 2-worker run.
+    on each node, as each node has 1 CPU) publishes the bytes of 1 in-process worker (kept by the
+    matrix, or merged here when this test runs alone), in both dtypes: the matrix's 2-worker run.
     (The module's faked 2-node cluster, shared with `test_prune_stages_on_a_fake_two_node_cluster`:
     the two run last in the module, so the session's local Ray is taken down and brought back once.)"""
     import ray
@@ -572,10 +583,13 @@ def test_merge_bytes_on_a_fake_two_node_cluster(fake_cluster, wide_models, tmp_p
 
 
 
-def test_prune_stages_on_a_fake_two_node_cluster(fake_cluster, trained, tmp_path):
+def test_prune_stages_on_a_fake_two_node_cluster(fake_cluster, wide_prunable, trained, tmp_path):
     """Pruning on 2 stage actors (1 CPU each: one per node of the faked cluster, whose nodes have
-    1 CPU each) gives the masks of an in-process prune (Wanda sequential and SparseGPT parallel,
-    on the trained model), Wanda's bytes too, and the same perplexity after pruning."""
+    1 CPU each): every case of the prune matrix publishes the bytes of an in-process prune (the
+    matrix's 2-stage column: `test_prune_determinism_across_stages` keeps them; run alone, this
+    test prunes in process itself), and on the trained model Wanda (sequential) and SparseGPT
+    (parallel) give the masks of an in-process prune, Wanda's bytes too, and the same perplexity
+    after pruning. The two stage actors are kept from one prune to the next."""
     from conftest import load_state
     from raymerge.runtime.prune import PruneOptions, run_prune
 
@@ -585,6 +599,22 @@ def test_prune_stages_on_a_fake_two_node_cluster(fake_cluster, trained, tmp_path
 
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     try:
+        rows, differing = [], []
+        for case in PRUNE_CASES:
+            cfg = _prune_case_config(case, wide_prunable)
+            result = run_prune(cfg, _prune_out(tmp_path / "matrix", case, "2 stages"), PruneOptions(workers=2, quiet=True, keep_workers=True))
+            assert [s["layers"] for s in result.stages] == [[0, 1], [2, 3]], result.stages
+            reference = _PRUNE_REFERENCE.get(case)
+            if reference is None:  # this test run alone: an in-process prune is the reference
+                reference = load_state(run_prune(cfg, _prune_out(tmp_path / "matrix", case, "in-process"),
+                                                 PruneOptions(in_process=True, quiet=True)).output)
+            state = load_state(result.output)
+            same = state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in reference)
+            rows.append(f"{case:14s} 2 stages on 2 nodes: {'identical' if same else 'DIFFERENT'}")
+            if not same:
+                differing.append(case)
+        print("\n".join(rows))
+        assert not differing, f"pruned bytes on 2 stages over 2 nodes differ from in process: {differing}"
         for method, mode in (("wanda", "sequential"), ("sparsegpt", "parallel")):
             cfg = {
                 "model": str(trained["model"]), "method": method, "mode": mode, "sparsity": 0.5, "batch_size": 4,

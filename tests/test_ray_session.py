@@ -36,67 +36,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-AUTH_SCRIPT = textwrap.dedent(
-    """
-    import os, stat
-    import ray
-    from ray._raylet import AuthenticationMode, get_authentication_mode
-
-    from raymerge.runtime.executor import ensure_ray
-
-    ensure_ray(None, num_cpus=1)
-    mode = get_authentication_mode()
-    token = os.path.expanduser("~/.ray/auth_token")
-    print("AUTH", "token" if mode == AuthenticationMode.TOKEN else "other", oct(os.stat(token).st_mode & 0o777))
-    ray.shutdown()
-    """
-)
-
-
-def start_early(config: pytest.Config) -> dict[str, Any]:
-    """Start the token and loopback checks' local Rays when the session's tests are collected
-    (`conftest`): each subprocess mostly waits for Ray's daemons, and neither looks at other Rays
-    on the machine, so they overlap the tests before this module's and each other. The auto-join
-    test, which does look, runs after them, in its test."""
-    return _start_own_rays(config._tmp_path_factory)  # type: ignore[attr-defined]
-
-
-def _start_own_rays(factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from conftest import Background
-
-    home = factory.mktemp("fresh-home")  # a fresh ~/.ray: no token yet, Ray generates one
-    auth_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
-    auth_env["HOME"] = str(home)
-    listen_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    listen_env["RAY_AUTH_MODE"] = "disabled"
-    return {
-        "home": home,
-        "auth": Background([sys.executable, "-c", AUTH_SCRIPT], factory.mktemp("auth-run"), env=auth_env, text=True),
-        "listening": Background([sys.executable, "-c", LISTENING], factory.mktemp("listening-run"), env=listen_env, text=True),
-    }
-
-
-@pytest.fixture(scope="module")
-def own_rays(tmp_path_factory) -> Any:
-    from conftest import started_early
-
-    runs = started_early(__name__) or _start_own_rays(tmp_path_factory)
-    yield runs
-    for name in ("auth", "listening"):
-        runs[name].kill()
-
-
-def test_a_local_ray_of_our_own_requires_a_private_token(own_rays):
-    """Ray's servers listen on every interface: our local Ray requires token authentication, and
-    the token file Ray generates is readable by this user only (Ray writes it 0644 by umask)."""
-    done = own_rays["auth"].result(timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "AUTH token 0o600" in done.stdout, done.stdout + done.stderr[-2000:]
-    assert "Token authentication is enabled for this Ray cluster" not in done.stderr  # Ray's warning: we chose it
-    assert (own_rays["home"] / ".ray" / "auth_token").stat().st_mode & 0o077 == 0
-
-
-LISTENING = textwrap.dedent(
+OWN_RAY = textwrap.dedent(
     """
     import ipaddress, json, os
     import psutil
@@ -139,6 +79,11 @@ LISTENING = textwrap.dedent(
 
     ensure_ray(None, num_cpus=1)  # the first import of Ray in this process
     import ray
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    token = os.path.expanduser("~/.ray/auth_token")
+    mode = get_authentication_mode()
+    print("AUTH", "token" if mode == AuthenticationMode.TOKEN else "other", oct(os.stat(token).st_mode & 0o777), flush=True)
 
     ray.get(ray.remote(lambda: 1).remote())  # a worker process too
     me = psutil.Process()
@@ -158,7 +103,49 @@ LISTENING = textwrap.dedent(
 )
 
 
-def test_a_local_ray_of_our_own_listens_on_loopback_only(own_rays):
+def start_early(config: pytest.Config) -> dict[str, Any]:
+    """Start the token and loopback checks' local Ray (one, for both) when the session's tests
+    are collected (`conftest`): the subprocess mostly waits for Ray's daemons and does not look
+    at other Rays on the machine, so it overlaps the tests before this module's. The auto-join
+    test, which does look, runs after it, in its test."""
+    return _start_own_ray(config._tmp_path_factory)  # type: ignore[attr-defined]
+
+
+def _start_own_ray(factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """`OWN_RAY` as a user's first command runs it: a fresh home (no ~/.ray token yet: Ray
+    generates one), no RAY_ADDRESS, no RAY_AUTH_MODE, no loopback switch set."""
+    from conftest import Background
+
+    home = factory.mktemp("fresh-home")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    env["HOME"] = str(home)
+    return {"home": home, "run": Background([sys.executable, "-c", OWN_RAY], factory.mktemp("own-ray-run"), env=env, text=True)}
+
+
+@pytest.fixture(scope="module")
+def own_ray(tmp_path_factory) -> Any:
+    """The finished `OWN_RAY` subprocess (`done`) and its home."""
+    from conftest import started_early
+
+    started = started_early(__name__) or _start_own_ray(tmp_path_factory)
+    try:
+        done = started["run"].result(timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        yield {"home": started["home"], "done": done}
+    finally:
+        started["run"].kill()
+
+
+def test_a_local_ray_of_our_own_requires_a_private_token(own_ray):
+    """Ray's servers listen on every interface: our local Ray requires token authentication, and
+    the token file Ray generates is readable by this user only (Ray writes it 0644 by umask)."""
+    done = own_ray["done"]
+    assert "AUTH token 0o600" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert "Token authentication is enabled for this Ray cluster" not in done.stderr  # Ray's warning: we chose it
+    assert (own_ray["home"] / ".ray" / "auth_token").stat().st_mode & 0o077 == 0
+
+
+def test_a_local_ray_of_our_own_listens_on_loopback_only(own_ray):
     """Every listening TCP socket of the session's processes (driver, gcs_server, raylets, workers,
     agents), read from /proc/net/tcp and tcp6, is a loopback address; before, gcs_server, the
     raylets and the core workers listened on `::` (every interface). Ray's switch is set around its
@@ -166,8 +153,7 @@ def test_a_local_ray_of_our_own_listens_on_loopback_only(own_rays):
     import ipaddress
     import json
 
-    done = own_rays["listening"].result(timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = own_ray["done"]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     names = {name for name, _, _ in result["listening"]}
     assert {"gcs_server", "raylet"} <= names, result
