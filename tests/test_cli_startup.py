@@ -317,3 +317,21 @@ def test_an_in_process_merge_imports_no_ray(llama_models, tmp_path):
     assert result["code"] == 0, result
     assert "torch" in result["heavy"] and "ray" not in result["heavy"], result
     assert (tmp_path / "out" / "model.safetensors").exists() or list((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_help_and_readme_state_the_small_job_threshold_the_merge_uses():
+    """`--workers`, `--in-process` and the README say which merges get one worker ("under N MiB"):
+    N is `runtime.merge.SMALL_JOB_BYTES` (the CLI spells it out so `--help` imports no torch)."""
+    import re
+
+    from raymerge.cli import build_parser
+    from raymerge.runtime.merge import SMALL_JOB_BYTES
+
+    merge = build_parser()._subparsers._group_actions[0].choices["merge"]  # type: ignore[union-attr]
+    helps = {a.dest: " ".join((a.help or "").split()) for a in merge._actions}
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    for where, text in (("--workers", helps["workers"]), ("--in-process", helps["in_process"]),
+                        ("README.md", readme[readme.index("one for a merge reading"):][:60])):
+        stated = re.search(r"under (\d+) MiB", text)
+        assert stated, f"{where}: no 'under N MiB' in {text!r}"
+        assert int(stated.group(1)) * 2**20 == SMALL_JOB_BYTES, f"{where} says {stated.group(0)}"
