@@ -12,6 +12,7 @@ import atexit
 import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,33 @@ def take_local_ray_down() -> None:
         _end_kept_workers()
         ray.shutdown()
         _LOCAL_RAY_TAKEN_DOWN[0] = True
+
+
+def finishes_within(seconds: float, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)`, failing the test if it runs longer than `seconds` (a hang fails
+    instead of blocking the suite). A thread, not SIGALRM: Ray's `ray.get` does not return to
+    Python for a signal handler while it waits. On a hang the Ray session is restarted, so the
+    actors left waiting for resources do not block the tests after this one."""
+    out: dict = {}
+
+    def call() -> None:
+        try:
+            out["value"] = fn(*args, **kwargs)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the test's thread
+            out["error"] = err
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        import ray
+
+        ray.shutdown()
+        _start_local_ray()
+        pytest.fail(f"still running after {seconds:.0f} s: actors waiting for resources the cluster cannot give?")
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 _STARTED_EARLY: dict[str, Any] = {}  # by test module name: what its `start_early` returned

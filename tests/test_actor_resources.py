@@ -6,43 +6,13 @@ below one fails at once, before Ray, with one line."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import yaml
 
 import raymerge
+from conftest import finishes_within
 from raymerge.config import ConfigError
 from raymerge.runtime.actor_resources import ActorCountError, actor_resources, check_actor_count, default_actor_count
-
-
-def finishes_within(seconds: float, fn, *args, **kwargs):
-    """`fn(*args, **kwargs)`, failing the test if it runs longer than `seconds` (a hang fails
-    instead of blocking the suite). A thread, not SIGALRM: Ray's `ray.get` does not return to
-    Python for a signal handler while it waits. On a hang the Ray session is restarted, so the
-    actors left waiting for resources do not block the tests after this one."""
-    out: dict = {}
-
-    def call() -> None:
-        try:
-            out["value"] = fn(*args, **kwargs)
-        except BaseException as err:  # noqa: BLE001 - re-raised in the test's thread
-            out["error"] = err
-
-    thread = threading.Thread(target=call, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        import ray
-
-        from conftest import _start_local_ray
-
-        ray.shutdown()
-        _start_local_ray()
-        pytest.fail(f"still running after {seconds:.0f} s: actors waiting for resources the cluster cannot give?")
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
 
 
 def file_bytes(folder) -> dict[str, bytes]:

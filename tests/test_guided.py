@@ -440,7 +440,7 @@ def test_guidance_runs_on_a_kept_merge_pool(ray_session, family):
     """A guided merge's statistics run on the merge's own pool: with a pool kept by
     `keep_workers=True` holding every CPU (2 workers of 1 CPU on 2 CPUs), the guided merge neither
     hangs waiting for slots nor shuts the kept pool down, and gives the in-process bytes."""
-    from test_actor_resources import finishes_within
+    from conftest import finishes_within
 
     from raymerge.runtime import actor_pool
 

@@ -106,7 +106,7 @@ def test_concurrent_trials_equal_sequential(opposite_finetunes, trained, tmp_pat
     Ray trials' time breakdown comes back from the stages (`test_trial_time_breakdown`). Those are
     4 stage actors on the session's 2 CPUs: they share them fractionally, never a hang (the one
     resource rule, `tests/test_actor_resources.py`)."""
-    from test_actor_resources import finishes_within
+    from conftest import finishes_within
 
     grid = {"choices": [0.5, 1.0, 1.5, 2.0]}
     seq = raymerge.optimize(_merge_search(opposite_finetunes, trained["calib"], 4, "grid", 1, w_range=grid),
