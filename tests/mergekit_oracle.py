@@ -15,8 +15,8 @@ This module owns everything about *running the reference implementation*:
   file, and pip only runs once the new venv imports that same torch. A folder at the venv path
   that is not a virtualenv is never deleted; a hand-made venv that already runs mergekit 0.1.5
   is adopted as it is.
-* `mergekit_command()` / `mergekit_env()` / `run_mergekit()` run ``mergekit-yaml`` on CPU,
-  quiet, with a fixed random seed; `run_mergekit_many()` runs mergekit-yaml's own command for
+* `mergekit_args()` / `mergekit_env()` give ``mergekit-yaml``'s arguments and environment
+  (CPU, quiet, a fixed random seed); `run_mergekit_many()` runs mergekit-yaml's own command for
   several configs in the session's one mergekit process (its imports paid once;
   `start_batch_server()` starts it early, in the background).
 * `load_tensors()` and `assert_tensors_close()` compare merged checkpoints tensor by tensor.
@@ -272,11 +272,6 @@ def _require_python() -> Path:
     return python
 
 
-def mergekit_command(config_path: Path, out_dir: Path, *extra_args: str) -> list[str]:
-    """argv for ``mergekit-yaml CONFIG OUT`` from the oracle venv, deterministic and on CPU."""
-    return [str(_require_python().parent / "mergekit-yaml"), *mergekit_args(config_path, out_dir, *extra_args)]
-
-
 def write_config(config: Mapping[str, Any], path: Path) -> Path:
     import yaml
 
@@ -293,24 +288,6 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
-
-
-def run_mergekit(config: Mapping[str, Any], out_dir: Path, *extra_args: str, timeout: float = 900) -> Path:
-    """Write `config` as YAML beside `out_dir`, run mergekit-yaml into `out_dir`, return it."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    config_path = write_config(config, out_dir.parent / f"{out_dir.name}.mergekit.yml")
-    cmd = mergekit_command(config_path, out_dir, *extra_args)
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, env=mergekit_env(), timeout=timeout,
-        cwd=tempfile.gettempdir(),
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"mergekit-yaml failed ({proc.returncode}): {' '.join(cmd)}\n"
-            f"--- stderr ---\n{proc.stderr[-6000:]}\n--- stdout ---\n{proc.stdout[-2000:]}"
-        )
-    return out_dir
 
 
 # One mergekit process for the whole test session: it runs mergekit-yaml's own click command once
