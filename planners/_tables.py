@@ -8,9 +8,20 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
 from planners.problem import MergeProblem
+
+
+def lp_var(lp: Any, name: str, low: float, up: Optional[float], cat: str) -> Any:
+    """A PuLP variable attached to `lp` (PuLP >= 3.3's `add_variable`; a plain `LpVariable` on
+    older PuLP). PuLP is imported by the caller; this module itself needs it only here."""
+    add = getattr(lp, "add_variable", None)
+    if add is not None:
+        return add(name, low, up, cat=cat)
+    import pulp
+
+    return pulp.LpVariable(name, lowBound=low, upBound=up, cat=cat)
 
 
 class Tables:
@@ -129,15 +140,14 @@ class Tables:
         else:
             return -1.0
         lp = pulp.LpProblem("raymerge_bound", pulp.LpMinimize)
-        add = getattr(lp, "add_variable", None) or (lambda n, lo, up, cat: pulp.LpVariable(n, lo, up, cat))
-        T = add("T", 0, None, pulp.LpContinuous)
+        T = lp_var(lp, "T", 0, None, pulp.LpContinuous)
         group_time: list[list] = [[] for _ in self.groups]
         link: dict[str, list] = {n: [] for n in self.node_bandwidth}
         for c, members in enumerate(self.classes):
             i = members[0]
             ys = []
             for g in self.fits[i][self.degrees[i][-1]]:
-                y = add(f"y_{c}_{g}", 0, None, pulp.LpContinuous)
+                y = lp_var(lp, f"y_{c}_{g}", 0, None, pulp.LpContinuous)
                 ys.append(y)
                 group_time[g].append(self.full[i][g] * y)
                 node = self.group_node[g]

@@ -55,7 +55,7 @@ import warnings
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Optional
 
-from planners._tables import Tables
+from planners._tables import Tables, lp_var
 from planners._quiet import hush_highs_banner
 from planners.greedy import _assignments, _lpt_choices
 from planners.plan import Plan, PlanError, make_plan
@@ -200,16 +200,6 @@ def _pick_solver(solver: Optional[str]) -> str:
     return solver
 
 
-def _var(lp: pulp.LpProblem, name: str, low: float, up: float, cat: str) -> pulp.LpVariable:
-    """A variable attached to `lp` (PuLP >= 3.3 way; plain `LpVariable` on older PuLP)."""
-    add = getattr(lp, "add_variable", None)
-    if add is not None:
-        return add(name, low, up, cat=cat)
-    import pulp
-
-    return pulp.LpVariable(name, lowBound=low, upBound=up, cat=cat)
-
-
 def _highs_warm(**options: Any) -> Any:
     """A `pulp.HiGHS` that hands the variables' initial values to highspy as a starting solution."""
     return _highs_warm_class()(**options)
@@ -246,7 +236,7 @@ class _Model:
 
         lp = pulp.LpProblem("raymerge_placement", pulp.LpMinimize)
         # T <= cap (the LPT makespan): solve() never returns a slower plan than LPT's
-        self.T = _var(lp, "T", min(lb, cap), cap * (1 + 1e-9), pulp.LpContinuous)
+        self.T = lp_var(lp, "T", min(lb, cap), cap * (1 + 1e-9), pulp.LpContinuous)
         self.k: dict[tuple[int, int], Any] = {}
         self.n: dict[tuple[int, int, int], Any] = {}
         load_terms: list[list] = [[] for _ in p.workers]
@@ -262,7 +252,7 @@ class _Model:
                 if len(degrees) == 1:
                     k = count
                 else:
-                    k = _var(lp, f"k_{c}_{d}", 0, count, pulp.LpInteger)
+                    k = lp_var(lp, f"k_{c}_{d}", 0, count, pulp.LpInteger)
                     ks.append(k)
                     if d > 1:
                         split_terms.append((d - 1) * k)
@@ -273,7 +263,7 @@ class _Model:
                     node = tab.group_node[g]
                     link_s = tab.link[i0][g] / d / tab.node_bandwidth[node]
                     for w in tab.groups[g]:
-                        x = _var(lp, f"n_{c}_{d}_{w}", 0, d * count, pulp.LpInteger)
+                        x = lp_var(lp, f"n_{c}_{d}_{w}", 0, d * count, pulp.LpInteger)
                         self.n[c, d, w] = x
                         parts.append(x)
                         load_terms[w].append(t * x)
