@@ -15,7 +15,7 @@ from planners.problem import MergeProblem
 
 def lp_var(lp: Any, name: str, low: float, up: Optional[float], cat: str) -> Any:
     """A PuLP variable attached to `lp` (PuLP >= 3.3's `add_variable`; a plain `LpVariable` on
-    older PuLP). PuLP is imported by the caller; this module itself needs it only here."""
+    older PuLP). Shared by the MILP (`planners.milp`) and the LP bound (`Tables._solve_lp`)."""
     add = getattr(lp, "add_variable", None)
     if add is not None:
         return add(name, low, up, cat=cat)

@@ -102,6 +102,15 @@ def finishes_within(seconds: float, fn, *args, **kwargs):
     return out["value"]
 
 
+def subcommand_parsers() -> dict[str, Any]:
+    """The `raymerge` CLI's subcommand parsers by name (`raymerge.cli.build_parser`), to read
+    their options and help."""
+    from raymerge.cli import build_parser
+
+    parser = build_parser()
+    return {name: p for a in parser._subparsers._group_actions for name, p in a.choices.items()}  # type: ignore[union-attr]
+
+
 _STARTED_EARLY: dict[str, Any] = {}  # by test module name: what its `start_early` returned
 
 

@@ -324,11 +324,10 @@ def test_help_and_readme_state_the_small_job_threshold_the_merge_uses():
     N is `runtime.merge.SMALL_JOB_BYTES` (the CLI spells it out so `--help` imports no torch)."""
     import re
 
-    from raymerge.cli import build_parser
+    from conftest import subcommand_parsers
     from raymerge.runtime.merge import SMALL_JOB_BYTES
 
-    merge = build_parser()._subparsers._group_actions[0].choices["merge"]  # type: ignore[union-attr]
-    helps = {a.dest: " ".join((a.help or "").split()) for a in merge._actions}
+    helps = {a.dest: " ".join((a.help or "").split()) for a in subcommand_parsers()["merge"]._actions}
     readme = " ".join((ROOT / "README.md").read_text().split())
     for where, text in (("--workers", helps["workers"]), ("--in-process", helps["in_process"]),
                         ("README.md", readme[readme.index("one for a merge reading"):][:60])):

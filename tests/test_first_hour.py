@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from conftest import subcommand_parsers
 from raymerge.cli import build_parser
 from raymerge.cli import main as cli_main
 
@@ -318,7 +319,7 @@ def test_one_flag_name_per_idea():
     """`--stages` is layer stages (prune, search), `--workers` merge workers (merge, plan, demo);
     prune's old `--workers` still works but is no longer shown."""
     parser = build_parser()
-    sub = {name: p for a in parser._subparsers._group_actions for name, p in a.choices.items()}
+    sub = subcommand_parsers()
     assert parser.parse_args(["prune", "c.yaml", "out", "--stages", "3"]).stages == 3
     assert parser.parse_args(["prune", "c.yaml", "out", "--workers", "3"]).stages == 3  # hidden alias
     assert "--workers" not in sub["prune"].format_help() and "--stages" in sub["prune"].format_help()
@@ -330,8 +331,7 @@ def test_one_flag_name_per_idea():
 def test_demo_help_says_where_it_merges():
     """`raymerge demo` merges where `raymerge merge` would: on worker threads without a GPU or an
     address, not always "on a local Ray"."""
-    parser = build_parser()
-    sub = {name: p for a in parser._subparsers._group_actions for name, p in a.choices.items()}
+    sub = subcommand_parsers()
     text = " ".join(sub["demo"].format_help().split())
     assert "worker threads" in text and "merge them on a local Ray" not in text, text
 
